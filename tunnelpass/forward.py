@@ -1,0 +1,319 @@
+# -*- test-case-name: tests.test_forward -*-
+"""The static forwarder (``--mode forward``): rules file -> listening sockets.
+
+Every endpoint of every rule (a rule with ``/tcp+udp`` has two) is one named
+child service.  A reload parses and validates the whole file first, then
+diffs by endpoint: unchanged endpoints keep their socket and connections,
+changed remotes/limits are updated in place, removed endpoints stop
+listening while their live connections finish, added ones start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from tunnelpass.relay import TCPForwardFactory
+from tunnelpass.rules import MAX_FILE_BYTES, Endpoint, Limits, Rule, RulesError, parse_rules
+from tunnelpass.stats import ListenerStats, StatsReporter
+from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
+
+log = Logger(namespace="tunnelpass.forward")
+
+#: Pending connections the kernel queues per TCP listener.
+LISTEN_BACKLOG = 1024
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    config: str = "etc/tunnelpass.conf"
+    defaults: Limits = Limits()
+    reload_interval: float = 0.0
+    shutdown_timeout: float = 5.0
+    report_interval: float = 60.0
+
+
+def load_rules(path: str) -> list[Rule]:
+    """Read and validate a rules file; :class:`RulesError` on any fault."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise RulesError(path, 0, f"cannot read rules file: {e.strerror or e}") from None
+    return parse_rules(data, path)
+
+
+def bind_error_message(endpoint: Endpoint, error: CannotListenError) -> str:
+    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+    return f"cannot listen on {endpoint}: {reason}"
+
+
+class ListenerService(Service):
+    """One listening endpoint of one rule and the relays it has accepted."""
+
+    def __init__(self, endpoint: Endpoint, rule: Rule, defaults: Limits, reactor):
+        self.endpoint = endpoint
+        self.name = str(endpoint)
+        self.reactor = reactor
+        self.stats = ListenerStats()
+        self.port = None
+        self.rule = rule
+        limits = rule.options.resolve(defaults)
+        if endpoint.protocol == "tcp":
+            self.relay = TCPForwardFactory(
+                reactor, self.name, rule.remote_host, rule.remote_port, limits, self.stats
+            )
+        else:
+            self.relay = UDPForwardProtocol(
+                reactor, self.name, rule.remote_host, rule.remote_port, limits, self.stats
+            )
+
+    def update(self, rule: Rule, defaults: Limits) -> bool:
+        """Adopt *rule*'s remote and limits; return whether anything changed."""
+        if _what_relays(rule) == _what_relays(self.rule):
+            self.rule = rule
+            return False
+        self.rule = rule
+        self.relay.update(rule.remote_host, rule.remote_port, rule.options.resolve(defaults))
+        return True
+
+    def privilegedStartService(self) -> None:
+        # Bind here (before twistd drops privileges) and let CannotListenError
+        # propagate: a busy port must fail startup, not become a log line.
+        if self.port is None:
+            host, port = self.endpoint.host, self.endpoint.port
+            if self.endpoint.protocol == "tcp":
+                self.port = self.reactor.listenTCP(port, self.relay, LISTEN_BACKLOG, host)
+            else:
+                self.port = self.reactor.listenUDP(port, self.relay, host, MAX_DATAGRAM)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+        log.info("listening on {listener} -> {remote}", listener=self.name, remote=self.rule.remote)
+
+    def stopService(self):
+        """Stop listening; live TCP relays go on (see :meth:`drain`)."""
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else succeed(None)
+
+    def live(self) -> int:
+        return len(self.relay.relays) if self.endpoint.protocol == "tcp" else len(self.relay.sessions)
+
+    def drain(self, timeout: float):
+        if self.endpoint.protocol == "tcp":
+            return self.relay.drain(timeout)
+        self.relay.close_all()
+        return succeed(None)
+
+
+class ForwarderService(MultiService):
+    """All listeners of a rules file, reloadable on SIGHUP or file change."""
+
+    def __init__(self, settings: ForwardSettings, rules: list[Rule], reactor):
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.reporter = StatsReporter()
+        self.retiring: set[ListenerService] = set()
+        self._reloading = False
+        self._reload_again = False
+        self._config_stamp = self._stamp()
+        self._timers: list[LoopingCall] = []
+        self._old_signals: dict[int, object] = {}
+        for endpoint, rule in _endpoints(rules):
+            ListenerService(endpoint, rule, settings.defaults, reactor).setServiceParent(self)
+
+    def listeners(self) -> list[ListenerService]:
+        return list(self) + list(self.retiring)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            for listener in self:
+                if listener.port is not None:
+                    listener.port.stopListening()
+            failed = next(l.endpoint for l in self if l.port is None)
+            raise SystemExit(f"tunnelpass: {bind_error_message(failed, e)}") from None
+
+    def startService(self) -> None:
+        super().startService()
+        self._install_signal(signal.SIGHUP, self.reload)
+        self.reactor.callWhenRunning(self._install_stop_signals)
+        if self.settings.report_interval:
+            self._start_timer(self._report, self.settings.report_interval)
+        if self.settings.reload_interval:
+            self._start_timer(self._check_config_changed, self.settings.reload_interval)
+        log.info(
+            "forwarder running: {count} listener(s) from {config}",
+            count=len(list(self)), config=self.settings.config,
+        )
+
+    async def _stop(self) -> None:
+        for timer in self._timers:
+            if timer.running:
+                timer.stop()
+        await MultiService.stopService(self)
+        draining = self.listeners()
+        live = sum(listener.live() for listener in draining)
+        if live:
+            log.info(
+                "draining {live} live connection(s) for up to {timeout}s",
+                live=live, timeout=self.settings.shutdown_timeout,
+            )
+        await DeferredList([l.drain(self.settings.shutdown_timeout) for l in draining])
+        self.reporter.report(draining, final=True)
+        self._restore_signals()
+        log.info("forwarder stopped")
+
+    def stopService(self):
+        return Deferred.fromCoroutine(self._stop())
+
+    # Reload
+
+    def reload(self) -> None:
+        """Re-read the rules file; overlapping requests coalesce into one more pass."""
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        d = Deferred.fromCoroutine(self._reload_until_settled())
+        d.addErrback(lambda f: log.failure("reload failed", f))
+
+    async def _reload_until_settled(self) -> None:
+        try:
+            while True:
+                self._reload_again = False
+                await self._reload_once()
+                if not self._reload_again:
+                    break
+        finally:
+            self._reloading = False
+
+    async def _reload_once(self) -> None:
+        path = self.settings.config
+        self._config_stamp = self._stamp()
+        try:
+            rules = load_rules(path)
+        except RulesError as e:
+            log.error("reload rejected, keeping the current rules: {error}", error=str(e))
+            return
+        wanted = dict(_endpoints(rules))
+        current = {listener.endpoint: listener for listener in self}
+        removed = [l for endpoint, l in current.items() if endpoint not in wanted]
+        added = [(e, r) for e, r in wanted.items() if e not in current]
+        updated = [
+            current[e] for e, r in wanted.items()
+            if e in current and current[e].update(r, self.settings.defaults)
+        ]
+        for listener in removed:
+            self.retiring.add(listener)
+            await self.removeService(listener)
+            log.info(
+                "removed {listener} ({live} live connection(s) left to finish)",
+                listener=listener.name, live=listener.live(),
+            )
+            self._retire_when_drained(listener)
+        failed = 0
+        for endpoint, rule in added:
+            listener = ListenerService(endpoint, rule, self.settings.defaults, self.reactor)
+            try:
+                listener.setServiceParent(self)
+            except CannotListenError as e:
+                self.removeService(listener)
+                failed += 1
+                log.error("{path}:{line}: {error}", path=path, line=rule.line,
+                          error=bind_error_message(endpoint, e))
+        for listener in updated:
+            log.info("updated {listener} -> {remote}", listener=listener.name, remote=listener.rule.remote)
+        log.info(
+            "reloaded {path}: {added} added, {removed} removed, {updated} updated, "
+            "{unchanged} unchanged, {failed} failed",
+            path=path, added=len(added) - failed, removed=len(removed), updated=len(updated),
+            unchanged=len(current) - len(removed) - len(updated), failed=failed,
+        )
+
+    def _retire_when_drained(self, listener: ListenerService) -> None:
+        if listener.endpoint.protocol != "tcp":
+            listener.drain(0)
+            self.retiring.discard(listener)
+            return
+        d = listener.relay.drain(float("inf"))
+        d.addCallback(lambda _: self.retiring.discard(listener))
+
+    def _stamp(self):
+        try:
+            st = os.stat(self.settings.config)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _check_config_changed(self) -> None:
+        if self._stamp() != self._config_stamp:
+            self.reload()
+
+    # Plumbing
+
+    def _report(self) -> None:
+        self.reporter.report(self.listeners())
+
+    def _start_timer(self, function, interval: float) -> None:
+        timer = LoopingCall(function)
+        timer.clock = self.reactor
+        timer.start(interval, now=False)
+        self._timers.append(timer)
+
+    def _install_signal(self, number: int, action) -> None:
+        """Run *action* in the reactor thread on signal *number*.
+
+        The handler only schedules: signal handlers may interrupt the reactor
+        anywhere, so no work happens inside them.
+        """
+        def handler(signum, frame):
+            self.reactor.callFromThread(action)
+
+        self._old_signals.setdefault(number, signal.getsignal(number))
+        signal.signal(number, handler)
+
+    def _install_stop_signals(self) -> None:
+        # twistd's own handlers make the process die by the signal
+        # (exit status 143/130) after shutdown; a drained, orderly stop
+        # should exit 0, so SIGTERM/SIGINT just stop the reactor.
+        for number in (signal.SIGTERM, signal.SIGINT):
+            self._install_signal(number, lambda n=number: self._stop_on_signal(n))
+
+    def _stop_on_signal(self, number: int) -> None:
+        name = signal.Signals(number).name
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            log.info("received {signal} while already shutting down", signal=name)
+        else:
+            log.info("received {signal}, shutting down", signal=name)
+
+    def _restore_signals(self) -> None:
+        for number, old in self._old_signals.items():
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
+        self._old_signals.clear()
+
+
+def _endpoints(rules: list[Rule]):
+    for rule in rules:
+        for endpoint in rule.listen:
+            yield endpoint, rule
+
+
+def _what_relays(rule: Rule) -> tuple:
+    """The parts of a rule that change what a listener does (not its line)."""
+    return (rule.remote_host, rule.remote_port, rule.options)

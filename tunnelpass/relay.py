@@ -1,0 +1,282 @@
+# -*- test-case-name: tests.test_relay -*-
+"""TCP relay: an accepted connection joined to a freshly dialled one.
+
+Flow control is Twisted's own: each transport is registered as the streaming
+producer of the other, so a slow side pauses reading on the fast side and no
+hop buffers more than one socket's worth of data.  Reading from the accepted
+side stays paused until the remote is connected, half-close (FIN) is passed
+through, and one idle timer covers both directions.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from tunnelpass.rules import Limits
+from tunnelpass.stats import ListenerStats
+
+#: Refusals at max-conns are logged at most once per this many seconds.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _close_after_flush(transport) -> None:
+    """Close *transport* once its buffer is written.
+
+    The peer's transport is unregistered as producer first: a consumer whose
+    producer is paused would otherwise resume that (dead) producer when its
+    buffer drains, instead of closing.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
+def _half_close_after_flush(transport) -> None:
+    """Send FIN on *transport* once its buffer is written (see above)."""
+    transport.unregisterProducer()
+    transport.loseWriteConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class _RelayEnd(Protocol):
+    """Half-close bookkeeping shared by both ends.
+
+    Twisted reports each half of a TCP connection separately and never closes
+    the socket by itself once both halves are done, so each end closes its
+    transport when it has both received and sent a FIN.
+    """
+
+    _read_closed = False
+    _write_closed = False
+
+    def peer_transport(self):
+        raise NotImplementedError
+
+    def readConnectionLost(self) -> None:
+        self._read_closed = True
+        peer = self.peer_transport()
+        if peer is None:  # EOF before the remote answered: nothing to relay
+            self.transport.loseConnection()
+            return
+        _half_close_after_flush(peer)
+        if self._write_closed:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self._write_closed = True
+        if self._read_closed:
+            self.transport.loseConnection()
+
+
+class OutboundProtocol(_RelayEnd):
+    """The dialled side: everything it reads goes to the accepted side."""
+
+    def __init__(self, inbound: "InboundProtocol"):
+        self.inbound = inbound
+
+    def connectionMade(self) -> None:
+        self.inbound.outbound_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        inbound = self.inbound
+        inbound.transport.write(data)
+        inbound.stats.bytes_out += len(data)
+        inbound.resetTimeout()
+
+    def peer_transport(self):
+        return self.inbound.transport
+
+    def connectionLost(self, reason=None) -> None:
+        if self.inbound.outbound is self:
+            _close_after_flush(self.inbound.transport)
+
+
+class _OutboundFactory(ClientFactory):
+    """Builds the one outbound protocol of one relay and reports failures."""
+
+    noisy = False
+
+    def __init__(self, inbound: "InboundProtocol"):
+        self.inbound = inbound
+
+    def buildProtocol(self, addr):
+        return OutboundProtocol(self.inbound)
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self.inbound.connect_failed(reason)
+
+
+class InboundProtocol(_RelayEnd, TimeoutMixin):
+    """The accepted side; owns the relay's state and its idle timer."""
+
+    factory: "TCPForwardFactory"
+    outbound: OutboundProtocol | None = None
+    admitted = False
+    closed = False
+    _pending = None  # an IConnector or a Deferred while dialling
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.stats = factory.stats
+        if len(factory.relays) >= factory.limits.max_conns:
+            self.stats.refused += 1
+            factory.note_refusal()
+            self.transport.loseConnection()
+            return
+        self.admitted = True
+        factory.relays.add(self)
+        self.stats.accepted += 1
+        self.stats.active += 1
+        self.callLater = factory.clock.callLater
+        self.transport.pauseProducing()
+        self._pending = factory.dial(self)
+
+    def outbound_connected(self, outbound: OutboundProtocol) -> None:
+        self._pending = None
+        if self.closed:
+            outbound.transport.abortConnection()
+            return
+        self.outbound = outbound
+        self.transport.registerProducer(outbound.transport, True)
+        outbound.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+        self.setTimeout(self.factory.limits.idle or None)
+
+    def connect_failed(self, reason) -> None:
+        self._pending = None
+        if self.closed:
+            return
+        self.stats.connect_failures += 1
+        self.factory.log.debug(
+            "{listener}: cannot reach {remote}: {reason}",
+            listener=self.factory.name, remote=self.factory.remote, reason=reason.getErrorMessage(),
+        )
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.outbound.transport.write(data)
+        self.stats.bytes_in += len(data)
+        self.resetTimeout()
+
+    def peer_transport(self):
+        return self.outbound.transport if self.outbound is not None else None
+
+    def timeoutConnection(self) -> None:
+        self.stats.idle_timeouts += 1
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop both sides now (idle timeout, end of a shutdown drain)."""
+        self.transport.abortConnection()
+        if self.outbound is not None:
+            self.outbound.transport.abortConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed = True
+        if not self.admitted:
+            return
+        self.setTimeout(None)
+        self.stats.active -= 1
+        if self.outbound is not None:
+            _close_after_flush(self.outbound.transport)
+        elif self._pending is not None:
+            pending, self._pending = self._pending, None
+            if isinstance(pending, Deferred):
+                pending.cancel()
+            elif pending.state == "connecting":
+                pending.stopConnecting()
+        self.factory.relay_closed(self)
+
+
+class TCPForwardFactory(ServerFactory):
+    """Accepts connections for one listening endpoint and relays each one.
+
+    The remote and the limits may be swapped by :meth:`update` (a reload that
+    changed only those): new connections use the new values, live ones are
+    left alone.
+    """
+
+    protocol = InboundProtocol
+    noisy = False
+    log = Logger(namespace="tunnelpass.forward")
+
+    def __init__(self, reactor, name: str, remote_host: str, remote_port: int,
+                 limits: Limits, stats: ListenerStats | None = None, clock=None):
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.name = name
+        self.stats = stats or ListenerStats()
+        self.relays: set[InboundProtocol] = set()
+        self._drain_waiters: list[Deferred] = []
+        self._last_refusal_log = None
+        self._refused_since_log = 0
+        self.update(remote_host, remote_port, limits)
+
+    def update(self, remote_host: str, remote_port: int, limits: Limits) -> None:
+        self.remote_host, self.remote_port, self.limits = remote_host, remote_port, limits
+        self._literal = is_ip_literal(remote_host)
+        host = f"[{remote_host}]" if ":" in remote_host else remote_host
+        self.remote = f"{host}:{remote_port}"
+
+    def dial(self, inbound: InboundProtocol):
+        """Start connecting *inbound*'s remote; return something cancellable.
+
+        IP literals go straight to ``connectTCP`` (no resolver round trip on
+        the hot path); names are resolved on every connection through
+        ``HostnameEndpoint`` so DNS changes take effect, IPv4 and IPv6.
+        """
+        timeout = self.limits.connect_timeout or 30
+        factory = _OutboundFactory(inbound)
+        if self._literal:
+            return self.reactor.connectTCP(self.remote_host, self.remote_port, factory, timeout=timeout)
+        endpoint = HostnameEndpoint(self.reactor, self.remote_host, self.remote_port, timeout=timeout)
+        d = endpoint.connect(Factory.forProtocol(lambda: OutboundProtocol(inbound)))
+        d.addTimeout(timeout, self.clock)
+        d.addErrback(inbound.connect_failed)
+        return d
+
+    def note_refusal(self) -> None:
+        now = self.clock.seconds()
+        self._refused_since_log += 1
+        if self._last_refusal_log is None or now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            self.log.warn(
+                "{listener}: max-conns {max_conns} reached, refused {count} connection(s)",
+                listener=self.name, max_conns=self.limits.max_conns, count=self._refused_since_log,
+            )
+            self._last_refusal_log, self._refused_since_log = now, 0
+
+    def relay_closed(self, inbound: InboundProtocol) -> None:
+        self.relays.discard(inbound)
+        if not self.relays:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, timeout: float) -> Deferred:
+        """Fire once every live relay has ended; abort the rest after *timeout*."""
+        if not self.relays:
+            return succeed(None)
+        d = Deferred()
+        self._drain_waiters.append(d)
+        deadline = self.clock.callLater(timeout, self.abort_all)
+        d.addBoth(lambda r: (deadline.active() and deadline.cancel(), r)[1])
+        return d
+
+    def abort_all(self) -> None:
+        for inbound in list(self.relays):
+            inbound.abort()

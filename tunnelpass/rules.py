@@ -1,0 +1,258 @@
+# -*- test-case-name: tests.test_rules -*-
+"""Sans-IO parser for the forwarder's rules file.
+
+One rule per line::
+
+    # listen | remote_host | remote_port [| options]
+    18080 | 127.0.0.1 | 8080
+    127.0.0.1:15353/udp | 10.0.0.53 | 53
+    [::1]:18443/tcp+udp | backend.internal | 443 | max-conns=200, idle=2m
+
+The whole file is validated before anything is used, so a reload with a typo
+never half-applies; every error names the file and line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from tunnelpass.settings import _show, parse_count, parse_duration, parse_port
+
+#: Limits that keep a hostile or corrupt file from costing much to reject.
+MAX_FILE_BYTES = 1 << 20
+MAX_LINE_CHARS = 4096
+MAX_RULES = 10_000
+
+WILDCARDS = ("0.0.0.0", "::")
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_PROTOCOL_SETS = {
+    "tcp": ("tcp",),
+    "udp": ("udp",),
+    "tcp+udp": ("tcp", "udp"),
+    "udp+tcp": ("tcp", "udp"),
+}
+
+
+class RulesError(ValueError):
+    """A rules file is invalid; ``str()`` gives ``source:line: message``."""
+
+    def __init__(self, source: str, line: int, message: str):
+        self.source, self.line, self.message = source, line, message
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Per-rule overrides; ``None`` means "use the global setting"."""
+
+    max_conns: int | None = None
+    connect_timeout: float | None = None
+    idle: float | None = None
+    udp_idle: float | None = None
+    max_sessions: int | None = None
+
+
+    def resolve(self, defaults: "Limits") -> "Limits":
+        """The limits in force for a rule: its own options over the globals."""
+        return Limits(**{
+            name: getattr(defaults, name) if getattr(self, name) is None else getattr(self, name)
+            for name in Limits.__dataclass_fields__
+        })
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Effective limits of one rule (global flags overridden by rule options)."""
+
+    max_conns: int = 1000
+    connect_timeout: float = 5.0
+    idle: float = 600.0
+    udp_idle: float = 60.0
+    max_sessions: int = 1000
+
+
+_OPTION_PARSERS = {
+    "max-conns": ("max_conns", lambda v: parse_count(v, 1, 1_000_000)),
+    "connect-timeout": ("connect_timeout", parse_duration),
+    "idle": ("idle", parse_duration),
+    "udp-idle": ("udp_idle", parse_duration),
+    "max-sessions": ("max_sessions", lambda v: parse_count(v, 1, 1_000_000)),
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A listening address: an IP literal, a port and one protocol."""
+
+    host: str
+    port: int
+    protocol: str
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}/{self.protocol}"
+
+    def overlaps(self, other: "Endpoint") -> bool:
+        """Whether both could not be bound at once (same port, shared address)."""
+        if (self.port, self.protocol) != (other.port, other.protocol):
+            return False
+        return self.host == other.host or self.host in WILDCARDS or other.host in WILDCARDS
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One forwarding rule: listen on ``listen`` (one endpoint per protocol),
+    relay to ``remote_host:remote_port``."""
+
+    listen: tuple[Endpoint, ...]
+    remote_host: str
+    remote_port: int
+    options: RuleOptions = field(default_factory=RuleOptions)
+    line: int = 0
+
+    @property
+    def remote(self) -> str:
+        host = f"[{self.remote_host}]" if ":" in self.remote_host else self.remote_host
+        return f"{host}:{self.remote_port}"
+
+
+def parse_rules(data: str | bytes, source: str = "<rules>") -> list[Rule]:
+    """Parse a whole rules file; raise :class:`RulesError` at the first fault."""
+    if isinstance(data, bytes):
+        if len(data) > MAX_FILE_BYTES:
+            raise RulesError(source, 0, f"file is larger than {MAX_FILE_BYTES} bytes")
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise RulesError(source, line, "not UTF-8 text (binary data?)") from None
+    elif len(data) > MAX_FILE_BYTES:
+        raise RulesError(source, 0, f"file is larger than {MAX_FILE_BYTES} bytes")
+
+    rules: list[Rule] = []
+    seen: list[tuple[Endpoint, int]] = []
+    for number, raw in enumerate(data.split("\n"), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            rule = parse_rule(line, number)
+        except ValueError as e:
+            raise RulesError(source, number, str(e)) from None
+        for endpoint in rule.listen:
+            for other, other_line in seen:
+                if endpoint.overlaps(other):
+                    raise RulesError(
+                        source, number,
+                        f"listen address {endpoint} overlaps {other} on line {other_line}",
+                    )
+            seen.append((endpoint, number))
+        rules.append(rule)
+        if len(rules) > MAX_RULES:
+            raise RulesError(source, number, f"more than {MAX_RULES} rules")
+    return rules
+
+
+def parse_rule(line: str, number: int = 0) -> Rule:
+    """Parse one non-comment line; raise :class:`ValueError` with the reason."""
+    if len(line) > MAX_LINE_CHARS:
+        raise ValueError(f"line is longer than {MAX_LINE_CHARS} characters")
+    if any(ord(c) < 32 and c != "\t" for c in line) or "\x7f" in line:
+        raise ValueError("control characters in line (binary data?)")
+    fields = [f.strip() for f in line.split("|")]
+    if len(fields) not in (3, 4):
+        raise ValueError(
+            f"expected 'listen | remote_host | remote_port [| options]', got {len(fields)} "
+            "field(s) separated by '|'"
+        )
+    listen = parse_listen(fields[0])
+    remote_host = parse_remote_host(fields[1])
+    try:
+        remote_port = parse_port(fields[2])
+    except ValueError as e:
+        raise ValueError(f"remote port: {e}") from None
+    options = parse_options(fields[3]) if len(fields) == 4 else RuleOptions()
+    return Rule(listen, remote_host, remote_port, options, number)
+
+
+def parse_listen(text: str) -> tuple[Endpoint, ...]:
+    """``PORT``, ``HOST:PORT`` or ``[V6]:PORT``, optionally ``/tcp|/udp|/tcp+udp``."""
+    address, _, protocol = text.partition("/")
+    protocols = _PROTOCOL_SETS.get(protocol.lower() if protocol else "tcp")
+    if protocols is None:
+        raise ValueError(f"listen protocol {_show(protocol)}: use /tcp, /udp or /tcp+udp")
+    if not address:
+        raise ValueError("listen address is empty")
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"listen address {_show(address)}: expected [IPV6]:PORT")
+        host = _ip_literal(host, "listen host", version=6)
+    elif ":" in address:
+        host, port = address.rsplit(":", 1)
+        if ":" in host:
+            raise ValueError(f"listen address {_show(address)}: put IPv6 hosts in brackets, [::1]:PORT")
+        host = "127.0.0.1" if host.lower() == "localhost" else _ip_literal(host, "listen host")
+    else:
+        host, port = "0.0.0.0", address
+    try:
+        port_number = parse_port(port)
+    except ValueError as e:
+        raise ValueError(f"listen port: {e}") from None
+    return tuple(Endpoint(host, port_number, p) for p in protocols)
+
+
+def parse_remote_host(text: str) -> str:
+    """An IPv4/IPv6 literal (brackets optional) or a DNS name, resolved later."""
+    if text.startswith("[") and text.endswith("]"):
+        return _ip_literal(text[1:-1], "remote host", version=6)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    if not name or len(name) > 253 or not all(
+        _HOSTNAME_LABEL.match(label) for label in name.split(".")
+    ):
+        raise ValueError(f"remote host {_show(text)} is neither an IP address nor a host name")
+    if name.replace(".", "").isdigit():
+        raise ValueError(f"remote host {_show(text)} is not a valid IPv4 address")
+    return name
+
+
+def parse_options(text: str) -> RuleOptions:
+    """``key=value`` pairs separated by commas; unknown or repeated keys are errors."""
+    values: dict[str, object] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep:
+            raise ValueError(f"option {_show(item)}: expected key=value")
+        if key not in _OPTION_PARSERS:
+            raise ValueError(
+                f"unknown option {_show(key)}: known options are {', '.join(_OPTION_PARSERS)}"
+            )
+        attribute, parser = _OPTION_PARSERS[key]
+        if attribute in values:
+            raise ValueError(f"option {key} given twice")
+        try:
+            values[attribute] = parser(value.strip())
+        except ValueError as e:
+            raise ValueError(f"option {key}: {e}") from None
+    return RuleOptions(**values)
+
+
+def _ip_literal(text: str, what: str, version: int | None = None) -> str:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{what} {_show(text)} is not an IP address") from None
+    if version is not None and address.version != version:
+        raise ValueError(f"{what} {_show(text)} is not an IPv{version} address")
+    return str(address)

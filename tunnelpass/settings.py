@@ -1,0 +1,79 @@
+# -*- test-case-name: tests.test_settings -*-
+"""Value parsers shared by the command line, the environment and rule files.
+
+Each parser takes a string and returns a value or raises :class:`ValueError`
+with a message fit to show a user; callers add *where* the value came from
+(an option name, an environment variable, a file and line).
+"""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,6})?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+#: Longest duration accepted anywhere (a week): anything larger is a typo.
+MAX_DURATION = 7 * 24 * 3600.0
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
+LOG_FORMATS = ("text", "json")
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``500ms``, ``30s``, ``10m``, ``1h`` (or bare seconds) into seconds.
+
+    ``0`` is allowed and means "off" where the caller gives it that meaning.
+    """
+    match = _DURATION.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"invalid duration {_show(text)}: use a number with ms, s, m or h, "
+            "e.g. 500ms, 30s, 10m, 1h"
+        )
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration {_show(text)} is longer than a week")
+    return seconds
+
+
+def parse_count(text: str, minimum: int = 1, maximum: int = 10_000_000) -> int:
+    """Parse a whole number within ``[minimum, maximum]``."""
+    stripped = text.strip() if isinstance(text, str) else ""
+    if not stripped.isdigit() or len(stripped) > 9:
+        raise ValueError(f"invalid number {_show(text)}: expected a whole number")
+    value = int(stripped)
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{value} is out of range ({minimum}..{maximum})")
+    return value
+
+
+def parse_port(text: str) -> int:
+    """Parse a TCP/UDP port number, 1..65535."""
+    try:
+        return parse_count(text, 1, 65535)
+    except ValueError:
+        raise ValueError(f"invalid port {_show(text)}: expected 1..65535") from None
+
+
+def parse_choice(text: str, choices: tuple[str, ...]) -> str:
+    value = text.strip().lower() if isinstance(text, str) else ""
+    if value not in choices:
+        raise ValueError(f"invalid value {_show(text)}: choose one of {', '.join(choices)}")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact rendering of *seconds* in the units parse_duration reads."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _show(value: object, limit: int = 40) -> str:
+    """repr() of untrusted input, cut short so a huge value cannot flood a log."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,223 @@
+# -*- test-case-name: tests.test_udp -*-
+"""UDP relay: one upstream socket per client address ("session").
+
+Each session owns a connected UDP socket towards the remote, so replies are
+told apart by the kernel and reach the right client, and only the configured
+remote can answer.  Sessions expire after ``udp_idle`` without traffic in
+either direction; their number per listener is capped; datagrams are carried
+whole (sockets read up to 65535 bytes) and any send error is a counted drop,
+never a crash.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import MessageLengthError
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
+from tunnelpass.rules import Limits
+from tunnelpass.stats import ListenerStats
+
+#: Largest datagram read from any socket (IPv4 payloads top out at 65507).
+MAX_DATAGRAM = 65535
+#: Datagrams held per session while its remote name is being resolved.
+MAX_PENDING_DATAGRAMS = 64
+#: Socket buffers asked of the kernel so bursts of large datagrams fit.
+SOCKET_BUFFER = 4 << 20
+
+SESSION_LOG_PREFIX = "tunnelpass-udp-session"
+
+
+def _enlarge_buffers(port) -> None:
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            port.socket.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+def resolve_udp(reactor, host: str, port: int) -> Deferred:
+    """Resolve *host* to one ``(ip, port)`` in a thread (IPv4 or IPv6)."""
+
+    def lookup():
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError(f"no address for {host}")
+        return infos[0][4][:2]
+
+    return deferToThreadPool(reactor, reactor.getThreadPool(), lookup)
+
+
+class UDPSession(DatagramProtocol):
+    """The upstream socket of one client: datagrams from the remote go back
+    to that client through the listening socket."""
+
+    transport = None
+    noisy = False
+
+    def __init__(self, listener: "UDPForwardProtocol", client: tuple):
+        self.listener = listener
+        self.client = client
+        self.stats = listener.stats
+        self.pending: list[bytes] | None = []
+        self.last_activity = listener.clock.seconds()
+        self.closed = False
+        self._expiry = None
+
+    def logPrefix(self) -> str:
+        return SESSION_LOG_PREFIX
+
+    def start(self) -> None:
+        listener = self.listener
+        if is_ip_literal(listener.remote_host):
+            self._open((listener.remote_host, listener.remote_port))
+        else:
+            d = resolve_udp(listener.reactor, listener.remote_host, listener.remote_port)
+            d.addCallbacks(self._open, self._resolve_failed)
+        self._schedule_expiry(listener.limits.udp_idle)
+
+    def _open(self, address: tuple) -> None:
+        if self.closed:
+            return
+        interface = "::" if ":" in address[0] else "0.0.0.0"
+        port = self.listener.reactor.listenUDP(0, self, interface=interface, maxPacketSize=MAX_DATAGRAM)
+        _enlarge_buffers(port)
+        port.connect(address[0], address[1])
+        pending, self.pending = self.pending, None
+        for datagram in pending:
+            self.send(datagram)
+
+    def _resolve_failed(self, reason) -> None:
+        self.listener.log.warn(
+            "{listener}: cannot resolve {remote}: {reason}",
+            listener=self.listener.name, remote=self.listener.remote_host,
+            reason=reason.getErrorMessage(),
+        )
+        self.stats.udp_drops += len(self.pending or ())
+        self.close()
+
+    def send(self, datagram: bytes) -> None:
+        """Client -> remote."""
+        self.last_activity = self.listener.clock.seconds()
+        if self.pending is not None:
+            if len(self.pending) < MAX_PENDING_DATAGRAMS:
+                self.pending.append(datagram)
+            else:
+                self.stats.udp_drops += 1
+            return
+        try:
+            self.transport.write(datagram)
+        except (OSError, MessageLengthError):  # EAGAIN, ENOBUFS, EMSGSIZE
+            self.stats.udp_drops += 1
+        else:
+            self.stats.udp_datagrams_in += 1
+            self.stats.bytes_in += len(datagram)
+
+    def datagramReceived(self, datagram: bytes, addr) -> None:
+        """Remote -> client."""
+        self.last_activity = self.listener.clock.seconds()
+        if self.listener.reply(datagram, self.client):
+            self.stats.udp_datagrams_out += 1
+            self.stats.bytes_out += len(datagram)
+        else:
+            self.stats.udp_drops += 1
+
+    def connectionRefused(self) -> None:
+        # ICMP port unreachable from the remote: the datagram is lost, the
+        # session stays (the remote may come back).
+        self.stats.udp_drops += 1
+
+    def _schedule_expiry(self, delay: float) -> None:
+        self._expiry = self.listener.clock.callLater(max(delay, 0.001), self._check_idle)
+
+    def _check_idle(self) -> None:
+        # One timer per session, re-armed lazily: traffic only stamps
+        # last_activity, so the hot path never touches the timer heap.
+        idle = self.listener.limits.udp_idle
+        remaining = self.last_activity + idle - self.listener.clock.seconds()
+        if remaining > 0:
+            self._schedule_expiry(remaining)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        if self.transport is not None:
+            self.transport.stopListening()
+        self.listener.session_closed(self)
+
+
+class UDPForwardProtocol(DatagramProtocol):
+    """The listening socket of one UDP endpoint and its session table."""
+
+    log = Logger(namespace="tunnelpass.forward")
+    noisy = False
+
+    def __init__(self, reactor, name: str, remote_host: str, remote_port: int,
+                 limits: Limits, stats: ListenerStats | None = None, clock=None):
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.name = name
+        self.stats = stats or ListenerStats()
+        self.sessions: dict[tuple, UDPSession] = {}
+        self._last_refusal_log = None
+        self.update(remote_host, remote_port, limits)
+
+    def update(self, remote_host: str, remote_port: int, limits: Limits) -> None:
+        """New sessions use the new remote/limits; live sessions keep theirs."""
+        self.remote_host, self.remote_port, self.limits = remote_host, remote_port, limits
+
+    def datagramReceived(self, datagram: bytes, addr) -> None:
+        session = self.sessions.get(addr)
+        if session is None:
+            if len(self.sessions) >= self.limits.max_sessions:
+                self.stats.udp_drops += 1
+                self._note_refusal()
+                return
+            session = self.sessions[addr] = UDPSession(self, addr)
+            self.stats.udp_sessions += 1
+            self.stats.udp_sessions_total += 1
+            session.start()
+        session.send(datagram)
+
+    def reply(self, datagram: bytes, client: tuple) -> bool:
+        if self.transport is None:
+            return False
+        try:
+            self.transport.write(datagram, client)
+        except (OSError, MessageLengthError):
+            return False
+        return True
+
+    def session_closed(self, session: UDPSession) -> None:
+        if self.sessions.get(session.client) is session:
+            del self.sessions[session.client]
+            self.stats.udp_sessions -= 1
+
+    def close_all(self) -> None:
+        for session in list(self.sessions.values()):
+            session.close()
+
+    def startProtocol(self) -> None:
+        _enlarge_buffers(self.transport)
+
+    def stopProtocol(self) -> None:
+        self.close_all()
+
+    def _note_refusal(self) -> None:
+        now = self.clock.seconds()
+        if self._last_refusal_log is None or now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            self._last_refusal_log = now
+            self.log.warn(
+                "{listener}: max-sessions {max_sessions} reached, dropping datagrams from new clients",
+                listener=self.name, max_sessions=self.limits.max_sessions,
+            )
