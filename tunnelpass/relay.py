@@ -14,6 +14,7 @@ import ipaddress
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFactory
 from twisted.logger import Logger
@@ -198,8 +199,11 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
             pending, self._pending = self._pending, None
             if isinstance(pending, Deferred):
                 pending.cancel()
-            elif pending.state == "connecting":
-                pending.stopConnecting()
+            else:
+                try:
+                    pending.stopConnecting()
+                except NotConnectingError:
+                    pass
         self.factory.relay_closed(self)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,6})?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,6})?)\s*(ms|s|m|h)?\s*$", re.ASCII)
+_DIGITS = re.compile(r"^[0-9]{1,9}$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 #: Longest duration accepted anywhere (a week): anything larger is a typo.
@@ -40,7 +41,7 @@ def parse_duration(text: str) -> float:
 def parse_count(text: str, minimum: int = 1, maximum: int = 10_000_000) -> int:
     """Parse a whole number within ``[minimum, maximum]``."""
     stripped = text.strip() if isinstance(text, str) else ""
-    if not stripped.isdigit() or len(stripped) > 9:
+    if not _DIGITS.match(stripped):
         raise ValueError(f"invalid number {_show(text)}: expected a whole number")
     value = int(stripped)
     if not minimum <= value <= maximum:
@@ -66,11 +67,15 @@ def parse_choice(text: str, choices: tuple[str, ...]) -> str:
 def format_duration(seconds: float) -> str:
     """The shortest exact rendering of *seconds* in the units parse_duration reads."""
     if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
+        return f"{_plain(seconds * 1000)}ms"
     for unit, size in (("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
+            return f"{_plain(seconds / size)}{unit}"
+    return f"{_plain(seconds)}s"
+
+
+def _plain(number: float) -> str:
+    return f"{number:.6f}".rstrip("0").rstrip(".")
 
 
 def _show(value: object, limit: int = 40) -> str:

@@ -1,0 +1,273 @@
+"""Real processes and sockets for end-to-end tests.
+
+``Forwarder`` runs ``twistd -n --pidfile= tunnelpass --mode forward`` as a
+subprocess with its log captured to a file; backends are small blocking
+servers in threads of the test process.  Readiness is polled (port or log
+line) with a bounded deadline, never slept for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port(kind=socket.SOCK_STREAM) -> int:
+    """A port that is free for both TCP and UDP right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        try:
+            with socket.socket(socket.AF_INET, other) as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def can_connect(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class Forwarder:
+    """A ``twistd tunnelpass --mode forward`` subprocess."""
+
+    def __init__(self, testcase, rules: str, *args: str, wait: bool = True):
+        self.dir = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.dir)
+        self.config = os.path.join(self.dir, "rules.conf")
+        self.write_rules(rules)
+        self.log_path = os.path.join(self.dir, "twistd.log")
+        self._log = open(self.log_path, "wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNELPASS_")}
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "forward",
+             "--config", self.config, *args],
+            cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )
+        testcase.addCleanup(self.kill)
+        self.testcase = testcase
+        if wait:
+            self.wait_for_log("forwarder running")
+
+    def write_rules(self, rules: str) -> None:
+        tmp = self.config + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(rules)
+        os.replace(tmp, self.config)
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def wait_for_log(self, text: str, timeout: float = 15.0, count: int = 1) -> None:
+        def seen():
+            if self.process.poll() is not None and self.log().count(text) < count:
+                raise AssertionError(
+                    f"twistd exited ({self.process.returncode}) before logging {text!r}:\n{self.log()}"
+                )
+            return self.log().count(text) >= count
+
+        try:
+            wait_until(seen, timeout, what=repr(text))
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- twistd log ---\n{self.log()}") from None
+
+    def signal(self, number: int) -> None:
+        self.process.send_signal(number)
+
+    def reload(self, rules: str | None = None) -> None:
+        """Write *rules* (if given), SIGHUP, and wait for the reload to be handled."""
+        done = self.log().count("reload")
+        if rules is not None:
+            self.write_rules(rules)
+        self.signal(signal.SIGHUP)
+        wait_until(lambda: self.log().count("reload") > done or self.process.poll() is not None,
+                   10, what="reload log line")
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"twistd did not exit:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+class _ThreadingTCP(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        sock = self.request
+        try:
+            while True:
+                data = sock.recv(262144)
+                if not data:
+                    break
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class _SourceHandler(socketserver.BaseRequestHandler):
+    """Sends an endless stream (for slow-consumer tests)."""
+
+    def handle(self):
+        chunk = b"s" * 65536
+        try:
+            while True:
+                self.request.sendall(chunk)
+        except OSError:
+            pass
+
+
+class TCPServer:
+    """A threaded TCP backend on 127.0.0.1: ``echo`` or ``source``."""
+
+    def __init__(self, testcase, kind: str = "echo"):
+        handler = {"echo": _EchoHandler, "source": _SourceHandler}[kind]
+        self.server = _ThreadingTCP(("127.0.0.1", 0), handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        testcase.addCleanup(self.close)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class UDPEchoServer:
+    def __init__(self, testcase, port: int = 0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        testcase.addCleanup(self.sock.close)
+
+    def _run(self):
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+                self.sock.sendto(data, addr)
+            except OSError:
+                return
+
+
+def udp_round_trip(port: int, payload: bytes, timeout: float = 3.0) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        s.settimeout(timeout)
+        s.sendto(payload, ("127.0.0.1", port))
+        data, _ = s.recvfrom(65535)
+        return data
+
+
+def tcp_round_trip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send *payload*, half-close, read until EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+class Streamer:
+    """A long-lived connection that keeps streaming through an echo backend
+    and checks every byte comes back, in a background thread."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sent = 0
+        self.received = 0
+        self.error: Exception | None = None
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._writer = threading.Thread(target=self._write, daemon=True)
+        self._reader.start()
+        self._writer.start()
+
+    @staticmethod
+    def _byte(i: int) -> int:
+        return (i * 7) % 251
+
+    def _write(self):
+        try:
+            while not self._stop.is_set():
+                block = bytes(self._byte(i) for i in range(self.sent, self.sent + 4096))
+                self.sock.sendall(block)
+                self.sent += len(block)
+                time.sleep(0.005)
+        except OSError as e:
+            self.error = self.error or e
+
+    def _read(self):
+        try:
+            while not self._stop.is_set() or self.received < self.sent:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("connection closed by the relay")
+                expected = bytes(self._byte(i) for i in range(self.received, self.received + len(data)))
+                if data != expected:
+                    raise ValueError(f"corrupt data at offset {self.received}")
+                self.received += len(data)
+        except (OSError, ValueError) as e:
+            if not self._stop.is_set() or self.received < self.sent:
+                self.error = self.error or e
+
+    def progress(self) -> int:
+        return self.received
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._writer.join(10)
+        self._reader.join(10)
+        self.sock.close()

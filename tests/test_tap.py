@@ -1,0 +1,118 @@
+"""Tests for tunnelpass.tap (options, environment) and the twistd dropin."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial import unittest
+
+from tunnelpass import tap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(args, environ=None):
+    options = tap.Options()
+    old = os.environ.copy()
+    os.environ.clear()
+    os.environ.update(environ or {})
+    try:
+        options.parseOptions(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return options
+
+
+class OptionTests(unittest.TestCase):
+    def test_defaults(self):
+        options = parse(["--mode", "forward"])
+        self.assertEqual(options["config"], "etc/tunnelpass.conf")
+        self.assertEqual(options["max-conns"], 1000)
+        self.assertEqual(options["connect-timeout"], 5)
+        self.assertEqual(options["idle"], 600)
+        self.assertEqual(options["udp-idle"], 60)
+        self.assertEqual(options["reload-interval"], 0)
+        self.assertEqual(options["shutdown-timeout"], 5)
+        self.assertEqual(options["report-interval"], 60)
+        self.assertEqual((options["log"], options["log-format"]), ("info", "text"))
+
+    def test_durations_and_counts(self):
+        options = parse(["-m", "forward", "--idle", "2m", "--connect-timeout=500ms", "--max-conns", "7"])
+        self.assertEqual((options["idle"], options["connect-timeout"], options["max-conns"]), (120, 0.5, 7))
+
+    def test_environment(self):
+        options = parse(["-m", "forward"], {"TUNNELPASS_MAX_CONNS": "200", "TUNNELPASS_LOG_FORMAT": "json"})
+        self.assertEqual((options["max-conns"], options["log-format"]), (200, "json"))
+
+    def test_mode_from_environment(self):
+        self.assertEqual(parse([], {"TUNNELPASS_MODE": "forward"})["mode"], "forward")
+
+    def test_flags_win_over_environment(self):
+        options = parse(["-m", "forward", "--max-conns", "5"], {"TUNNELPASS_MAX_CONNS": "200"})
+        self.assertEqual(options["max-conns"], 5)
+
+    def assertUsageError(self, args, *fragments, environ=None):
+        with self.assertRaises(usage.UsageError) as cm:
+            parse(args, environ)
+        for fragment in fragments:
+            self.assertIn(fragment, str(cm.exception))
+
+    def test_bad_environment(self):
+        self.assertUsageError(["-m", "forward"], "TUNNELPASS_MAX_CONNS", "invalid number",
+                              environ={"TUNNELPASS_MAX_CONNS": "lots"})
+        self.assertUsageError(["-m", "forward"], "unknown environment variable TUNNELPASS_MAXCONNS",
+                              environ={"TUNNELPASS_MAXCONNS": "5"})
+
+    def test_bad_values(self):
+        self.assertUsageError(["-m", "forward", "--idle", "soon"], "--idle", "invalid duration")
+        self.assertUsageError(["-m", "forward", "--max-conns", "0"], "--max-conns")
+        self.assertUsageError(["-m", "forward", "--log", "loud"], "--log", "debug, info, warn, error, fatal")
+        self.assertUsageError(["-m", "forward", "--log-format", "xml"], "--log-format")
+        self.assertUsageError(["-m", "teleport"], "--mode", "server, client, forward, master")
+
+    def test_unknown_option_and_argument(self):
+        self.assertUsageError(["-m", "forward", "--frobnicate"], "frobnicate")
+        self.assertUsageError(["-m", "forward", "stray"], "unexpected argument 'stray'")
+
+    def test_mode_required(self):
+        self.assertUsageError([], "choose a mode with --mode")
+
+    def test_unbuilt_modes_say_so(self):
+        for mode in ("server", "client", "master"):
+            self.assertUsageError(["--mode", mode], f"--mode {mode} is not available yet")
+
+    def test_help_lists_modes_and_options(self):
+        text = str(tap.Options())
+        for word in ("server", "client", "forward", "master", "--max-conns", "--connect-timeout",
+                     "--idle", "--udp-idle", "--reload-interval", "--shutdown-timeout",
+                     "--report-interval", "--log", "--log-format", "TUNNELPASS_"):
+            self.assertIn(word, text)
+
+
+class PluginTests(unittest.TestCase):
+    def test_discoverable_by_twistd(self):
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("tunnelpass", makers)
+        self.assertIs(makers["tunnelpass"].options, tap.Options)
+
+    def test_wheel_ships_the_dropin(self):
+        """A regular install (a wheel) carries twisted/plugins/tunnelpass_plugin.py
+        and no __init__.py that would shadow Twisted's own plugins package."""
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                 "-q", "-w", out, ROOT],
+                check=True, capture_output=True, timeout=300,
+            )
+            (wheel,) = [f for f in os.listdir(out) if f.endswith(".whl")]
+            names = zipfile.ZipFile(os.path.join(out, wheel)).namelist()
+        self.assertIn("twisted/plugins/tunnelpass_plugin.py", names)
+        self.assertIn("tunnelpass/relay.py", names)
+        self.assertNotIn("twisted/__init__.py", names)
+        self.assertNotIn("twisted/plugins/__init__.py", names)
