@@ -38,6 +38,7 @@ class ForwardSettings:
     reload_interval: float = 0.0
     shutdown_timeout: float = 5.0
     report_interval: float = 60.0
+    zero_copy: bool = True
 
 
 def load_rules(path: str) -> list[Rule]:
@@ -58,7 +59,8 @@ def bind_error_message(endpoint: Endpoint, error: CannotListenError) -> str:
 class ListenerService(Service):
     """One listening endpoint of one rule and the relays it has accepted."""
 
-    def __init__(self, endpoint: Endpoint, rule: Rule, defaults: Limits, reactor):
+    def __init__(self, endpoint: Endpoint, rule: Rule, defaults: Limits, reactor,
+                 zero_copy: bool = True):
         self.endpoint = endpoint
         self.name = str(endpoint)
         self.reactor = reactor
@@ -68,7 +70,8 @@ class ListenerService(Service):
         limits = rule.options.resolve(defaults)
         if endpoint.protocol == "tcp":
             self.relay = TCPForwardFactory(
-                reactor, self.name, rule.remote_host, rule.remote_port, limits, self.stats
+                reactor, self.name, rule.remote_host, rule.remote_port, limits, self.stats,
+                zero_copy=zero_copy,
             )
         else:
             self.relay = UDPForwardProtocol(
@@ -132,7 +135,11 @@ class ForwarderService(MultiService):
         self._timers: list[LoopingCall] = []
         self._old_signals: dict[int, object] = {}
         for endpoint, rule in _endpoints(rules):
-            ListenerService(endpoint, rule, settings.defaults, reactor).setServiceParent(self)
+            self._new_listener(endpoint, rule).setServiceParent(self)
+
+    def _new_listener(self, endpoint: Endpoint, rule: Rule) -> ListenerService:
+        return ListenerService(endpoint, rule, self.settings.defaults, self.reactor,
+                               zero_copy=self.settings.zero_copy)
 
     def listeners(self) -> list[ListenerService]:
         return list(self) + list(self.retiring)
@@ -227,7 +234,7 @@ class ForwarderService(MultiService):
             self._retire_when_drained(listener)
         failed = 0
         for endpoint, rule in added:
-            listener = ListenerService(endpoint, rule, self.settings.defaults, self.reactor)
+            listener = self._new_listener(endpoint, rule)
             try:
                 listener.setServiceParent(self)
             except CannotListenError as e:

@@ -22,6 +22,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from tunnelpass.rules import Limits
+from tunnelpass.splice import SpliceRelay, can_splice
 from tunnelpass.stats import ListenerStats
 
 #: Refusals at max-conns are logged at most once per this many seconds.
@@ -103,7 +104,7 @@ class OutboundProtocol(_RelayEnd):
         return self.inbound.transport
 
     def connectionLost(self, reason=None) -> None:
-        if self.inbound.outbound is self:
+        if self.inbound.outbound is self and self.inbound.splice is None:
             _close_after_flush(self.inbound.transport)
 
 
@@ -127,6 +128,7 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
 
     factory: "TCPForwardFactory"
     outbound: OutboundProtocol | None = None
+    splice: SpliceRelay | None = None
     admitted = False
     closed = False
     _pending = None  # an IConnector or a Deferred while dialling
@@ -153,10 +155,23 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
             outbound.transport.abortConnection()
             return
         self.outbound = outbound
+        self.setTimeout(self.factory.limits.idle or None)
+        if self.factory.zero_copy and can_splice(self.transport, outbound.transport):
+            self.splice = SpliceRelay(
+                self.factory.reactor, self.transport, outbound.transport,
+                self.resetTimeout, self._count_in, self._count_out,
+            )
+            self.splice.start()
+            return
         self.transport.registerProducer(outbound.transport, True)
         outbound.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
-        self.setTimeout(self.factory.limits.idle or None)
+
+    def _count_in(self, n: int) -> None:
+        self.stats.bytes_in += n
+
+    def _count_out(self, n: int) -> None:
+        self.stats.bytes_out += n
 
     def connect_failed(self, reason) -> None:
         self._pending = None
@@ -183,6 +198,9 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
 
     def abort(self) -> None:
         """Drop both sides now (idle timeout, end of a shutdown drain)."""
+        if self.splice is not None:
+            self.splice.abort()
+            return
         self.transport.abortConnection()
         if self.outbound is not None:
             self.outbound.transport.abortConnection()
@@ -193,7 +211,9 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
             return
         self.setTimeout(None)
         self.stats.active -= 1
-        if self.outbound is not None:
+        if self.splice is not None:
+            pass  # the splice relay closes both sockets itself
+        elif self.outbound is not None:
             _close_after_flush(self.outbound.transport)
         elif self._pending is not None:
             pending, self._pending = self._pending, None
@@ -220,11 +240,13 @@ class TCPForwardFactory(ServerFactory):
     log = Logger(namespace="tunnelpass.forward")
 
     def __init__(self, reactor, name: str, remote_host: str, remote_port: int,
-                 limits: Limits, stats: ListenerStats | None = None, clock=None):
+                 limits: Limits, stats: ListenerStats | None = None, clock=None,
+                 zero_copy: bool = True):
         self.reactor = reactor
         self.clock = clock or reactor
         self.name = name
         self.stats = stats or ListenerStats()
+        self.zero_copy = zero_copy
         self.relays: set[InboundProtocol] = set()
         self._drain_waiters: list[Deferred] = []
         self._last_refusal_log = None

@@ -44,6 +44,7 @@ _PARSERS = {
     "reload-interval": _duration_or_off,
     "shutdown-timeout": parse_duration,
     "report-interval": _duration_or_off,
+    "zero-copy": lambda v: parse_choice(v, ("on", "off")) == "on",
     "log": lambda v: parse_choice(v, LOG_LEVELS),
     "log-format": lambda v: parse_choice(v, LOG_FORMATS),
 }
@@ -67,6 +68,7 @@ class Options(usage.Options):
         ["idle", None, "10m", "forward: close a TCP connection idle this long in both directions (0 = never)."],
         ["udp-idle", None, "60s", "forward: expire a UDP session idle this long."],
         ["reload-interval", None, "0", "forward: re-read the rules file when it changes, checked this often (0 = off; SIGHUP always reloads)."],
+        ["zero-copy", None, "on", "forward: relay plain TCP with splice(2) in the kernel (Linux); off = copy through Python."],
         ["shutdown-timeout", None, "5s", "Time live connections get to finish on SIGTERM/SIGINT before they are aborted."],
         ["report-interval", None, "60s", "Emit a structured stats event this often (0 = only at shutdown)."],
         ["log", None, "info", "Log level: " + " | ".join(LOG_LEVELS) + "."],
@@ -163,6 +165,7 @@ def makeService(options, reactor=None):
         reload_interval=options["reload-interval"],
         shutdown_timeout=options["shutdown-timeout"],
         report_interval=options["report-interval"],
+        zero_copy=options["zero-copy"],
     )
     try:
         rules = load_rules(settings.config)

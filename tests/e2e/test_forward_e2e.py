@@ -28,11 +28,18 @@ from tests.e2e.harness import (
 
 
 class ForwardingTests(unittest.TestCase):
+    """Data-path tests; run once per relay engine (see the subclass below)."""
+
+    relay_args: tuple = ()
+
+    def forwarder(self, rules, *args, **kw):
+        return Forwarder(self, rules, *self.relay_args, *args, **kw)
+
     def test_tcp_and_udp_echo(self):
         tcp = TCPServer(self)
         UDPEchoServer(self, tcp.port)  # one backend port for both protocols
         port, named = free_port(), free_port()
-        Forwarder(self, f"127.0.0.1:{port}/tcp+udp | 127.0.0.1 | {tcp.port}\n"
+        self.forwarder(f"127.0.0.1:{port}/tcp+udp | 127.0.0.1 | {tcp.port}\n"
                         f"127.0.0.1:{named} | localhost | {tcp.port}\n")
         self.assertEqual(tcp_round_trip(port, b"hello tcp"), b"hello tcp")
         self.assertEqual(tcp_round_trip(named, b"via a name"), b"via a name")
@@ -44,7 +51,7 @@ class ForwardingTests(unittest.TestCase):
     def test_ipv6_listener_to_named_udp_remote(self):
         udp = UDPEchoServer(self)
         port = free_port()
-        Forwarder(self, f"[::1]:{port}/udp | localhost | {udp.port}\n")
+        self.forwarder(f"[::1]:{port}/udp | localhost | {udp.port}\n")
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
             s.settimeout(3)
             s.sendto(b"v6", ("::1", port))
@@ -53,7 +60,7 @@ class ForwardingTests(unittest.TestCase):
     def test_stream_50mb_with_checksum(self):
         tcp = TCPServer(self)
         port = free_port()
-        Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port}\n")
+        self.forwarder(f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port}\n")
         size = 50 * 1024 * 1024
         block = os.urandom(1 << 20)
         sent_hash, got_hash = hashlib.sha256(), hashlib.sha256()
@@ -82,7 +89,7 @@ class ForwardingTests(unittest.TestCase):
     def test_max_conns_refuses_excess(self):
         tcp = TCPServer(self)
         port = free_port()
-        fwd = Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port} | max-conns=1\n")
+        fwd = self.forwarder(f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port} | max-conns=1\n")
         held = socket.create_connection(("127.0.0.1", port), timeout=5)
         held.sendall(b"a")
         self.assertEqual(held.recv(1), b"a")
@@ -96,7 +103,7 @@ class ForwardingTests(unittest.TestCase):
     def test_slow_consumer_keeps_memory_bounded(self):
         source = TCPServer(self, "source")
         port = free_port()
-        fwd = Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {source.port}\n")
+        fwd = self.forwarder(f"127.0.0.1:{port} | 127.0.0.1 | {source.port}\n")
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.recv(1)
@@ -108,6 +115,65 @@ class ForwardingTests(unittest.TestCase):
         while received < 4 << 20:  # and the stream still flows once we read
             received += len(sock.recv(1 << 16))
         sock.close()
+
+
+    # (drain and idle tests below exercise each engine's abort path)
+
+    def test_idle_connection_is_closed(self):
+        tcp = TCPServer(self)
+        port = free_port()
+        self.forwarder(f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port} | idle=300ms\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"x")
+            self.assertEqual(s.recv(1), b"x")
+            started = time.monotonic()
+            try:
+                self.assertEqual(s.recv(1), b"")
+            except ConnectionResetError:
+                pass
+            self.assertLess(time.monotonic() - started, 4)
+
+    def test_sigterm_drains_live_connections(self):
+        tcp = TCPServer(self)
+        port = free_port()
+        fwd = self.forwarder(f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port}\n", "--shutdown-timeout", "30s")
+        live = socket.create_connection(("127.0.0.1", port), timeout=5)
+        live.sendall(b"before")
+        self.assertEqual(live.recv(100), b"before")
+        fwd.signal(signal.SIGTERM)
+        fwd.wait_for_log("draining 1 live connection")
+        self.assertFalse(can_connect(port), "no new connections while draining")
+        live.sendall(b"during drain")
+        self.assertEqual(live.recv(100), b"during drain")
+        live.shutdown(socket.SHUT_WR)
+        self.assertEqual(live.recv(100), b"")
+        live.close()
+        self.assertEqual(fwd.wait_exit(10), 0)
+        self.assertIn("(final)", fwd.log())
+
+    def test_sigterm_aborts_after_shutdown_timeout(self):
+        tcp = TCPServer(self)
+        port = free_port()
+        fwd = self.forwarder(f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port}\n", "--shutdown-timeout", "500ms")
+        live = socket.create_connection(("127.0.0.1", port), timeout=5)
+        live.sendall(b"x")
+        live.recv(1)
+        started = time.monotonic()
+        fwd.signal(signal.SIGTERM)
+        self.assertEqual(fwd.wait_exit(10), 0)
+        self.assertLess(time.monotonic() - started, 5)
+        try:
+            self.assertEqual(live.recv(10), b"")
+        except ConnectionResetError:
+            pass
+        live.close()
+
+
+class CopyRelayForwardingTests(ForwardingTests):
+    """The same data-path tests with --zero-copy off: Twisted transports with
+    producers wired both ways (the engine TLS connections will use)."""
+
+    relay_args = ("--zero-copy", "off")
 
 
 class ReloadTests(unittest.TestCase):
@@ -180,41 +246,6 @@ class ReloadTests(unittest.TestCase):
 
 
 class LifecycleTests(unittest.TestCase):
-    def test_sigterm_drains_live_connections(self):
-        tcp = TCPServer(self)
-        port = free_port()
-        fwd = Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port}\n", "--shutdown-timeout", "30s")
-        live = socket.create_connection(("127.0.0.1", port), timeout=5)
-        live.sendall(b"before")
-        self.assertEqual(live.recv(100), b"before")
-        fwd.signal(signal.SIGTERM)
-        fwd.wait_for_log("draining 1 live connection")
-        self.assertFalse(can_connect(port), "no new connections while draining")
-        live.sendall(b"during drain")
-        self.assertEqual(live.recv(100), b"during drain")
-        live.shutdown(socket.SHUT_WR)
-        self.assertEqual(live.recv(100), b"")
-        live.close()
-        self.assertEqual(fwd.wait_exit(10), 0)
-        self.assertIn("(final)", fwd.log())
-
-    def test_sigterm_aborts_after_shutdown_timeout(self):
-        tcp = TCPServer(self)
-        port = free_port()
-        fwd = Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port}\n", "--shutdown-timeout", "500ms")
-        live = socket.create_connection(("127.0.0.1", port), timeout=5)
-        live.sendall(b"x")
-        live.recv(1)
-        started = time.monotonic()
-        fwd.signal(signal.SIGTERM)
-        self.assertEqual(fwd.wait_exit(10), 0)
-        self.assertLess(time.monotonic() - started, 5)
-        try:
-            self.assertEqual(live.recv(10), b"")
-        except ConnectionResetError:
-            pass
-        live.close()
-
     def test_sigint_exits_zero(self):
         fwd = Forwarder(self, f"127.0.0.1:{free_port()} | 127.0.0.1 | 9\n")
         fwd.signal(signal.SIGINT)

@@ -1,0 +1,246 @@
+# -*- test-case-name: tests.test_splice -*-
+"""Zero-copy relay for two plain TCP sockets on Linux (``os.splice``).
+
+Bytes go socket -> pipe -> socket inside the kernel and never become Python
+objects, which is how a Python relay outruns C relays that copy.  Once both
+ends of a relay are connected (and nothing is buffered yet), the relay hands
+both file descriptors to a :class:`SpliceRelay`; Twisted's transports stay
+out of the reactor from then on and are only used to close the sockets and
+to run the protocols' ``connectionLost``.
+
+Pipes come from a small shared pool: a direction borrows one only for the
+moment it moves data and keeps it only while the receiver is not accepting
+more (that pipe is then the direction's bounded buffer), so idle connections
+hold no pipes and memory stays bounded when one side is slow.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+
+AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+
+#: Bytes one pipe holds: the most one direction buffers in the kernel.
+PIPE_SIZE = 256 * 1024
+#: Idle pipes kept for reuse (each is two fds).
+POOL_LIMIT = 32
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if AVAILABLE else 0
+_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+class PipePool:
+    """Reusable non-blocking pipes, ``(read_fd, write_fd)``."""
+
+    def __init__(self, limit: int = POOL_LIMIT):
+        self.limit = limit
+        self.idle: list[tuple[int, int]] = []
+
+    def take(self) -> tuple[int, int]:
+        if self.idle:
+            return self.idle.pop()
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default 64 KiB pipe works, a little slower
+        return read_fd, write_fd
+
+    def give(self, pipe: tuple[int, int]) -> None:
+        """Return an *empty* pipe."""
+        if len(self.idle) < self.limit:
+            self.idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        for fd in pipe:
+            os.close(fd)
+
+
+PIPES = PipePool()
+
+
+class _Direction:
+    """Bytes flowing from one socket to the other through a borrowed pipe."""
+
+    __slots__ = ("src", "dst", "pipe", "pending", "eof", "done", "count")
+
+    def __init__(self, src: "_Side", dst: "_Side", count):
+        self.src, self.dst, self.count = src, dst, count
+        self.pipe = None
+        self.pending = 0  # bytes in the pipe, not yet written to dst
+        self.eof = False  # src sent FIN
+        self.done = False  # FIN passed on to dst
+
+
+class _Side:
+    """The reactor's view of one socket: readable = pump out of it,
+    writable = flush the pipe that is waiting to go into it."""
+
+    def __init__(self, relay: "SpliceRelay", transport):
+        self.relay = relay
+        self.transport = transport
+        self.sock = transport.socket
+        self.fd = self.sock.fileno()
+        self.outgoing: _Direction | None = None  # data read from this socket
+        self.incoming: _Direction | None = None  # data written to this socket
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "tunnelpass-splice"
+
+    def doRead(self):
+        self.relay.pump(self.outgoing)
+
+    def doWrite(self):
+        self.relay.flush(self.incoming)
+
+    def connectionLost(self, reason) -> None:
+        # The reactor saw an error or hang-up on this fd.
+        self.relay.finish(reason)
+
+
+class SpliceRelay:
+    """Moves bytes both ways between two connected TCP transports.
+
+    *on_activity* is called whenever bytes move (idle timer); *count_in* and
+    *count_out* receive byte counts for the two directions.  When both
+    directions have ended (or on error/abort) both transports' sockets are
+    closed through their ``connectionLost``, so the protocols clean up as
+    they would after any other close.
+    """
+
+    def __init__(self, reactor, inbound_transport, outbound_transport, on_activity,
+                 count_in, count_out, pipes: PipePool = PIPES):
+        self.reactor = reactor
+        self.pipes = pipes
+        self.on_activity = on_activity
+        self.finished = False
+        self.a = _Side(self, inbound_transport)
+        self.b = _Side(self, outbound_transport)
+        self.a.outgoing = self.b.incoming = _Direction(self.a, self.b, count_in)
+        self.b.outgoing = self.a.incoming = _Direction(self.b, self.a, count_out)
+
+    def start(self) -> None:
+        for side in (self.a, self.b):
+            side.transport.stopReading()
+            side.transport.stopWriting()
+        self.reactor.addReader(self.a)
+        self.reactor.addReader(self.b)
+
+    # Data path
+
+    def pump(self, d: _Direction) -> None:
+        """src is readable: move what it has into a pipe, then on to dst."""
+        if self.finished or d.eof or d.pending:
+            return
+        if d.pipe is None:
+            d.pipe = self.pipes.take()
+        try:
+            n = os.splice(d.src.fd, d.pipe[1], PIPE_SIZE, flags=_FLAGS)
+        except BlockingIOError:
+            self._release_if_empty(d)
+            return
+        except OSError as e:
+            self.finish(Failure(ConnectionLost(str(e))))
+            return
+        if n == 0:
+            d.eof = True
+            self.reactor.removeReader(d.src)
+            self._release_if_empty(d)
+            self._pass_eof(d)
+            return
+        d.pending = n
+        d.count(n)
+        self.on_activity()
+        self.flush(d)
+
+    def flush(self, d: _Direction) -> None:
+        """dst is writable (or data just arrived): empty the pipe into it."""
+        if self.finished:
+            return
+        while d.pending:
+            try:
+                n = os.splice(d.pipe[0], d.dst.fd, d.pending, flags=_FLAGS)
+            except BlockingIOError:
+                # dst is full: stop reading src until dst drains.
+                self.reactor.removeReader(d.src)
+                self.reactor.addWriter(d.dst)
+                return
+            except OSError as e:
+                self.finish(Failure(ConnectionLost(str(e))))
+                return
+            d.pending -= n
+        self.reactor.removeWriter(d.dst)
+        self._release_if_empty(d)
+        if d.eof:
+            self._pass_eof(d)
+        elif not self.finished:
+            self.reactor.addReader(d.src)
+
+    def _release_if_empty(self, d: _Direction) -> None:
+        if d.pipe is not None and not d.pending:
+            self.pipes.give(d.pipe)
+            d.pipe = None
+
+    def _pass_eof(self, d: _Direction) -> None:
+        """src sent FIN and everything before it reached dst: FIN dst."""
+        if d.pending or d.done:
+            return
+        d.done = True
+        try:
+            d.dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if self.a.outgoing.done and self.b.outgoing.done:
+            self.finish(Failure(ConnectionDone()))
+
+    # Teardown
+
+    def abort(self) -> None:
+        self.finish(Failure(ConnectionAborted()))
+
+    def finish(self, reason) -> None:
+        """Stop both directions and close both sockets (once)."""
+        if self.finished:
+            return
+        self.finished = True
+        for side in (self.a, self.b):
+            self.reactor.removeReader(side)
+            self.reactor.removeWriter(side)
+        for d in (self.a.outgoing, self.b.outgoing):
+            if d.pipe is not None:
+                if d.pending:
+                    self.pipes.discard(d.pipe)  # never hand out a pipe with stale bytes
+                else:
+                    self.pipes.give(d.pipe)
+                d.pipe = None
+        if not isinstance(reason, Failure):
+            reason = Failure(reason)
+        for side in (self.a, self.b):
+            if side.transport.connected:
+                side.transport.connectionLost(reason)
+
+
+def can_splice(*transports) -> bool:
+    """Whether every transport is a plain (non-TLS) TCP socket transport."""
+    if not AVAILABLE:
+        return False
+    for transport in transports:
+        sock = getattr(transport, "socket", None)
+        if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+            return False
+        if getattr(transport, "TLS", False) or not hasattr(transport, "connectionLost"):
+            return False
+    return True
