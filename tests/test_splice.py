@@ -1,0 +1,147 @@
+"""Tests for tunnelpass.splice: the zero-copy engine on real loopback sockets,
+in-process (a forwarder factory between a client and a backend)."""
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from tunnelpass import splice
+from tunnelpass.relay import TCPForwardFactory
+from tunnelpass.rules import Limits
+
+if not splice.AVAILABLE:
+    skip = "os.splice is Linux-only"
+
+
+@implementer(IHalfCloseableProtocol)
+class Peer(Protocol):
+    """Collects what it reads; signals EOF and close."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.eof = Deferred()
+        self.lost = Deferred()
+        self.made = Deferred()
+
+    def connectionMade(self):
+        self.made.callback(self)
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def readConnectionLost(self):
+        self.eof.callback(bytes(self.data))
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        if not self.eof.called:
+            self.eof.callback(bytes(self.data))
+        self.reason = reason
+        self.lost.callback(None)
+
+
+async def until(predicate, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError("condition not reached")
+
+
+class SpliceRelayTests(unittest.TestCase):
+    async def setUpRelay(self):
+        self.backends = []
+
+        def backend():
+            peer = Peer()
+            self.backends.append(peer)
+            return peer
+
+        backend_port = reactor.listenTCP(0, Factory.forProtocol(backend), interface="127.0.0.1")
+        self.addCleanup(backend_port.stopListening)
+        self.factory = TCPForwardFactory(
+            reactor, "t", "127.0.0.1", backend_port.getHost().port, Limits(idle=0)
+        )
+        port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.client = Peer()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), self.client)
+        await until(lambda: self.backends and self.factory.relays)
+        (self.inbound,) = self.factory.relays
+        await until(lambda: self.inbound.splice is not None)
+        self.backend = self.backends[0]
+        await self.backend.made
+        self.addCleanup(self._close)
+
+    async def _close(self):
+        for peer in (self.client, self.backend):
+            if peer.transport.connected:
+                peer.transport.abortConnection()
+        await until(lambda: not self.factory.relays)
+
+    async def test_relays_both_ways_with_half_close(self):
+        await self.setUpRelay()
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        self.client.transport.write(payload)
+        self.client.transport.loseWriteConnection()
+        self.assertEqual(await self.backend.eof, payload)
+        self.backend.transport.write(b"reply after the client's FIN")
+        self.backend.transport.loseConnection()
+        self.assertEqual(await self.client.eof, b"reply after the client's FIN")
+        await until(lambda: not self.factory.relays)
+        stats = self.factory.stats
+        self.assertEqual((stats.bytes_in, stats.bytes_out, stats.active), (len(payload), 28, 0))
+
+    async def test_idle_relay_holds_no_pipe(self):
+        await self.setUpRelay()
+        self.client.transport.write(b"x" * 100_000)
+        await until(lambda: len(self.backend.data) == 100_000)
+        relay = self.inbound.splice
+        self.assertIsNone(relay.a.outgoing.pipe)
+        self.assertIsNone(relay.b.outgoing.pipe)
+
+    async def test_slow_receiver_bounds_buffering(self):
+        await self.setUpRelay()
+        self.backend.transport.pauseProducing()  # the backend stops reading
+        chunk = b"y" * 65536
+        for _ in range(256):  # 16 MiB offered; the client buffers what the relay refuses
+            self.client.transport.write(chunk)
+        relay = self.inbound.splice
+        direction = relay.a.outgoing
+        await until(lambda: direction.pending > 0)
+        await deferLater(reactor, 0.3)
+        self.assertLessEqual(direction.pending, splice.PIPE_SIZE)
+        self.assertNotIn(relay.a, reactor.getReaders(), "the sender is no longer read")
+        self.assertIn(relay.b, reactor.getWriters())
+        self.assertLess(self.factory.stats.bytes_in, 12 << 20)
+        self.backend.transport.resumeProducing()
+        await until(lambda: len(self.backend.data) == 256 * 65536, timeout=20)
+        self.assertEqual(self.factory.stats.bytes_in, 256 * 65536)
+
+    async def test_abort_closes_both_sides(self):
+        await self.setUpRelay()
+        self.inbound.abort()
+        await self.client.lost
+        await self.backend.lost
+        self.assertTrue(self.client.reason.check(ConnectionLost), "an abort is a reset, not a FIN")
+        self.assertEqual(self.factory.relays, set())
+        self.assertEqual(self.factory.stats.active, 0)
+
+    async def test_pool_reuses_and_caps_pipes(self):
+        pool = splice.PipePool(limit=1)
+        first = pool.take()
+        pool.give(first)
+        self.assertIs(pool.take(), first)
+        second = pool.take()
+        pool.give(first)
+        pool.give(second)  # over the limit: closed
+        self.assertEqual(pool.idle, [first])
+        pool.discard(pool.take())
