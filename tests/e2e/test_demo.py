@@ -1,0 +1,50 @@
+"""End-to-end: `make demo` (python -m tunnelpass.demo) works as README.rst says."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+from twisted.trial import unittest
+
+from tests.e2e.harness import ROOT, tcp_round_trip, udp_round_trip, wait_until
+
+DEMO_PORTS = (8080, 8007, 18081, 18007)
+
+
+def port_busy(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+class DemoTests(unittest.TestCase):
+    def test_demo_forwards_http_tcp_and_udp(self):
+        busy = [p for p in DEMO_PORTS if port_busy(p)]
+        if busy:
+            raise unittest.SkipTest(f"demo ports in use: {busy}")
+        log_path = os.path.abspath(self.mktemp())
+        with open(log_path, "wb") as log:
+            demo = subprocess.Popen([sys.executable, "-m", "tunnelpass.demo"], cwd=ROOT,
+                                    stdout=log, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: demo.poll() is None and demo.kill())
+
+        def read_log():
+            with open(log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+
+        wait_until(lambda: "forwarder running" in read_log() or demo.poll() is not None, 20, what="demo")
+        self.assertIn("forwarder running: 3 listener(s)", read_log())
+        self.assertIn("curl http://127.0.0.1:8080/", read_log())
+        page = urllib.request.urlopen("http://127.0.0.1:8080/", timeout=5).read()
+        self.assertIn(b"Hello from the tunnelpass demo service", page)
+        self.assertEqual(tcp_round_trip(8007, b"demo tcp"), b"demo tcp")
+        self.assertEqual(udp_round_trip(8007, b"demo udp"), b"demo udp")
+        demo.send_signal(signal.SIGINT)
+        self.assertEqual(demo.wait(20), 0, read_log())
+        self.assertIn("forwarder stopped", read_log())
