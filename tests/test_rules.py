@@ -66,6 +66,9 @@ class ValidRulesTests(unittest.TestCase):
     def test_windows_line_endings(self):
         self.assertEqual(len(parse_rules(b"1 | a | 2\r\n3 | b | 4\r\n")), 2)
 
+    def test_ipv4_wildcard_and_ipv6_address_can_share_a_port(self):
+        self.assertEqual(len(parse_rules("5 | a | 1\n[::1]:5 | b | 2")), 2)
+
     def test_same_port_different_protocols_is_fine(self):
         self.assertEqual(len(parse_rules("127.0.0.1:53/udp | a | 53\n127.0.0.1:53/tcp | a | 53")), 2)
 
@@ -115,6 +118,7 @@ class InvalidRulesTests(unittest.TestCase):
         self.assertRuleError("1 | a | 1\n# x\n1 | b | 2", 3, "0.0.0.0:1/tcp overlaps 0.0.0.0:1/tcp on line 1")
         self.assertRuleError("127.0.0.1:5 | a | 1\n5 | b | 2", 2, "overlaps 127.0.0.1:5/tcp on line 1")
         self.assertRuleError("[::]:5/udp | a | 1\n127.0.0.1:5/tcp+udp | b | 2", 2, "127.0.0.1:5/udp overlaps [::]:5/udp")
+        self.assertRuleError("[::1]:5 | a | 1\n[::]:5 | b | 2", 2, "[::]:5/tcp overlaps [::1]:5/tcp")
 
     def test_binary_junk(self):
         error = self.assertRuleError(b"1 | a | 2\n\xff\xfe\x00garbage\n", 2, "not UTF-8")

@@ -11,11 +11,12 @@ listening while their live connections finish, added ones start.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 from dataclasses import dataclass
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -49,6 +50,24 @@ def load_rules(path: str) -> list[Rule]:
     except OSError as e:
         raise RulesError(path, 0, f"cannot read rules file: {e.strerror or e}") from None
     return parse_rules(data, path)
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one.
+
+    Each relayed TCP connection needs two descriptors (and a UDP session
+    one); the common soft default of 1024 would cap a forwarder at ~500
+    connections, far below --max-conns, with accept() failing on EMFILE.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        log.debug("open-files limit raised from {soft} to {hard}", soft=soft, hard=hard)
+        return hard
+    return soft
 
 
 def bind_error_message(endpoint: Endpoint, error: CannotListenError) -> str:
@@ -108,7 +127,7 @@ class ListenerService(Service):
         """Stop listening; live TCP relays go on (see :meth:`drain`)."""
         super().stopService()
         port, self.port = self.port, None
-        return port.stopListening() if port is not None else succeed(None)
+        return maybeDeferred(port.stopListening) if port is not None else succeed(None)
 
     def live(self) -> int:
         return len(self.relay.relays) if self.endpoint.protocol == "tcp" else len(self.relay.sessions)
@@ -145,6 +164,7 @@ class ForwarderService(MultiService):
         return list(self) + list(self.retiring)
 
     def privilegedStartService(self) -> None:
+        raise_fd_limit()
         try:
             super().privilegedStartService()
         except CannotListenError as e:

@@ -25,7 +25,6 @@ MAX_FILE_BYTES = 1 << 20
 MAX_LINE_CHARS = 4096
 MAX_RULES = 10_000
 
-WILDCARDS = ("0.0.0.0", "::")
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 _PROTOCOL_SETS = {
     "tcp": ("tcp",),
@@ -99,7 +98,12 @@ class Endpoint:
         """Whether both could not be bound at once (same port, shared address)."""
         if (self.port, self.protocol) != (other.port, other.protocol):
             return False
-        return self.host == other.host or self.host in WILDCARDS or other.host in WILDCARDS
+        hosts = {self.host, other.host}
+        if len(hosts) == 1 or "::" in hosts:  # "::" is dual-stack on Linux
+            return True
+        if "0.0.0.0" in hosts:
+            return all(":" not in host for host in hosts)
+        return False
 
 
 @dataclass(frozen=True)
