@@ -177,15 +177,24 @@ class ForwarderService(MultiService):
     def startService(self) -> None:
         super().startService()
         self._install_signal(signal.SIGHUP, self.reload)
-        self.reactor.callWhenRunning(self._install_stop_signals)
         if self.settings.report_interval:
             self._start_timer(self._report, self.settings.report_interval)
         if self.settings.reload_interval:
             self._start_timer(self._check_config_changed, self.settings.reload_interval)
-        log.info(
-            "forwarder running: {count} listener(s) from {config}",
-            count=len(list(self)), config=self.settings.config,
-        )
+        self.reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        # Only once the reactor runs can its own SIGTERM/SIGINT handlers be
+        # replaced; "forwarder running" is logged after that, so whoever waits
+        # for it may signal us at once.
+        self._install_stop_signals()
+        count = len(list(self))
+        if count:
+            log.info("forwarder running: {count} listener(s) from {config}",
+                     count=count, config=self.settings.config)
+        else:
+            log.warn("forwarder running with no rules in {config}: add some and send SIGHUP",
+                     config=self.settings.config)
 
     async def _stop(self) -> None:
         for timer in self._timers:

@@ -15,7 +15,10 @@ DEMO_PORTS = (8080, 8007, 18081, 18007)
 
 
 def port_busy(port):
+    """Whether the demo could not bind *port* (it binds as Twisted does, with
+    SO_REUSEADDR, so connections in TIME_WAIT do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

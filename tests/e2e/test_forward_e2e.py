@@ -246,6 +246,15 @@ class ReloadTests(unittest.TestCase):
 
 
 class LifecycleTests(unittest.TestCase):
+    def test_empty_rules_file_starts_and_warns(self):
+        tcp = TCPServer(self)
+        port = free_port()
+        fwd = Forwarder(self, "# nothing yet\n")
+        self.assertIn("forwarder running with no rules", fwd.log())
+        fwd.reload(f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port}\n")
+        fwd.wait_for_log("1 added, 0 removed")
+        self.assertEqual(tcp_round_trip(port, b"first rule"), b"first rule")
+
     def test_sigint_exits_zero(self):
         fwd = Forwarder(self, f"127.0.0.1:{free_port()} | 127.0.0.1 | 9\n")
         fwd.signal(signal.SIGINT)
