@@ -101,9 +101,10 @@ class PluginTests(unittest.TestCase):
         self.assertIn("tunnelpass", makers)
         self.assertIs(makers["tunnelpass"].options, tap.Options)
 
-    def test_wheel_ships_the_dropin(self):
-        """A regular install (a wheel) carries twisted/plugins/tunnelpass_plugin.py
-        and no __init__.py that would shadow Twisted's own plugins package."""
+    def test_regular_install_is_discoverable(self):
+        """A regular (wheel) install carries twisted/plugins/tunnelpass_plugin.py,
+        no __init__.py that would shadow Twisted's own plugins package, and
+        twistd's plugin discovery finds it there."""
         with tempfile.TemporaryDirectory() as out:
             subprocess.run(
                 [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -112,7 +113,29 @@ class PluginTests(unittest.TestCase):
             )
             (wheel,) = [f for f in os.listdir(out) if f.endswith(".whl")]
             names = zipfile.ZipFile(os.path.join(out, wheel)).namelist()
-        self.assertIn("twisted/plugins/tunnelpass_plugin.py", names)
-        self.assertIn("tunnelpass/relay.py", names)
-        self.assertNotIn("twisted/__init__.py", names)
-        self.assertNotIn("twisted/plugins/__init__.py", names)
+            self.assertIn("twisted/plugins/tunnelpass_plugin.py", names)
+            self.assertIn("tunnelpass/relay.py", names)
+            self.assertNotIn("twisted/__init__.py", names)
+            self.assertNotIn("twisted/plugins/__init__.py", names)
+
+            target = os.path.join(out, "site")
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target,
+                 os.path.join(out, wheel)],
+                check=True, capture_output=True, timeout=300,
+            )
+            probe = (
+                "import sys, tunnelpass\n"
+                "from twisted.plugin import getPlugins\n"
+                "from twisted.application.service import IServiceMaker\n"
+                "maker = [p for p in getPlugins(IServiceMaker) if p.tapname == 'tunnelpass']\n"
+                "print(len(maker), sys.modules['twisted.plugins.tunnelpass_plugin'].__file__, tunnelpass.__file__)\n"
+            )
+            result = subprocess.run(
+                [sys.executable, "-c", probe], cwd=target, capture_output=True, text=True,
+                timeout=120, env={**os.environ, "PYTHONPATH": target},
+            )
+            count, dropin, package = result.stdout.split()
+            self.assertEqual(count, "1", result.stderr)
+            self.assertTrue(dropin.startswith(target), dropin)
+            self.assertTrue(package.startswith(target), package)
