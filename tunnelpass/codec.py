@@ -1,0 +1,159 @@
+# -*- test-case-name: tests.test_codec -*-
+"""Sans-IO framing for the tunnel's control and pool connections (protocol v1).
+
+Every message is one frame::
+
+    +--------+--------+----------------+----------------------+
+    | type   | flags  | length (BE16)  | payload (length B)   |
+    +--------+--------+----------------+----------------------+
+
+``flags`` must be 0 in v1.  Each type has its own maximum payload size,
+checked from the header *before* any payload is buffered, so a peer can make
+a decoder hold at most ``HEADER + MAX_PAYLOAD`` bytes.  An unknown type, a
+non-zero flags byte or an oversized length is a :class:`ProtocolError`, and
+the connection that sent it is closed (only that one).
+
+docs/protocol.rst is the normative description; this module and the
+handshake in :mod:`tunnelpass.handshake` implement it.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct("!BBH")
+HEADER_SIZE = HEADER.size
+VERSION = 1
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; close its connection."""
+
+
+class Type(enum.IntEnum):
+    HELLO = 1  # client -> server, first frame of every connection
+    CHALLENGE = 2  # server -> client: server nonce
+    AUTH = 3  # client -> server: client nonce + proof
+    WELCOME = 4  # server -> client: proof + session config
+    POOL_AUTH = 5  # client -> server, first frame of a pool connection
+    TCP = 16  # server -> client: relay pool connection <id>
+    PING = 17
+    PONG = 18
+    FLUSH = 19  # server -> client: drop idle pool connections
+    POOL = 20  # server -> client: dial <n> more pool connections
+    CLOSE = 21  # either way: code + reason, then close
+    ERROR = 22  # either way: code + reason, then close
+
+
+#: Largest payload accepted per type (bytes).
+MAX_PAYLOAD = {
+    Type.HELLO: 2,
+    Type.CHALLENGE: 33,
+    Type.AUTH: 64,
+    Type.WELCOME: 64,
+    Type.POOL_AUTH: 64,
+    Type.TCP: 16,
+    Type.PING: 16,
+    Type.PONG: 16,
+    Type.FLUSH: 0,
+    Type.POOL: 2,
+    Type.CLOSE: 2 + 256,
+    Type.ERROR: 2 + 256,
+}
+LARGEST_FRAME = HEADER_SIZE + max(MAX_PAYLOAD.values())
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: Type
+    payload: bytes = b""
+
+
+def encode(frame_type: Type, payload: bytes = b"") -> bytes:
+    """One frame on the wire; refuses payloads over the type's maximum."""
+    limit = MAX_PAYLOAD[frame_type]
+    if len(payload) > limit:
+        raise ValueError(f"{frame_type.name} payload of {len(payload)} bytes exceeds {limit}")
+    return HEADER.pack(frame_type, 0, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, get whole frames.
+
+    After a :class:`ProtocolError` the decoder is poisoned and raises again
+    on any further input: the connection must be closed.
+    """
+
+    def __init__(self, allowed: frozenset[Type] | None = None):
+        self.allowed = allowed
+        self._buffer = bytearray()
+        self._error: ProtocolError | None = None
+
+    def feed(self, data: bytes, max_frames: int | None = None) -> list[Frame]:
+        """Decode whole frames from what has arrived.
+
+        With *max_frames*, stop after that many: what follows stays buffered
+        for :meth:`take_rest` (a pool connection's relay data after its
+        POOL_AUTH is not framed).
+        """
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        frames = []
+        try:
+            while len(self._buffer) >= HEADER_SIZE and (max_frames is None or len(frames) < max_frames):
+                raw_type, flags, length = HEADER.unpack_from(self._buffer)
+                frame_type = self._check(raw_type, flags, length)
+                end = HEADER_SIZE + length
+                if len(self._buffer) < end:
+                    break
+                frames.append(Frame(frame_type, bytes(self._buffer[HEADER_SIZE:end])))
+                del self._buffer[:end]
+        except ProtocolError as e:
+            self._error = e
+            self._buffer.clear()
+            raise
+        return frames
+
+    def _check(self, raw_type: int, flags: int, length: int) -> Type:
+        try:
+            frame_type = Type(raw_type)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type {raw_type}") from None
+        if self.allowed is not None and frame_type not in self.allowed:
+            raise ProtocolError(f"unexpected {frame_type.name} frame")
+        if flags:
+            raise ProtocolError(f"non-zero flags {flags:#x} in {frame_type.name} frame")
+        if length > MAX_PAYLOAD[frame_type]:
+            raise ProtocolError(
+                f"{frame_type.name} frame of {length} bytes exceeds {MAX_PAYLOAD[frame_type]}"
+            )
+        return frame_type
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held waiting for the rest of a frame (bounded by LARGEST_FRAME)."""
+        return len(self._buffer)
+
+    def take_rest(self) -> bytes:
+        """Bytes after the last whole frame (e.g. relay data after POOL_AUTH)."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest
+
+
+# Payload helpers for the fixed-layout messages.
+
+def encode_text(code: int, reason: str) -> bytes:
+    """CLOSE / ERROR payload: a 16-bit code and up to 256 bytes of UTF-8."""
+    raw = reason.encode("utf-8", "replace")[:256]
+    return struct.pack("!H", code) + raw
+
+
+def decode_text(payload: bytes) -> tuple[int, str]:
+    if len(payload) < 2:
+        raise ProtocolError("truncated CLOSE/ERROR payload")
+    (code,) = struct.unpack_from("!H", payload)
+    return code, payload[2:].decode("utf-8", "replace")
