@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_tls -*-
+"""Certificates for the tunnel's TLS modes (groundwork for ``--tls 1|2``).
+
+* :func:`self_signed` makes the EC P-256 certificate of ``--tls 1``;
+* :func:`fingerprint` is the SHA-256 of a certificate's DER form, the value
+  pinned with ``--pin sha256:HEX`` and bound into the handshake;
+* :func:`load_pair` reads a ``--cert``/``--private-key`` pair and refuses a
+  key that does not match its certificate (a reload keeps the old pair then);
+* :func:`save_pair` persists a pair atomically (temp file, fsync, rename,
+  fsync of the directory, previous pair kept as ``.bak``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+class CertificateError(ValueError):
+    """A certificate or key is unusable; the message says why."""
+
+
+def self_signed(common_name: str = "tunnelpass", days: int = 3650, now=None):
+    """A fresh EC P-256 key and a self-signed certificate for it (with SAN)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def fingerprint(certificate: x509.Certificate) -> bytes:
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def format_pin(digest: bytes) -> str:
+    return "sha256:" + digest.hex()
+
+
+def parse_pin(text: str) -> bytes:
+    """``sha256:HEX`` (colons between byte pairs allowed) -> 32 bytes."""
+    prefix, _, value = text.partition(":")
+    if prefix.lower() != "sha256" or not value:
+        raise ValueError("a pin looks like sha256:<64 hex digits>")
+    hexdigits = value.replace(":", "").strip()
+    if len(hexdigits) != 64:
+        raise ValueError("a sha256 pin has 64 hex digits")
+    try:
+        return bytes.fromhex(hexdigits)
+    except ValueError:
+        raise ValueError("a pin must be hexadecimal") from None
+
+
+def load_pair(cert_path: str, key_path: str):
+    """Load and cross-check a PEM certificate (chain) and its private key."""
+    try:
+        with open(cert_path, "rb") as f:
+            chain = x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError) as e:
+        raise CertificateError(f"{cert_path}: cannot load certificate: {e}") from None
+    try:
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise CertificateError(f"{key_path}: cannot load private key: {e}") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != chain[0].public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
+        raise CertificateError(f"{key_path} is not the private key of {cert_path}")
+    return key, chain
+
+
+def save_pair(directory: str, key, certificate, name: str = "tunnelpass") -> tuple[str, str]:
+    """Write ``NAME.crt``/``NAME.key`` atomically; keep the previous as ``.bak``."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    cert_path = os.path.join(directory, name + ".crt")
+    key_path = os.path.join(directory, name + ".key")
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pem_cert = certificate.public_bytes(serialization.Encoding.PEM)
+    for path, data in ((key_path, pem_key), (cert_path, pem_cert)):
+        _atomic_write(path, data)
+    return cert_path, key_path
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if os.path.exists(path):
+        os.replace(path, path + ".bak")
+    os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
