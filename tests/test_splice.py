@@ -1,6 +1,8 @@
 """Tests for tunnelpass.splice: the zero-copy engine on real loopback sockets,
 in-process (a forwarder factory between a client and a backend)."""
 
+import socket
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -125,6 +127,61 @@ class SpliceRelayTests(unittest.TestCase):
         self.backend.transport.resumeProducing()
         await until(lambda: len(self.backend.data) == 256 * 65536, timeout=20)
         self.assertEqual(self.factory.stats.bytes_in, 256 * 65536)
+
+    async def test_urgent_data_neither_spins_nor_truncates(self):
+        await self.setUpRelay()
+        relay = self.inbound.splice
+        calls = []
+
+        def counting_read():  # returns None, as a reactor descriptor must
+            calls.append(1)
+            relay.pump(relay.a.outgoing)
+
+        relay.a.doRead = counting_read
+        sock = socket.fromfd(self.client.transport.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        self.client.transport.write(b"A" * 1000)
+        await until(lambda: len(self.backend.data) == 1000)
+        sock.send(b"!", socket.MSG_OOB)
+        await deferLater(reactor, 0.2)
+        self.client.transport.write(b"B" * 1000)
+        self.client.transport.loseWriteConnection()
+        received = await self.backend.eof
+        self.assertEqual(received, b"A" * 1000 + b"B" * 1000, "the urgent byte is skipped, as recv() does")
+        self.assertLess(len(calls), 50, "the reactor must not spin on the urgent mark")
+
+    async def test_reset_of_one_side_still_delivers_what_was_read(self):
+        await self.setUpRelay()
+        relay = self.inbound.splice
+        self.client.transport.pauseProducing()  # the client reads nothing for now
+        self.backend.transport.write(b"r" * (64 << 20))  # more than the socket buffers hold
+        await until(lambda: relay.b.outgoing.pending > 0, timeout=20)
+        self.backend.transport.abortConnection()
+        await deferLater(reactor, 0.1)
+        self.client.transport.write(b"poke")  # writing to the reset backend fails
+        await deferLater(reactor, 0.1)
+        self.client.transport.resumeProducing()
+        received = await self.client.eof
+        self.assertGreater(len(received), 0)
+        self.assertEqual(len(received), self.factory.stats.bytes_out,
+                         "every byte read from the backend before its reset reaches the client")
+
+    async def test_no_pipe_available_is_retried(self):
+        await self.setUpRelay()
+        relay = self.inbound.splice
+        failures = [OSError(24, "Too many open files")] * 3
+
+        class Starved(splice.PipePool):
+            def take(pool):
+                if failures:
+                    raise failures.pop()
+                return splice.PipePool.take(pool)
+
+        relay.pipes = Starved()
+        self.client.transport.write(b"later")
+        await until(lambda: bytes(self.backend.data) == b"later")
+        self.assertEqual(failures, [])
+        self.assertTrue(self.client.transport.connected)
 
     async def test_abort_closes_both_sides(self):
         await self.setUpRelay()

@@ -30,6 +30,8 @@ AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 PIPE_SIZE = 256 * 1024
 #: Idle pipes kept for reuse (each is two fds).
 POOL_LIMIT = 32
+#: Seconds before retrying a direction that could not get a pipe (EMFILE).
+PIPE_RETRY_DELAY = 0.05
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if AVAILABLE else 0
@@ -127,6 +129,7 @@ class SpliceRelay:
         self.pipes = pipes
         self.on_activity = on_activity
         self.finished = False
+        self.failing: Failure | None = None
         self.a = _Side(self, inbound_transport)
         self.b = _Side(self, outbound_transport)
         self.a.outgoing = self.b.incoming = _Direction(self.a, self.b, count_in)
@@ -143,28 +146,63 @@ class SpliceRelay:
 
     def pump(self, d: _Direction) -> None:
         """src is readable: move what it has into a pipe, then on to dst."""
-        if self.finished or d.eof or d.pending:
+        if self.finished or self.failing or d.eof or d.pending:
             return
         if d.pipe is None:
-            d.pipe = self.pipes.take()
+            try:
+                d.pipe = self.pipes.take()
+            except OSError:
+                # Out of descriptors (EMFILE/ENFILE): leave the data in the
+                # socket and try again shortly; the connection lives on.
+                self._retry_later(d)
+                return
         try:
             n = os.splice(d.src.fd, d.pipe[1], PIPE_SIZE, flags=_FLAGS)
         except BlockingIOError:
-            self._release_if_empty(d)
-            return
+            n = None
         except OSError as e:
-            self.finish(Failure(ConnectionLost(str(e))))
+            self._fail(d.src, e)
             return
-        if n == 0:
-            d.eof = True
-            self.reactor.removeReader(d.src)
-            self._release_if_empty(d)
-            self._pass_eof(d)
-            return
+        if not n:
+            # splice() says "nothing" (EAGAIN) or "EOF" (0) both when that is
+            # true and when the next byte is TCP urgent data, which it cannot
+            # move.  Peek to tell them apart; recv() steps over the mark.
+            n = self._read_past_urgent_mark(d)
+            if n is None:
+                self._release_if_empty(d)
+                return
+            if n == 0:
+                d.eof = True
+                self.reactor.removeReader(d.src)
+                self._release_if_empty(d)
+                self._pass_eof(d)
+                return
         d.pending = n
         d.count(n)
         self.on_activity()
         self.flush(d)
+
+    def _read_past_urgent_mark(self, d: _Direction) -> int | None:
+        """None: nothing to read now; 0: EOF; else bytes copied into the pipe."""
+        try:
+            peeked = d.src.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            self._fail(d.src, e)
+            return None
+        if not peeked:
+            return 0
+        try:
+            # At most 64 KiB: every pipe holds that much, so one write fits.
+            data = d.src.sock.recv(65536, socket.MSG_DONTWAIT)
+            os.write(d.pipe[1], data)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            self._fail(d.src, e)
+            return None
+        return len(data) or None
 
     def flush(self, d: _Direction) -> None:
         """dst is writable (or data just arrived): empty the pipe into it."""
@@ -179,15 +217,44 @@ class SpliceRelay:
                 self.reactor.addWriter(d.dst)
                 return
             except OSError as e:
-                self.finish(Failure(ConnectionLost(str(e))))
+                self._fail(d.dst, e)
                 return
             d.pending -= n
         self.reactor.removeWriter(d.dst)
         self._release_if_empty(d)
-        if d.eof:
+        if self.failing:
+            self.finish(self.failing)
+        elif d.eof:
             self._pass_eof(d)
         elif not self.finished:
             self.reactor.addReader(d.src)
+
+    def _fail(self, broken: _Side, error: OSError) -> None:
+        """*broken*'s socket failed (reset, EPIPE): deliver what is already
+        read for the other socket, then close both -- as the copying relay
+        flushes a transport's buffer before closing it."""
+        reason = Failure(ConnectionLost(str(error)))
+        if self.failing is not None:  # the second socket failed too
+            self.finish(self.failing)
+            return
+        alive = self.b if broken is self.a else self.a
+        self.failing = reason
+        for side in (broken, alive):
+            self.reactor.removeReader(side)
+        self.reactor.removeWriter(broken)
+        if broken.outgoing.pending:
+            self.reactor.addWriter(alive)  # flush() finishes when it is empty
+        else:
+            self.finish(reason)
+
+    def _retry_later(self, d: _Direction) -> None:
+        self.reactor.removeReader(d.src)
+
+        def retry():
+            if not (self.finished or self.failing or d.eof or d.pending):
+                self.reactor.addReader(d.src)
+
+        self.reactor.callLater(PIPE_RETRY_DELAY, retry)
 
     def _release_if_empty(self, d: _Direction) -> None:
         if d.pipe is not None and not d.pending:
