@@ -125,6 +125,15 @@ class ForwarderTests(unittest.TestCase):
         service.reload()
         self.assertEqual(len(passes), 3)
 
+    def test_reload_while_stopping_is_ignored(self):
+        service = self.start("127.0.0.1:1 | a | 2\n")
+        self.write("127.0.0.1:3 | b | 4\n")
+        service.stopService()
+        service.reload()
+        self.assertTrue(self.messages("reload ignored: the forwarder is stopping"))
+        self.assertEqual(self.reactor.stopped, [("127.0.0.1", 1, "tcp")])
+        self.assertEqual([p.port for p in self.reactor.ports], [1], "nothing new was bound")
+
     def test_bind_failure_at_startup_is_fatal_and_releases_ports(self):
         self.write("127.0.0.1:1 | a | 2\n127.0.0.1:7 | b | 3\n")
         self.reactor.busy.add(7)

@@ -6,6 +6,7 @@ from twisted.trial import unittest
 from tunnelpass.rules import (
     MAX_FILE_BYTES,
     MAX_LINE_CHARS,
+    MAX_RULES,
     Endpoint,
     Limits,
     RuleOptions,
@@ -113,6 +114,8 @@ class InvalidRulesTests(unittest.TestCase):
         self.assertRuleError("1 | a | 1 | idle=forever", 1, "option idle", "invalid duration")
         self.assertRuleError("1 | a | 1 | max-conns=0", 1, "option max-conns")
         self.assertRuleError("1 | a | 1 | idle=1s, idle=2s", 1, "given twice")
+        self.assertRuleError("1 | a | 1 | udp-idle=0", 1, "option udp-idle", "greater than zero")
+        self.assertRuleError("1 | a | 1 | connect-timeout=0s", 1, "option connect-timeout")
 
     def test_duplicate_listen_addresses(self):
         self.assertRuleError("1 | a | 1\n# x\n1 | b | 2", 3, "0.0.0.0:1/tcp overlaps 0.0.0.0:1/tcp on line 1")
@@ -133,6 +136,19 @@ class InvalidRulesTests(unittest.TestCase):
         with self.assertRaises(RulesError) as cm:
             parse_rules(b"#" * (MAX_FILE_BYTES + 1), "big.conf")
         self.assertIn("larger than", str(cm.exception))
+
+    def test_overlap_checks_only_compare_the_same_port(self):
+        calls = []
+        original = Endpoint.overlaps
+        self.patch(Endpoint, "overlaps", lambda a, b: calls.append(1) or original(a, b))
+        text = "".join(f"127.0.0.{i % 200 + 1}:{1000 + i}/tcp+udp | a | 1\n" for i in range(9_999))
+        text += "127.0.0.2:1000 | a | 1\n"  # shares port 1000/tcp with the first rule only
+        self.assertEqual(len(parse_rules(text)), 10_000)
+        self.assertEqual(len(calls), 1, "a file of 10,000 rules must not cost 10,000^2 comparisons")
+
+    def test_too_many_rules(self):
+        text = "".join(f"127.0.0.1:{1000 + i} | a | 1\n" for i in range(MAX_RULES + 1))
+        self.assertRuleError(text, MAX_RULES + 1, f"more than {MAX_RULES} rules")
 
     def test_huge_repr_is_cut(self):
         error = self.assertRuleError("1/" + "u" * 3000 + " | a | 1", 1, "...")

@@ -72,6 +72,7 @@ class OptionTests(unittest.TestCase):
     def test_bad_values(self):
         self.assertUsageError(["-m", "forward", "--idle", "soon"], "--idle", "invalid duration")
         self.assertUsageError(["-m", "forward", "--max-conns", "0"], "--max-conns")
+        self.assertUsageError(["-m", "forward", "--udp-idle", "0"], "--udp-idle", "greater than zero")
         self.assertUsageError(["-m", "forward", "--log", "loud"], "--log", "debug, info, warn, error, fatal")
         self.assertUsageError(["-m", "forward", "--log-format", "xml"], "--log-format")
         self.assertUsageError(["-m", "teleport"], "--mode", "server, client, forward, master")

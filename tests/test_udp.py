@@ -6,10 +6,12 @@ import errno
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import Logger
 from twisted.trial import unittest
 
 from tunnelpass.rules import Limits
+from tunnelpass import udp
 from tunnelpass.udp import UDPForwardProtocol
 
 
@@ -32,6 +34,14 @@ class Client(DatagramProtocol):
     def next_reply(self):
         self.waiting = Deferred()
         return self.waiting.addTimeout(5, reactor)
+
+
+async def until(predicate, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError("condition not reached")
 
 
 class UDPRelayTests(unittest.TestCase):
@@ -138,6 +148,36 @@ class UDPRelayTests(unittest.TestCase):
         self.patch(self.forwarder.transport, "write", fail)
         session.datagramReceived(b"lost too", ("127.0.0.1", 1))
         self.assertEqual(self.forwarder.stats.udp_drops, 2)
+
+    async def test_unusable_remote_closes_the_session(self):
+        events = []
+        self.forwarder.log = Logger(observer=events.append)
+        self.forwarder.update("255.255.255.255", 9, Limits(max_sessions=2))  # connect() -> EACCES
+        clients = [self.client() for _ in range(4)]
+        for client in clients:
+            self.send(client, b"x")
+        await until(lambda: self.forwarder.stats.udp_sessions_total == 4)
+        self.assertEqual(self.forwarder.sessions, {}, "failed sessions free their slot and socket")
+        self.assertEqual(self.forwarder.stats.udp_sessions, 0)
+        self.assertEqual(self.forwarder.stats.udp_drops, 4)
+        self.assertEqual(len([e for e in events if "cannot open a socket" in e["log_format"]]), 1,
+                         "the warning is throttled")
+
+    async def test_pending_datagrams_bounded_while_resolving(self):
+        lookups = []
+        self.patch(udp, "resolve_udp", lambda reactor, host, port: lookups.append(Deferred()) or lookups[-1])
+        self.forwarder.update("backend.invalid", 9, Limits(max_sessions=10))
+        a, b = self.client(), self.client()
+        for _ in range(10):
+            self.send(a, b"p" * 60000)
+        self.send(b, b"q")
+        await until(lambda: len(self.forwarder.sessions) == 2 and self.forwarder.stats.udp_drops == 6)
+        self.assertEqual(len(lookups), 1, "sessions created during one lookup share it")
+        (session_a,) = [s for s in self.forwarder.sessions.values() if s.pending and len(s.pending) == 4]
+        self.assertLessEqual(session_a.pending_bytes, udp.MAX_PENDING_BYTES)
+        reply = b.next_reply()
+        lookups[0].callback(("127.0.0.1", self.echo_port.getHost().port))
+        self.assertEqual(await reply, b"q")
 
     def test_stop_closes_sessions(self):
         client = self.client()

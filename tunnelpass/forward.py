@@ -220,6 +220,9 @@ class ForwarderService(MultiService):
 
     def reload(self) -> None:
         """Re-read the rules file; overlapping requests coalesce into one more pass."""
+        if not self.running:
+            log.info("reload ignored: the forwarder is stopping")
+            return
         if self._reloading:
             self._reload_again = True
             return
@@ -229,7 +232,7 @@ class ForwarderService(MultiService):
 
     async def _reload_until_settled(self) -> None:
         try:
-            while True:
+            while self.running:
                 self._reload_again = False
                 await self._reload_once()
                 if not self._reload_again:
@@ -255,7 +258,7 @@ class ForwarderService(MultiService):
         ]
         for listener in removed:
             self.retiring.add(listener)
-            await self.removeService(listener)
+            await maybeDeferred(self.removeService, listener)
             log.info(
                 "removed {listener} ({live} live connection(s) left to finish)",
                 listener=listener.name, live=listener.live(),

@@ -57,3 +57,26 @@ def make_observer(level: str = "info", fmt: str = "text", stream=None):
         base,
         [LogLevelFilterPredicate(defaultLogLevel=threshold), _demote_socket_chatter(threshold)],
     )
+
+
+class Throttle:
+    """Says whether a repeated warning may be logged now: at most once per
+    *interval* seconds, counting what was suppressed in between."""
+
+    def __init__(self, clock, interval: float = 10.0):
+        self.clock, self.interval = clock, interval
+        self._last = None
+        self.suppressed = 0
+
+    def ready(self) -> bool:
+        now = self.clock.seconds()
+        self.suppressed += 1
+        if self._last is None or now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False
+
+    def take_count(self) -> int:
+        """Occurrences since the last logged one, including it; resets."""
+        count, self.suppressed = self.suppressed, 0
+        return count

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from tunnelpass.logs import Throttle
 from tunnelpass.rules import Limits
 from tunnelpass.splice import SpliceRelay, can_splice
 from tunnelpass.stats import ListenerStats
@@ -249,8 +250,7 @@ class TCPForwardFactory(ServerFactory):
         self.zero_copy = zero_copy
         self.relays: set[InboundProtocol] = set()
         self._drain_waiters: list[Deferred] = []
-        self._last_refusal_log = None
-        self._refused_since_log = 0
+        self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self.update(remote_host, remote_port, limits)
 
     def update(self, remote_host: str, remote_port: int, limits: Limits) -> None:
@@ -266,7 +266,7 @@ class TCPForwardFactory(ServerFactory):
         the hot path); names are resolved on every connection through
         ``HostnameEndpoint`` so DNS changes take effect, IPv4 and IPv6.
         """
-        timeout = self.limits.connect_timeout or 30
+        timeout = self.limits.connect_timeout
         factory = _OutboundFactory(inbound)
         if self._literal:
             return self.reactor.connectTCP(self.remote_host, self.remote_port, factory, timeout=timeout)
@@ -277,14 +277,11 @@ class TCPForwardFactory(ServerFactory):
         return d
 
     def note_refusal(self) -> None:
-        now = self.clock.seconds()
-        self._refused_since_log += 1
-        if self._last_refusal_log is None or now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+        if self._refusals.ready():
             self.log.warn(
                 "{listener}: max-conns {max_conns} reached, refused {count} connection(s)",
-                listener=self.name, max_conns=self.limits.max_conns, count=self._refused_since_log,
+                listener=self.name, max_conns=self.limits.max_conns, count=self._refusals.take_count(),
             )
-            self._last_refusal_log, self._refused_since_log = now, 0
 
     def relay_closed(self, inbound: InboundProtocol) -> None:
         self.relays.discard(inbound)

@@ -18,7 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from tunnelpass.settings import _show, parse_count, parse_duration, parse_port
+from tunnelpass.settings import _show, parse_count, parse_duration, parse_port, parse_positive_duration
 
 #: Limits that keep a hostile or corrupt file from costing much to reject.
 MAX_FILE_BYTES = 1 << 20
@@ -75,9 +75,9 @@ class Limits:
 
 _OPTION_PARSERS = {
     "max-conns": ("max_conns", lambda v: parse_count(v, 1, 1_000_000)),
-    "connect-timeout": ("connect_timeout", parse_duration),
+    "connect-timeout": ("connect_timeout", parse_positive_duration),
     "idle": ("idle", parse_duration),
-    "udp-idle": ("udp_idle", parse_duration),
+    "udp-idle": ("udp_idle", parse_positive_duration),
     "max-sessions": ("max_sessions", lambda v: parse_count(v, 1, 1_000_000)),
 }
 
@@ -137,7 +137,8 @@ def parse_rules(data: str | bytes, source: str = "<rules>") -> list[Rule]:
         raise RulesError(source, 0, f"file is larger than {MAX_FILE_BYTES} bytes")
 
     rules: list[Rule] = []
-    seen: list[tuple[Endpoint, int]] = []
+    # Endpoints so far by (port, protocol): overlap checks stay linear.
+    seen: dict[tuple[int, str], list[tuple[Endpoint, int]]] = {}
     for number, raw in enumerate(data.split("\n"), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -147,13 +148,14 @@ def parse_rules(data: str | bytes, source: str = "<rules>") -> list[Rule]:
         except ValueError as e:
             raise RulesError(source, number, str(e)) from None
         for endpoint in rule.listen:
-            for other, other_line in seen:
+            same_port = seen.setdefault((endpoint.port, endpoint.protocol), [])
+            for other, other_line in same_port:
                 if endpoint.overlaps(other):
                     raise RulesError(
                         source, number,
                         f"listen address {endpoint} overlaps {other} on line {other_line}",
                     )
-            seen.append((endpoint, number))
+            same_port.append((endpoint, number))
         rules.append(rule)
         if len(rules) > MAX_RULES:
             raise RulesError(source, number, f"more than {MAX_RULES} rules")

@@ -38,6 +38,14 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def parse_positive_duration(text: str) -> float:
+    """A duration that cannot be zero (a timeout where 0 would mean "at once")."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"duration {_show(text)} must be greater than zero")
+    return seconds
+
+
 def parse_count(text: str, minimum: int = 1, maximum: int = 10_000_000) -> int:
     """Parse a whole number within ``[minimum, maximum]``."""
     stripped = text.strip() if isinstance(text, str) else ""

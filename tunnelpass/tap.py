@@ -23,6 +23,7 @@ from tunnelpass.settings import (
     parse_choice,
     parse_count,
     parse_duration,
+    parse_positive_duration,
 )
 
 MODES = ("server", "client", "forward", "master")
@@ -38,9 +39,9 @@ _PARSERS = {
     "config": str,
     "max-conns": _count,
     "max-sessions": _count,
-    "connect-timeout": parse_duration,
+    "connect-timeout": parse_positive_duration,
     "idle": parse_duration,
-    "udp-idle": parse_duration,
+    "udp-idle": parse_positive_duration,
     "reload-interval": _duration_or_off,
     "shutdown-timeout": parse_duration,
     "report-interval": _duration_or_off,

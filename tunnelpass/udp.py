@@ -19,14 +19,16 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from tunnelpass.logs import Throttle
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
 
 #: Largest datagram read from any socket (IPv4 payloads top out at 65507).
 MAX_DATAGRAM = 65535
-#: Datagrams held per session while its remote name is being resolved.
+#: Datagrams (and bytes) held per session while its remote name resolves.
 MAX_PENDING_DATAGRAMS = 64
+MAX_PENDING_BYTES = 256 * 1024
 #: Socket buffers asked of the kernel so bursts of large datagrams fit.
 SOCKET_BUFFER = 4 << 20
 
@@ -65,6 +67,7 @@ class UDPSession(DatagramProtocol):
         self.client = client
         self.stats = listener.stats
         self.pending: list[bytes] | None = []
+        self.pending_bytes = 0
         self.last_activity = listener.clock.seconds()
         self.closed = False
         self._expiry = None
@@ -74,39 +77,58 @@ class UDPSession(DatagramProtocol):
 
     def start(self) -> None:
         listener = self.listener
+        self._schedule_expiry(listener.limits.udp_idle)
         if is_ip_literal(listener.remote_host):
             self._open((listener.remote_host, listener.remote_port))
         else:
-            d = resolve_udp(listener.reactor, listener.remote_host, listener.remote_port)
-            d.addCallbacks(self._open, self._resolve_failed)
-        self._schedule_expiry(listener.limits.udp_idle)
+            listener.resolve().addCallbacks(self._open, self._resolve_failed)
 
     def _open(self, address: tuple) -> None:
         if self.closed:
             return
         interface = "::" if ":" in address[0] else "0.0.0.0"
-        port = self.listener.reactor.listenUDP(0, self, interface=interface, maxPacketSize=MAX_DATAGRAM)
-        _enlarge_buffers(port)
-        port.connect(address[0], address[1])
+        port = None
+        try:
+            port = self.listener.reactor.listenUDP(0, self, interface=interface, maxPacketSize=MAX_DATAGRAM)
+            _enlarge_buffers(port)
+            port.connect(address[0], address[1])
+        except Exception as e:  # EMFILE, an address that cannot be a UDP peer, ...
+            if port is not None:
+                port.stopListening()
+            self.transport = None
+            self._give_up("cannot open a socket to {remote}: {reason}", str(e))
+            return
         pending, self.pending = self.pending, None
         for datagram in pending:
             self.send(datagram)
 
     def _resolve_failed(self, reason) -> None:
-        self.listener.log.warn(
-            "{listener}: cannot resolve {remote}: {reason}",
-            listener=self.listener.name, remote=self.listener.remote_host,
-            reason=reason.getErrorMessage(),
-        )
+        self._give_up("cannot resolve {remote}: {reason}", reason.getErrorMessage())
+
+    def _give_up(self, message: str, reason: str) -> None:
+        """Drop this session (and what it holds); the next datagram from the
+        client tries again."""
+        listener = self.listener
+        if listener.problems.ready():
+            listener.log.warn(
+                "{listener}: " + message + " ({count} time(s))",
+                listener=listener.name, remote=listener.remote_host, reason=reason,
+                count=listener.problems.take_count(),
+            )
         self.stats.udp_drops += len(self.pending or ())
+        self.pending = []
         self.close()
 
     def send(self, datagram: bytes) -> None:
         """Client -> remote."""
+        if self.closed:  # its socket could not be opened
+            self.stats.udp_drops += 1
+            return
         self.last_activity = self.listener.clock.seconds()
         if self.pending is not None:
-            if len(self.pending) < MAX_PENDING_DATAGRAMS:
+            if len(self.pending) < MAX_PENDING_DATAGRAMS and self.pending_bytes + len(datagram) <= MAX_PENDING_BYTES:
                 self.pending.append(datagram)
+                self.pending_bytes += len(datagram)
             else:
                 self.stats.udp_drops += 1
             return
@@ -169,12 +191,34 @@ class UDPForwardProtocol(DatagramProtocol):
         self.name = name
         self.stats = stats or ListenerStats()
         self.sessions: dict[tuple, UDPSession] = {}
-        self._last_refusal_log = None
+        self.problems = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
+        self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
+        self._lookup: list[Deferred] | None = None
         self.update(remote_host, remote_port, limits)
 
     def update(self, remote_host: str, remote_port: int, limits: Limits) -> None:
         """New sessions use the new remote/limits; live sessions keep theirs."""
         self.remote_host, self.remote_port, self.limits = remote_host, remote_port, limits
+        self._lookup = None  # a lookup of the old name must not serve the new one
+
+    def resolve(self) -> Deferred:
+        """The remote's address, looked up anew -- but sessions created while
+        a lookup is running share it instead of each starting their own."""
+        waiter = Deferred()
+        if self._lookup is None:
+            self._lookup = waiters = [waiter]
+            host, port = self.remote_host, self.remote_port
+
+            def done(result):
+                if self._lookup is waiters:
+                    self._lookup = None
+                for d in waiters:
+                    d.callback(result)
+
+            resolve_udp(self.reactor, host, port).addBoth(done)
+        else:
+            self._lookup.append(waiter)
+        return waiter
 
     def datagramReceived(self, datagram: bytes, addr) -> None:
         session = self.sessions.get(addr)
@@ -214,10 +258,10 @@ class UDPForwardProtocol(DatagramProtocol):
         self.close_all()
 
     def _note_refusal(self) -> None:
-        now = self.clock.seconds()
-        if self._last_refusal_log is None or now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
-            self._last_refusal_log = now
+        if self._refusals.ready():
             self.log.warn(
-                "{listener}: max-sessions {max_sessions} reached, dropping datagrams from new clients",
+                "{listener}: max-sessions {max_sessions} reached, dropped datagrams "
+                "from {count} new client(s)",
                 listener=self.name, max_sessions=self.limits.max_sessions,
+                count=self._refusals.take_count(),
             )
