@@ -236,7 +236,14 @@ def main() -> int:
                 for name in names:
                     bulk[name].append(throughput(peers.relays[name][0], args.seconds))
             gbps = {name: statistics.median(v) for name, v in bulk.items()}
-            latency = {name: connection_latency(peers.relays[name][1], args.latency_count) for name in names}
+            rounds = {name: [] for name in names}
+            for _ in range(args.runs):  # interleaved, like throughput: noise hits every relay alike
+                for name in names:
+                    rounds[name].append(connection_latency(peers.relays[name][1], args.latency_count))
+            latency = {
+                name: tuple(statistics.median(r[i] for r in results) for i in range(4))
+                for name, results in rounds.items()
+            }
             rss = {}
             for name in ("tunnelpass", "twisted-portforward", "haproxy"):
                 _, port, pid = peers.relays[name]
@@ -246,14 +253,15 @@ def main() -> int:
 
     print()
     print(f"loopback, {os.cpu_count()} cores; iperf3 {args.seconds}s x{args.runs} (median); "
-          f"{args.latency_count} sequential connect/64B echo/close; {args.conns} idle conns for RSS")
+          f"{args.latency_count} sequential connect/64B echo/close x{args.runs} (median); "
+          f"{args.conns} idle conns for RSS")
     header = f"{'relay':<20} {'Gbit/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'conn/s':>7} {'fails':>5} {'KiB/conn':>9}"
     print(header)
     print("-" * len(header))
     for name in names:
         p50, p99, rate, fails = latency[name]
         per_conn = f"{rss[name]:.1f}" if name in rss else "-"
-        print(f"{name:<20} {gbps[name]:>7.2f} {p50:>7.3f} {p99:>7.3f} {rate:>7.0f} {fails:>5} {per_conn:>9}")
+        print(f"{name:<20} {gbps[name]:>7.2f} {p50:>7.3f} {p99:>7.3f} {rate:>7.0f} {fails:>5.0f} {per_conn:>9}")
     tp = gbps["tunnelpass"]
     print()
     print("ratios (tunnelpass vs peer, same run):")
