@@ -1,0 +1,131 @@
+"""Tests for tunnelpass.control: control protocols over in-memory connections."""
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.test import iosim
+from twisted.trial import unittest
+
+from tunnelpass.codec import Type, encode
+from tunnelpass.control import ClientControlProtocol, ServerControlProtocol
+from tunnelpass.handshake import SessionConfig
+
+KEY = b"k" * 32
+
+
+class Handler:
+    def __init__(self):
+        self.events = []
+
+    def session_started(self, protocol):
+        self.events.append("session")
+
+    def open_tcp(self, conn_id):
+        self.events.append(("tcp", conn_id))
+
+    def dial_pool(self, count):
+        self.events.append(("pool", count))
+
+    def flush_pool(self):
+        self.events.append("flush")
+
+    def control_lost(self, protocol):
+        self.events.append(("lost", protocol.close_reason))
+
+
+class ControlTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.sessions, self.lost = [], []
+        self.handler = Handler()
+
+    def pair(self, client_key=KEY, client_fp=b"", server_fp=b""):
+        server = ServerControlProtocol(KEY, server_fp, SessionConfig(heartbeat_ms=1000), self.clock,
+                                       self.sessions.append, self.lost.append)
+        client = ClientControlProtocol(client_key, lambda transport: client_fp, self.handler, self.clock)
+        self.server_transport = iosim.makeFakeServer(server)
+        self.client_transport = iosim.makeFakeClient(client)
+        self.pump = iosim.connect(server, self.server_transport, client, self.client_transport)
+        return server, client
+
+    def test_authenticates_then_signals_flow(self):
+        server, client = self.pair()
+        self.assertEqual(self.sessions, [server])
+        self.assertEqual(self.handler.events, ["session"])
+        self.assertEqual(server.session, client.session)
+        server.send_tcp(b"i" * 16)
+        server.send_pool(7)
+        server.send_flush()
+        self.pump.flush()
+        self.assertEqual(self.handler.events[1:], [("tcp", b"i" * 16), ("pool", 7), "flush"])
+
+    def test_wrong_key_is_reported_to_the_client(self):
+        server, client = self.pair(client_key=b"wrong")
+        self.assertEqual(self.sessions, [])
+        self.assertTrue(self.client_transport.disconnecting or self.server_transport.disconnecting)
+        self.pump.flush()
+        self.assertIn("authentication failed", client.close_reason)
+
+    def test_channel_binding_mismatch_fails(self):
+        server, client = self.pair(client_fp=b"\x01" * 32, server_fp=b"\x02" * 32)
+        self.assertEqual(self.sessions, [])
+        self.assertIsNone(client.session)
+
+    def test_heartbeat_measures_rtt(self):
+        server, client = self.pair()
+        self.clock.advance(1)
+        self.pump.flush()
+        self.assertIsNotNone(server.rtt)
+        self.assertFalse(self.server_transport.disconnecting)
+
+    def test_silent_client_is_dropped_after_three_heartbeats(self):
+        server, client = self.pair()
+        client.dataReceived = lambda data: None  # the client stops answering
+        for _ in range(3):
+            self.clock.advance(1)
+            self.pump.flush()
+        self.assertTrue(self.server_transport.disconnected)
+        self.assertIn("silent", server.close_reason)
+
+    def test_silent_server_is_dropped_by_the_client(self):
+        server, client = self.pair()
+        server.tick = lambda: None  # the server stops pinging
+        for _ in range(3):
+            self.clock.advance(1)
+        self.assertTrue(self.client_transport.disconnecting)
+        self.assertIn("silent", client.close_reason)
+
+    def test_handshake_deadline(self):
+        server = ServerControlProtocol(KEY, b"", SessionConfig(), self.clock, self.sessions.append, self.lost.append)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        server.dataReceived(encode(Type.HELLO, b"\x01\x01")[:3])  # then nothing
+        self.clock.advance(5)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(server.close_reason, "handshake timed out")
+
+    def test_garbage_before_auth_aborts_only_that_connection(self):
+        server = ServerControlProtocol(KEY, b"", SessionConfig(), self.clock, self.sessions.append, self.lost.append)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        server.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.sessions, [])
+
+    def test_signals_before_auth_refused(self):
+        server = ServerControlProtocol(KEY, b"", SessionConfig(), self.clock, self.sessions.append, self.lost.append)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        server.dataReceived(encode(Type.TCP, b"x" * 16))
+        self.assertTrue(transport.disconnected)
+
+    def test_replace_and_shutdown_tell_the_client(self):
+        server, client = self.pair()
+        server.replaced()
+        self.pump.flush()
+        self.assertIn("replaced by a newer session", client.close_reason)
+
+    def test_bad_signal_from_server_closes_client(self):
+        server, client = self.pair()
+        client.dataReceived(encode(Type.POOL, b"\x01"))
+        self.assertTrue(self.client_transport.disconnecting)
+        self.assertIn("16-bit count", client.close_reason)
