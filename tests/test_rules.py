@@ -137,14 +137,25 @@ class InvalidRulesTests(unittest.TestCase):
             parse_rules(b"#" * (MAX_FILE_BYTES + 1), "big.conf")
         self.assertIn("larger than", str(cm.exception))
 
-    def test_overlap_checks_only_compare_the_same_port(self):
+    def test_overlap_check_agrees_with_endpoint_overlaps(self):
+        hosts = ["0.0.0.0", "::", "127.0.0.1", "127.0.0.2", "::1", "fe80::1"]
+        for first in hosts:
+            for second in hosts:
+                a, b = Endpoint(first, 5, "tcp"), Endpoint(second, 5, "tcp")
+                text = f"{a.__str__().rsplit('/', 1)[0]} | x | 1\n{b.__str__().rsplit('/', 1)[0]} | y | 2\n"
+                if a.overlaps(b):
+                    self.assertRuleError(text, 2, "overlaps")
+                else:
+                    self.assertEqual(len(parse_rules(text)), 2, (first, second))
+
+    def test_many_rules_on_one_port_without_pairwise_checks(self):
         calls = []
         original = Endpoint.overlaps
         self.patch(Endpoint, "overlaps", lambda a, b: calls.append(1) or original(a, b))
-        text = "".join(f"127.0.0.{i % 200 + 1}:{1000 + i}/tcp+udp | a | 1\n" for i in range(9_999))
-        text += "127.0.0.2:1000 | a | 1\n"  # shares port 1000/tcp with the first rule only
-        self.assertEqual(len(parse_rules(text)), 10_000)
-        self.assertEqual(len(calls), 1, "a file of 10,000 rules must not cost 10,000^2 comparisons")
+        text = "".join(f"127.{i // 250}.{i % 250}.1:1000/tcp+udp | a | 1\n" for i in range(5_000))
+        self.assertEqual(len(parse_rules(text)), 5_000)
+        self.assertEqual(calls, [], "no pairwise comparisons")
+        self.assertRuleError(text + "0.0.0.0:1000/udp | a | 1\n", 5_001, "0.0.0.0:1000/udp overlaps 127.0.0.1:1000/udp on line 1")
 
     def test_too_many_rules(self):
         text = "".join(f"127.0.0.1:{1000 + i} | a | 1\n" for i in range(MAX_RULES + 1))

@@ -1,6 +1,7 @@
 """Tests for tunnelpass.splice: the zero-copy engine on real loopback sockets,
 in-process (a forwarder factory between a client and a backend)."""
 
+import fcntl
 import socket
 
 from twisted.internet import reactor
@@ -149,6 +150,26 @@ class SpliceRelayTests(unittest.TestCase):
         received = await self.backend.eof
         self.assertEqual(received, b"A" * 1000 + b"B" * 1000, "the urgent byte is skipped, as recv() does")
         self.assertLess(len(calls), 50, "the reactor must not spin on the urgent mark")
+
+    async def test_urgent_data_with_a_small_pipe(self):
+        """The kernel may grant pipes far below PIPE_SIZE (pipe-user-pages-soft)."""
+        await self.setUpRelay()
+        relay = self.inbound.splice
+
+        class SmallPipes(splice.PipePool):
+            def take(pool):
+                read_fd, write_fd, *_ = splice.PipePool.take(pool)
+                fcntl.fcntl(write_fd, 1031, 4096)
+                return read_fd, write_fd, fcntl.fcntl(write_fd, 1032)
+
+        relay.pipes = SmallPipes(limit=0)
+        sock = socket.fromfd(self.client.transport.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.send(b"!", socket.MSG_OOB)
+        await deferLater(reactor, 0.1)
+        self.client.transport.write(b"C" * 20000)
+        self.client.transport.loseWriteConnection()
+        self.assertEqual(await self.backend.eof, b"C" * 20000)
 
     async def test_reset_of_one_side_still_delivers_what_was_read(self):
         await self.setUpRelay()

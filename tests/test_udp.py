@@ -175,9 +175,34 @@ class UDPRelayTests(unittest.TestCase):
         self.assertEqual(len(lookups), 1, "sessions created during one lookup share it")
         (session_a,) = [s for s in self.forwarder.sessions.values() if s.pending and len(s.pending) == 4]
         self.assertLessEqual(session_a.pending_bytes, udp.MAX_PENDING_BYTES)
+        self.assertEqual(self.forwarder.pending_bytes, 4 * 60000 + 1)
         reply = b.next_reply()
         lookups[0].callback(("127.0.0.1", self.echo_port.getHost().port))
         self.assertEqual(await reply, b"q")
+        self.assertEqual(self.forwarder.pending_bytes, 0)
+
+    async def test_sessions_closed_while_resolving_count_their_datagrams(self):
+        self.patch(udp, "resolve_udp", lambda reactor, host, port: Deferred())
+        self.forwarder.update("backend.invalid", 9, Limits(max_sessions=10, udp_idle=30))
+        client = self.client()
+        for _ in range(3):
+            self.send(client, b"z")
+        await until(lambda: self.forwarder.sessions and self.forwarder.pending_bytes == 3)
+        self.clock.advance(31)  # idle expiry while the lookup hangs
+        self.assertEqual(self.forwarder.sessions, {})
+        self.assertEqual(self.forwarder.stats.udp_drops, 3)
+        self.assertEqual(self.forwarder.pending_bytes, 0)
+
+    async def test_listener_wide_pending_cap(self):
+        self.patch(udp, "resolve_udp", lambda reactor, host, port: Deferred())
+        self.patch(udp, "MAX_LISTENER_PENDING_BYTES", 150_000)
+        self.forwarder.update("backend.invalid", 9, Limits(max_sessions=10))
+        clients = [self.client() for _ in range(4)]
+        for client in clients:
+            self.send(client, b"w" * 60000)
+        await until(lambda: self.forwarder.stats.udp_sessions_total == 4)
+        self.assertEqual(self.forwarder.pending_bytes, 120_000)
+        self.assertEqual(self.forwarder.stats.udp_drops, 2)
 
     def test_stop_closes_sessions(self):
         client = self.client()

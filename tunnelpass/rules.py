@@ -137,8 +137,7 @@ def parse_rules(data: str | bytes, source: str = "<rules>") -> list[Rule]:
         raise RulesError(source, 0, f"file is larger than {MAX_FILE_BYTES} bytes")
 
     rules: list[Rule] = []
-    # Endpoints so far by (port, protocol): overlap checks stay linear.
-    seen: dict[tuple[int, str], list[tuple[Endpoint, int]]] = {}
+    ports: dict[tuple[int, str], _PortUsage] = {}
     for number, raw in enumerate(data.split("\n"), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -148,18 +147,47 @@ def parse_rules(data: str | bytes, source: str = "<rules>") -> list[Rule]:
         except ValueError as e:
             raise RulesError(source, number, str(e)) from None
         for endpoint in rule.listen:
-            same_port = seen.setdefault((endpoint.port, endpoint.protocol), [])
-            for other, other_line in same_port:
-                if endpoint.overlaps(other):
-                    raise RulesError(
-                        source, number,
-                        f"listen address {endpoint} overlaps {other} on line {other_line}",
-                    )
-            same_port.append((endpoint, number))
+            usage = ports.setdefault((endpoint.port, endpoint.protocol), _PortUsage())
+            clash = usage.clash(endpoint)
+            if clash is not None:
+                other, other_line = clash
+                raise RulesError(
+                    source, number, f"listen address {endpoint} overlaps {other} on line {other_line}"
+                )
+            usage.add(endpoint, number)
         rules.append(rule)
         if len(rules) > MAX_RULES:
             raise RulesError(source, number, f"more than {MAX_RULES} rules")
     return rules
+
+
+class _PortUsage:
+    """The endpoints bound to one (port, protocol) so far, indexed so that
+    finding a clash costs O(1) however many rules share the port."""
+
+    def __init__(self):
+        self.hosts: dict[str, tuple[Endpoint, int]] = {}
+        self.first_ipv4: tuple[Endpoint, int] | None = None
+        self.first_any: tuple[Endpoint, int] | None = None
+
+    def clash(self, endpoint: Endpoint) -> tuple[Endpoint, int] | None:
+        host = endpoint.host
+        if host in self.hosts:
+            return self.hosts[host]
+        if host == "::":  # dual-stack: clashes with anything on this port
+            return self.first_any
+        for wildcard in ("::", "0.0.0.0") if ":" not in host else ("::",):
+            if wildcard in self.hosts:
+                return self.hosts[wildcard]
+        if host == "0.0.0.0":
+            return self.first_ipv4
+        return None
+
+    def add(self, endpoint: Endpoint, line: int) -> None:
+        self.hosts[endpoint.host] = (endpoint, line)
+        self.first_any = self.first_any or (endpoint, line)
+        if ":" not in endpoint.host:
+            self.first_ipv4 = self.first_ipv4 or (endpoint, line)
 
 
 def parse_rule(line: str, number: int = 0) -> Rule:

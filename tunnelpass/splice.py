@@ -34,6 +34,7 @@ POOL_LIMIT = 32
 PIPE_RETRY_DELAY = 0.05
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if AVAILABLE else 0
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 
@@ -45,17 +46,23 @@ class PipePool:
         self.limit = limit
         self.idle: list[tuple[int, int]] = []
 
-    def take(self) -> tuple[int, int]:
+    def take(self) -> tuple[int, int, int]:
+        """``(read_fd, write_fd, capacity)``; the capacity is what the kernel
+        granted, which may be less than PIPE_SIZE (pipe-user-pages-soft)."""
         if self.idle:
             return self.idle.pop()
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
-            pass  # the default 64 KiB pipe works, a little slower
-        return read_fd, write_fd
+            pass  # a smaller pipe works, a little slower
+        try:
+            capacity = fcntl.fcntl(write_fd, _F_GETPIPE_SZ)
+        except OSError:
+            capacity = 4096  # the smallest pipe Linux hands out
+        return read_fd, write_fd, capacity
 
-    def give(self, pipe: tuple[int, int]) -> None:
+    def give(self, pipe: tuple[int, int, int]) -> None:
         """Return an *empty* pipe."""
         if len(self.idle) < self.limit:
             self.idle.append(pipe)
@@ -63,9 +70,9 @@ class PipePool:
             self.discard(pipe)
 
     @staticmethod
-    def discard(pipe: tuple[int, int]) -> None:
-        for fd in pipe:
-            os.close(fd)
+    def discard(pipe: tuple[int, int, int]) -> None:
+        os.close(pipe[0])
+        os.close(pipe[1])
 
 
 PIPES = PipePool()
@@ -194,15 +201,19 @@ class SpliceRelay:
         if not peeked:
             return 0
         try:
-            # At most 64 KiB: every pipe holds that much, so one write fits.
-            data = d.src.sock.recv(65536, socket.MSG_DONTWAIT)
-            os.write(d.pipe[1], data)
+            # The pipe is empty here: read no more than it holds, so the
+            # write below is whole and ``pending`` is exactly what it holds.
+            data = d.src.sock.recv(d.pipe[2], socket.MSG_DONTWAIT)
+            written = os.write(d.pipe[1], data) if data else 0
         except BlockingIOError:
             return None
         except OSError as e:
             self._fail(d.src, e)
             return None
-        return len(data) or None
+        if written != len(data):  # cannot happen with an empty pipe; never drop silently
+            self._fail(d.src, OSError(f"pipe took {written} of {len(data)} bytes"))
+            return None
+        return written or None
 
     def flush(self, d: _Direction) -> None:
         """dst is writable (or data just arrived): empty the pipe into it."""

@@ -29,6 +29,7 @@ MAX_DATAGRAM = 65535
 #: Datagrams (and bytes) held per session while its remote name resolves.
 MAX_PENDING_DATAGRAMS = 64
 MAX_PENDING_BYTES = 256 * 1024
+MAX_LISTENER_PENDING_BYTES = 4 << 20
 #: Socket buffers asked of the kernel so bursts of large datagrams fit.
 SOCKET_BUFFER = 4 << 20
 
@@ -98,7 +99,8 @@ class UDPSession(DatagramProtocol):
             self.transport = None
             self._give_up("cannot open a socket to {remote}: {reason}", str(e))
             return
-        pending, self.pending = self.pending, None
+        pending = self._take_pending()
+        self.pending = None
         for datagram in pending:
             self.send(datagram)
 
@@ -115,8 +117,6 @@ class UDPSession(DatagramProtocol):
                 listener=listener.name, remote=listener.remote_host, reason=reason,
                 count=listener.problems.take_count(),
             )
-        self.stats.udp_drops += len(self.pending or ())
-        self.pending = []
         self.close()
 
     def send(self, datagram: bytes) -> None:
@@ -126,9 +126,14 @@ class UDPSession(DatagramProtocol):
             return
         self.last_activity = self.listener.clock.seconds()
         if self.pending is not None:
-            if len(self.pending) < MAX_PENDING_DATAGRAMS and self.pending_bytes + len(datagram) <= MAX_PENDING_BYTES:
+            size = len(datagram)
+            listener = self.listener
+            if (len(self.pending) < MAX_PENDING_DATAGRAMS
+                    and self.pending_bytes + size <= MAX_PENDING_BYTES
+                    and listener.pending_bytes + size <= MAX_LISTENER_PENDING_BYTES):
                 self.pending.append(datagram)
-                self.pending_bytes += len(datagram)
+                self.pending_bytes += size
+                listener.pending_bytes += size
             else:
                 self.stats.udp_drops += 1
             return
@@ -139,6 +144,12 @@ class UDPSession(DatagramProtocol):
         else:
             self.stats.udp_datagrams_in += 1
             self.stats.bytes_in += len(datagram)
+
+    def _take_pending(self) -> list[bytes]:
+        pending = self.pending or []
+        self.listener.pending_bytes -= self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
+        return pending
 
     def datagramReceived(self, datagram: bytes, addr) -> None:
         """Remote -> client."""
@@ -171,6 +182,7 @@ class UDPSession(DatagramProtocol):
         if self.closed:
             return
         self.closed = True
+        self.stats.udp_drops += len(self._take_pending())  # never sent: lost
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         if self.transport is not None:
@@ -191,6 +203,7 @@ class UDPForwardProtocol(DatagramProtocol):
         self.name = name
         self.stats = stats or ListenerStats()
         self.sessions: dict[tuple, UDPSession] = {}
+        self.pending_bytes = 0  # held by all sessions waiting for a lookup
         self.problems = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._lookup: list[Deferred] | None = None
