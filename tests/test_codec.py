@@ -63,6 +63,7 @@ class CodecTests(unittest.TestCase):
         self.assertEqual(len(encode_text(1, "x" * 1000)), 258)
         self.assertRaises(ProtocolError, decode_text, b"\x00")
         self.assertEqual(decode_text(b"\x00\x01\xff\xfe")[0], 1)
+        self.assertEqual(decode_text(b"\x00\x02evil\nforged log line\x1b[0m")[1], "evil?forged log line?[0m")
 
     def test_take_rest(self):
         decoder = FrameDecoder()

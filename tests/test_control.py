@@ -5,9 +5,9 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial import unittest
 
-from tunnelpass.codec import Type, encode
+from tunnelpass.codec import FrameDecoder, Type, encode
 from tunnelpass.control import ClientControlProtocol, ServerControlProtocol
-from tunnelpass.handshake import SessionConfig
+from tunnelpass.handshake import ClientHandshake, SessionConfig
 
 KEY = b"k" * 32
 
@@ -57,6 +57,29 @@ class ControlTests(unittest.TestCase):
         server.send_flush()
         self.pump.flush()
         self.assertEqual(self.handler.events[1:], [("tcp", b"i" * 16), ("pool", 7), "flush"])
+
+    def test_signal_in_the_same_read_as_welcome(self):
+        server = ServerControlProtocol(KEY, b"", SessionConfig(), self.clock,
+                                       lambda p: p.send_pool(4), self.lost.append)
+        client = ClientControlProtocol(KEY, lambda transport: b"", self.handler, self.clock)
+        server_t, client_t = iosim.makeFakeServer(server), iosim.makeFakeClient(client)
+        iosim.connect(server, server_t, client, client_t)
+        self.assertEqual(self.handler.events, ["session", ("pool", 4)])
+
+    def test_refused_connection_gets_no_second_try(self):
+        server = ServerControlProtocol(KEY, b"", SessionConfig(), self.clock, self.sessions.append, self.lost.append)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        good = ClientHandshake(KEY, b"")
+        server.dataReceived(good.start())
+        challenge = FrameDecoder().feed(transport.value())[0]
+        bad = ClientHandshake(b"bad", b"")
+        bad.start()
+        (bad_auth,) = bad.receive(challenge)
+        (good_auth,) = good.receive(challenge)
+        server.dataReceived(bad_auth)
+        server.dataReceived(good_auth)  # e.g. still delivered after loseConnection over TLS
+        self.assertEqual(self.sessions, [])
 
     def test_wrong_key_is_reported_to_the_client(self):
         server, client = self.pair(client_key=b"wrong")

@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.guard import HandshakeGuard
+from tunnelpass.guard import HandshakeGuard, source_key
 
 
 class GuardTests(unittest.TestCase):
@@ -53,6 +53,21 @@ class GuardTests(unittest.TestCase):
             self.guard.admit(f"10.0.0.{i}")
             self.guard.done(f"10.0.0.{i}", False)
         self.assertLessEqual(len(self.guard._failures), 5)
+
+    def test_ipv6_counted_per_64(self):
+        guard = HandshakeGuard(Clock(), max_pending_per_source=2)
+        self.assertIsNone(guard.admit("2001:db8:0:1::1"))
+        self.assertIsNone(guard.admit("2001:db8:0:1::2"))
+        self.assertIsNotNone(guard.admit("2001:db8:0:1:ffff::3"), "same /64")
+        self.assertIsNone(guard.admit("2001:db8:0:2::1"), "another /64")
+        self.assertEqual(source_key("::ffff:10.0.0.1"), "10.0.0.1")
+
+    def test_unknown_done_is_ignored(self):
+        self.guard.done("never-admitted", False)
+        self.guard.admit("a")
+        self.guard.done("a", False)
+        self.guard.done("a", False)
+        self.assertEqual((self.guard.pending, dict(self.guard.pending_by_source)), (0, {}))
 
     @settings(max_examples=100, deadline=None)
     @given(st.lists(st.tuples(st.sampled_from("abcdefg"), st.booleans(), st.integers(0, 20)), max_size=80))

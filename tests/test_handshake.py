@@ -10,6 +10,7 @@ from tunnelpass.handshake import (
     ClientHandshake,
     HandshakeError,
     PoolAuthenticator,
+    ReplayWindow,
     ServerHandshake,
     SessionConfig,
     pool_auth_frame,
@@ -100,6 +101,40 @@ class ControlHandshakeTests(unittest.TestCase):
             with self.assertRaises(HandshakeError):
                 ServerHandshake(KEY, FP, SessionConfig()).receive(frame)
 
+    def test_one_attempt_per_connection(self):
+        server = ServerHandshake(KEY, FP, SessionConfig())
+        good_client, bad_client = ClientHandshake(KEY, FP), ClientHandshake(b"wrong", FP)
+        (challenge,) = server.receive(frames(good_client.start())[0])
+        (bad_auth,) = bad_client.receive(frames(challenge)[0])
+        (good_auth,) = good_client.receive(frames(challenge)[0])
+        self.assertRaises(HandshakeError, server.receive, frames(bad_auth)[0])
+        self.assertRaises(HandshakeError, server.receive, frames(good_auth)[0])
+        self.assertIsNone(server.session, "a refused connection gets no second guess")
+
+    def test_tampered_config_detected(self):
+        server, client = ServerHandshake(KEY, FP, SessionConfig(tls=1)), ClientHandshake(KEY, FP)
+        (challenge,) = server.receive(frames(client.start())[0])
+        (auth,) = client.receive(frames(challenge)[0])
+        (welcome,) = server.receive(frames(auth)[0])
+        payload = bytearray(frames(welcome)[0].payload)
+        payload[32 + 16 + 1] = 0  # a man in the middle "downgrades" tls=1 to tls=0
+        with self.assertRaises(HandshakeError) as cm:
+            client.receive(Frame(Type.WELCOME, bytes(payload)))
+        self.assertEqual(cm.exception.code, AUTH_FAILED)
+
+    def test_tampered_hello_detected(self):
+        server, client = ServerHandshake(KEY, FP, SessionConfig()), ClientHandshake(KEY, FP)
+        client.start()
+        (challenge,) = server.receive(Frame(Type.HELLO, b"\x01\x01"))
+        client._hello = b"\x01\x02"  # what the client "sent" differs from what the server got
+        (auth,) = client.receive(frames(challenge)[0])
+        self.assertRaises(HandshakeError, server.receive, frames(auth)[0])
+
+    def test_heartbeat_bounds(self):
+        for heartbeat in (0, 99, 600_001):
+            raw = SessionConfig(heartbeat_ms=heartbeat).pack()
+            self.assertRaises(HandshakeError, SessionConfig.unpack, raw)
+
     def test_no_frames_after_success(self):
         server, client = ServerHandshake(KEY, FP, SessionConfig()), ClientHandshake(KEY, FP)
         run(client, server)
@@ -132,34 +167,55 @@ class PoolAuthTests(unittest.TestCase):
         server, client = ServerHandshake(KEY, FP, SessionConfig()), ClientHandshake(KEY, FP)
         run(client, server)
         self.session = client.session
-        self.verifier = PoolAuthenticator(server.session, FP, max_ids=3)
+        self.verifier = PoolAuthenticator(server.session, FP, window=8)
+
+    def auth(self, counter, conn_id=b"i" * 16, fingerprint=FP):
+        return frames(pool_auth_frame(self.session, counter, conn_id, fingerprint))[0]
 
     def test_accepts_once(self):
-        frame = frames(pool_auth_frame(self.session, b"i" * 16, FP))[0]
+        frame = self.auth(1)
         self.assertEqual(self.verifier.verify(frame), b"i" * 16)
         with self.assertRaises(HandshakeError) as cm:
             self.verifier.verify(frame)
-        self.assertIn("already used", cm.exception.reason)
+        self.assertIn("replayed", cm.exception.reason)
 
-    def test_forged_proof_or_session(self):
-        good = frames(pool_auth_frame(self.session, b"j" * 16, FP))[0].payload
-        for forged in (good[:16] + b"k" * 16 + good[32:], b"z" * 16 + good[16:], good[:-1] + b"\x00"):
-            self.assertRaises(HandshakeError, self.verifier.verify, Frame(Type.POOL_AUTH, forged))
+    def test_out_of_order_within_the_window(self):
+        for counter in (5, 3, 4, 1, 2, 9):
+            self.verifier.verify(self.auth(counter))
+        for counter in (3, 9, 1):  # 1 has slid out of the window of 8 below 9
+            self.assertRaises(HandshakeError, self.verifier.verify, self.auth(counter))
+        self.verifier.verify(self.auth(6))
+
+    def test_forged_fields(self):
+        good = self.auth(1).payload
+        forged = [
+            good[:16] + (2).to_bytes(8, "big") + good[24:],  # another counter
+            good[:24] + b"k" * 16 + good[40:],  # another id
+            b"z" * 16 + good[16:],  # another session
+            good[:-1] + bytes([good[-1] ^ 1]),  # another proof
+        ]
+        for payload in forged:
+            self.assertRaises(HandshakeError, self.verifier.verify, Frame(Type.POOL_AUTH, payload))
+        self.verifier.verify(Frame(Type.POOL_AUTH, good))
 
     def test_other_fingerprint(self):
-        frame = frames(pool_auth_frame(self.session, b"m" * 16, b"\x01" * 32))[0]
-        self.assertRaises(HandshakeError, self.verifier.verify, frame)
+        self.assertRaises(HandshakeError, self.verifier.verify, self.auth(1, fingerprint=b"\x01" * 32))
 
-    def test_id_budget_is_bounded(self):
-        for i in range(3):
-            self.verifier.verify(frames(pool_auth_frame(self.session, bytes([i]) * 16, FP))[0])
-        self.assertTrue(self.verifier.exhausted)
-        self.assertRaises(HandshakeError, self.verifier.verify,
-                          frames(pool_auth_frame(self.session, b"\x09" * 16, FP))[0])
-        self.assertEqual(len(self.verifier.used), 3)
+    def test_counter_zero_and_bad_ids(self):
+        self.assertRaises(ValueError, pool_auth_frame, self.session, 0, b"i" * 16, FP)
+        self.assertRaises(ValueError, pool_auth_frame, self.session, 1, b"short", FP)
 
-    def test_bad_id_length(self):
-        self.assertRaises(ValueError, pool_auth_frame, self.session, b"short", FP)
+    def test_window_memory_is_bounded(self):
+        window = ReplayWindow(size=64)
+        for counter in range(1, 10_000, 3):
+            self.assertTrue(window.accept(counter))
+        self.assertLess(window.bits.bit_length(), 65)
 
-    def test_encoded_frames_fit_limits(self):
-        encode(Type.POOL_AUTH, b"x" * 64)
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(1, 200), max_size=60))
+    def test_window_never_accepts_twice(self, counters):
+        window, accepted = ReplayWindow(size=16), set()
+        for counter in counters:
+            if window.accept(counter):
+                self.assertNotIn(counter, accepted)
+                accepted.add(counter)

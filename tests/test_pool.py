@@ -33,6 +33,12 @@ class IdlePoolTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), (b"n", "N"))
         self.assertEqual(self.pool.idle, {})
 
+    def test_requests_grow_linearly_with_waiters(self):
+        pool = IdlePool(self.clock, max_size=2, want_more=self.asked.append, max_waiters=100)
+        for _ in range(100):
+            pool.take()
+        self.assertEqual(sum(self.asked), 100)
+
     def test_waiter_times_out(self):
         d = self.pool.take()
         self.clock.advance(5)

@@ -10,6 +10,7 @@ from tunnelpass.tls import (
     fingerprint,
     format_pin,
     load_pair,
+    load_saved_pair,
     parse_pin,
     save_pair,
     self_signed,
@@ -35,6 +36,26 @@ class TLSHelperTests(unittest.TestCase):
         self.assertEqual(fingerprint(load_pair(cert_path, key_path)[1][0]), fingerprint(second[1]))
         self.assertEqual(fingerprint(load_pair(cert_path + ".bak", key_path + ".bak")[1][0]),
                          fingerprint(first[1]))
+
+    def test_half_written_pair_falls_back_to_backup(self):
+        directory = self.mktemp()
+        first = self_signed()
+        save_pair(directory, *first)
+        save_pair(directory, *self_signed())
+        # As if a crash hit between the key's rename and the certificate's:
+        second_key, _ = self_signed()
+        with open(os.path.join(directory, "tunnelpass.key"), "wb") as f:
+            f.write(second_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+        _, chain = load_saved_pair(directory)
+        self.assertEqual(fingerprint(chain[0]), fingerprint(first[1]))
+
+    def test_no_temp_files_left(self):
+        directory = self.mktemp()
+        save_pair(directory, *self_signed())
+        save_pair(directory, *self_signed())
+        self.assertEqual(sorted(os.listdir(directory)),
+                         ["tunnelpass.crt", "tunnelpass.crt.bak", "tunnelpass.key", "tunnelpass.key.bak"])
 
     def test_mismatched_pair_refused(self):
         directory = self.mktemp()

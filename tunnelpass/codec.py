@@ -8,8 +8,8 @@ Every message is one frame::
     +--------+--------+----------------+----------------------+
 
 ``flags`` must be 0 in v1.  Each type has its own maximum payload size,
-checked from the header *before* any payload is buffered, so a peer can make
-a decoder hold at most ``HEADER + MAX_PAYLOAD`` bytes.  An unknown type, a
+checked from the header *before* any payload is buffered, so between reads a
+decoder holds at most one partial frame (``LARGEST_FRAME`` bytes).  An unknown type, a
 non-zero flags byte or an oversized length is a :class:`ProtocolError`, and
 the connection that sent it is closed (only that one).
 
@@ -53,7 +53,7 @@ MAX_PAYLOAD = {
     Type.CHALLENGE: 33,
     Type.AUTH: 64,
     Type.WELCOME: 64,
-    Type.POOL_AUTH: 64,
+    Type.POOL_AUTH: 72,
     Type.TCP: 16,
     Type.PING: 16,
     Type.PONG: 16,
@@ -153,7 +153,10 @@ def encode_text(code: int, reason: str) -> bytes:
 
 
 def decode_text(payload: bytes) -> tuple[int, str]:
+    """Code and reason; control characters in the peer's text become '?' so
+    it cannot forge log lines."""
     if len(payload) < 2:
         raise ProtocolError("truncated CLOSE/ERROR payload")
     (code,) = struct.unpack_from("!H", payload)
-    return code, payload[2:].decode("utf-8", "replace")
+    text = payload[2:].decode("utf-8", "replace")
+    return code, "".join(c if c.isprintable() else "?" for c in text)

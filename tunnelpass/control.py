@@ -65,15 +65,21 @@ class _ControlProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.handshake_timeout)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.close_reason is not None:
+            return  # refused or closing: nothing more from this peer counts
         self.last_heard = self.clock.seconds()
         try:
-            for frame in self.decoder.feed(data):
+            # One frame at a time: authenticating changes which frame types
+            # are allowed, and a signal may follow WELCOME in the same read.
+            while self.close_reason is None:
+                frames = self.decoder.feed(data, max_frames=1)
+                data = b""
+                if not frames:
+                    break
                 if self.session is None:
-                    self._handshake(frame)
+                    self._handshake(frames[0])
                 else:
-                    self.signal_received(frame)
-                if self.transport is None or self.close_reason is not None:
-                    return
+                    self.signal_received(frames[0])
         except HandshakeError as e:
             self._refuse(e)
         except ProtocolError as e:
@@ -147,6 +153,7 @@ class ServerControlProtocol(_ControlProtocol):
         self.on_session, self.on_lost = on_session, on_lost
         self.rtt: float | None = None
         self._ping_sequence = 0
+        self._ping_sent_at = 0.0
 
     def _handshake(self, frame: Frame) -> None:
         for reply in self.handshake.receive(frame):
@@ -157,14 +164,15 @@ class ServerControlProtocol(_ControlProtocol):
 
     def tick(self) -> None:
         self._ping_sequence += 1
-        self.transport.write(encode(Type.PING, _PING.pack(self._ping_sequence, self.clock.seconds())))
+        self._ping_sent_at = self.clock.seconds()
+        self.transport.write(encode(Type.PING, _PING.pack(self._ping_sequence, 0.0)))
 
     def signal_received(self, frame: Frame) -> None:
         if frame.type is Type.PONG:
             if len(frame.payload) == _PING.size:
-                sequence, sent = _PING.unpack(frame.payload)
-                if sequence == self._ping_sequence:
-                    self.rtt = max(0.0, self.clock.seconds() - sent)
+                sequence, _ = _PING.unpack(frame.payload)
+                if sequence == self._ping_sequence:  # timed by our own clock only
+                    self.rtt = max(0.0, self.clock.seconds() - self._ping_sent_at)
         else:  # CLOSE or ERROR
             self._peer_closed(frame)
 

@@ -11,7 +11,22 @@ when a connection arrives, and reports :meth:`done` with the outcome.
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+import ipaddress
+from collections import OrderedDict, defaultdict, deque
+
+
+def source_key(host: str) -> str:
+    """Who a connection is counted against: the IPv4 address, or the /64 of
+    an IPv6 address (one host usually owns a whole /64)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 class HandshakeGuard:
@@ -24,12 +39,13 @@ class HandshakeGuard:
         self.max_tracked_sources = max_tracked_sources
         self.pending = 0
         self.pending_by_source: dict[str, int] = defaultdict(int)
-        self._failures: dict[str, deque] = {}
-        self._banned_until: dict[str, float] = {}
+        self._failures: OrderedDict[str, deque] = OrderedDict()  # least recently failed first
+        self._banned_until: OrderedDict[str, float] = OrderedDict()
         self.refused = 0
 
-    def admit(self, source: str) -> str | None:
+    def admit(self, host: str) -> str | None:
         """``None`` to go ahead, else why the connection must be closed now."""
+        source = source_key(host)
         now = self.clock.seconds()
         until = self._banned_until.get(source)
         if until is not None:
@@ -47,8 +63,11 @@ class HandshakeGuard:
         self.pending_by_source[source] += 1
         return None
 
-    def done(self, source: str, succeeded: bool) -> None:
+    def done(self, host: str, succeeded: bool) -> None:
         """An admitted handshake ended (success, failure, timeout, hang-up)."""
+        source = source_key(host)
+        if source not in self.pending_by_source:
+            return  # not admitted (or already reported): nothing to release
         self.pending -= 1
         left = self.pending_by_source[source] - 1
         if left:
@@ -59,22 +78,18 @@ class HandshakeGuard:
             self._failures.pop(source, None)
             return
         now = self.clock.seconds()
-        recent = self._failures.get(source)
+        recent = self._failures.pop(source, None)
         if recent is None:
-            if len(self._failures) >= self.max_tracked_sources:
-                self._forget_oldest(now)
-            recent = self._failures[source] = deque()
+            recent = deque()
+            while len(self._failures) >= self.max_tracked_sources:
+                self._failures.popitem(last=False)  # forget the quietest source, O(1)
         recent.append(now)
         while recent and now - recent[0] > self.window:
             recent.popleft()
         if len(recent) >= self.failures:
+            self._banned_until.pop(source, None)
             self._banned_until[source] = now + self.penalty
-            del self._failures[source]
-
-    def _forget_oldest(self, now: float) -> None:
-        """Keep the failure table bounded (a spray from many addresses)."""
-        stale = [s for s, times in self._failures.items() if not times or now - times[-1] > self.window]
-        for source in stale or list(self._failures)[: max(1, len(self._failures) // 10)]:
-            del self._failures[source]
-        for source in [s for s, until in self._banned_until.items() if until <= now]:
-            del self._banned_until[source]
+            while len(self._banned_until) > self.max_tracked_sources:
+                self._banned_until.popitem(last=False)
+        else:
+            self._failures[source] = recent  # most recent last

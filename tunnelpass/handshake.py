@@ -10,24 +10,30 @@ Control connection::
                                      <--     WELCOME(server_proof[32], session_id[16], config)
                                              or ERROR(code, reason) and close
 
-    proof        = HMAC-SHA256(key, "tunnelpass/1 client" | sn | cn | fp)
-    server_proof = HMAC-SHA256(key, "tunnelpass/1 server" | sn | cn | fp)
-    session_key  = HMAC-SHA256(key, "tunnelpass/1 session" | sn | cn | fp)
+    t            = HELLO payload | CHALLENGE payload   (the transcript so far)
+    proof        = HMAC-SHA256(key, "tunnelpass/1 client" | sn | cn | fp | t)
+    server_proof = HMAC-SHA256(key, "tunnelpass/1 server" | sn | cn | fp | t | session_id | config)
+    session_key  = HMAC-SHA256(key, "tunnelpass/1 session" | sn | cn | fp | t)
 
 ``fp`` is the SHA-256 fingerprint of the TLS certificate as each side sees
 it (empty without TLS).  A man in the middle that terminates TLS with its own
 certificate makes the two sides compute different ``fp`` and the proofs
 fail: channel binding, even with a self-signed certificate and no pin.  The
 key never crosses the wire; both nonces are fresh per attempt, so a recorded
-handshake cannot be replayed.
+handshake cannot be replayed.  Every byte of the exchange is covered by a
+MAC (versions, session id, config), so nothing can be downgraded or altered
+in transit.  The key must be high-entropy: anyone a client talks to can
+collect a proof and try keys offline.
 
 Pool connection (first and only frame before relaying)::
 
-    POOL_AUTH(session_id[16], conn_id[16], proof[32])
-    proof = HMAC-SHA256(session_key, "tunnelpass/1 pool" | session_id | conn_id | fp)
+    POOL_AUTH(session_id[16], counter[8], conn_id[16], proof[32])
+    proof = HMAC-SHA256(session_key, "tunnelpass/1 pool" | session_id | counter | conn_id | fp)
 
-``conn_id`` is 128-bit random and single use per session
-(:class:`PoolAuthenticator` remembers the ones it has seen).
+``conn_id`` is 128-bit random; ``counter`` counts the session's pool
+connections from 1, and :class:`PoolAuthenticator` accepts each counter once
+within a sliding window (as IPsec's anti-replay window), so a recorded
+POOL_AUTH can never be replayed and memory stays a few kilobytes.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ _CLIENT, _SERVER, _SESSION, _POOL = (
     b"tunnelpass/1 client", b"tunnelpass/1 server", b"tunnelpass/1 session", b"tunnelpass/1 pool"
 )
 _CONFIG = struct.Struct("!BBHIB")  # flow, tls, max_pool, heartbeat_ms, version
+_COUNTER = struct.Struct("!Q")
+MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS = 100, 600_000
 
 # ERROR / CLOSE codes
 AUTH_FAILED = 1
@@ -88,7 +96,9 @@ class SessionConfig:
         if len(raw) != _CONFIG.size:
             raise HandshakeError(PROTOCOL_VIOLATION, "malformed session config")
         config = cls(*_CONFIG.unpack(raw))
-        if config.flow not in FLOWS.values() or config.tls not in (0, 1, 2) or not config.max_pool:
+        if (config.flow not in FLOWS.values() or config.tls not in (0, 1, 2) or not config.max_pool
+                or not MIN_HEARTBEAT_MS <= config.heartbeat_ms <= MAX_HEARTBEAT_MS
+                or config.version != VERSION):
             raise HandshakeError(PROTOCOL_VIOLATION, "invalid session config")
         return config
 
@@ -115,7 +125,23 @@ def _expect(frame: Frame, frame_type: Type, size: int | None = None) -> bytes:
     return frame.payload
 
 
-class ServerHandshake:
+class _Poisonable:
+    """After any failure the handshake refuses everything: one connection
+    gets one attempt, however much it sends after being refused."""
+
+    _failed: HandshakeError | None = None
+
+    def receive(self, frame: Frame) -> list[bytes]:
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._receive(frame)
+        except HandshakeError as e:
+            self._failed = e
+            raise
+
+
+class ServerHandshake(_Poisonable):
     """Server side of the control handshake.
 
     Feed each received frame to :meth:`receive`; send what it returns.  On
@@ -131,7 +157,7 @@ class ServerHandshake:
         self._server_nonce: bytes | None = None
         self._done = False
 
-    def receive(self, frame: Frame) -> list[bytes]:
+    def _receive(self, frame: Frame) -> list[bytes]:
         if self._done:
             raise HandshakeError(PROTOCOL_VIOLATION, "handshake already finished")
         if self._server_nonce is None:
@@ -142,22 +168,25 @@ class ServerHandshake:
             if kind != KIND_CONTROL:
                 raise HandshakeError(PROTOCOL_VIOLATION, "unknown connection kind")
             self._server_nonce = self.random(NONCE)
-            return [encode(Type.CHALLENGE, self._server_nonce + bytes([VERSION]))]
+            challenge = self._server_nonce + bytes([VERSION])
+            self._transcript = payload + challenge
+            return [encode(Type.CHALLENGE, challenge)]
         payload = _expect(frame, Type.AUTH, NONCE + 32)
         client_nonce, proof = payload[:NONCE], payload[NONCE:]
-        sn, fp = self._server_nonce, self.fingerprint
+        sn, fp, t = self._server_nonce, self.fingerprint, self._transcript
         if client_nonce == sn:
             raise HandshakeError(AUTH_FAILED, "authentication failed")  # a reflected challenge
-        if not hmac.compare_digest(proof, _mac(self.key, _CLIENT, sn, client_nonce, fp)):
+        if not hmac.compare_digest(proof, _mac(self.key, _CLIENT, sn, client_nonce, fp, t)):
             raise HandshakeError(AUTH_FAILED, "authentication failed")
         self._done = True
         session_id = self.random(ID)
-        self.session = Session(session_id, _mac(self.key, _SESSION, sn, client_nonce, fp), self.config)
-        welcome = _mac(self.key, _SERVER, sn, client_nonce, fp) + session_id + self.config.pack()
+        config = self.config.pack()
+        self.session = Session(session_id, _mac(self.key, _SESSION, sn, client_nonce, fp, t), self.config)
+        welcome = _mac(self.key, _SERVER, sn, client_nonce, fp, t, session_id, config) + session_id + config
         return [encode(Type.WELCOME, welcome)]
 
 
-class ClientHandshake:
+class ClientHandshake(_Poisonable):
     """Client side: :meth:`start` gives HELLO, :meth:`receive` the rest."""
 
     def __init__(self, key: bytes, fingerprint: bytes, random=os.urandom):
@@ -167,11 +196,13 @@ class ClientHandshake:
         self.session: Session | None = None
         self._server_nonce: bytes | None = None
         self._client_nonce: bytes | None = None
+        self._hello = bytes([VERSION, KIND_CONTROL])
 
     def start(self) -> bytes:
-        return encode(Type.HELLO, bytes([VERSION, KIND_CONTROL]))
+        self._hello = bytes([VERSION, KIND_CONTROL])
+        return encode(Type.HELLO, self._hello)
 
-    def receive(self, frame: Frame) -> list[bytes]:
+    def _receive(self, frame: Frame) -> list[bytes]:
         if self.session is not None:
             raise HandshakeError(PROTOCOL_VIOLATION, "handshake already finished")
         if self._server_nonce is None:
@@ -180,53 +211,71 @@ class ClientHandshake:
                 raise HandshakeError(BAD_VERSION, f"server speaks protocol version {payload[NONCE]}")
             self._server_nonce = payload[:NONCE]
             self._client_nonce = self.random(NONCE)
-            proof = _mac(self.key, _CLIENT, self._server_nonce, self._client_nonce, self.fingerprint)
+            self._transcript = self._hello + payload
+            proof = _mac(self.key, _CLIENT, self._server_nonce, self._client_nonce, self.fingerprint,
+                         self._transcript)
             return [encode(Type.AUTH, self._client_nonce + proof)]
         payload = _expect(frame, Type.WELCOME, 32 + ID + _CONFIG.size)
-        sn, cn, fp = self._server_nonce, self._client_nonce, self.fingerprint
-        if not hmac.compare_digest(payload[:32], _mac(self.key, _SERVER, sn, cn, fp)):
+        sn, cn, fp, t = self._server_nonce, self._client_nonce, self.fingerprint, self._transcript
+        session_id, config_bytes = payload[32:32 + ID], payload[32 + ID:]
+        if not hmac.compare_digest(payload[:32], _mac(self.key, _SERVER, sn, cn, fp, t, session_id, config_bytes)):
             raise HandshakeError(AUTH_FAILED, "server failed to prove it knows the key (wrong key or a man in the middle)")
-        config = SessionConfig.unpack(payload[32 + ID:])
-        self.session = Session(payload[32:32 + ID], _mac(self.key, _SESSION, sn, cn, fp), config)
+        config = SessionConfig.unpack(config_bytes)
+        self.session = Session(session_id, _mac(self.key, _SESSION, sn, cn, fp, t), config)
         return []
 
 
-def pool_auth_frame(session: Session, conn_id: bytes, fingerprint: bytes) -> bytes:
-    """The first frame a client sends on a new pool connection."""
+def pool_auth_frame(session: Session, counter: int, conn_id: bytes, fingerprint: bytes) -> bytes:
+    """The first frame a client sends on its *counter*-th pool connection."""
     if len(conn_id) != ID:
         raise ValueError("connection ids are 16 bytes")
-    proof = _mac(session.session_key, _POOL, session.session_id, conn_id, fingerprint)
-    return encode(Type.POOL_AUTH, session.session_id + conn_id + proof)
+    if not 1 <= counter < 2**64:
+        raise ValueError("pool counters run from 1")
+    packed = _COUNTER.pack(counter)
+    proof = _mac(session.session_key, _POOL, session.session_id, packed, conn_id, fingerprint)
+    return encode(Type.POOL_AUTH, session.session_id + packed + conn_id + proof)
+
+
+class ReplayWindow:
+    """Accepts each counter at most once: anything above the highest seen,
+    or within *size* below it and not seen yet (a bitmap, like IPsec's)."""
+
+    def __init__(self, size: int = 65536):
+        self.size = size
+        self.highest = 0
+        self.bits = 0  # bit i set: counter (highest - i) was seen
+
+    def accept(self, counter: int) -> bool:
+        if counter > self.highest:
+            shift = counter - self.highest
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self.highest = counter
+            return True
+        offset = self.highest - counter
+        if offset >= self.size or self.bits >> offset & 1:
+            return False
+        self.bits |= 1 << offset
+        return True
 
 
 class PoolAuthenticator:
-    """Server side check of POOL_AUTH for one session, with single-use ids.
+    """Server-side check of POOL_AUTH for one session."""
 
-    At most ``max_ids`` ids are remembered; past that the session must be
-    renewed (the caller closes it and the client reconnects with fresh
-    keys), so memory stays bounded and no id is ever accepted twice.
-    """
-
-    def __init__(self, session: Session, fingerprint: bytes, max_ids: int = 1_000_000):
-        self.session, self.fingerprint, self.max_ids = session, fingerprint, max_ids
-        self.used: set[bytes] = set()
-
-    @property
-    def exhausted(self) -> bool:
-        return len(self.used) >= self.max_ids
+    def __init__(self, session: Session, fingerprint: bytes, window: int = 65536):
+        self.session, self.fingerprint = session, fingerprint
+        self.window = ReplayWindow(window)
 
     def verify(self, frame: Frame) -> bytes:
         """Return the connection id, or raise :class:`HandshakeError`."""
-        payload = _expect(frame, Type.POOL_AUTH, 2 * ID + 32)
-        session_id, conn_id, proof = payload[:ID], payload[ID:2 * ID], payload[2 * ID:]
-        expected = _mac(self.session.session_key, _POOL, session_id, conn_id, self.fingerprint)
+        payload = _expect(frame, Type.POOL_AUTH, 2 * ID + 8 + 32)
+        session_id, packed = payload[:ID], payload[ID:ID + 8]
+        conn_id, proof = payload[ID + 8:2 * ID + 8], payload[2 * ID + 8:]
+        expected = _mac(self.session.session_key, _POOL, session_id, packed, conn_id, self.fingerprint)
         if not hmac.compare_digest(session_id, self.session.session_id) or not hmac.compare_digest(proof, expected):
             raise HandshakeError(AUTH_FAILED, "pool connection authentication failed")
-        if conn_id in self.used:
-            raise HandshakeError(AUTH_FAILED, "pool connection id already used")
-        if self.exhausted:
-            raise HandshakeError(REPLACED, "session exhausted its connection ids; reconnect")
-        self.used.add(conn_id)
+        (counter,) = _COUNTER.unpack(packed)
+        if counter == 0 or not self.window.accept(counter):
+            raise HandshakeError(AUTH_FAILED, "pool connection replayed or too old")
         return conn_id
 
 

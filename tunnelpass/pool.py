@@ -62,7 +62,7 @@ class IdlePool:
             return fail(PoolFull(f"{self.max_waiters} connections already wait for the pool"))
         waiter = Deferred(lambda d: self._forget(d))
         self.waiters.append(waiter)
-        self.want_more(len(self.waiters))
+        self.want_more(1)  # one more connection per waiting user, never a running total
 
         def timed_out(failure):
             failure.trap(TimeoutError)

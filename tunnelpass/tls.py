@@ -6,8 +6,8 @@
   pinned with ``--pin sha256:HEX`` and bound into the handshake;
 * :func:`load_pair` reads a ``--cert``/``--private-key`` pair and refuses a
   key that does not match its certificate (a reload keeps the old pair then);
-* :func:`save_pair` persists a pair atomically (temp file, fsync, rename,
-  fsync of the directory, previous pair kept as ``.bak``).
+* :func:`save_pair` / :func:`load_saved_pair` persist a pair so that a crash
+  never leaves it unloadable (temp files, fsync, ``.bak`` links, rename).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -89,7 +90,11 @@ def load_pair(cert_path: str, key_path: str):
 
 
 def save_pair(directory: str, key, certificate, name: str = "tunnelpass") -> tuple[str, str]:
-    """Write ``NAME.crt``/``NAME.key`` atomically; keep the previous as ``.bak``."""
+    """Write ``NAME.crt``/``NAME.key`` so that a crash at any point leaves a
+    loadable pair: both are written to private temp files and fsynced, the
+    current pair is hard-linked to ``.bak`` (the live names never vanish),
+    then key and certificate are renamed into place and the directory is
+    fsynced.  :func:`load_saved_pair` falls back to the ``.bak`` pair."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     cert_path = os.path.join(directory, name + ".crt")
     key_path = os.path.join(directory, name + ".key")
@@ -97,23 +102,44 @@ def save_pair(directory: str, key, certificate, name: str = "tunnelpass") -> tup
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     pem_cert = certificate.public_bytes(serialization.Encoding.PEM)
-    for path, data in ((key_path, pem_key), (cert_path, pem_cert)):
-        _atomic_write(path, data)
+    staged = [(_write_private_temp(directory, data), path) for path, data in ((key_path, pem_key), (cert_path, pem_cert))]
+    for _, path in staged:
+        if os.path.exists(path):
+            backup = path + ".bak"
+            if os.path.lexists(backup):
+                os.unlink(backup)
+            os.link(path, backup)
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    _fsync_directory(directory)
     return cert_path, key_path
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path) or "."
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def load_saved_pair(directory: str, name: str = "tunnelpass"):
+    """Load a pair written by :func:`save_pair`, or its backup if the current
+    one is damaged or mismatched; :class:`CertificateError` if neither loads."""
+    cert_path = os.path.join(directory, name + ".crt")
+    key_path = os.path.join(directory, name + ".key")
+    try:
+        return load_pair(cert_path, key_path)
+    except CertificateError as first:
+        try:
+            return load_pair(cert_path + ".bak", key_path + ".bak")
+        except CertificateError:
+            raise first from None
+
+
+def _write_private_temp(directory: str, data: bytes) -> str:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tunnelpass-", suffix=".tmp")  # O_EXCL, 0600
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    if os.path.exists(path):
-        os.replace(path, path + ".bak")
-    os.replace(tmp, path)
+    return tmp
+
+
+def _fsync_directory(directory: str) -> None:
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
