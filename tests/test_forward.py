@@ -5,7 +5,7 @@ import resource
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules, raise_fd_limit
@@ -157,7 +157,7 @@ class ForwarderTests(unittest.TestCase):
         self.assertEqual(self.listening(), [("127.0.0.1", 1, "tcp"), ("127.0.0.1", 2, "tcp")])
 
     def test_stats_reported_periodically(self):
-        self.write("127.0.0.1:1 | a | 2\n")
+        self.write("127.0.0.1:1 | a | 2\n127.0.0.1:3/udp | b | 4\n")
         service = ForwarderService(ForwardSettings(config=self.path, report_interval=5),
                                    load_rules(self.path), self.reactor)
         service.privilegedStartService()
@@ -166,8 +166,11 @@ class ForwarderTests(unittest.TestCase):
         self.reactor.advance(5)
         self.reactor.advance(5)
         stats = [e for e in self.events if e.get("event") == "stats"]
-        self.assertEqual(len(stats), 2)
+        self.assertEqual(len(stats), 4)
         self.assertEqual((stats[0]["listener"], stats[0]["remote"], stats[0]["active"]), ("127.0.0.1:1/tcp", "a:2", 0))
+        self.assertEqual(stats[1]["listener"], "127.0.0.1:3/udp")
+        self.assertIn("udp_sessions=0 sessions_total=0", formatEvent(stats[1]))
+        self.assertIn("refused=0", formatEvent(stats[0]))
 
     def test_missing_file(self):
         with self.assertRaises(RulesError) as cm:

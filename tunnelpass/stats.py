@@ -49,10 +49,17 @@ class StatsReporter:
     def report(self, listeners, final: bool = False) -> None:
         for listener in listeners:
             fields = listener.stats.snapshot()
+            if listener.endpoint.protocol == "udp":
+                text = ("stats {listener} -> {remote}: udp_sessions={udp_sessions} "
+                        "sessions_total={udp_sessions_total} datagrams_in={udp_datagrams_in} "
+                        "datagrams_out={udp_datagrams_out} bytes_in={bytes_in} bytes_out={bytes_out} "
+                        "udp_drops={udp_drops}{final_mark}")
+            else:
+                text = ("stats {listener} -> {remote}: active={active} accepted={accepted} "
+                        "refused={refused} connect_failures={connect_failures} "
+                        "bytes_in={bytes_in} bytes_out={bytes_out}{final_mark}")
             self.log.info(
-                "stats {listener} -> {remote}: active={active} accepted={accepted} "
-                "refused={refused} bytes_in={bytes_in} bytes_out={bytes_out} "
-                "udp_sessions={udp_sessions} udp_drops={udp_drops}{final_mark}",
+                text,
                 event="stats",
                 listener=str(listener.endpoint),
                 remote=listener.rule.remote,
