@@ -16,3 +16,15 @@ class RelayTransport(StringTransport):
     def unregisterProducer(self):
         self.producer = None
         self.streaming = None
+
+
+async def until(predicate, timeout=5.0):
+    """Let the real reactor run until *predicate()* is true (bounded)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError("condition not reached")

@@ -3,7 +3,7 @@
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.codec import Frame, FrameDecoder, ProtocolError, Type, encode
+from tunnelpass.codec import Frame, FrameDecoder, ProtocolError, Type
 from tunnelpass.handshake import (
     AUTH_FAILED,
     BAD_VERSION,

@@ -7,7 +7,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
-from tunnelpass.relay import InboundProtocol, TCPForwardFactory
+from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.rules import Limits
 
 

@@ -14,6 +14,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from tests.helpers import until
 from tunnelpass import splice
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.rules import Limits
@@ -50,13 +51,6 @@ class Peer(Protocol):
         self.reason = reason
         self.lost.callback(None)
 
-
-async def until(predicate, timeout=5.0):
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.01)
-    raise AssertionError("condition not reached")
 
 
 class SpliceRelayTests(unittest.TestCase):

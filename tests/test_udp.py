@@ -6,10 +6,11 @@ import errno
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial import unittest
 
+from tests.helpers import until
 from tunnelpass.rules import Limits
 from tunnelpass import udp
 from tunnelpass.udp import UDPForwardProtocol
@@ -35,13 +36,6 @@ class Client(DatagramProtocol):
         self.waiting = Deferred()
         return self.waiting.addTimeout(5, reactor)
 
-
-async def until(predicate, timeout=5.0):
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.01)
-    raise AssertionError("condition not reached")
 
 
 class UDPRelayTests(unittest.TestCase):
