@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	bash bench/run.sh
+
+fuzz: $(STAMP)
+	$(PY) -m pip install -q atheris==3.0.0
+	for target in rules frames handshake; do \
+	  $(PY) fuzz/fuzz_parsers.py $$target -max_total_time=$${FUZZ_SECONDS:-60} -print_final_stats=1 || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) _trial_temp build *.egg-info twisted/plugins/dropin.cache
