@@ -1,0 +1,177 @@
+# -*- test-case-name: tests.test_urls -*-
+"""NodePass-style URLs, connection tokens and tunnel keys (groundwork for issue 3).
+
+``server://KEY@0.0.0.0:10101/0.0.0.0:8080?tls=1&log=debug`` reads as:
+scheme = mode, userinfo = tunnel key, host:port = ``--tunnel``, path =
+``--target``, query = other options (mapping below).  Unknown or repeated
+query keys are errors, never ignored.  Everything here is sans-IO and
+raises :class:`ValueError` with a message fit for a user.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from tunnelpass.settings import _show, parse_port
+
+MAX_URL = 2048
+MAX_TOKEN = 1024
+MIN_KEY_LENGTH = 16
+
+#: URL query key -> command-line option, as NodePass names them.
+QUERY_OPTIONS = {
+    "log": "log",
+    "tls": "tls",
+    "crt": "cert",
+    "key": "private-key",
+    "min": "min-pool",
+    "max": "max-pool",
+    "mode": "flow",
+    "read": "read",
+    "slot": "slot",
+    "notcp": "no-tcp",
+    "noudp": "no-udp",
+    "proxy": "proxy-protocol",
+}
+
+#: NodePass ``mode=`` numbers per scheme -> ``--flow``.
+_FLOWS = {
+    "server": {"0": "auto", "1": "receive", "2": "send"},
+    "client": {"0": "auto", "1": "local", "2": "tunnel"},
+}
+_BOOLEAN = {"0": "0", "1": "1", "false": "0", "true": "1"}
+_PROXY = {"0": "off", "1": "v1", "2": "v2", "off": "off", "v1": "v1", "v2": "v2"}
+
+
+def parse_url(text: str) -> dict[str, str]:
+    """Options (long option name -> value) from a NodePass-style URL."""
+    if not isinstance(text, str) or len(text) > MAX_URL:
+        raise ValueError(f"URL longer than {MAX_URL} characters")
+    if any(ord(c) < 33 or c == "\x7f" for c in text):
+        raise ValueError("URL contains spaces or control characters")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"malformed URL: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _FLOWS:
+        raise ValueError(f"URL scheme {_show(parts.scheme)}: use server:// or client://")
+    if parts.fragment:
+        raise ValueError("URL must not have a #fragment")
+    if not parts.hostname or port is None:
+        raise ValueError("URL needs the tunnel address as HOST:PORT after the key, e.g. server://KEY@0.0.0.0:10101/...")
+    options = {"mode": scheme, "tunnel": _join(parts.hostname, port)}
+    if parts.password is not None:
+        raise ValueError("put only the key before '@' (no ':' in it; percent-encode it)")
+    if parts.username is not None:
+        options["key"] = unquote(parts.username)
+    target = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not target:
+        raise ValueError("URL needs the target address as /HOST:PORT")
+    options["target"] = parse_address(unquote(target), "target")
+    try:
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as e:
+        raise ValueError(f"malformed URL query: {e}") from None
+    seen = set()
+    for name, value in query:
+        if name in seen:
+            raise ValueError(f"URL query key {_show(name)} given twice")
+        seen.add(name)
+        if name not in QUERY_OPTIONS:
+            raise ValueError(f"unknown URL query key {_show(name)}; known: {', '.join(QUERY_OPTIONS)}")
+        options[QUERY_OPTIONS[name]] = _query_value(scheme, name, value)
+    return options
+
+
+def _query_value(scheme: str, name: str, value: str) -> str:
+    table = {"mode": _FLOWS[scheme], "notcp": _BOOLEAN, "noudp": _BOOLEAN, "proxy": _PROXY}.get(name)
+    if table is None:
+        if not value:
+            raise ValueError(f"URL query key {name} needs a value")
+        return value
+    if value.lower() not in table:
+        raise ValueError(f"URL query {name}={_show(value)}: use one of {', '.join(table)}")
+    return table[value.lower()]
+
+
+def parse_address(text: str, what: str = "address") -> str:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> normalized ``HOST:PORT`` text."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError(f"{what} {_show(text)}: expected [IPV6]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise ValueError(f"{what} {_show(text)}: expected HOST:PORT")
+    if any(c in host for c in "/?#@ "):
+        raise ValueError(f"{what} {_show(text)}: invalid host")
+    return _join(host, parse_port(port))
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Keys
+
+def generate_key() -> str:
+    """A fresh tunnel key: 256 random bits, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def check_key(key: str) -> str:
+    """Refuse keys an offline guesser could find (see docs/protocol.rst)."""
+    if not key:
+        raise ValueError("the tunnel key is empty; omit --key to have a strong one generated")
+    if len(key) < MIN_KEY_LENGTH:
+        raise ValueError(f"the tunnel key is shorter than {MIN_KEY_LENGTH} characters; use a long random key")
+    if len(key) > 256:
+        raise ValueError("the tunnel key is longer than 256 characters")
+    return key
+
+
+# Tokens: everything a client needs, in one copy-pasteable string
+
+_TOKEN_PREFIX = "tp1."
+
+
+def make_token(host: str, port: int, key: str, pin: bytes | None = None) -> str:
+    body = {"h": host, "p": port, "k": key}
+    if pin is not None:
+        body["f"] = pin.hex()
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    return _TOKEN_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def parse_token(token: str) -> dict:
+    """``{"host", "port", "key", "pin" (bytes or None)}`` from a token."""
+    if not isinstance(token, str) or not token.startswith(_TOKEN_PREFIX) or len(token) > MAX_TOKEN:
+        raise ValueError("not a tunnelpass token (they start with 'tp1.')")
+    encoded = token[len(_TOKEN_PREFIX):]
+    try:
+        raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ValueError("token is damaged (copy it again whole)") from None
+    if not isinstance(body, dict) or set(body) - {"h", "p", "k", "f"} or not {"h", "p", "k"} <= set(body):
+        raise ValueError("token has unexpected contents")
+    host, port, key, pin = body["h"], body["p"], body["k"], body.get("f")
+    if not isinstance(host, str) or not host or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError("token has an invalid server address")
+    if not isinstance(key, str):
+        raise ValueError("token has an invalid key")
+    check_key(key)
+    if pin is not None:
+        if not isinstance(pin, str) or len(pin) != 64:
+            raise ValueError("token has an invalid certificate pin")
+        try:
+            pin = bytes.fromhex(pin)
+        except ValueError:
+            raise ValueError("token has an invalid certificate pin") from None
+    return {"host": host, "port": port, "key": key, "pin": pin}
