@@ -11,6 +11,10 @@ from tunnelpass.tls import (
     format_pin,
     load_pair,
     load_saved_pair,
+    PinnedClientCreator,
+    peer_fingerprint,
+    server_options,
+    verified_client_creator,
     parse_pin,
     save_pair,
     self_signed,
@@ -88,3 +92,142 @@ class TLSHelperTests(unittest.TestCase):
         self.assertEqual(key.curve.name, "secp256r1")
         self.assertIn(b"BEGIN PRIVATE KEY", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def ca_signed(hostname="localhost"):
+    """A throwaway CA and a server certificate it signed for *hostname*."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tunnelpass test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return ca, key, cert
+
+
+class TLSContextTests(unittest.TestCase):
+    """Real TLS handshakes on loopback for the three client behaviours."""
+
+    def serve(self, key, chain):
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+
+        class Echo(Protocol):
+            def dataReceived(self, data):
+                self.transport.write(data)
+
+        port = reactor.listenSSL(0, Factory.forProtocol(Echo), server_options(key, chain), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    async def exchange(self, port, creator):
+        """Connect, send b'ping', return (echo, fingerprint seen) or raise."""
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+        from twisted.internet.protocol import Protocol
+
+        class Client(Protocol):
+            def __init__(self):
+                self.done = Deferred()
+                self.lost = Deferred()
+
+            def connectionMade(self):
+                self.transport.write(b"ping")
+
+            def dataReceived(self, data):
+                if not self.done.called:
+                    self.done.callback((data, peer_fingerprint(self.transport)))
+                    self.transport.loseConnection()
+
+            def connectionLost(self, reason):
+                if not self.done.called:
+                    self.done.errback(reason)
+                self.lost.callback(None)
+
+        client = Client()
+        endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+        await connectProtocol(endpoint, client)
+        result = await client.done.addTimeout(10, reactor)
+        await client.lost  # a clean reactor: the TLS close has finished
+        return result
+
+    async def assertRefused(self, exchange):
+        """The TLS handshake must fail (quickly: not by the 10 s timeout)."""
+        from OpenSSL.SSL import Error as TLSError
+        from service_identity import VerificationError
+        from twisted.internet.error import ConnectionLost
+
+        try:
+            await exchange
+        except (TLSError, ConnectionLost, VerificationError) as e:
+            return e
+        except Exception as e:  # pragma: no cover - the assertion explains
+            self.fail(f"expected a TLS failure, got {e!r}")
+        self.fail("the connection was accepted")
+
+    async def test_pinned_self_signed(self):
+        key, cert = self_signed()
+        port = self.serve(key, [cert])
+        data, seen = await self.exchange(port, PinnedClientCreator(fingerprint(cert)))
+        self.assertEqual((data, seen), (b"ping", fingerprint(cert)))
+
+    async def test_wrong_pin_fails_the_tls_handshake(self):
+        key, cert = self_signed()
+        port = self.serve(key, [cert])
+        await self.assertRefused(self.exchange(port, PinnedClientCreator(b"\x00" * 32)))
+
+    async def test_no_pin_accepts_and_reports_what_it_saw(self):
+        key, cert = self_signed()
+        port = self.serve(key, [cert])
+        data, seen = await self.exchange(port, PinnedClientCreator(None))
+        self.assertEqual(seen, fingerprint(cert), "the fingerprint the handshake will bind to")
+
+    async def test_verified_chain_and_hostname(self):
+        ca, key, cert = ca_signed("localhost")
+        ca_path = self.mktemp()
+        with open(ca_path, "wb") as f:
+            f.write(ca.public_bytes(serialization.Encoding.PEM))
+        port = self.serve(key, [cert])
+        data, _ = await self.exchange(port, verified_client_creator("localhost", ca_path))
+        self.assertEqual(data, b"ping")
+        await self.assertRefused(self.exchange(port, verified_client_creator("other.example", ca_path)))
+
+    async def test_self_signed_fails_verification(self):
+        key, cert = self_signed("localhost")
+        ca, _, _ = ca_signed()
+        ca_path = self.mktemp()
+        with open(ca_path, "wb") as f:
+            f.write(ca.public_bytes(serialization.Encoding.PEM))
+        port = self.serve(key, [cert])
+        await self.assertRefused(self.exchange(port, verified_client_creator("localhost", ca_path)))
+
+    def test_bad_ca_file(self):
+        self.assertRaises(CertificateError, verified_client_creator, "h", "/nonexistent/ca.pem")
+
+    def test_no_tls_no_fingerprint(self):
+        from twisted.internet.testing import StringTransport
+
+        self.assertEqual(peer_fingerprint(StringTransport()), b"")

@@ -17,10 +17,23 @@ import hashlib
 import os
 import tempfile
 
+import hmac
+
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from zope.interface import implementer
 
 
 class CertificateError(ValueError):
@@ -145,3 +158,66 @@ def _fsync_directory(directory: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# Twisted TLS contexts for the three modes
+
+def server_options(key, chain) -> CertificateOptions:
+    """The server side of ``--tls 1`` and ``--tls 2``: TLS 1.2 or newer."""
+    return CertificateOptions(
+        privateKey=key, certificate=chain[0], extraCertChain=list(chain[1:]) or None,
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class PinnedClientCreator:
+    """Client side of ``--tls 1``: the server's certificate is self-signed, so
+    no CA can vouch for it.  With a pin, the handshake fails unless the
+    leaf certificate's SHA-256 equals it (checked inside OpenSSL's verify
+    callback, before any application byte); without one, the certificate
+    is accepted here and the tunnel handshake's channel binding decides.
+    """
+
+    def __init__(self, pin: bytes | None = None):
+        self.pin = pin
+        self._context = SSL.Context(SSL.TLS_METHOD)
+        self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._context.set_verify(SSL.VERIFY_PEER, self._verify)
+
+    def _verify(self, connection, certificate, error, depth, ok) -> bool:
+        if depth != 0 or self.pin is None:
+            return True  # only the leaf is pinned; intermediates are irrelevant
+        return hmac.compare_digest(fingerprint(certificate.to_cryptography()), self.pin)
+
+    def clientConnectionForTLS(self, tls_protocol):
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tls_protocol)
+        connection.set_connect_state()
+        return connection
+
+
+def verified_client_creator(hostname: str, ca_path: str | None = None):
+    """Client side of ``--tls 2``: chain and hostname verified against
+    *ca_path* (PEM, one or more certificates) or the system's roots."""
+    if ca_path is None:
+        trust = platformTrust()
+    else:
+        try:
+            with open(ca_path, "rb") as f:
+                roots = x509.load_pem_x509_certificates(f.read())
+        except (OSError, ValueError) as e:
+            raise CertificateError(f"{ca_path}: cannot load CA certificates: {e}") from None
+        trust = trustRootFromCertificates(
+            [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in roots]
+        )
+    return optionsForClientTLS(
+        hostname, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
+    )
+
+
+def peer_fingerprint(transport) -> bytes:
+    """SHA-256 of the certificate the peer presented (``b""`` without TLS)."""
+    get = getattr(transport, "getPeerCertificate", None)
+    certificate = get() if get is not None else None
+    return fingerprint(certificate.to_cryptography()) if certificate is not None else b""
