@@ -28,7 +28,7 @@ bench: $(STAMP)
 
 fuzz: $(STAMP)
 	$(PY) -m pip install -q atheris==3.0.0
-	for target in rules frames handshake; do \
+	for target in rules frames handshake url token; do \
 	  $(PY) fuzz/fuzz_parsers.py $$target -max_total_time=$${FUZZ_SECONDS:-60} -print_final_stats=1 || exit 1; \
 	done
 

@@ -4,7 +4,8 @@
     .venv/bin/python fuzz/fuzz_parsers.py rules -max_total_time=600
 
 Targets: ``rules`` (the forwarder's rules file), ``frames`` (the tunnel's
-frame decoder), ``handshake`` (server handshake fed decoded frames).  Any
+frame decoder), ``handshake`` (server handshake fed decoded frames),
+``url`` and ``token`` (NodePass-style URLs and connection tokens).  Any
 exception other than the parser's own error type is a bug.
 """
 
@@ -16,6 +17,7 @@ with atheris.instrument_imports():
     from tunnelpass.codec import FrameDecoder, ProtocolError
     from tunnelpass.handshake import HandshakeError, ServerHandshake, SessionConfig
     from tunnelpass.rules import RulesError, parse_rules
+    from tunnelpass.urls import parse_token, parse_url
 
 
 def fuzz_rules(data: bytes) -> None:
@@ -45,7 +47,24 @@ def fuzz_handshake(data: bytes) -> None:
     assert server.session is None, "authenticated without the key"
 
 
-TARGETS = {"rules": fuzz_rules, "frames": fuzz_frames, "handshake": fuzz_handshake}
+def fuzz_url(data: bytes) -> None:
+    text = atheris.FuzzedDataProvider(data).ConsumeUnicodeNoSurrogates(4096)
+    try:
+        parse_url(text)
+    except ValueError:
+        pass
+
+
+def fuzz_token(data: bytes) -> None:
+    text = atheris.FuzzedDataProvider(data).ConsumeUnicodeNoSurrogates(2048)
+    try:
+        parse_token("tp1." + text)
+    except ValueError:
+        pass
+
+
+TARGETS = {"rules": fuzz_rules, "frames": fuzz_frames, "handshake": fuzz_handshake,
+           "url": fuzz_url, "token": fuzz_token}
 
 if __name__ == "__main__":
     target = TARGETS[sys.argv[1]]

@@ -47,9 +47,37 @@ class PoolPolicyTests(unittest.TestCase):
         self.policy.requested(10)
         self.assertEqual(self.policy.target, 2)
 
+    def test_server_cannot_raise_bounds(self):
+        self.policy.limit_max_pool(1000)
+        self.policy.requested(10**6)
+        self.assertEqual(self.policy.target, 64)
+        self.policy.limit_max_pool(2)
+        self.policy.limit_max_pool(64)
+        self.assertEqual((self.policy.min_pool, self.policy.max_pool), (4, 64))
+
+    def test_clock_stepping_back(self):
+        dialled = [self.policy.to_dial(0, 0)]
+        self.clock.rightNow -= 5  # the wall clock steps back
+        self.policy.used(0)
+        dialled += [self.policy.to_dial(0, 0) for _ in range(3)]
+        self.assertTrue(all(n >= 0 for n in dialled), dialled)
+        self.assertEqual(sum(dialled), 8, "no more than the burst while time does not move forward")
+
+    def test_empty_requests_do_not_hold_the_pool_up(self):
+        for _ in range(4):
+            self.policy.used(0)
+        for _ in range(3):
+            self.clock.advance(29)
+            self.policy.requested(0)
+        self.clock.advance(2)
+        self.policy.to_dial(64, 0)
+        self.assertLess(self.policy.target, 64)
+
     def test_bad_bounds(self):
         self.assertRaises(ValueError, PoolPolicy, self.clock, 0, 4)
         self.assertRaises(ValueError, PoolPolicy, self.clock, 5, 4)
+        self.assertRaises(ValueError, PoolPolicy, self.clock, 1, 4, dial_rate=0)
+        self.assertRaises(ValueError, PoolPolicy, self.clock, 1, 4, dial_burst=0)
 
     @settings(max_examples=200, deadline=None)
     @given(st.lists(st.tuples(st.sampled_from(["used", "request", "tick"]), st.integers(0, 100),

@@ -227,6 +227,10 @@ class TLSContextTests(unittest.TestCase):
     def test_bad_ca_file(self):
         self.assertRaises(CertificateError, verified_client_creator, "h", "/nonexistent/ca.pem")
 
+    def test_hostnames(self):
+        verified_client_creator("[::1]")  # as URLs write IPv6 literals
+        self.assertRaises(CertificateError, verified_client_creator, "bad..name")
+
     def test_no_tls_no_fingerprint(self):
         from twisted.internet.testing import StringTransport
 

@@ -1,5 +1,7 @@
 """Tests for tunnelpass.urls: NodePass-style URLs, tokens, keys."""
 
+import base64
+
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
@@ -13,27 +15,33 @@ from tunnelpass.urls import (
     parse_url,
 )
 
+K = "correct-horse-battery"  # a key long enough to pass check_key
+
+
+def raw_token(body: bytes) -> str:
+    return "tp1." + base64.urlsafe_b64encode(body).rstrip(b"=").decode()
+
 
 class URLTests(unittest.TestCase):
     def test_server_url(self):
         self.assertEqual(
-            parse_url("server://SECRET@0.0.0.0:10101/0.0.0.0:8080?tls=1&log=debug&max=512"),
-            {"mode": "server", "key": "SECRET", "tunnel": "0.0.0.0:10101", "target": "0.0.0.0:8080",
+            parse_url(f"server://{K}@0.0.0.0:10101/0.0.0.0:8080?tls=1&log=debug&max=512"),
+            {"mode": "server", "key": K, "tunnel": "0.0.0.0:10101", "target": "0.0.0.0:8080",
              "tls": "1", "log": "debug", "max-pool": "512"},
         )
 
     def test_client_url_and_mapping(self):
-        options = parse_url("client://k%40y@[::1]:10101/[::1]:8080?min=32&mode=1&notcp=true&proxy=1"
+        options = parse_url(f"client://{K}%40y@[::1]:10101/[::1]:8080?min=32&mode=1&notcp=true&proxy=1"
                             "&crt=/c.pem&key=/k.pem&read=30s&slot=9&noudp=0")
-        self.assertEqual(options["key"], "k@y")
+        self.assertEqual(options["key"], K + "@y")
         self.assertEqual((options["tunnel"], options["target"]), ("[::1]:10101", "[::1]:8080"))
         self.assertEqual((options["flow"], options["no-tcp"], options["no-udp"]), ("local", "1", "0"))
         self.assertEqual((options["proxy-protocol"], options["cert"], options["private-key"]), ("v1", "/c.pem", "/k.pem"))
         self.assertEqual((options["min-pool"], options["read"], options["slot"]), ("32", "30s", "9"))
 
     def test_server_modes(self):
-        self.assertEqual(parse_url("server://k@h:1/h:2?mode=2")["flow"], "send")
-        self.assertEqual(parse_url("server://k@h:1/h:2?mode=0")["flow"], "auto")
+        self.assertEqual(parse_url(f"server://{K}@h:1/h:2?mode=2")["flow"], "send")
+        self.assertEqual(parse_url(f"server://{K}@h:1/h:2?mode=0")["flow"], "auto")
 
     def test_key_is_optional_in_the_url(self):
         self.assertNotIn("key", parse_url("server://0.0.0.0:10101/0.0.0.0:8080"))
@@ -45,21 +53,32 @@ class URLTests(unittest.TestCase):
         self.assertLess(len(str(cm.exception)), 300)
 
     def test_refusals(self):
-        self.assertBad("http://k@h:1/h:2", "use server:// or client://")
-        self.assertBad("server://k@h:1/h:2?bogus=1", "unknown URL query key 'bogus'")
-        self.assertBad("server://k@h:1/h:2?tls=1&tls=2", "given twice")
-        self.assertBad("server://k@h/h:2", "tunnel address")
-        self.assertBad("server://k@h:99999/h:2", "malformed URL")
-        self.assertBad("server://k@h:1", "target address")
-        self.assertBad("server://k@h:1/h", "HOST:PORT")
-        self.assertBad("server://k@h:1/h:0", "1..65535")
-        self.assertBad("server://k:x@h:1/h:2", "only the key")
-        self.assertBad("server://k@h:1/h:2?mode=7", "mode='7': use one of 0, 1, 2")
-        self.assertBad("server://k@h:1/h:2#frag", "fragment")
-        self.assertBad("server://k@h:1/h:2?min=", "needs a value")
-        self.assertBad("server://k@h:1/h:2?a", "malformed URL")
-        self.assertBad("server://k @h:1/h:2", "spaces")
-        self.assertBad("server://k@h:1/" + "a" * 3000 + ":2", "longer than")
+        self.assertBad(f"http://{K}@h:1/h:2", "use server:// or client://")
+        self.assertBad(f"server://{K}@h:1/h:2?bogus=1", "unknown URL query key 'bogus'")
+        self.assertBad(f"server://{K}@h:1/h:2?tls=1&tls=2", "given twice")
+        self.assertBad(f"server://{K}@h/h:2", "tunnel address")
+        self.assertBad(f"server://{K}@h:99999/h:2", "malformed URL")
+        self.assertBad(f"server://{K}@h:1", "target address")
+        self.assertBad(f"server://{K}@h:1/h", "HOST:PORT")
+        self.assertBad(f"server://{K}@h:1/h:0", "1..65535")
+        self.assertBad(f"server://{K}:x@h:1/h:2", "only the key")
+        self.assertBad(f"server://{K}@h:1/h:2?mode=7", "mode='7': use one of 0, 1, 2")
+        self.assertBad(f"server://{K}@h:1/h:2#frag", "fragment")
+        self.assertBad(f"server://{K}@h:1/h:2?min=", "needs a value")
+        self.assertBad(f"server://{K}@h:1/h:2?a", "malformed URL")
+        self.assertBad(f"server://{K} @h:1/h:2", "spaces")
+        self.assertBad(f"server://{K}@h:1/" + "a" * 3000 + ":2", "longer than")
+
+    def test_refusals_after_decoding(self):
+        self.assertBad(f"server://{K}@h:1/evil%0ahost:2", "control characters")
+        self.assertBad(f"server://{K}%00@h:1/h:2", "control characters")
+        self.assertBad(f"server://{K}@h:1/h:2?tls=%00", "control characters")
+        self.assertBad(f"server://{K}@h:1/[a]:2", "not an IPv6 address")
+        self.assertBad(f"server://{K}@h:1/[]]:2", "not an IPv6 address")
+        self.assertBad(f"server://{K}@h:1/bad_ho%20st:2", "spaces")
+        self.assertBad(f"server://{K}@h:1/\u2603.example:2", "neither an IP address nor a host name")
+        self.assertBad("server://@h:1/h:2", "key is empty")
+        self.assertBad("server://short@h:1/h:2", "shorter than")
 
     @settings(max_examples=300, deadline=None)
     @given(st.text(max_size=200))
@@ -71,7 +90,8 @@ class URLTests(unittest.TestCase):
 
     def test_addresses(self):
         self.assertEqual(parse_address("example.com:80"), "example.com:80")
-        for bad in ["example.com", "::1:80", "[::1]80", ":80", "a/b:1"]:
+        self.assertEqual(parse_address("[::1]:80"), "[::1]:80")
+        for bad in ["example.com", "::1:80", "[::1]80", ":80", "a/b:1", "[x]:1", "h\r\nX:1"]:
             self.assertRaises(ValueError, parse_address, bad)
 
 
@@ -98,9 +118,20 @@ class KeyAndTokenTests(unittest.TestCase):
     def test_damaged_tokens(self):
         good = make_token("h", 1, generate_key())
         for bad in ["", "tp2." + good[4:], good[:-5], good + "!!", "tp1." + "A" * 2000,
-                    make_token("h", 0, generate_key()), make_token("h", 1, "weak"),
+                    raw_token(b'{"h":"h","p":0,"k":"%s"}' % K.encode()),
+                    raw_token(b'{"h":"h","p":true,"k":"%s"}' % K.encode()),
+                    raw_token(b'{"h":"h\\r\\nX","p":1,"k":"%s"}' % K.encode()),
+                    raw_token(b'{"h":"h","p":1,"k":"weak"}'),
+                    raw_token(b'{"h":"h","p":1,"p":2,"k":"%s"}' % K.encode()),
+                    raw_token(b'{"h":"h","p":1,"k":"\\ud800%s"}' % K.encode()),
+                    raw_token(('{"h":"h","p":1,"k":"%s"}' % K).encode("utf-16")),
                     "tp1.eyJoIjoiaCJ9", "tp1.W10"]:
             self.assertRaises(ValueError, parse_token, bad)
+
+    def test_make_token_validates(self):
+        for args in [("h", 0, K), ("h", True, K), ("h", 1, "weak"), ("bad host", 1, K)]:
+            self.assertRaises(ValueError, make_token, *args)
+        self.assertRaises(ValueError, make_token, "h", 1, K, pin="00" * 32)
 
     @settings(max_examples=300, deadline=None)
     @given(st.text(max_size=300))

@@ -25,7 +25,10 @@ class PoolPolicy:
                  dial_burst: int = 64, shrink_after: float = 30.0):
         if not 1 <= min_pool <= max_pool:
             raise ValueError("need 1 <= min_pool <= max_pool")
+        if dial_rate <= 0 or dial_burst < 1 or shrink_after <= 0:
+            raise ValueError("dial_rate and shrink_after must be positive, dial_burst at least 1")
         self.clock = clock
+        self._configured = (min_pool, max_pool)
         self.min_pool, self.max_pool = min_pool, max_pool
         self.dial_rate, self.dial_burst = dial_rate, dial_burst
         self.shrink_after = shrink_after
@@ -34,10 +37,12 @@ class PoolPolicy:
         self._tokens_at = clock.seconds()
         self._last_shortage = clock.seconds()
 
-    def limit_max_pool(self, max_pool: int) -> None:
-        """The server's WELCOME says how many idle connections it accepts."""
-        self.max_pool = max(1, max_pool)
-        self.min_pool = min(self.min_pool, self.max_pool)
+    def limit_max_pool(self, server_max: int) -> None:
+        """The server's WELCOME says how many idle connections it accepts.
+        It can only lower this client's own bounds, never raise them."""
+        configured_min, configured_max = self._configured
+        self.max_pool = max(1, min(configured_max, server_max))
+        self.min_pool = min(configured_min, self.max_pool)
         self.target = min(max(self.target, self.min_pool), self.max_pool)
 
     def used(self, idle_left: int) -> None:
@@ -47,8 +52,9 @@ class PoolPolicy:
 
     def requested(self, count: int) -> None:
         """The server asked for *count* more (it had a user waiting)."""
-        self.target = min(self.max_pool, self.target + max(0, count))
-        self._last_shortage = self.clock.seconds()
+        if count > 0:
+            self.target = min(self.max_pool, self.target + count)
+            self._last_shortage = self.clock.seconds()
 
     def _grow(self) -> None:
         self.target = min(self.max_pool, self.target * 2)
@@ -60,10 +66,11 @@ class PoolPolicy:
         if now - self._last_shortage >= self.shrink_after and self.target > self.min_pool:
             self.target = max(self.min_pool, self.target - max(1, self.target // 4))
             self._last_shortage = now
-        self._tokens = min(float(self.dial_burst), self._tokens + (now - self._tokens_at) * self.dial_rate)
+        elapsed = max(0.0, now - self._tokens_at)  # a wall clock may step back
+        self._tokens = min(float(self.dial_burst), self._tokens + elapsed * self.dial_rate)
         self._tokens_at = now
         wanted = max(0, self.target - idle - in_flight)
-        allowed = min(wanted, int(self._tokens))
+        allowed = max(0, min(wanted, int(self._tokens)))
         self._tokens -= allowed
         return allowed
 

@@ -211,9 +211,14 @@ def verified_client_creator(hostname: str, ca_path: str | None = None):
         trust = trustRootFromCertificates(
             [Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in roots]
         )
-    return optionsForClientTLS(
-        hostname, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
-    )
+    if hostname.startswith("[") and hostname.endswith("]"):
+        hostname = hostname[1:-1]  # an IPv6 literal as URLs write it
+    try:
+        return optionsForClientTLS(
+            hostname, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
+        )
+    except ValueError as e:  # e.g. a name IDNA cannot encode
+        raise CertificateError(f"cannot verify a certificate for {hostname!r}: {e}") from None
 
 
 def peer_fingerprint(transport) -> bytes:

@@ -11,7 +11,9 @@ raises :class:`ValueError` with a message fit for a user.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
+import re
 import secrets
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -20,6 +22,7 @@ from tunnelpass.settings import _show, parse_port
 MAX_URL = 2048
 MAX_TOKEN = 1024
 MIN_KEY_LENGTH = 16
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 #: URL query key -> command-line option, as NodePass names them.
 QUERY_OPTIONS = {
@@ -50,8 +53,7 @@ def parse_url(text: str) -> dict[str, str]:
     """Options (long option name -> value) from a NodePass-style URL."""
     if not isinstance(text, str) or len(text) > MAX_URL:
         raise ValueError(f"URL longer than {MAX_URL} characters")
-    if any(ord(c) < 33 or c == "\x7f" for c in text):
-        raise ValueError("URL contains spaces or control characters")
+    _decoded(text, "URL")
     try:
         parts = urlsplit(text)
         port = parts.port
@@ -64,21 +66,22 @@ def parse_url(text: str) -> dict[str, str]:
         raise ValueError("URL must not have a #fragment")
     if not parts.hostname or port is None:
         raise ValueError("URL needs the tunnel address as HOST:PORT after the key, e.g. server://KEY@0.0.0.0:10101/...")
-    options = {"mode": scheme, "tunnel": _join(parts.hostname, port)}
+    options = {"mode": scheme, "tunnel": parse_address(_join(parts.hostname, port), "tunnel address")}
     if parts.password is not None:
         raise ValueError("put only the key before '@' (no ':' in it; percent-encode it)")
     if parts.username is not None:
-        options["key"] = unquote(parts.username)
+        options["key"] = check_key(_decoded(unquote(parts.username, errors="strict"), "key"))
     target = parts.path[1:] if parts.path.startswith("/") else parts.path
     if not target:
         raise ValueError("URL needs the target address as /HOST:PORT")
-    options["target"] = parse_address(unquote(target), "target")
+    options["target"] = parse_address(_decoded(unquote(target, errors="strict"), "target"), "target")
     try:
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"malformed URL query: {e}") from None
     seen = set()
     for name, value in query:
+        value = _decoded(value, f"query {name}")
         if name in seen:
             raise ValueError(f"URL query key {_show(name)} given twice")
         seen.add(name)
@@ -86,6 +89,13 @@ def parse_url(text: str) -> dict[str, str]:
             raise ValueError(f"unknown URL query key {_show(name)}; known: {', '.join(QUERY_OPTIONS)}")
         options[QUERY_OPTIONS[name]] = _query_value(scheme, name, value)
     return options
+
+
+def _decoded(text: str, what: str) -> str:
+    """Refuse control characters and spaces, checked again after %-decoding."""
+    if any(ord(c) < 33 or c == "\x7f" or 0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise ValueError(f"{what} contains spaces or control characters")
+    return text
 
 
 def _query_value(scheme: str, name: str, value: str) -> str:
@@ -103,15 +113,30 @@ def parse_address(text: str, what: str = "address") -> str:
     """``HOST:PORT`` or ``[V6]:PORT`` -> normalized ``HOST:PORT`` text."""
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
-        if not sep or not host:
+        if not sep:
             raise ValueError(f"{what} {_show(text)}: expected [IPV6]:PORT")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"{what} {_show(text)}: {_show(host)} is not an IPv6 address") from None
     else:
         host, sep, port = text.rpartition(":")
         if not sep or not host or ":" in host:
             raise ValueError(f"{what} {_show(text)}: expected HOST:PORT")
-    if any(c in host for c in "/?#@ "):
-        raise ValueError(f"{what} {_show(text)}: invalid host")
+        host = check_host(host, what)
     return _join(host, parse_port(port))
+
+
+def check_host(host: str, what: str = "host") -> str:
+    """An IP address or a DNS name (letters, digits, '-', '_', dots)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"{what} {_show(host)} is neither an IP address nor a host name")
+    return host
 
 
 def _join(host: str, port: int) -> str:
@@ -142,11 +167,25 @@ _TOKEN_PREFIX = "tp1."
 
 
 def make_token(host: str, port: int, key: str, pin: bytes | None = None) -> str:
+    """One copy-pasteable string with the server address, key and pin."""
+    check_host(host, "token host")
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ValueError("token port must be 1..65535")
+    check_key(key)
     body = {"h": host, "p": port, "k": key}
     if pin is not None:
+        if not isinstance(pin, bytes) or len(pin) != 32:
+            raise ValueError("a certificate pin is 32 bytes (SHA-256)")
         body["f"] = pin.hex()
     raw = json.dumps(body, separators=(",", ":")).encode()
     return _TOKEN_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("duplicate key")
+    return dict(pairs)
 
 
 def parse_token(token: str) -> dict:
@@ -156,17 +195,18 @@ def parse_token(token: str) -> dict:
     encoded = token[len(_TOKEN_PREFIX):]
     try:
         raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True)
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError("token is damaged (copy it again whole)") from None
     if not isinstance(body, dict) or set(body) - {"h", "p", "k", "f"} or not {"h", "p", "k"} <= set(body):
         raise ValueError("token has unexpected contents")
     host, port, key, pin = body["h"], body["p"], body["k"], body.get("f")
-    if not isinstance(host, str) or not host or not isinstance(port, int) or not 1 <= port <= 65535:
+    if not isinstance(host, str) or type(port) is not int or not 1 <= port <= 65535:
         raise ValueError("token has an invalid server address")
+    check_host(host, "token host")
     if not isinstance(key, str):
         raise ValueError("token has an invalid key")
-    check_key(key)
+    check_key(_decoded(key, "token key"))
     if pin is not None:
         if not isinstance(pin, str) or len(pin) != 64:
             raise ValueError("token has an invalid certificate pin")
