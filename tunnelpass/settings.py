@@ -8,6 +8,7 @@ with a message fit to show a user; callers add *where* the value came from
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 _DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,6})?)\s*(ms|s|m|h)?\s*$", re.ASCII)
@@ -16,6 +17,8 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 #: Longest duration accepted anywhere (a week): anything larger is a typo.
 MAX_DURATION = 7 * 24 * 3600.0
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 LOG_FORMATS = ("text", "json")
@@ -63,6 +66,20 @@ def parse_port(text: str) -> int:
         return parse_count(text, 1, 65535)
     except ValueError:
         raise ValueError(f"invalid port {_show(text)}: expected 1..65535") from None
+
+
+def parse_host(text: str, what: str = "host") -> str:
+    """An IP literal (normalized) or a DNS name (a trailing dot dropped)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    if not name or len(name) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"{what} {_show(text)} is neither an IP address nor a host name")
+    if name.replace(".", "").isdigit():
+        raise ValueError(f"{what} {_show(text)} is not a valid IPv4 address")
+    return name
 
 
 def parse_choice(text: str, choices: tuple[str, ...]) -> str:

@@ -13,16 +13,14 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
-import re
 import secrets
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tunnelpass.settings import _show, parse_port
+from tunnelpass.settings import _show, parse_host, parse_port
 
 MAX_URL = 2048
 MAX_TOKEN = 1024
 MIN_KEY_LENGTH = 16
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 #: URL query key -> command-line option, as NodePass names them.
 QUERY_OPTIONS = {
@@ -123,20 +121,8 @@ def parse_address(text: str, what: str = "address") -> str:
         host, sep, port = text.rpartition(":")
         if not sep or not host or ":" in host:
             raise ValueError(f"{what} {_show(text)}: expected HOST:PORT")
-        host = check_host(host, what)
+        host = parse_host(host, what)
     return _join(host, parse_port(port))
-
-
-def check_host(host: str, what: str = "host") -> str:
-    """An IP address or a DNS name (letters, digits, '-', '_', dots)."""
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    name = host[:-1] if host.endswith(".") else host
-    if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
-        raise ValueError(f"{what} {_show(host)} is neither an IP address nor a host name")
-    return host
 
 
 def _join(host: str, port: int) -> str:
@@ -168,7 +154,7 @@ _TOKEN_PREFIX = "tp1."
 
 def make_token(host: str, port: int, key: str, pin: bytes | None = None) -> str:
     """One copy-pasteable string with the server address, key and pin."""
-    check_host(host, "token host")
+    parse_host(host, "token host")
     if type(port) is not int or not 1 <= port <= 65535:
         raise ValueError("token port must be 1..65535")
     check_key(key)
@@ -203,7 +189,7 @@ def parse_token(token: str) -> dict:
     host, port, key, pin = body["h"], body["p"], body["k"], body.get("f")
     if not isinstance(host, str) or type(port) is not int or not 1 <= port <= 65535:
         raise ValueError("token has an invalid server address")
-    check_host(host, "token host")
+    parse_host(host, "token host")
     if not isinstance(key, str):
         raise ValueError("token has an invalid key")
     check_key(_decoded(key, "token key"))
