@@ -284,12 +284,9 @@ class ForwarderService(MultiService):
         )
 
     def _retire_when_drained(self, listener: ListenerService) -> None:
-        if listener.endpoint.protocol != "tcp":
-            listener.drain(0)
-            self.retiring.discard(listener)
-            return
-        d = listener.relay.drain(float("inf"))
-        d.addCallback(lambda _: self.retiring.discard(listener))
+        # No deadline here: a removed rule's connections end naturally (the
+        # idle timeout still applies); shutdown drains whatever is left.
+        listener.drain(float("inf")).addCallback(lambda _: self.retiring.discard(listener))
 
     def _stamp(self):
         try:

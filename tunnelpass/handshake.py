@@ -44,7 +44,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from tunnelpass.codec import VERSION, Frame, ProtocolError, Type, decode_text, encode, encode_text
+from tunnelpass.codec import VERSION, Frame, Type, decode_text, encode, encode_text
 
 NONCE = 32
 ID = 16
@@ -277,9 +277,3 @@ class PoolAuthenticator:
         if counter == 0 or not self.window.accept(counter):
             raise HandshakeError(AUTH_FAILED, "pool connection replayed or too old")
         return conn_id
-
-
-def check_protocol_frame(frame: Frame) -> None:
-    """Raise ProtocolError for frames that never belong to a handshake."""
-    if frame.type not in (Type.HELLO, Type.CHALLENGE, Type.AUTH, Type.WELCOME, Type.POOL_AUTH, Type.ERROR):
-        raise ProtocolError(f"{frame.type.name} before authentication")

@@ -15,17 +15,22 @@ never half-applies; every error names the file and line.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 
-from tunnelpass.settings import _show, parse_count, parse_duration, parse_port, parse_positive_duration
+from tunnelpass.settings import (
+    _show,
+    parse_count,
+    parse_duration,
+    parse_host,
+    parse_port,
+    parse_positive_duration,
+)
 
 #: Limits that keep a hostile or corrupt file from costing much to reject.
 MAX_FILE_BYTES = 1 << 20
 MAX_LINE_CHARS = 4096
 MAX_RULES = 10_000
 
-_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 _PROTOCOL_SETS = {
     "tcp": ("tcp",),
     "udp": ("udp",),
@@ -93,17 +98,6 @@ class Endpoint:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}/{self.protocol}"
-
-    def overlaps(self, other: "Endpoint") -> bool:
-        """Whether both could not be bound at once (same port, shared address)."""
-        if (self.port, self.protocol) != (other.port, other.protocol):
-            return False
-        hosts = {self.host, other.host}
-        if len(hosts) == 1 or "::" in hosts:  # "::" is dual-stack on Linux
-            return True
-        if "0.0.0.0" in hosts:
-            return all(":" not in host for host in hosts)
-        return False
 
 
 @dataclass(frozen=True)
@@ -243,18 +237,7 @@ def parse_remote_host(text: str) -> str:
     """An IPv4/IPv6 literal (brackets optional) or a DNS name, resolved later."""
     if text.startswith("[") and text.endswith("]"):
         return _ip_literal(text[1:-1], "remote host", version=6)
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        pass
-    name = text[:-1] if text.endswith(".") else text
-    if not name or len(name) > 253 or not all(
-        _HOSTNAME_LABEL.match(label) for label in name.split(".")
-    ):
-        raise ValueError(f"remote host {_show(text)} is neither an IP address nor a host name")
-    if name.replace(".", "").isdigit():
-        raise ValueError(f"remote host {_show(text)} is not a valid IPv4 address")
-    return name
+    return parse_host(text, "remote host")
 
 
 def parse_options(text: str) -> RuleOptions:
