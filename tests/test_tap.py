@@ -85,8 +85,7 @@ class OptionTests(unittest.TestCase):
         self.assertUsageError([], "choose a mode with --mode")
 
     def test_unbuilt_modes_say_so(self):
-        for mode in ("server", "client", "master"):
-            self.assertUsageError(["--mode", mode], f"--mode {mode} is not available yet")
+        self.assertUsageError(["--mode", "master"], "--mode master is not available yet")
 
     def test_help_lists_modes_and_options(self):
         text = str(tap.Options())

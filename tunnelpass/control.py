@@ -49,6 +49,7 @@ class _ControlProtocol(Protocol, TimeoutMixin):
     log = Logger(namespace="tunnelpass.control")
     session: Session | None = None
     close_reason: str | None = None
+    close_code: int | None = None
     #: Whether a refusal is explained to the peer (the server tells a client
     #: why; a client never answers a server's ERROR with one of its own).
     explains_refusals = False
@@ -87,6 +88,7 @@ class _ControlProtocol(Protocol, TimeoutMixin):
 
     def _refuse(self, error: HandshakeError) -> None:
         self.close_reason = error.reason
+        self.close_code = error.code
         self.log.info("{peer}: {reason}", peer=_peer(self.transport), reason=error.reason)
         if self.explains_refusals and error.code != PROTOCOL_VIOLATION:
             self.transport.write(error.frame())
@@ -132,6 +134,7 @@ class _ControlProtocol(Protocol, TimeoutMixin):
 
     def _peer_closed(self, frame: Frame) -> None:
         code, text = decode_text(frame.payload)
+        self.close_code = code
         self.close_reason = f"peer closed: {text}"
         self.transport.loseConnection()
 

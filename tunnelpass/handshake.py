@@ -63,6 +63,9 @@ BAD_VERSION = 2
 PROTOCOL_VIOLATION = 3
 REPLACED = 4
 SHUTDOWN = 5
+#: The server speaks TLS at this level; sent in plain text to a client that
+#: connected without TLS (it retries with TLS; the level is MAC'd later).
+TLS_REQUIRED = {1: 6, 2: 7}
 
 FLOWS = {"receive": 1, "send": 2}
 

@@ -46,6 +46,14 @@ class IdlePool:
         self.idle[conn_id] = connection
         return True
 
+    def claim(self, conn_id: bytes):
+        """Take the idle connection *conn_id* (the peer named it); ``None``
+        if it is not idle here (already gone, or never was)."""
+        connection = self.idle.pop(conn_id, None)
+        if connection is not None and not self.idle:
+            self.want_more(1)
+        return connection
+
     def remove(self, conn_id: bytes) -> None:
         """An idle connection went away (closed by the client, reset, ...)."""
         self.idle.pop(conn_id, None)

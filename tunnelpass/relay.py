@@ -18,6 +18,7 @@ from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
@@ -50,7 +51,16 @@ def _close_after_flush(transport) -> None:
 
 
 def _half_close_after_flush(transport) -> None:
-    """Send FIN on *transport* once its buffer is written (see above)."""
+    """Send FIN on *transport* once its buffer is written (see above).
+
+    Twisted's TLS transport cannot half-close (it proxies attribute lookups
+    to the TCP transport beneath, so ``loseWriteConnection`` would cut the
+    TLS stream): there the FIN becomes a full close after the flush, unless
+    it is a :class:`~tunnelpass.tlshalf.HalfCloseTLSProtocol`.
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol) and not getattr(type(transport), "half_closes", False):
+        _close_after_flush(transport)
+        return
     transport.unregisterProducer()
     transport.loseWriteConnection()
 
@@ -73,9 +83,10 @@ class _RelayEnd(Protocol):
     def readConnectionLost(self) -> None:
         self._read_closed = True
         peer = self.peer_transport()
-        if peer is None:  # EOF before the remote answered: nothing to relay
-            self.transport.loseConnection()
-            return
+        if peer is None:
+            if not getattr(self, "_early", None):  # EOF before the remote answered: nothing to relay
+                self.transport.loseConnection()
+            return  # else the FIN follows the early bytes once the remote answers
         _half_close_after_flush(peer)
         if self._write_closed:
             self.transport.loseConnection()
@@ -87,10 +98,15 @@ class _RelayEnd(Protocol):
 
 
 class OutboundProtocol(_RelayEnd):
-    """The dialled side: everything it reads goes to the accepted side."""
+    """The dialled side: everything it reads goes to the accepted side.
 
-    def __init__(self, inbound: "InboundProtocol"):
+    *greeting* is written to it before any relayed byte (a tunnel's start
+    frame when the "dialled" side is a pool connection).
+    """
+
+    def __init__(self, inbound: "InboundProtocol", greeting: bytes = b""):
         self.inbound = inbound
+        self.greeting = greeting
 
     def connectionMade(self) -> None:
         self.inbound.outbound_connected(self)
@@ -133,6 +149,7 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
     admitted = False
     closed = False
     _pending = None  # an IConnector or a Deferred while dialling
+    _early: list | None = None  # bytes read before the remote answered
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -157,13 +174,23 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
             return
         self.outbound = outbound
         self.setTimeout(self.factory.limits.idle or None)
+        early = b"".join(self._early) if self._early else b""
+        self._early = None
+        greeting = outbound.greeting
         if self.factory.zero_copy and can_splice(self.transport, outbound.transport):
-            self.splice = SpliceRelay(
+            splice = SpliceRelay(
                 self.factory.reactor, self.transport, outbound.transport,
                 self.resetTimeout, self._count_in, self._count_out,
             )
-            self.splice.start()
-            return
+            if splice.start(to_outbound=greeting + early):
+                self.splice = splice
+                self.stats.bytes_in -= len(greeting)  # protocol, not payload
+                return
+        if greeting or early:
+            outbound.transport.write(greeting + early)
+            self.stats.bytes_in += len(early)
+        if self._read_closed:  # the FIN came with the early bytes
+            _half_close_after_flush(outbound.transport)
         self.transport.registerProducer(outbound.transport, True)
         outbound.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
@@ -186,7 +213,15 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        self.outbound.transport.write(data)
+        outbound = self.outbound
+        if outbound is None:
+            # Reading is paused until the remote answers, but bytes can come
+            # with the connection (a tunnel header's tail): hold them.
+            if self._early is None:
+                self._early = []
+            self._early.append(data)
+            return
+        outbound.transport.write(data)
         self.stats.bytes_in += len(data)
         self.resetTimeout()
 

@@ -21,6 +21,7 @@ import fcntl
 import os
 import socket
 
+from twisted.internet.tcp import Connection as TCPConnection
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
@@ -142,12 +143,41 @@ class SpliceRelay:
         self.a.outgoing = self.b.incoming = _Direction(self.a, self.b, count_in)
         self.b.outgoing = self.a.incoming = _Direction(self.b, self.a, count_out)
 
-    def start(self) -> None:
+    def start(self, to_outbound: bytes = b"", to_inbound: bytes = b"") -> bool:
+        """Take both sockets over.  *to_outbound* / *to_inbound* are bytes
+        already read in Python (e.g. what arrived with a tunnel header) that
+        must reach that side first: they are preloaded into the direction's
+        pipe.  Returns ``False``, touching nothing, when a prefix does not
+        fit in a pipe (the caller then relays by copying)."""
+        preloads = []
+        for d, prefix in ((self.a.outgoing, to_outbound), (self.b.outgoing, to_inbound)):
+            if prefix:
+                try:
+                    pipe = self.pipes.take()
+                except OSError:
+                    pipe = None
+                try:
+                    written = os.write(pipe[1], prefix) if pipe and len(prefix) <= pipe[2] else 0
+                except OSError:
+                    written = 0
+                if written != len(prefix):
+                    if pipe is not None:
+                        self.pipes.discard(pipe)
+                    for other, _ in preloads:
+                        self.pipes.discard(other.pipe)
+                        other.pipe, other.pending = None, 0
+                    return False
+                d.pipe, d.pending = pipe, written
+                preloads.append((d, written))
         for side in (self.a, self.b):
             side.transport.stopReading()
             side.transport.stopWriting()
         self.reactor.addReader(self.a)
         self.reactor.addReader(self.b)
+        for d, written in preloads:
+            d.count(written)
+            self.flush(d)
+        return True
 
     # Data path
 
@@ -312,10 +342,17 @@ class SpliceRelay:
 
 
 def can_splice(*transports) -> bool:
-    """Whether every transport is a plain (non-TLS) TCP socket transport."""
+    """Whether every transport is a plain (non-TLS) TCP socket transport
+    with nothing left in Twisted's write buffer (splicing would skip it)."""
     if not AVAILABLE:
         return False
     for transport in transports:
+        # Exactly Twisted's TCP transport: a TLS transport proxies attribute
+        # lookups (``socket`` too) to the TCP transport beneath it.
+        if not isinstance(transport, TCPConnection):
+            return False
+        if getattr(transport, "dataBuffer", b"") or getattr(transport, "_tempDataBuffer", None):
+            return False
         sock = getattr(transport, "socket", None)
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             return False

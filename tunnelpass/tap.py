@@ -23,11 +23,14 @@ from tunnelpass.settings import (
     parse_choice,
     parse_count,
     parse_duration,
+    parse_host,
     parse_positive_duration,
 )
+from tunnelpass.tls import parse_pin
+from tunnelpass.urls import check_key, parse_address, parse_token, parse_url
 
 MODES = ("server", "client", "forward", "master")
-AVAILABLE_MODES = ("forward",)
+AVAILABLE_MODES = ("server", "client", "forward")
 ENV_PREFIX = "TUNNELPASS_"
 
 _count = lambda v: parse_count(v, 1, 1_000_000)  # noqa: E731
@@ -48,6 +51,41 @@ _PARSERS = {
     "zero-copy": lambda v: parse_choice(v, ("on", "off")) == "on",
     "log": lambda v: parse_choice(v, LOG_LEVELS),
     "log-format": lambda v: parse_choice(v, LOG_FORMATS),
+    # server and client
+    "tunnel": lambda v: parse_address(v, "--tunnel"),
+    "target": lambda v: parse_address(v, "--target"),
+    "key": check_key,
+    "token": parse_token,
+    "flow": lambda v: parse_choice(v, FLOW_CHOICES),
+    "tls": lambda v: int(parse_choice(v, ("0", "1", "2"))),
+    "cert": str,
+    "private-key": str,
+    "state-dir": str,
+    "min-pool": lambda v: parse_count(v, 1, 65535),
+    "max-pool": lambda v: parse_count(v, 1, 65535),
+    "pool-timeout": parse_positive_duration,
+    "handshake-timeout": parse_positive_duration,
+    "pin": parse_pin,
+    "ca": str,
+    "sni": lambda v: parse_host(v, "--sni"),
+    "read": parse_duration,
+    "slot": _count,
+    "no-tcp": lambda v: parse_choice(v, ("0", "1")) == "1",
+    "no-udp": lambda v: parse_choice(v, ("0", "1")) == "1",
+    "proxy-protocol": lambda v: parse_choice(v, ("off",)),
+}
+
+FLOW_CHOICES = ("auto", "receive", "send", "local", "tunnel")
+
+#: NodePass environment variables -> options (NodePass users keep their setup).
+NP_ALIASES = {
+    "NP_SEMAPHORE_LIMIT": "slot",
+    "NP_POOL_GET_TIMEOUT": "pool-timeout",
+    "NP_REPORT_INTERVAL": "report-interval",
+    "NP_SHUTDOWN_TIMEOUT": "shutdown-timeout",
+    "NP_RELOAD_INTERVAL": "reload-interval",
+    "NP_TCP_DIAL_TIMEOUT": "connect-timeout",
+    "NP_HANDSHAKE_TIMEOUT": "handshake-timeout",
 }
 
 
@@ -55,10 +93,12 @@ class Options(usage.Options):
     synopsis = "--mode MODE [options]"
     longdesc = (
         "tunnelpass: secure, fast TCP/UDP tunnel and port forwarder.\n\n"
-        "Modes: forward (static port forwarder from a rules file); server, client "
-        "and master are not available yet.  Every option can also be set in the "
-        "environment as TUNNELPASS_<OPTION> (e.g. TUNNELPASS_MAX_CONNS=200); "
-        "flags win over the environment.  Durations: 500ms, 30s, 10m, 1h."
+        "Modes: server and client (a tunnel; also as a NodePass-style URL "
+        "argument, e.g. 'server://KEY@0.0.0.0:10101/0.0.0.0:8080?tls=1'), forward "
+        "(static port forwarder from a rules file); master is not available yet.  "
+        "Every option can also be set in the environment as TUNNELPASS_<OPTION> "
+        "(e.g. TUNNELPASS_MAX_CONNS=200) and some as NodePass's NP_* names; flags win "
+        "over the environment, a URL's values win over flags.  Durations: 500ms, 30s, 10m, 1h."
     )
     optParameters = [
         ["mode", "m", None, "What to run: " + " | ".join(MODES) + " (required)."],
@@ -71,7 +111,28 @@ class Options(usage.Options):
         ["reload-interval", None, "0", "forward: re-read the rules file when it changes, checked this often (0 = off; SIGHUP always reloads)."],
         ["zero-copy", None, "on", "forward: relay plain TCP with splice(2) in the kernel (Linux); off = copy through Python."],
         ["shutdown-timeout", None, "5s", "Time live connections get to finish on SIGTERM/SIGINT before they are aborted."],
-        ["report-interval", None, "60s", "Emit a structured stats event this often (0 = only at shutdown)."],
+        ["report-interval", None, None, "Emit a structured stats/health event this often (0 = only at shutdown; default 60s for forward, 5s for server/client, which is also the heartbeat)."],
+        ["tunnel", None, None, "server: address to listen on for clients; client: the server's address (flow local: the local listen address)."],
+        ["target", None, None, "server: where users connect (receive flow) or what to dial (send flow); client: what to dial (receive) or where to listen (send)."],
+        ["key", "k", None, "Tunnel key (16+ characters).  A server without one generates a strong key and logs a client command and --token."],
+        ["token", None, None, "client: a tp1. token from the server's log (server address, key, certificate pin)."],
+        ["flow", None, "auto", "server: auto | receive | send; client: auto (follow the server) | local (forward --tunnel to --target, no server)."],
+        ["tls", None, "0", "server: 0 plain, 1 self-signed (pinned/channel-bound), 2 --cert/--private-key verified by clients."],
+        ["cert", None, None, "server --tls 2: certificate chain (PEM)."],
+        ["private-key", None, None, "server --tls 2: private key (PEM) of --cert."],
+        ["state-dir", None, None, "server --tls 1: keep the self-signed certificate here so its fingerprint survives restarts."],
+        ["min-pool", None, "64", "client: idle pool connections to keep at least."],
+        ["max-pool", None, "1024", "server: idle pool connections a client may keep; client: its own upper bound."],
+        ["pool-timeout", None, "5s", "How long a user connection waits for an idle pool connection before it is refused."],
+        ["handshake-timeout", None, "5s", "One deadline over TLS and the tunnel handshake of each connection."],
+        ["pin", None, None, "client: sha256:HEX fingerprint the tls=1 server's certificate must have."],
+        ["ca", None, None, "client: CA certificates (PEM) that verify a tls=2 server (default: system roots)."],
+        ["sni", None, None, "client: name to verify a tls=2 server's certificate against (default: the --tunnel host)."],
+        ["read", None, "10m", "server/client: close a tunnelled connection idle this long (0 = never)."],
+        ["slot", None, "65536", "server/client: concurrent tunnelled connections."],
+        ["no-tcp", None, "0", "Accepted for NodePass URLs (notcp); 1 is not supported yet."],
+        ["no-udp", None, "0", "Accepted for NodePass URLs (noudp); UDP through the tunnel is not available yet."],
+        ["proxy-protocol", None, "off", "Accepted for NodePass URLs (proxy); only off is available yet."],
         ["log", None, "info", "Log level: " + " | ".join(LOG_LEVELS) + "."],
         ["log-format", None, "text", "Log format: text | json (one JSON object per line)."],
     ]
@@ -97,19 +158,62 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--{name}: {e}") from None
         mode = self["mode"]
+        if self["report-interval"] is None:
+            self["report-interval"] = 60.0 if mode == "forward" else 5.0
         if mode is None:
             raise usage.UsageError(
-                "choose a mode with --mode " + "|".join(MODES) + " (only 'forward' is available yet)"
+                "choose a mode with --mode " + "|".join(AVAILABLE_MODES) + " (or give a server:// or client:// URL)"
             )
         if mode not in AVAILABLE_MODES:
             raise usage.UsageError(
                 f"--mode {mode} is not available yet in tunnelpass {__version__}; "
                 f"available: {', '.join(AVAILABLE_MODES)}"
             )
+        if mode in ("server", "client"):
+            self._check_tunnel_options(mode)
+
+    def _check_tunnel_options(self, mode: str) -> None:
+        token = self["token"]
+        if token is not None:
+            if mode != "client":
+                raise usage.UsageError("--token is for --mode client")
+            if self["key"] is not None:
+                raise usage.UsageError("give --token or --key, not both")
+            self["tunnel"] = parse_address(f"{_bracket(token['host'])}:{token['port']}")
+            self["key"] = token["key"]
+            if token["pin"] is not None and self["pin"] is None:
+                self["pin"] = token["pin"]
+        if self["tunnel"] is None or self["target"] is None:
+            raise usage.UsageError(f"--mode {mode} needs --tunnel HOST:PORT and --target HOST:PORT (or a URL)")
+        flows = ("auto", "receive", "send") if mode == "server" else ("auto", "local", "tunnel")
+        if self["flow"] not in flows:
+            raise usage.UsageError(f"--flow {self['flow']} is not a {mode} flow; use {' | '.join(flows)}")
+        if mode == "client" and self["key"] is None and self["flow"] != "local":
+            raise usage.UsageError("--mode client needs --key (or --token)")
+        if mode == "server" and self["tls"] == 2 and not (self["cert"] and self["private-key"]):
+            raise usage.UsageError("--tls 2 needs --cert and --private-key")
+        if mode == "server" and self["tls"] != 2 and (self["cert"] or self["private-key"]):
+            raise usage.UsageError("--cert/--private-key are for --tls 2")
+        if self["no-tcp"]:
+            raise usage.UsageError("--no-tcp 1 (notcp=1) is not supported yet: TCP is all this version tunnels")
+        if mode == "client" and self["pin"] is not None and (self["ca"] or self["sni"]):
+            raise usage.UsageError("--pin is for tls=1 servers, --ca/--sni for tls=2: give one kind")
+
+    url: str | None = None
 
     def parseArgs(self, *args):
+        if len(args) > 1:
+            raise usage.UsageError(f"unexpected argument {args[1]!r} (give one URL at most)")
         if args:
-            raise usage.UsageError(f"unexpected argument {args[0]!r} (options start with --)")
+            if "://" not in args[0]:
+                raise usage.UsageError(f"unexpected argument {args[0]!r} (options start with --; "
+                                       "a URL looks like server://KEY@HOST:PORT/HOST:PORT)")
+            try:
+                url_options = parse_url(args[0])
+            except ValueError as e:
+                raise usage.UsageError(f"URL: {e}") from None
+            for name, value in url_options.items():
+                self[name] = value
 
 
 def environment_arguments(environ) -> list[str]:
@@ -118,6 +222,15 @@ def environment_arguments(environ) -> list[str]:
     known = {ENV_PREFIX + name.upper().replace("-", "_"): name for name in _PARSERS}
     arguments = []
     for variable in sorted(environ):
+        if variable in NP_ALIASES:
+            name = NP_ALIASES[variable]
+            value = environ[variable]
+            try:
+                _PARSERS[name](value)
+            except ValueError as e:
+                raise usage.UsageError(f"environment variable {variable} (--{name}): {e}") from None
+            arguments.append(f"--{name}={value}")
+            continue
         if not variable.startswith(ENV_PREFIX):
             continue
         name = known.get(variable)
@@ -148,12 +261,27 @@ class TunnelpassService(MultiService):
             set_component(ILogObserver, self.observer)
 
 
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def split_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    root = TunnelpassService(make_observer(options["log"], options["log-format"]))
+    if options["mode"] == "server":
+        _server_service(options, reactor).setServiceParent(root)
+        return root
+    if options["mode"] == "client":
+        _client_service(options, reactor).setServiceParent(root)
+        return root
     from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules
 
-    root = TunnelpassService(make_observer(options["log"], options["log-format"]))
     settings = ForwardSettings(
         config=options["config"],
         defaults=Limits(
@@ -174,3 +302,44 @@ def makeService(options, reactor=None):
         raise SystemExit(f"tunnelpass: invalid rules file: {e}") from None
     ForwarderService(settings, rules, reactor).setServiceParent(root)
     return root
+
+
+def _tunnel_limits(options) -> Limits:
+    return Limits(max_conns=options["slot"], connect_timeout=options["connect-timeout"], idle=options["read"])
+
+
+def _server_service(options, reactor):
+    from tunnelpass.server import ServerSettings, TunnelServer
+    from tunnelpass.urls import generate_key
+
+    tunnel_host, tunnel_port = split_address(options["tunnel"])
+    target_host, target_port = split_address(options["target"])
+    key = options["key"]
+    settings = ServerSettings(
+        tunnel_host=tunnel_host, tunnel_port=tunnel_port, target_host=target_host, target_port=target_port,
+        key=key or generate_key(), key_generated=key is None, flow=options["flow"], tls=options["tls"],
+        cert=options["cert"], private_key=options["private-key"], state_dir=options["state-dir"],
+        max_pool=options["max-pool"], pool_timeout=options["pool-timeout"],
+        handshake_timeout=options["handshake-timeout"], heartbeat=options["report-interval"] or 5.0,
+        report_interval=options["report-interval"], reload_interval=options["reload-interval"] or 3600.0,
+        shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options),
+        zero_copy=options["zero-copy"],
+    )
+    return TunnelServer(settings, reactor)
+
+
+def _client_service(options, reactor):
+    from tunnelpass.client import ClientSettings, TunnelClient
+
+    server_host, server_port = split_address(options["tunnel"])
+    target_host, target_port = split_address(options["target"])
+    settings = ClientSettings(
+        server_host=server_host, server_port=server_port, target_host=target_host, target_port=target_port,
+        key=options["key"] or "", flow=options["flow"], min_pool=options["min-pool"],
+        max_pool=options["max-pool"], pin=options["pin"], ca=options["ca"], sni=options["sni"],
+        pool_timeout=options["pool-timeout"], handshake_timeout=options["handshake-timeout"],
+        connect_timeout=options["connect-timeout"], report_interval=options["report-interval"],
+        shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options),
+        zero_copy=options["zero-copy"],
+    )
+    return TunnelClient(settings, reactor)

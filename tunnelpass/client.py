@@ -1,0 +1,433 @@
+# -*- test-case-name: tests.e2e.test_tunnel_e2e -*-
+"""``--mode client``: the private end of a tunnel.
+
+It keeps one control connection to the server (Twisted's ``ClientService``
+reconnects it with jittered exponential backoff, re-resolving the server's
+name each attempt) and a pool of idle, individually authenticated data
+connections sized by :class:`~tunnelpass.poolpolicy.PoolPolicy`.
+
+* receive flow (reverse tunnel): the server names a pool connection with
+  TCP(id), or simply starts sending user bytes on it; the client dials its
+  ``--target`` and relays.
+* send flow (forward tunnel): the client listens on its ``--target``; each
+  user connection takes an idle pool connection, which is started with
+  TCP(own id) and relayed; the server dials its own target.
+
+The TLS level is the server's: a client without TLS settings first speaks
+plain; a TLS server answers "TLS required (level N)" and the next attempt
+(at once) uses TLS -- pinned for level 1 (channel binding protects it
+without a pin), chain and hostname verified for level 2.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, DeferredList, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from tunnelpass import tls as tlsmod
+from tunnelpass.codec import Type, encode
+from tunnelpass.control import ClientControlProtocol
+from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, FLOWS, ID, TLS_REQUIRED, pool_auth_frame
+from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
+from tunnelpass.poolpolicy import PoolPolicy
+from tunnelpass.relay import OutboundProtocol, TCPForwardFactory
+from tunnelpass.rules import Limits
+from tunnelpass.stats import ListenerStats
+from tunnelpass.switch import SwitchingProtocol
+from tunnelpass.tlshalf import HalfCloseTLSEndpoint
+
+LISTEN_BACKLOG = 1024
+_LEVEL_BY_CODE = {code: level for level, code in TLS_REQUIRED.items()}
+_FLOW_NAMES = {number: name for name, number in FLOWS.items()}
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    server_host: str
+    server_port: int
+    target_host: str
+    target_port: int
+    key: str = ""
+    flow: str = "auto"  # auto | tunnel | local
+    min_pool: int = 64
+    max_pool: int = 1024
+    pin: bytes | None = None
+    ca: str | None = None
+    sni: str | None = None
+    pool_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    report_interval: float = 5.0
+    shutdown_timeout: float = 5.0
+    limits: Limits = Limits()
+    zero_copy: bool = True
+
+
+@implementer(IHandshakeListener)
+class PoolConnection(SwitchingProtocol):
+    """One client pool connection: authenticates, idles, then relays."""
+
+    ready = False
+
+    def __init__(self, client: "TunnelClient", session, counter: int, conn_id: bytes):
+        self.client, self.session = client, session
+        self.counter, self.conn_id = counter, conn_id
+
+    def connectionMade(self) -> None:
+        if not isinstance(self.transport, TLSMemoryBIOProtocol):
+            self._authenticate()
+
+    def handshakeCompleted(self) -> None:
+        self._authenticate()
+
+    def _authenticate(self) -> None:
+        if self.session is not self.client.session:
+            self.transport.loseConnection()  # dialled for a session that has ended
+            return
+        fp = tlsmod.peer_fingerprint(self.transport)
+        self.transport.write(pool_auth_frame(self.session, self.counter, self.conn_id, fp))
+        self.ready = True
+        self.client.pool_connected(self)
+
+    def header_received(self, data: bytes) -> None:
+        # Receive flow: user bytes may overtake the TCP(id) signal.
+        if self.ready and self.client.pool is not None and self.client.pool.claim(self.conn_id) is self:
+            self.start_relay(data)
+        else:
+            self.transport.abortConnection()
+
+    def start_relay(self, data: bytes = b"") -> None:
+        self.client.policy_used()
+        self.switch_to(self.client.target_factory.buildProtocol(None), data)
+
+    def header_lost(self, reason) -> None:
+        self.client.pool_lost(self)
+
+
+class _PoolConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, client, session, counter, conn_id):
+        self.args = (client, session, counter, conn_id)
+
+    def buildProtocol(self, addr):
+        return PoolConnection(*self.args)
+
+
+class SendFlowFactory(TCPForwardFactory):
+    """Send flow: each local user connection takes an idle pool connection."""
+
+    def __init__(self, client: "TunnelClient", *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.client = client
+
+    def dial(self, inbound):
+        pool = self.client.pool
+        if pool is None:
+            self._refuse(inbound, "not connected to the server")
+            return None
+        d = pool.take()
+
+        def got(taken):
+            conn_id, connection = taken
+            if not connection.transport.connected:
+                inbound._pending = self.dial(inbound)
+                return
+            self.client.policy_used()
+            connection.switch_to(OutboundProtocol(inbound, greeting=encode(Type.TCP, conn_id)))
+
+        def failed(failure):
+            if failure.check(CancelledError):
+                return
+            failure.trap(PoolTimeout, PoolFull)
+            self._refuse(inbound, failure.getErrorMessage())
+
+        d.addCallbacks(got, failed)
+        return d
+
+    def _refuse(self, inbound, why: str) -> None:
+        if self._refusals.ready():
+            self.log.warn("{listener}: connection refused: {why} ({count} so far)",
+                          listener=self.name, why=why, count=self._refusals.take_count())
+        inbound._pending = None
+        if not inbound.closed:
+            self.stats.connect_failures += 1
+            inbound.transport.loseConnection()
+
+
+@implementer(IStreamClientEndpoint)
+class _ServerEndpoint:
+    """The server's address with whatever TLS level is current, rebuilt per
+    attempt (the level can change after a "TLS required" answer, and
+    ``HostnameEndpoint`` re-resolves the name every time)."""
+
+    def __init__(self, client: "TunnelClient"):
+        self.client = client
+
+    def connect(self, factory):
+        return self.client.endpoint().connect(factory)
+
+
+class TunnelClient(Service):
+    log = Logger(namespace="tunnelpass.client")
+
+    def __init__(self, settings: ClientSettings, reactor, clock=None):
+        self.settings = settings
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.key = settings.key.encode()
+        self.stats = ListenerStats()
+        self.level = 1 if settings.pin else 2 if (settings.ca or settings.sni) else 0
+        self.session = None
+        self.control = None
+        self.pool: IdlePool | None = None
+        self.policy: PoolPolicy | None = None
+        self.dialing = 0
+        self.counter = 0
+        self.failures = 0
+        self._retry_now = False
+        self._creator = None
+        self.listening_port = None
+        self.local_factory = None
+        self.target_factory = TCPForwardFactory(
+            reactor, "target", settings.target_host, settings.target_port, settings.limits, self.stats,
+            clock=self.clock, zero_copy=settings.zero_copy,
+        )
+        self._loops: list[LoopingCall] = []
+        self.service = None
+
+    # Connecting
+
+    def endpoint(self):
+        s = self.settings
+        endpoint = HostnameEndpoint(self.reactor, s.server_host, s.server_port, timeout=s.connect_timeout)
+        if self.level == 0:
+            return endpoint
+        if self._creator is None:
+            if self.level == 1:
+                self._creator = tlsmod.PinnedClientCreator(s.pin)
+            else:
+                self._creator = tlsmod.verified_client_creator(s.sni or s.server_host, s.ca)
+        return HalfCloseTLSEndpoint(self._creator, endpoint)
+
+    def _retry_delay(self, attempts: int) -> float:
+        if self._retry_now:
+            self._retry_now = False
+            return 0.0
+        return self._backoff(attempts + self.failures)
+
+    def privilegedStartService(self) -> None:
+        s = self.settings
+        if s.flow == "local":
+            # Single-end forwarding: --tunnel is the local listener, no server.
+            self.local_factory = self.target_factory
+            self.listening_port = self.reactor.listenTCP(s.server_port, self.local_factory, LISTEN_BACKLOG,
+                                                         s.server_host)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        s = self.settings
+        if s.report_interval:
+            self._every(s.report_interval, self.report)
+        if s.flow == "local":
+            self.log.info("client running (local forwarding): {listen} -> {target}",
+                          listen=_join(s.server_host, self.listening_port.getHost().port),
+                          target=_join(s.target_host, s.target_port), event="client_running")
+            return
+        self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0, jitter=random.random)
+        factory = Factory.forProtocol(self._build_control)
+        factory.noisy = False
+        self.service = ClientService(_ServerEndpoint(self), factory, retryPolicy=self._retry_delay,
+                                     clock=self.clock)
+        self.service.startService()
+        self._every(1.0, self.fill)
+        self.log.info("client running: server {server}, target {target}", event="client_running",
+                      server=_join(s.server_host, s.server_port), target=_join(s.target_host, s.target_port))
+
+    def _every(self, interval, function) -> None:
+        loop = LoopingCall(function)
+        loop.clock = self.clock
+        loop.start(interval, now=False)
+        self._loops.append(loop)
+
+    def _build_control(self):
+        return ClientControlProtocol(self.key, tlsmod.peer_fingerprint, self, self.clock,
+                                     handshake_timeout=self.settings.handshake_timeout)
+
+    # ClientControlProtocol handler
+
+    def session_started(self, control) -> None:
+        config = control.session.config
+        if config.tls != self.level:
+            self.log.error("server announced tls={announced} on a tls={tls_level} connection; disconnecting",
+                           announced=config.tls, tls_level=self.level)
+            control.transport.abortConnection()
+            return
+        flow = _FLOW_NAMES[config.flow]
+        self.failures = 0
+        self.control, self.session = control, control.session
+        self.policy = PoolPolicy(self.clock, min(self.settings.min_pool, self.settings.max_pool),
+                                 self.settings.max_pool)
+        self.policy.limit_max_pool(config.max_pool)
+        self.pool = IdlePool(self.clock, self.policy.max_pool, self._want_more, timeout=self.settings.pool_timeout)
+        self.log.info("connected to {server} (session {sid}, flow {flow}, tls {tls})",
+                      server=_join(self.settings.server_host, self.settings.server_port),
+                      sid=control.session.session_id.hex()[:8], flow=flow, tls=self.level,
+                      event="client_connected")
+        if flow == "send" and self.listening_port is None:
+            s = self.settings
+            self.local_factory = SendFlowFactory(
+                self, self.reactor, "listen", s.server_host, s.server_port, s.limits, self.stats,
+                clock=self.clock, zero_copy=s.zero_copy,
+            )
+            try:
+                self.listening_port = self.reactor.listenTCP(s.target_port, self.local_factory, LISTEN_BACKLOG,
+                                                             s.target_host)
+            except Exception as e:
+                self.log.error("send flow: cannot listen on {target}: {error}",
+                               target=_join(s.target_host, s.target_port), error=str(e))
+                control.transport.loseConnection()
+                return
+            self.log.info("send flow: listening on {target}", target=_join(s.target_host, s.target_port))
+        self.fill()
+
+    def open_tcp(self, conn_id: bytes) -> None:
+        connection = self.pool.claim(conn_id) if self.pool is not None else None
+        if connection is not None:
+            connection.start_relay()
+
+    def dial_pool(self, count: int) -> None:
+        if self.policy is not None:
+            self.policy.requested(count)
+            self.fill()
+
+    def flush_pool(self) -> None:
+        if self.pool is not None:
+            for connection in self.pool.flush():
+                connection.transport.loseConnection()
+
+    def control_lost(self, control) -> None:
+        code = control.close_code
+        if code in _LEVEL_BY_CODE:
+            level = _LEVEL_BY_CODE[code]
+            s = self.settings
+            if level == 1 and (s.ca or s.sni):
+                self.log.error("the server uses a self-signed certificate (tls=1) but --ca/--sni ask for a "
+                               "verified one; use --pin (or nothing) instead")
+                self.failures += 1
+            elif level == 2 and s.pin:
+                self.log.error("the server has a CA-signed certificate (tls=2); --pin is for tls=1 servers")
+                self.failures += 1
+            elif level != self.level:
+                self.log.info("server requires TLS level {tls_level}; reconnecting with TLS", tls_level=level)
+                self.level, self._creator, self._retry_now = level, None, True
+        elif code == AUTH_FAILED:
+            self.failures += 1
+            self.log.error("authentication failed: the server refused our key, or a man in the middle "
+                           "presented another certificate ({reason})", reason=control.close_reason)
+        elif code == BAD_VERSION:
+            self.failures += 1
+            self.log.error("protocol version mismatch: {reason}", reason=control.close_reason)
+        elif control.session is None:
+            self.failures += 1
+            self.log.warn("handshake with the server failed: {reason}",
+                          reason=control.close_reason or "connection closed")
+        if control is self.control:
+            self.log.warn("lost the server: {reason}", reason=control.close_reason or "connection closed",
+                          event="client_disconnected")
+            self.control = self.session = None
+            self.flush_pool()
+            self.pool = None
+
+    # Pool
+
+    def _want_more(self, count: int) -> None:
+        if self.policy is not None:
+            self.policy.requested(count)
+            self.fill()
+
+    def policy_used(self) -> None:
+        if self.policy is not None and self.pool is not None:
+            self.policy.used(len(self.pool.idle))
+            self.fill()
+
+    def fill(self) -> None:
+        if self.session is None or self.policy is None:
+            return
+        idle = len(self.pool.idle)
+        surplus = self.policy.surplus(idle + self.dialing)
+        for _ in range(min(surplus, idle)):
+            _, connection = self.pool.idle.popitem(last=False)
+            connection.transport.loseConnection()
+        for _ in range(self.policy.to_dial(len(self.pool.idle), self.dialing)):
+            self._dial_one()
+
+    def _dial_one(self) -> None:
+        self.counter += 1
+        self.dialing += 1
+        conn_id = os.urandom(ID)
+        d = self.endpoint().connect(_PoolConnectionFactory(self, self.session, self.counter, conn_id))
+
+        def failed(failure):
+            self.dialing -= 1
+            self.log.debug("pool connection failed: {error}", error=failure.getErrorMessage())
+
+        d.addErrback(failed)
+
+    def pool_connected(self, connection: PoolConnection) -> None:
+        self.dialing -= 1
+        if self.pool is None or not self.pool.add(connection.conn_id, connection):
+            connection.transport.loseConnection()
+
+    def pool_lost(self, connection: PoolConnection) -> None:
+        if not connection.ready:
+            self.dialing -= 1  # connected but never authenticated (TLS failure, ...)
+        elif self.pool is not None:
+            self.pool.remove(connection.conn_id)
+
+    # Operations
+
+    def report(self, final: bool = False) -> None:
+        fields = self.stats.snapshot()
+        self.log.info(
+            "health: connected={connected} pool_idle={pool_idle} pool_target={pool_target} active={active} "
+            "bytes_in={bytes_in} bytes_out={bytes_out}",
+            event="health", connected=self.session is not None,
+            pool_idle=len(self.pool.idle) if self.pool else 0,
+            pool_target=self.policy.target if self.policy else 0, final=final, **fields,
+        )
+
+    def stopService(self):
+        super().stopService()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        waits = []
+        if self.listening_port is not None:
+            waits.append(self.listening_port.stopListening())
+        if self.service is not None:
+            waits.append(self.service.stopService())
+        self.flush_pool()
+        d = DeferredList([w or succeed(None) for w in waits])
+        factories = [self.target_factory] + ([self.local_factory] if self.local_factory not in
+                                              (None, self.target_factory) else [])
+        d.addCallback(lambda _: DeferredList([f.drain(self.settings.shutdown_timeout) for f in factories]))
+        d.addCallback(lambda _: self.report(final=True))
+        return d
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,533 @@
+# -*- test-case-name: tests.e2e.test_tunnel_e2e -*-
+"""``--mode server``: the public end of a tunnel.
+
+One TCP port (``--tunnel``) takes every connection a client makes.  Its
+first byte says what it is: ``0x16`` starts TLS (when the server has a TLS
+level), anything else must be a tunnel frame -- HELLO opens a control
+channel, POOL_AUTH files an idle data connection.  Until then the
+connection is unauthenticated: it counts against the handshake guard (caps
+per source and overall, a penalty after repeated failures) and one deadline
+covers TLS and the tunnel handshake together.
+
+Flows: *receive* (reverse tunnel) listens on ``--target`` for users and
+hands each one an idle pool connection; *send* (forward tunnel) dials
+``--target`` for each pool connection the client starts.  One client
+session at a time: a newly authenticated one replaces the old at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, ServerFactory
+from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from OpenSSL import SSL
+from zope.interface import implementer
+
+from tunnelpass import tls as tlsmod
+from tunnelpass.codec import FrameDecoder, ProtocolError, Type, encode, encode_text
+from tunnelpass.control import ServerControlProtocol
+from tunnelpass.guard import HandshakeGuard
+from tunnelpass.handshake import (
+    FLOWS,
+    TLS_REQUIRED,
+    HandshakeError,
+    PoolAuthenticator,
+    SessionConfig,
+)
+from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
+from tunnelpass.relay import OutboundProtocol, TCPForwardFactory
+from tunnelpass.rules import Limits
+from tunnelpass.stats import ListenerStats
+from tunnelpass.switch import SwitchingProtocol
+from tunnelpass.tlshalf import HalfCloseTLSFactory, HalfCloseTLSProtocol
+
+TLS_RECORD = 0x16
+LISTEN_BACKLOG = 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    tunnel_host: str
+    tunnel_port: int
+    target_host: str
+    target_port: int
+    key: str
+    key_generated: bool = False
+    flow: str = "auto"  # auto | receive | send
+    tls: int = 0
+    cert: str | None = None
+    private_key: str | None = None
+    state_dir: str | None = None
+    max_pool: int = 1024
+    pool_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    heartbeat: float = 5.0
+    report_interval: float = 5.0
+    reload_interval: float = 3600.0
+    shutdown_timeout: float = 5.0
+    limits: Limits = Limits()
+    zero_copy: bool = True
+    max_handshakes: int = 1024
+    max_handshakes_per_source: int = 32
+    public_host: str | None = None  # what the startup line tells clients to dial
+
+
+class ServerSession:
+    """One authenticated client: its control channel and idle pool."""
+
+    def __init__(self, server: "TunnelServer", control: ServerControlProtocol):
+        self.server = server
+        self.control = control
+        self.session = control.session
+        self.authenticator = PoolAuthenticator(self.session, server.fingerprint)
+        self.pool = IdlePool(server.clock, server.settings.max_pool, self._want_more,
+                             timeout=server.settings.pool_timeout)
+
+    def _want_more(self, count: int) -> None:
+        if self.control.transport is not None and self.control.close_reason is None:
+            self.control.send_pool(count)
+
+    def close_idle(self) -> None:
+        for connection in self.pool.flush():
+            connection.transport.abortConnection()
+
+
+class TunnelConnection(SwitchingProtocol):
+    """A connection on the tunnel port after TLS (if any): reads the first
+    frame and becomes a control channel or an idle pool connection."""
+
+    conn_id: bytes | None = None
+    session: ServerSession | None = None
+
+    def __init__(self, server: "TunnelServer", gate: "TunnelGate"):
+        self.server = server
+        self.gate = gate
+        self.decoder = FrameDecoder(allowed=frozenset({Type.HELLO, Type.POOL_AUTH}))
+
+    def header_received(self, data: bytes) -> None:
+        if self.conn_id is not None:
+            self._idle_data(data)
+            return
+        try:
+            frames = self.decoder.feed(data, max_frames=1)
+        except ProtocolError as e:
+            self.gate.refuse(str(e))
+            return
+        if not frames:
+            return
+        frame, rest = frames[0], self.decoder.take_rest()
+        if frame.type is Type.HELLO:
+            control = ServerControlProtocol(
+                self.server.key, self.server.fingerprint, self.server.session_config, self.server.clock,
+                on_session=self._control_authenticated, on_lost=self.server.control_lost,
+                handshake_timeout=self.server.settings.handshake_timeout,
+            )
+            self.switch_to(control, encode(frame.type, frame.payload) + rest)
+            return
+        session = self.server.session
+        try:
+            if session is None:
+                raise HandshakeError(1, "pool connection without a client session")
+            conn_id = session.authenticator.verify(frame)
+        except HandshakeError as e:
+            self.gate.refuse(e.reason)
+            return
+        self.gate.passed()
+        if not session.pool.add(conn_id, self):
+            self.transport.loseConnection()  # the pool is full: the client over-dialled
+            return
+        self.conn_id, self.session = conn_id, session
+        if rest:
+            self._idle_data(rest)
+
+    def _control_authenticated(self, control: ServerControlProtocol) -> None:
+        self.gate.passed()
+        self.server.control_authenticated(control)
+
+    def _idle_data(self, data: bytes) -> None:
+        """Bytes on an idle pool connection: in the send flow, the client
+        starts a connection with TCP(own id); anything else is a violation."""
+        if self.server.flow != "send":
+            self.server.log.debug("unexpected data on an idle pool connection; closing it")
+            self._drop_idle()
+            return
+        if self.decoder.buffered + len(data) > 64:
+            self._drop_idle()
+            return
+        self.decoder.allowed = frozenset({Type.TCP})
+        try:
+            frames = self.decoder.feed(data, max_frames=1)
+        except ProtocolError:
+            self._drop_idle()
+            return
+        if not frames:
+            return
+        if frames[0].payload != self.conn_id:
+            self._drop_idle()
+            return
+        rest = self.decoder.take_rest()
+        self.session.pool.remove(self.conn_id)
+        self.conn_id = None
+        inbound = self.server.target_factory.buildProtocol(None)
+        self.switch_to(inbound, rest)
+
+    def _drop_idle(self) -> None:
+        self.session.pool.remove(self.conn_id)
+        self.conn_id = None
+        self.transport.abortConnection()
+
+    def claim_for(self, inbound) -> None:
+        """Receive flow: relay user connection *inbound* over this connection."""
+        self.conn_id = None
+        self.switch_to(OutboundProtocol(inbound))
+
+    def header_lost(self, reason) -> None:
+        if self.conn_id is not None:
+            self.session.pool.remove(self.conn_id)
+        self.gate.lost()
+
+
+class TunnelGate(SwitchingProtocol):
+    """The raw accepted socket: guard, deadline, TLS detection."""
+
+    admitted = False
+    _passed = False
+
+    def __init__(self, server: "TunnelServer"):
+        self.server = server
+
+    def connectionMade(self) -> None:
+        self.host = self.transport.getPeer().host
+        refusal = self.server.guard.admit(self.host)
+        if refusal is not None:
+            self.server.stats_handshake_refused += 1
+            self.transport.abortConnection()
+            return
+        self.admitted = True
+        self.deadline = self.server.clock.callLater(self.server.settings.handshake_timeout, self._expired)
+
+    def _expired(self) -> None:
+        self.refuse("handshake timed out")
+
+    def header_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        inner = TunnelConnection(self.server, self)
+        level = self.server.settings.tls
+        if data[0] == TLS_RECORD:
+            if not level:
+                self.refuse("TLS offered but this server runs --tls 0")
+                return
+            wrapped = HalfCloseTLSProtocol(self.server.tls_factory, inner)
+            self.switch_to(wrapped, data)
+        elif level:
+            code = TLS_REQUIRED[level]
+            self.transport.write(encode(Type.ERROR, encode_text(code, f"this server requires TLS (level {level})")))
+            self.transport.loseConnection()
+            self._finish(False)
+        else:
+            self.switch_to(inner, data)
+
+    def passed(self) -> None:
+        """The tunnel handshake (control or pool) succeeded."""
+        self._finish(True)
+
+    def refuse(self, reason: str) -> None:
+        self.server.log.debug("tunnel connection from {host} refused: {reason}", host=self.host, reason=reason)
+        self._finish(False)
+        self.transport.abortConnection()
+
+    def lost(self) -> None:
+        self._finish(False)
+
+    def _finish(self, succeeded: bool) -> None:
+        if self.admitted and not self._passed:
+            self._passed = True
+            deadline = self.deadline
+            if deadline.active():
+                deadline.cancel()
+            self.server.guard.done(self.host, succeeded)
+            if not succeeded:
+                self.server.handshake_failures += 1
+
+    def header_lost(self, reason) -> None:
+        self.lost()
+
+    def connectionLost(self, reason=None) -> None:
+        super().connectionLost(reason)
+        self.lost()
+
+
+class _GateFactory(ServerFactory):
+    noisy = False
+
+    def __init__(self, server: "TunnelServer"):
+        self.server = server
+
+    def buildProtocol(self, addr):
+        return TunnelGate(self.server)
+
+
+class PoolRelayFactory(TCPForwardFactory):
+    """Receive flow: each accepted user connection takes an idle pool
+    connection instead of dialling a remote."""
+
+    def __init__(self, server: "TunnelServer", *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.server = server
+
+    def dial(self, inbound):
+        session = self.server.session
+        if session is None:
+            self._refuse(inbound, "no client is connected")
+            return None
+        d = session.pool.take()
+
+        def got(taken):
+            conn_id, connection = taken
+            if not connection.transport.connected:
+                # Closed while idle (its removal is underway): try the next one.
+                inbound._pending = self.dial(inbound)
+                return
+            session.control.send_tcp(conn_id)
+            connection.claim_for(inbound)
+
+        def failed(failure):
+            if failure.check(CancelledError):
+                return  # the user hung up while waiting
+            failure.trap(PoolTimeout, PoolFull)
+            self._refuse(inbound, failure.getErrorMessage())
+
+        d.addCallbacks(got, failed)
+        return d
+
+    def _refuse(self, inbound, why: str) -> None:
+        if self._refusals.ready():
+            self.log.warn("{listener}: user connection refused: {why} ({count} so far)",
+                          listener=self.name, why=why, count=self._refusals.take_count())
+        inbound._pending = None
+        if not inbound.closed:
+            self.stats.connect_failures += 1
+            inbound.transport.loseConnection()
+
+
+class TunnelServer(Service):
+    """The whole server: tunnel listener, target listener or dialler,
+    current session, TLS material, periodic health events."""
+
+    log = Logger(namespace="tunnelpass.server")
+
+    def __init__(self, settings: ServerSettings, reactor, clock=None):
+        self.settings = settings
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.key = settings.key.encode()
+        self.stats = ListenerStats()
+        self.guard = HandshakeGuard(self.clock, settings.max_handshakes, settings.max_handshakes_per_source)
+        self.session: ServerSession | None = None
+        self.flow = settings.flow
+        self.fingerprint = b""
+        self.tls_factory = None
+        self.tunnel_port = None
+        self.target_port = None
+        self.handshake_failures = 0
+        self.stats_handshake_refused = 0
+        self._cert_stamp = None
+        self._loops: list[LoopingCall] = []
+
+    # Startup
+
+    def privilegedStartService(self) -> None:
+        self._load_tls()
+        s = self.settings
+        self.tunnel_port = self.reactor.listenTCP(s.tunnel_port, _GateFactory(self), LISTEN_BACKLOG, s.tunnel_host)
+        relay_args = (self.reactor, "target", s.target_host, s.target_port, s.limits, self.stats)
+        if self.flow in ("auto", "receive"):
+            factory = PoolRelayFactory(self, *relay_args, clock=self.clock, zero_copy=s.zero_copy)
+            try:
+                self.target_port = self.reactor.listenTCP(s.target_port, factory, LISTEN_BACKLOG, s.target_host)
+                self.flow = "receive"
+                self.target_factory = factory
+            except CannotListenError:
+                if self.flow == "receive":
+                    self.tunnel_port.stopListening()
+                    raise
+                self.flow = "send"
+        if self.flow == "send":
+            self.target_factory = TCPForwardFactory(*relay_args, clock=self.clock, zero_copy=s.zero_copy)
+        self.session_config = SessionConfig(
+            flow=FLOWS[self.flow], tls=s.tls, max_pool=min(s.max_pool, 0xFFFF),
+            heartbeat_ms=max(100, min(600_000, int(s.heartbeat * 1000))),
+        )
+        super().privilegedStartService()
+
+    def _load_tls(self) -> None:
+        s = self.settings
+        if s.tls == 0:
+            return
+        if s.tls == 1:
+            saved = s.state_dir and (os.path.exists(os.path.join(s.state_dir, "tunnelpass.crt"))
+                                     or os.path.exists(os.path.join(s.state_dir, "tunnelpass.crt.bak")))
+            if saved:
+                pair = tlsmod.load_saved_pair(s.state_dir)
+            else:
+                key, certificate = tlsmod.self_signed()
+                if s.state_dir:
+                    os.makedirs(s.state_dir, mode=0o700, exist_ok=True)
+                    tlsmod.save_pair(s.state_dir, key, certificate)
+                pair = (key, [certificate])
+        else:
+            pair = tlsmod.load_pair(s.cert, s.private_key)
+            self._cert_stamp = _stamp(s.cert, s.private_key)
+        self._install_pair(*pair)
+
+    def _install_pair(self, key, chain) -> None:
+        options = tlsmod.server_options(key, chain)
+        self.fingerprint = tlsmod.fingerprint(chain[0])
+        if self.tls_factory is None:
+            self._current_options = _CurrentOptions(options)
+            self.tls_factory = HalfCloseTLSFactory(self._current_options, False, Factory())
+        else:
+            self._current_options.current = options
+
+    def startService(self) -> None:
+        super().startService()
+        s = self.settings
+        if s.report_interval:
+            self._every(s.report_interval, self.report)
+        if s.tls == 2 and s.reload_interval:
+            self._every(s.reload_interval, self.reload_certificate)
+        self.log.info(
+            "server running: tunnel {tunnel}, flow {flow}, target {target}, tls {tls}{pin}",
+            tunnel=_join(s.tunnel_host, self.tunnel_port.getHost().port), flow=self.flow,
+            target=_join(s.target_host, s.target_port), tls=s.tls,
+            pin=f", certificate {tlsmod.format_pin(self.fingerprint)}" if s.tls else "",
+            event="server_running",
+        )
+        if s.key_generated:
+            self._log_client_command()
+
+    def _log_client_command(self) -> None:
+        from tunnelpass.urls import make_token
+
+        s = self.settings
+        host = s.public_host or (s.tunnel_host if s.tunnel_host not in ("0.0.0.0", "::", "") else "127.0.0.1")
+        port = self.tunnel_port.getHost().port
+        token = make_token(host, port, s.key, self.fingerprint if s.tls == 1 else None)
+        self.log.warn(
+            "no --key given: generated one. Start the client with: "
+            "twistd -n tunnelpass --mode client --token {token} --target HOST:PORT",
+            token=token, event="client_command",
+        )
+
+    def _every(self, interval: float, function) -> None:
+        loop = LoopingCall(function)
+        loop.clock = self.clock
+        loop.start(interval, now=False)
+        self._loops.append(loop)
+
+    # Sessions
+
+    def control_authenticated(self, control: ServerControlProtocol) -> None:
+        old, self.session = self.session, ServerSession(self, control)
+        if old is not None:
+            old.close_idle()
+            old.control.replaced()
+        peer = control.transport.getPeer()
+        self.log.info("client {host} connected (session {sid})", host=peer.host,
+                      sid=control.session.session_id.hex()[:8], event="client_connected")
+
+    def control_lost(self, control: ServerControlProtocol) -> None:
+        session = self.session
+        if session is not None and session.control is control:
+            self.session = None
+            session.close_idle()
+            self.log.info("client disconnected: {reason}", reason=control.close_reason or "connection closed",
+                          event="client_disconnected")
+
+    # Operations
+
+    def report(self, final: bool = False) -> None:
+        session = self.session
+        fields = self.stats.snapshot()
+        self.log.info(
+            "health: client={client} pool_idle={pool_idle} active={active} bytes_in={bytes_in} "
+            "bytes_out={bytes_out} rtt_ms={rtt_ms} handshake_failures={handshake_failures}",
+            event="health", client=session is not None,
+            pool_idle=len(session.pool.idle) if session else 0,
+            rtt_ms=round(session.control.rtt * 1000, 3) if session and session.control.rtt is not None else None,
+            handshake_failures=self.handshake_failures, handshake_refused=self.stats_handshake_refused,
+            pool_timeouts=session.pool.timeouts if session else 0, final=final, **fields,
+        )
+
+    def reload_certificate(self) -> bool:
+        """tls=2: adopt the cert/key files if they changed and are a valid pair."""
+        s = self.settings
+        if s.tls != 2:
+            return False
+        stamp = _stamp(s.cert, s.private_key)
+        if stamp == self._cert_stamp:
+            return False
+        try:
+            key, chain = tlsmod.load_pair(s.cert, s.private_key)
+        except tlsmod.CertificateError as e:
+            self.log.error("certificate reload failed, keeping the current one: {error}", error=str(e))
+            return False
+        self._cert_stamp = stamp
+        self._install_pair(key, chain)
+        self.log.info("certificate reloaded: {pin}", pin=tlsmod.format_pin(self.fingerprint), event="cert_reloaded")
+        return True
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        waits = [self.tunnel_port.stopListening()]
+        if self.target_port is not None:
+            waits.append(self.target_port.stopListening())
+        session = self.session
+        if session is not None:
+            session.close_idle()
+            session.control.shutdown()
+        d = DeferredList([w or succeed(None) for w in waits])
+        d.addCallback(lambda _: self.target_factory.drain(self.settings.shutdown_timeout))
+        d.addCallback(lambda _: self.report(final=True))
+        return d
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentOptions:
+    """TLS connections from whichever options are current, so a reloaded
+    certificate applies to new connections and live ones keep theirs."""
+
+    def __init__(self, options):
+        self.current = options
+
+    def serverConnectionForTLS(self, tls_protocol):
+        connection = SSL.Connection(self.current.getContext(), None)
+        connection.set_app_data(tls_protocol)
+        connection.set_accept_state()
+        return connection
+
+
+def _stamp(*paths):
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
