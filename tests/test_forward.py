@@ -61,7 +61,7 @@ class ForwarderTests(unittest.TestCase):
                                         load_rules(self.path), self.reactor)
         self.service.privilegedStartService()
         self.service.startService()
-        self.addCleanup(self.service._restore_signals)
+        self.addCleanup(self.service.signals.restore)
         return self.service
 
     def listening(self):
@@ -149,7 +149,7 @@ class ForwarderTests(unittest.TestCase):
                                    load_rules(self.path), self.reactor)
         service.privilegedStartService()
         service.startService()
-        self.addCleanup(service._restore_signals)
+        self.addCleanup(service.signals.restore)
         self.reactor.advance(1)
         self.assertEqual(self.messages("reloaded"), [], "no change, no reload")
         self.write("127.0.0.1:1 | a | 2\n127.0.0.1:2 | b | 3\n")
@@ -162,7 +162,7 @@ class ForwarderTests(unittest.TestCase):
                                    load_rules(self.path), self.reactor)
         service.privilegedStartService()
         service.startService()
-        self.addCleanup(service._restore_signals)
+        self.addCleanup(service.signals.restore)
         self.reactor.advance(5)
         self.reactor.advance(5)
         stats = [e for e in self.events if e.get("event") == "stats"]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, DeferredList, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -45,10 +46,14 @@ from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
+from tunnelpass.forward import raise_fd_limit
+from tunnelpass.server import listen_error
+from tunnelpass.signals import Signals
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint
 
 LISTEN_BACKLOG = 1024
+POOL_OK = encode(Type.POOL_OK)
 _LEVEL_BY_CODE = {code: level for level, code in TLS_REQUIRED.items()}
 _FLOW_NAMES = {number: name for name, number in FLOWS.items()}
 
@@ -79,11 +84,13 @@ class ClientSettings:
 class PoolConnection(SwitchingProtocol):
     """One client pool connection: authenticates, idles, then relays."""
 
-    ready = False
+    ready = False  # the server filed it (POOL_OK received)
+    authenticated = False  # POOL_AUTH sent
 
     def __init__(self, client: "TunnelClient", session, counter: int, conn_id: bytes):
         self.client, self.session = client, session
         self.counter, self.conn_id = counter, conn_id
+        self._ack = b""
 
     def connectionMade(self) -> None:
         if not isinstance(self.transport, TLSMemoryBIOProtocol):
@@ -98,17 +105,35 @@ class PoolConnection(SwitchingProtocol):
             return
         fp = tlsmod.peer_fingerprint(self.transport)
         self.transport.write(pool_auth_frame(self.session, self.counter, self.conn_id, fp))
-        self.ready = True
-        self.client.pool_connected(self)
+        self.authenticated = True
 
     def header_received(self, data: bytes) -> None:
+        if not self.ready:
+            # Only a connection the server has filed goes to the idle pool:
+            # one it refused (full, busy) never carries a user's bytes.
+            needed = len(POOL_OK) - len(self._ack)
+            self._ack += data[:needed]
+            data = data[needed:]
+            if not POOL_OK.startswith(self._ack) or not self.authenticated:
+                self.transport.abortConnection()
+                return
+            if len(self._ack) < len(POOL_OK):
+                return
+            self.ready = True
+            self.client.pool_connected(self)
+            if not data or not self.transport.connected:
+                return
+            if self.delegate is not None:  # a waiting user took it at once
+                self.delegate.dataReceived(data)
+                return
         # Receive flow: user bytes may overtake the TCP(id) signal.
-        if self.ready and self.client.pool is not None and self.client.pool.claim(self.conn_id) is self:
+        if self.client.pool is not None and self.client.pool.claim(self.conn_id) is self:
             self.start_relay(data)
         else:
             self.transport.abortConnection()
 
     def start_relay(self, data: bytes = b"") -> None:
+        self.client.retiring.discard(self.conn_id)
         self.client.policy_used()
         self.switch_to(self.client.target_factory.buildProtocol(None), data)
 
@@ -196,6 +221,8 @@ class TunnelClient(Service):
         self.policy: PoolPolicy | None = None
         self.dialing = 0
         self.counter = 0
+        self.flow = None  # the server's, once a session starts
+        self.retiring: set[bytes] = set()
         self.failures = 0
         self._retry_now = False
         self._creator = None
@@ -207,6 +234,7 @@ class TunnelClient(Service):
         )
         self._loops: list[LoopingCall] = []
         self.service = None
+        self.signals = Signals(reactor)
 
     # Connecting
 
@@ -229,12 +257,17 @@ class TunnelClient(Service):
         return self._backoff(attempts + self.failures)
 
     def privilegedStartService(self) -> None:
+        raise_fd_limit()
         s = self.settings
         if s.flow == "local":
             # Single-end forwarding: --tunnel is the local listener, no server.
             self.local_factory = self.target_factory
-            self.listening_port = self.reactor.listenTCP(s.server_port, self.local_factory, LISTEN_BACKLOG,
-                                                         s.server_host)
+            try:
+                self.listening_port = self.reactor.listenTCP(s.server_port, self.local_factory, LISTEN_BACKLOG,
+                                                             s.server_host)
+            except CannotListenError as e:
+                raise SystemExit(
+                    f"tunnelpass: {listen_error('--tunnel', s.server_host, s.server_port, e)}") from None
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -242,6 +275,11 @@ class TunnelClient(Service):
         s = self.settings
         if s.report_interval:
             self._every(s.report_interval, self.report)
+        self.reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        self.signals.install_stop()
+        s = self.settings
         if s.flow == "local":
             self.log.info("client running (local forwarding): {listen} -> {target}",
                           listen=_join(s.server_host, self.listening_port.getHost().port),
@@ -283,6 +321,8 @@ class TunnelClient(Service):
                                  self.settings.max_pool)
         self.policy.limit_max_pool(config.max_pool)
         self.pool = IdlePool(self.clock, self.policy.max_pool, self._want_more, timeout=self.settings.pool_timeout)
+        self.flow = flow
+        self.retiring: set[bytes] = set()
         self.log.info("connected to {server} (session {sid}, flow {flow}, tls {tls})",
                       server=_join(self.settings.server_host, self.settings.server_port),
                       sid=control.session.session_id.hex()[:8], flow=flow, tls=self.level,
@@ -368,10 +408,19 @@ class TunnelClient(Service):
         if self.session is None or self.policy is None:
             return
         idle = len(self.pool.idle)
-        surplus = self.policy.surplus(idle + self.dialing)
-        for _ in range(min(surplus, idle)):
-            _, connection = self.pool.idle.popitem(last=False)
-            connection.transport.loseConnection()
+        surplus = min(self.policy.surplus(idle + self.dialing), idle)
+        if surplus and self.flow == "send":
+            # This side claims pool connections in the send flow: closing
+            # an idle one cannot race a user connection.
+            for _ in range(surplus):
+                _, connection = self.pool.idle.popitem(last=False)
+                connection.transport.loseConnection()
+        elif surplus and self.control is not None:
+            # Receive flow: the server claims; ask it to retire the oldest.
+            for conn_id in list(self.pool.idle)[:surplus]:
+                if conn_id not in self.retiring:
+                    self.retiring.add(conn_id)
+                    self.control.retire(conn_id)
         for _ in range(self.policy.to_dial(len(self.pool.idle), self.dialing)):
             self._dial_one()
 
@@ -397,6 +446,7 @@ class TunnelClient(Service):
             self.dialing -= 1  # connected but never authenticated (TLS failure, ...)
         elif self.pool is not None:
             self.pool.remove(connection.conn_id)
+            self.retiring.discard(connection.conn_id)
 
     # Operations
 
@@ -426,6 +476,7 @@ class TunnelClient(Service):
                                               (None, self.target_factory) else [])
         d.addCallback(lambda _: DeferredList([f.drain(self.settings.shutdown_timeout) for f in factories]))
         d.addCallback(lambda _: self.report(final=True))
+        d.addCallback(lambda _: self.signals.restore())
         return d
 
 

@@ -38,6 +38,7 @@ class Type(enum.IntEnum):
     AUTH = 3  # client -> server: client nonce + proof
     WELCOME = 4  # server -> client: proof + session config
     POOL_AUTH = 5  # client -> server, first frame of a pool connection
+    POOL_OK = 6  # server -> client: that pool connection is filed as idle
     TCP = 16  # server -> client: relay pool connection <id>
     PING = 17
     PONG = 18
@@ -45,6 +46,7 @@ class Type(enum.IntEnum):
     POOL = 20  # server -> client: dial <n> more pool connections
     CLOSE = 21  # either way: code + reason, then close
     ERROR = 22  # either way: code + reason, then close
+    RETIRE = 23  # client -> server: close idle pool connection <id> if it is still idle
 
 
 #: Largest payload accepted per type (bytes).
@@ -54,6 +56,7 @@ MAX_PAYLOAD = {
     Type.AUTH: 64,
     Type.WELCOME: 64,
     Type.POOL_AUTH: 72,
+    Type.POOL_OK: 0,
     Type.TCP: 16,
     Type.PING: 16,
     Type.PONG: 16,
@@ -61,6 +64,7 @@ MAX_PAYLOAD = {
     Type.POOL: 2,
     Type.CLOSE: 2 + 256,
     Type.ERROR: 2 + 256,
+    Type.RETIRE: 16,
 }
 LARGEST_FRAME = HEADER_SIZE + max(MAX_PAYLOAD.values())
 

@@ -39,7 +39,7 @@ DEAD_AFTER = 3
 _PING = struct.Struct("!Qd")  # sequence, sender's clock
 
 _HANDSHAKE_TYPES = frozenset({Type.HELLO, Type.CHALLENGE, Type.AUTH, Type.WELCOME, Type.ERROR})
-_SERVER_SIGNALS = frozenset({Type.PONG, Type.CLOSE, Type.ERROR})
+_SERVER_SIGNALS = frozenset({Type.PONG, Type.RETIRE, Type.CLOSE, Type.ERROR})
 _CLIENT_SIGNALS = frozenset({Type.TCP, Type.PING, Type.FLUSH, Type.POOL, Type.CLOSE, Type.ERROR})
 
 
@@ -155,6 +155,7 @@ class ServerControlProtocol(_ControlProtocol):
         self.handshake = ServerHandshake(key, fingerprint, config)
         self.on_session, self.on_lost = on_session, on_lost
         self.rtt: float | None = None
+        self.on_retire = lambda conn_id: None
         self._ping_sequence = 0
         self._ping_sent_at = 0.0
 
@@ -176,6 +177,10 @@ class ServerControlProtocol(_ControlProtocol):
                 sequence, _ = _PING.unpack(frame.payload)
                 if sequence == self._ping_sequence:  # timed by our own clock only
                     self.rtt = max(0.0, self.clock.seconds() - self._ping_sent_at)
+        elif frame.type is Type.RETIRE:
+            if len(frame.payload) != ID:
+                raise ProtocolError("RETIRE signal must carry a 16-byte id")
+            self.on_retire(frame.payload)
         else:  # CLOSE or ERROR
             self._peer_closed(frame)
 
@@ -251,6 +256,13 @@ class ClientControlProtocol(_ControlProtocol):
             self.handler.flush_pool()
         else:  # CLOSE or ERROR
             self._peer_closed(frame)
+
+    def retire(self, conn_id: bytes) -> None:
+        """Ask the server to close idle pool connection *conn_id*.  In the
+        receive flow only the server claims pool connections, so only it
+        can close an idle one without racing a user connection."""
+        if self.close_reason is None:
+            self.transport.write(encode(Type.RETIRE, conn_id))
 
     def connectionLost(self, reason=None) -> None:
         super().connectionLost(reason)

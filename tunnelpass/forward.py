@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tunnelpass.relay import TCPForwardFactory
+from tunnelpass.signals import Signals
 from tunnelpass.rules import MAX_FILE_BYTES, Endpoint, Limits, Rule, RulesError, parse_rules
 from tunnelpass.stats import ListenerStats, StatsReporter
 from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
@@ -152,7 +153,7 @@ class ForwarderService(MultiService):
         self._reload_again = False
         self._config_stamp = self._stamp()
         self._timers: list[LoopingCall] = []
-        self._old_signals: dict[int, object] = {}
+        self.signals = Signals(reactor)
         for endpoint, rule in _endpoints(rules):
             self._new_listener(endpoint, rule).setServiceParent(self)
 
@@ -176,7 +177,7 @@ class ForwarderService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self._install_signal(signal.SIGHUP, self.reload)
+        self.signals.install(signal.SIGHUP, self.reload)
         if self.settings.report_interval:
             self._start_timer(self._report, self.settings.report_interval)
         if self.settings.reload_interval:
@@ -187,7 +188,7 @@ class ForwarderService(MultiService):
         # Only once the reactor runs can its own SIGTERM/SIGINT handlers be
         # replaced; "forwarder running" is logged after that, so whoever waits
         # for it may signal us at once.
-        self._install_stop_signals()
+        self.signals.install_stop()
         count = len(list(self))
         if count:
             log.info("forwarder running: {count} listener(s) from {config}",
@@ -210,7 +211,7 @@ class ForwarderService(MultiService):
             )
         await DeferredList([l.drain(self.settings.shutdown_timeout) for l in draining])
         self.reporter.report(draining, final=True)
-        self._restore_signals()
+        self.signals.restore()
         log.info("forwarder stopped")
 
     def stopService(self):
@@ -309,39 +310,6 @@ class ForwarderService(MultiService):
         timer.clock = self.reactor
         timer.start(interval, now=False)
         self._timers.append(timer)
-
-    def _install_signal(self, number: int, action) -> None:
-        """Run *action* in the reactor thread on signal *number*.
-
-        The handler only schedules: signal handlers may interrupt the reactor
-        anywhere, so no work happens inside them.
-        """
-        def handler(signum, frame):
-            self.reactor.callFromThread(action)
-
-        self._old_signals.setdefault(number, signal.getsignal(number))
-        signal.signal(number, handler)
-
-    def _install_stop_signals(self) -> None:
-        # twistd's own handlers make the process die by the signal
-        # (exit status 143/130) after shutdown; a drained, orderly stop
-        # should exit 0, so SIGTERM/SIGINT just stop the reactor.
-        for number in (signal.SIGTERM, signal.SIGINT):
-            self._install_signal(number, lambda n=number: self._stop_on_signal(n))
-
-    def _stop_on_signal(self, number: int) -> None:
-        name = signal.Signals(number).name
-        try:
-            self.reactor.stop()
-        except ReactorNotRunning:
-            log.info("received {signal} while already shutting down", signal=name)
-        else:
-            log.info("received {signal}, shutting down", signal=name)
-
-    def _restore_signals(self) -> None:
-        for number, old in self._old_signals.items():
-            signal.signal(number, old if old is not None else signal.SIG_DFL)
-        self._old_signals.clear()
 
 
 def _endpoints(rules: list[Rule]):

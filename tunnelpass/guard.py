@@ -30,7 +30,7 @@ def source_key(host: str) -> str:
 
 
 class HandshakeGuard:
-    def __init__(self, clock, max_pending: int = 1024, max_pending_per_source: int = 32,
+    def __init__(self, clock, max_pending: int = 1024, max_pending_per_source: int = 256,
                  failures: int = 5, window: float = 60.0, penalty: float = 60.0,
                  max_tracked_sources: int = 100_000):
         self.clock = clock

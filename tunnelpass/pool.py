@@ -54,6 +54,10 @@ class IdlePool:
             self.want_more(1)
         return connection
 
+    def claim_quietly(self, conn_id: bytes):
+        """As :meth:`claim`, for retiring a connection: never asks for more."""
+        return self.idle.pop(conn_id, None)
+
     def remove(self, conn_id: bytes) -> None:
         """An idle connection went away (closed by the client, reset, ...)."""
         self.idle.pop(conn_id, None)

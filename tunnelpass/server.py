@@ -18,6 +18,7 @@ session at a time: a newly authenticated one replaces the old at once.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 from twisted.application.service import Service
@@ -45,10 +46,13 @@ from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
+from tunnelpass.forward import raise_fd_limit
+from tunnelpass.signals import Signals
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSFactory, HalfCloseTLSProtocol
 
 TLS_RECORD = 0x16
+POOL_OK = encode(Type.POOL_OK)
 LISTEN_BACKLOG = 1024
 
 
@@ -89,10 +93,17 @@ class ServerSession:
         self.authenticator = PoolAuthenticator(self.session, server.fingerprint)
         self.pool = IdlePool(server.clock, server.settings.max_pool, self._want_more,
                              timeout=server.settings.pool_timeout)
+        control.on_retire = self.retire
 
     def _want_more(self, count: int) -> None:
         if self.control.transport is not None and self.control.close_reason is None:
             self.control.send_pool(count)
+
+    def retire(self, conn_id: bytes) -> None:
+        connection = self.pool.claim_quietly(conn_id)
+        if connection is not None:
+            connection.conn_id = None
+            connection.transport.loseConnection()
 
     def close_idle(self) -> None:
         for connection in self.pool.flush():
@@ -140,12 +151,17 @@ class TunnelConnection(SwitchingProtocol):
             self.gate.refuse(e.reason)
             return
         self.gate.passed()
-        if not session.pool.add(conn_id, self):
-            self.transport.loseConnection()  # the pool is full: the client over-dialled
-            return
-        self.conn_id, self.session = conn_id, session
         if rest:
-            self._idle_data(rest)
+            # The client waits for POOL_OK before it sends anything more.
+            self.transport.abortConnection()
+            return
+        # State and POOL_OK first: add() may hand this connection to a
+        # waiting user at once, and POOL_OK must precede the user's bytes.
+        self.conn_id, self.session = conn_id, session
+        self.transport.write(POOL_OK)
+        if not session.pool.add(conn_id, self):
+            self.conn_id = None
+            self.transport.loseConnection()  # the pool is full: the client over-dialled
 
     def _control_authenticated(self, control: ServerControlProtocol) -> None:
         self.gate.passed()
@@ -341,13 +357,22 @@ class TunnelServer(Service):
         self.stats_handshake_refused = 0
         self._cert_stamp = None
         self._loops: list[LoopingCall] = []
+        self.signals = Signals(reactor)
 
     # Startup
 
     def privilegedStartService(self) -> None:
-        self._load_tls()
+        raise_fd_limit()
+        try:
+            self._load_tls()
+        except (tlsmod.CertificateError, OSError) as e:
+            raise SystemExit(f"tunnelpass: {e}") from None
         s = self.settings
-        self.tunnel_port = self.reactor.listenTCP(s.tunnel_port, _GateFactory(self), LISTEN_BACKLOG, s.tunnel_host)
+        try:
+            self.tunnel_port = self.reactor.listenTCP(s.tunnel_port, _GateFactory(self), LISTEN_BACKLOG,
+                                                      s.tunnel_host)
+        except CannotListenError as e:
+            raise SystemExit(f"tunnelpass: {listen_error('--tunnel', s.tunnel_host, s.tunnel_port, e)}") from None
         relay_args = (self.reactor, "target", s.target_host, s.target_port, s.limits, self.stats)
         if self.flow in ("auto", "receive"):
             factory = PoolRelayFactory(self, *relay_args, clock=self.clock, zero_copy=s.zero_copy)
@@ -355,10 +380,11 @@ class TunnelServer(Service):
                 self.target_port = self.reactor.listenTCP(s.target_port, factory, LISTEN_BACKLOG, s.target_host)
                 self.flow = "receive"
                 self.target_factory = factory
-            except CannotListenError:
+            except CannotListenError as e:
                 if self.flow == "receive":
                     self.tunnel_port.stopListening()
-                    raise
+                    raise SystemExit(
+                        f"tunnelpass: {listen_error('--target', s.target_host, s.target_port, e)}") from None
                 self.flow = "send"
         if self.flow == "send":
             self.target_factory = TCPForwardFactory(*relay_args, clock=self.clock, zero_copy=s.zero_copy)
@@ -404,6 +430,13 @@ class TunnelServer(Service):
             self._every(s.report_interval, self.report)
         if s.tls == 2 and s.reload_interval:
             self._every(s.reload_interval, self.reload_certificate)
+        self.signals.install(signal.SIGHUP, self.reload_certificate)
+        self.reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        # "server running" comes once our SIGTERM handler is in place.
+        self.signals.install_stop()
+        s = self.settings
         self.log.info(
             "server running: tunnel {tunnel}, flow {flow}, target {target}, tls {tls}{pin}",
             tunnel=_join(s.tunnel_host, self.tunnel_port.getHost().port), flow=self.flow,
@@ -500,6 +533,7 @@ class TunnelServer(Service):
         d = DeferredList([w or succeed(None) for w in waits])
         d.addCallback(lambda _: self.target_factory.drain(self.settings.shutdown_timeout))
         d.addCallback(lambda _: self.report(final=True))
+        d.addCallback(lambda _: self.signals.restore())
         return d
 
 
@@ -516,6 +550,11 @@ class _CurrentOptions:
         connection.set_app_data(tls_protocol)
         connection.set_accept_state()
         return connection
+
+
+def listen_error(what: str, host: str, port: int, error: CannotListenError) -> str:
+    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+    return f"{what}: cannot listen on {_join(host, port)}: {reason}"
 
 
 def _stamp(*paths):

@@ -63,32 +63,26 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-class Forwarder:
-    """A ``twistd tunnelpass --mode forward`` subprocess."""
+class Twistd:
+    """A ``twistd -n --pidfile= tunnelpass ARGS`` subprocess, log captured."""
 
-    def __init__(self, testcase, rules: str, *args: str, wait: bool = True):
-        self.dir = os.path.abspath(testcase.mktemp())
-        os.makedirs(self.dir)
-        self.config = os.path.join(self.dir, "rules.conf")
-        self.write_rules(rules)
-        self.log_path = os.path.join(self.dir, "twistd.log")
+    def __init__(self, testcase, args, ready: str | None = None, directory: str | None = None,
+                 env: dict | None = None):
+        self.dir = directory or os.path.abspath(testcase.mktemp())
+        os.makedirs(self.dir, exist_ok=True)
+        self.log_path = os.path.join(self.dir, f"twistd-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNELPASS_")}
+        environment = {k: v for k, v in os.environ.items()
+                       if not k.startswith("TUNNELPASS_") and not k.startswith("NP_")}
+        environment.update(env or {})
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "forward",
-             "--config", self.config, *args],
-            cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            [TWISTD, "-n", "--pidfile=", "tunnelpass", *args],
+            cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT, env=environment,
         )
         testcase.addCleanup(self.kill)
         self.testcase = testcase
-        if wait:
-            self.wait_for_log("forwarder running")
-
-    def write_rules(self, rules: str) -> None:
-        tmp = self.config + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(rules)
-        os.replace(tmp, self.config)
+        if ready:
+            self.wait_for_log(ready)
 
     def log(self) -> str:
         with open(self.log_path, "rb") as f:
@@ -110,15 +104,6 @@ class Forwarder:
     def signal(self, number: int) -> None:
         self.process.send_signal(number)
 
-    def reload(self, rules: str | None = None) -> None:
-        """Write *rules* (if given), SIGHUP, and wait for the reload to be handled."""
-        done = self.log().count("reload")
-        if rules is not None:
-            self.write_rules(rules)
-        self.signal(signal.SIGHUP)
-        wait_until(lambda: self.log().count("reload") > done or self.process.poll() is not None,
-                   10, what="reload log line")
-
     def wait_exit(self, timeout: float = 15.0) -> int:
         try:
             return self.process.wait(timeout)
@@ -130,6 +115,33 @@ class Forwarder:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+class Forwarder(Twistd):
+    """A ``twistd tunnelpass --mode forward`` subprocess."""
+
+    def __init__(self, testcase, rules: str, *args: str, wait: bool = True):
+        directory = os.path.abspath(testcase.mktemp())
+        os.makedirs(directory)
+        self.config = os.path.join(directory, "rules.conf")
+        self.write_rules(rules)
+        super().__init__(testcase, ["--mode", "forward", "--config", self.config, *args],
+                         ready="forwarder running" if wait else None, directory=directory)
+
+    def write_rules(self, rules: str) -> None:
+        tmp = self.config + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(rules)
+        os.replace(tmp, self.config)
+
+    def reload(self, rules: str | None = None) -> None:
+        """Write *rules* (if given), SIGHUP, and wait for the reload to be handled."""
+        done = self.log().count("reload")
+        if rules is not None:
+            self.write_rules(rules)
+        self.signal(signal.SIGHUP)
+        wait_until(lambda: self.log().count("reload") > done or self.process.poll() is not None,
+                   10, what="reload log line")
 
 
 class _ThreadingTCP(socketserver.ThreadingTCPServer):

@@ -288,10 +288,10 @@ class LifecycleTests(unittest.TestCase):
         self.assertIn("option --bogus not recognized", result.stdout + result.stderr)
 
     def test_unbuilt_mode_is_fatal(self):
-        result = subprocess.run([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "server"],
+        result = subprocess.run([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "master"],
                                 capture_output=True, text=True, timeout=30, cwd=ROOT)
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("--mode server is not available yet", result.stdout + result.stderr)
+        self.assertIn("--mode master is not available yet", result.stdout + result.stderr)
 
     def test_json_logs_carry_stats(self):
         tcp = TCPServer(self)

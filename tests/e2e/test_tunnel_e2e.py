@@ -1,0 +1,260 @@
+"""End-to-end: real ``twistd tunnelpass`` server and client processes.
+
+Every flow at every TLS level carries 50 MB (checksummed) and 200
+concurrent connections; then the attacks and faults the issue lists.
+"""
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+
+from twisted.trial import unittest
+
+from tests.e2e.harness import TCPServer, Twistd, can_connect, free_port, rss_kib, tcp_round_trip, wait_until
+from tests.e2e.tunnel_harness import KEY, Proxy, Tunnel
+
+
+def stream_checksum(port: int, size: int) -> tuple[str, str, int]:
+    """Send *size* random bytes through an echo, half-close, read all back."""
+    sent = hashlib.sha256()
+    received = hashlib.sha256()
+    count = [0]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        def reader():
+            while True:
+                data = s.recv(1 << 20)
+                if not data:
+                    return
+                received.update(data)
+                count[0] += len(data)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        block = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            sent.update(block)
+            s.sendall(block)
+        s.shutdown(socket.SHUT_WR)
+        thread.join(60)
+    return sent.hexdigest(), received.hexdigest(), count[0]
+
+
+def concurrent_round_trips(port: int, count: int = 200) -> int:
+    """Open *count* connections at once, then echo a distinct message on each."""
+    sockets = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(count)]
+    ok = 0
+    try:
+        for i, s in enumerate(sockets):
+            s.sendall(b"connection %d\n" % i)
+        for i, s in enumerate(sockets):
+            expected = b"connection %d\n" % i
+            data = b""
+            while len(data) < len(expected):
+                chunk = s.recv(100)
+                if not chunk:
+                    break
+                data += chunk
+            ok += data == expected
+    finally:
+        for s in sockets:
+            s.close()
+    return ok
+
+
+class FlowMatrixTests(unittest.TestCase):
+    """Each flow x TLS level: bulk data and concurrency."""
+
+    def check(self, flow, tls, form="flags"):
+        tunnel = Tunnel(self, flow=flow, tls=tls, form=form)
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"hello"), b"hello")
+        sent, received, count = stream_checksum(tunnel.entry, 50 << 20)
+        self.assertEqual(count, 50 << 20)
+        self.assertEqual(sent, received)
+        self.assertEqual(concurrent_round_trips(tunnel.entry, 200), 200)
+        return tunnel
+
+    def test_receive_tls0(self):
+        self.check("receive", 0)
+
+    def test_receive_tls1_url(self):
+        self.check("receive", 1, form="url")
+
+    def test_receive_tls2(self):
+        self.check("receive", 2)
+
+    def test_send_tls0_url(self):
+        self.check("send", 0, form="url")
+
+    def test_send_tls1_token(self):
+        tunnel = self.check("send", 1, form="token")
+        self.assertIn("--token tp1.", tunnel.server.log())
+
+    def test_send_tls2(self):
+        self.check("send", 2)
+
+
+class SecurityTests(unittest.TestCase):
+    def test_wrong_key_is_refused_with_backoff(self):
+        tunnel = Tunnel(self, connect=False)
+        argv = tunnel.client_argv()
+        argv[argv.index("--key") + 1] = "another-key-0123456789abcdef"
+        client = Twistd(self, argv, ready="authentication failed", directory=tunnel.dir)
+        time.sleep(3)
+        attempts = client.log().count("authentication failed: the server refused our key")
+        self.assertLessEqual(attempts, 4, "retries back off instead of looping")
+        self.assertNotIn("connected to", client.log())
+        self.assertIn("handshake_failures=", tunnel.server.log())
+
+    def test_tls_man_in_the_middle_is_detected(self):
+        tunnel = Tunnel(self, tls=1, connect=False)
+        mitm = Proxy(self, tunnel.tunnel_port, mitm=True)
+        client = Twistd(self, tunnel.client_argv(mitm.port), ready="authentication failed", directory=tunnel.dir)
+        self.assertIn("man in the middle", client.log())
+        self.assertNotIn("connected to", client.log())
+
+    def test_pin_mismatch_is_refused(self):
+        tunnel = Tunnel(self, tls=1, connect=False, client_args=["--pin", "sha256:" + "ab" * 32])
+        client = tunnel.start_client(ready=None)
+        time.sleep(2)
+        self.assertNotIn("connected to", client.log())
+
+    def test_replayed_handshake_and_pool_auth_are_refused(self):
+        tunnel = Tunnel(self, connect=False)
+        recorder = Proxy(self, tunnel.tunnel_port)
+        tunnel.start_client(recorder.port, ready="connected to")
+        wait_until(lambda: len(recorder.records) >= 3 and all(recorder.records[:3]), 10, what="pool connections")
+        control = b"".join(recorder.records[0])
+        pool_auth = b"".join(recorder.records[1])[:76]
+        self.assertEqual(pool_auth[0], 5, "POOL_AUTH is the pool connection's first frame")
+
+        def refused(payload: bytes) -> bool:
+            with socket.create_connection(("127.0.0.1", tunnel.tunnel_port), timeout=5) as s:
+                s.sendall(payload)
+                try:
+                    while True:
+                        data = s.recv(4096)
+                        if not data:
+                            return True
+                        if b"authentication failed" in data:
+                            return True
+                except ConnectionResetError:
+                    return True
+                except socket.timeout:
+                    return False
+
+        self.assertTrue(refused(control), "a recorded HELLO+AUTH does not authenticate again")
+        self.assertTrue(refused(pool_auth), "a recorded POOL_AUTH is single use")
+        forged = bytearray(pool_auth)
+        forged[4 + 16 + 8] ^= 0xFF  # another connection id, same proof
+        self.assertTrue(refused(bytes(forged)), "a forged pool id is refused")
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"still fine"), b"still fine")
+
+    def test_idle_unauthenticated_sockets_do_not_lock_out_a_client(self):
+        tunnel = Tunnel(self, connect=False, server_args=["--handshake-timeout", "2s"])
+        attackers = []
+        for _ in range(200):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            try:
+                s.connect(("127.0.0.1", tunnel.tunnel_port))
+            except OSError:
+                s.close()
+                continue
+            attackers.append(s)
+        self.addCleanup(lambda: [s.close() for s in attackers])
+        tunnel.start_client()
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"through"), b"through")
+
+        def all_closed():
+            for s in attackers:
+                s.setblocking(False)
+                try:
+                    if s.recv(1) != b"":
+                        return False
+                except BlockingIOError:
+                    return False
+                except OSError:
+                    pass
+            return True
+
+        wait_until(all_closed, 10, what="the handshake deadline to close idle sockets")
+
+
+class ResilienceTests(unittest.TestCase):
+    def test_server_restart_client_reconnects(self):
+        tunnel = Tunnel(self)
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"before"), b"before")
+        tunnel.server.kill()
+        tunnel.client.wait_for_log("lost the server")
+        tunnel.start_server()
+        tunnel.client.wait_for_log("connected to", count=2, timeout=30)
+        wait_until(lambda: can_connect(tunnel.entry), 10)
+        tunnel.wait_pool()
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"after"), b"after")
+
+    def test_blackholed_control_channel_is_replaced(self):
+        tunnel = Tunnel(self, connect=False, server_args=["--report-interval", "500ms"])
+        proxy = Proxy(self, tunnel.tunnel_port)
+        tunnel.start_client(proxy.port)
+        proxy.blackhole.set()
+        tunnel.client.wait_for_log("peer silent", timeout=10)
+        proxy.blackhole.clear()
+        tunnel.client.wait_for_log("connected to", count=2, timeout=30)
+        tunnel.wait_pool()
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"again"), b"again")
+
+    def test_slow_consumer_keeps_memory_bounded(self):
+        source = TCPServer(self, "source")
+        tunnel = Tunnel(self, backend=source)
+        with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.recv(65536)
+            time.sleep(1)
+            before = [rss_kib(p.process.pid) for p in (tunnel.server, tunnel.client)]
+            for _ in range(40):  # ~64 KiB every 50 ms: far slower than the source
+                s.recv(65536)
+                time.sleep(0.05)
+            after = [rss_kib(p.process.pid) for p in (tunnel.server, tunnel.client)]
+        for b, a in zip(before, after):
+            self.assertLess(a - b, 8 * 1024, f"RSS grew from {b} to {a} KiB")
+
+    def test_sigterm_exits_zero(self):
+        tunnel = Tunnel(self)
+        tunnel.client.signal(signal.SIGTERM)
+        tunnel.server.signal(signal.SIGTERM)
+        self.assertEqual(tunnel.client.wait_exit(), 0, tunnel.client.log())
+        self.assertEqual(tunnel.server.wait_exit(), 0, tunnel.server.log())
+
+    def test_busy_target_port_fails_startup_clearly(self):
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        self.addCleanup(busy.close)
+        port = busy.getsockname()[1]
+        server = Twistd(self, ["--mode", "server", "--tunnel", f"127.0.0.1:{free_port()}",
+                               "--target", f"127.0.0.1:{port}", "--flow", "receive", "--key", KEY])
+        self.assertNotEqual(server.wait_exit(), 0)
+        self.assertIn(f"--target: cannot listen on 127.0.0.1:{port}", server.log())
+
+    def test_client_local_flow_needs_no_server(self):
+        echo = TCPServer(self)
+        port = free_port()
+        Twistd(self, ["--mode", "client", "--flow", "local", "--tunnel", f"127.0.0.1:{port}",
+                      "--target", f"127.0.0.1:{echo.port}"], ready="client running")
+        self.assertEqual(tcp_round_trip(port, b"local"), b"local")
+
+    def test_client_waits_for_a_server_that_is_not_up_yet(self):
+        tunnel = Tunnel(self, connect=False)
+        tunnel.server.kill()
+        client = tunnel.start_client(ready="client running")
+        time.sleep(1)
+        self.assertFalse(can_connect(tunnel.entry))
+        tunnel.start_server()
+        client.wait_for_log("connected to", timeout=30)
+        wait_until(lambda: can_connect(tunnel.entry), 10)
+        tunnel.wait_pool()
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"late"), b"late")
+

@@ -1,0 +1,186 @@
+"""A real tunnel for end-to-end tests: server and client ``twistd`` processes,
+an echo backend, and fault-injecting proxies (recording, blackholing, TLS
+man in the middle) that run in threads of the test process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+
+from tests.certs import ca_signed, write_pem
+from tests.e2e.harness import TCPServer, Twistd, can_connect, free_port, wait_until
+
+KEY = "e2e-tunnel-key-0123456789abcdef"
+
+
+class Tunnel:
+    """Server + client on loopback.  ``entry`` is the port users connect to:
+    the server's --target in the receive flow, the client's in the send flow."""
+
+    def __init__(self, testcase, flow: str = "receive", tls: int = 0, server_args=(), client_args=(),
+                 backend: TCPServer | None = None, form: str = "flags", tunnel_port: int | None = None,
+                 connect: bool = True):
+        self.testcase = testcase
+        self.backend = backend or TCPServer(testcase)
+        self.flow, self.tls, self.form = flow, tls, form
+        self.tunnel_port = tunnel_port or free_port()
+        self.entry = free_port()
+        self.dir = os.path.abspath(testcase.mktemp())
+        os.makedirs(self.dir)
+        self.tls_args: list[str] = []
+        self.client_tls_args: list[str] = []
+        if tls == 2:
+            ca, key, cert = ca_signed("localhost")
+            self.ca, self.cert, self.key = write_pem(self.dir, ca, key, cert)
+            self.tls_args = ["--cert", self.cert, "--private-key", self.key]
+            self.client_tls_args = ["--ca", self.ca, "--sni", "localhost"]
+        self.server_args, self.client_args = list(server_args), list(client_args)
+        self.start_server()
+        self.client = None
+        if connect:
+            self.start_client()
+
+    @property
+    def server_target(self) -> str:
+        return f"127.0.0.1:{self.entry if self.flow == 'receive' else self.backend.port}"
+
+    @property
+    def client_target(self) -> str:
+        return f"127.0.0.1:{self.backend.port if self.flow == 'receive' else self.entry}"
+
+    def start_server(self) -> Twistd:
+        if self.form == "url":
+            url = (f"server://{KEY}@127.0.0.1:{self.tunnel_port}/{self.server_target}"
+                   f"?tls={self.tls}&mode={1 if self.flow == 'receive' else 2}")
+            args = [url]
+        else:
+            args = ["--mode", "server", "--tunnel", f"127.0.0.1:{self.tunnel_port}", "--target",
+                    self.server_target, "--tls", str(self.tls), "--flow", self.flow]
+            if self.form != "token":
+                args += ["--key", KEY]
+        extra = self.tls_args + ["--report-interval", "1s"] + self.server_args
+        # Options stop at the first argument: a URL goes last.
+        args = extra + args if self.form == "url" else args + extra
+        self.server = Twistd(self.testcase, args,
+                             ready="server running", directory=self.dir)
+        return self.server
+
+    def token(self) -> str:
+        self.server.wait_for_log("--token ")
+        return self.server.log().split("--token ", 1)[1].split()[0]
+
+    def client_argv(self, tunnel_port: int | None = None) -> list[str]:
+        port = tunnel_port or self.tunnel_port
+        if self.form == "url":
+            args = [f"client://{KEY}@127.0.0.1:{port}/{self.client_target}?min=8"]
+        elif self.form == "token":
+            args = ["--mode", "client", "--token", self.token(), "--target", self.client_target, "--min-pool", "8"]
+        else:
+            args = ["--mode", "client", "--tunnel", f"127.0.0.1:{port}", "--target", self.client_target,
+                    "--key", KEY, "--min-pool", "8"]
+        extra = self.client_tls_args + self.client_args
+        return extra + args if self.form == "url" else args + extra
+
+    def start_client(self, tunnel_port: int | None = None, ready: str | None = "connected to") -> Twistd:
+        self.client = Twistd(self.testcase, self.client_argv(tunnel_port), ready=ready, directory=self.dir)
+        if ready == "connected to":
+            wait_until(lambda: can_connect(self.entry), 10, what="the tunnel entry port")
+            self.wait_pool()
+        return self.client
+
+    def wait_pool(self, at_least: int = 1) -> None:
+        """Wait until the server has idle pool connections (its health event says so)."""
+        def idle():
+            lines = [line for line in self.server.log().splitlines() if "pool_idle=" in line]
+            return lines and int(lines[-1].split("pool_idle=")[1].split()[0]) >= at_least
+        if self.flow == "receive":
+            wait_until(idle, 10, what="idle pool connections")
+
+
+def relay_bytes(source: socket.socket, sink: socket.socket, record: list | None = None,
+                gate: threading.Event | None = None) -> None:
+    """Copy source -> sink until EOF; while *gate* is set, swallow bytes (a blackhole)."""
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            if record is not None:
+                record.append(data)
+            if gate is not None and gate.is_set():
+                continue
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+class Proxy:
+    """A TCP proxy in front of the server's tunnel port.
+
+    Records what each connection's client sent (in order of arrival); can
+    blackhole the first connection (the control channel) on demand; with
+    *mitm* it terminates TLS with its own certificate and opens its own TLS
+    connection to the server.
+    """
+
+    def __init__(self, testcase, server_port: int, mitm: bool = False):
+        self.server_port = server_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.records: list[list[bytes]] = []
+        self.blackhole = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.mitm = mitm
+        if mitm:
+            directory = os.path.abspath(testcase.mktemp())
+            os.makedirs(directory)
+            ca, key, cert = ca_signed("localhost")
+            _, cert_path, key_path = write_pem(directory, ca, key, cert)
+            self.server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.server_side.load_cert_chain(cert_path, key_path)
+            self.client_side = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            self.client_side.check_hostname = False
+            self.client_side.verify_mode = ssl.CERT_NONE
+        threading.Thread(target=self._accept, daemon=True).start()
+        testcase.addCleanup(self.close)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(downstream,), daemon=True).start()
+
+    def _serve(self, downstream: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.server_port))
+            # A client without TLS settings speaks plain first and learns the
+            # server's level from its answer; the MITM passes that through.
+            if self.mitm and downstream.recv(1, socket.MSG_PEEK) == b"\x16":
+                downstream = self.server_side.wrap_socket(downstream, server_side=True)
+                upstream = self.client_side.wrap_socket(upstream)
+        except OSError:
+            downstream.close()
+            return
+        self.sockets += [downstream, upstream]
+        record: list[bytes] = []
+        first = not self.records
+        self.records.append(record)
+        gate = self.blackhole if first else None
+        threading.Thread(target=relay_bytes, args=(upstream, downstream, None, gate), daemon=True).start()
+        relay_bytes(downstream, upstream, record, gate)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
