@@ -1,4 +1,4 @@
-# tunnelpass: `make demo` runs a forwarder end to end on loopback,
+# tunnelpass: `make demo` runs a tunnel (server + client) end to end on loopback,
 # `make test` runs the whole test suite, `make bench` the benchmark.
 # The first target used creates .venv and installs the project into it.
 
@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench fuzz clean
+.PHONY: demo demo-forward test bench fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m tunnelpass.demo
+
+demo-forward: $(STAMP)
+	$(PY) -m tunnelpass.demo --forward
 
 test: $(STAMP)
 	$(PY) -m twisted.trial tests

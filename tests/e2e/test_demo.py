@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from tests.e2e.harness import ROOT, tcp_round_trip, udp_round_trip, wait_until
 
-DEMO_PORTS = (8080, 8007, 18081, 18007)
+DEMO_PORTS = (8080, 8007, 18081, 18007, 10101)
 
 
 def port_busy(port):
@@ -27,13 +27,13 @@ def port_busy(port):
 
 
 class DemoTests(unittest.TestCase):
-    def test_demo_forwards_http_tcp_and_udp(self):
+    def run_demo(self, *args, ready: str):
         busy = [p for p in DEMO_PORTS if port_busy(p)]
         if busy:
             raise unittest.SkipTest(f"demo ports in use: {busy}")
         log_path = os.path.abspath(self.mktemp())
         with open(log_path, "wb") as log:
-            demo = subprocess.Popen([sys.executable, "-m", "tunnelpass.demo"], cwd=ROOT,
+            demo = subprocess.Popen([sys.executable, "-m", "tunnelpass.demo", *args], cwd=ROOT,
                                     stdout=log, stderr=subprocess.STDOUT)
         self.addCleanup(lambda: demo.poll() is None and demo.kill())
 
@@ -41,9 +41,24 @@ class DemoTests(unittest.TestCase):
             with open(log_path, "rb") as f:
                 return f.read().decode("utf-8", "replace")
 
-        wait_until(lambda: "forwarder running" in read_log() or demo.poll() is not None, 20, what="demo")
+        wait_until(lambda: ready in read_log() or demo.poll() is not None, 30, what="demo")
+        self.assertIn(ready, read_log())
+        return demo, read_log
+
+    def test_tunnel_demo_serves_http_through_the_tunnel(self):
+        demo, read_log = self.run_demo(ready="curl http://127.0.0.1:8080/")
+        self.assertIn("tls 1, certificate sha256:", read_log())
+        page = urllib.request.urlopen("http://127.0.0.1:8080/", timeout=5).read()
+        self.assertIn(b"Hello from the tunnelpass demo service", page)
+        demo.send_signal(signal.SIGINT)
+        self.assertEqual(demo.wait(30), 0, read_log())
+        self.assertIn("[server]", read_log())
+        self.assertIn("[client]", read_log())
+
+    def test_forward_demo_forwards_http_tcp_and_udp(self):
+        demo, read_log = self.run_demo("--forward", ready="forwarder running")
+        wait_until(lambda: "curl http://127.0.0.1:8080/" in read_log(), 10, what="the demo's instructions")
         self.assertIn("forwarder running: 3 listener(s)", read_log())
-        self.assertIn("curl http://127.0.0.1:8080/", read_log())
         page = urllib.request.urlopen("http://127.0.0.1:8080/", timeout=5).read()
         self.assertIn(b"Hello from the tunnelpass demo service", page)
         self.assertEqual(tcp_round_trip(8007, b"demo tcp"), b"demo tcp")
