@@ -139,3 +139,73 @@ class PluginTests(unittest.TestCase):
             self.assertEqual(count, "1", result.stderr)
             self.assertTrue(dropin.startswith(target), dropin)
             self.assertTrue(package.startswith(target), package)
+
+
+KEY = "k" * 20
+
+
+class TunnelOptionTests(unittest.TestCase):
+    assertUsageError = OptionTests.assertUsageError
+
+    def test_server_flags(self):
+        options = parse(["--mode", "server", "--tunnel", "0.0.0.0:10101", "--target", "[::]:8080",
+                         "--key", KEY, "--tls", "1", "--flow", "receive", "--max-pool", "512"])
+        self.assertEqual((options["tunnel"], options["target"], options["tls"]), ("0.0.0.0:10101", "[::]:8080", 1))
+        self.assertEqual((options["flow"], options["max-pool"], options["report-interval"]), ("receive", 512, 5.0))
+
+    def test_url_maps_to_options(self):
+        options = parse([f"server://{KEY}@0.0.0.0:10101/0.0.0.0:8080?tls=1&log=debug&max=512&mode=2"])
+        self.assertEqual((options["mode"], options["key"], options["tls"], options["max-pool"]),
+                         ("server", KEY, 1, 512))
+        self.assertEqual((options["flow"], options["log"]), ("send", "debug"))
+        client = parse([f"client://{KEY}@server.example.com:10101/127.0.0.1:8080?min=32"])
+        self.assertEqual((client["tunnel"], client["min-pool"]), ("server.example.com:10101", 32))
+
+    def test_bad_urls(self):
+        for url, fragment in [
+            (f"server://{KEY}@0.0.0.0:10101/0.0.0.0:8080?bogus=1", "unknown URL query key"),
+            (f"server://{KEY}@0.0.0.0:10101/0.0.0.0:8080?tls=1&tls=2", "given twice"),
+            ("server://short@0.0.0.0:10101/0.0.0.0:8080", "shorter than 16"),
+            (f"ftp://{KEY}@0.0.0.0:10101/0.0.0.0:8080", "scheme"),
+            (f"server://{KEY}@0.0.0.0:10101/0.0.0.0:8080?tls=9", "--tls"),
+            ("server://" + "a" * 3000, "longer than"),
+            ("stray", "options start with --"),
+        ]:
+            self.assertUsageError([url], fragment)
+
+    def test_token(self):
+        from tunnelpass.urls import make_token
+
+        token = make_token("tunnel.example.com", 10101, KEY, b"\x01" * 32)
+        options = parse(["--mode", "client", "--token", token, "--target", "127.0.0.1:80"])
+        self.assertEqual((options["tunnel"], options["key"], options["pin"]),
+                         ("tunnel.example.com:10101", KEY, b"\x01" * 32))
+        self.assertUsageError(["--mode", "client", "--token", token, "--key", KEY, "--target", "127.0.0.1:80"],
+                              "not both")
+        self.assertUsageError(["--mode", "client", "--token", "tp1.!!!", "--target", "127.0.0.1:80"], "token")
+
+    def test_required_and_conflicting(self):
+        self.assertUsageError(["--mode", "server", "--target", "127.0.0.1:1"], "needs --tunnel")
+        self.assertUsageError(["--mode", "client", "--tunnel", "h:1", "--target", "127.0.0.1:1"], "needs --key")
+        self.assertUsageError(["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--key", ""], "empty")
+        self.assertUsageError(["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--tls", "2"],
+                              "--cert and --private-key")
+        self.assertUsageError(["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--flow", "local"],
+                              "not a server flow")
+        self.assertUsageError(["--mode", "client", "--tunnel", "h:1", "--target", "h:2", "--key", KEY,
+                               "--pin", "sha256:" + "00" * 32, "--ca", "ca.pem"], "give one kind")
+        self.assertUsageError(["--mode", "server", "--tunnel", "h:99999", "--target", "h:2"], "--tunnel")
+        self.assertUsageError(["--mode", "client", "--tunnel", "h:1", "--target", "h:2", "--key", KEY,
+                               "--pin", "md5:00"], "--pin")
+
+    def test_local_flow_needs_no_key(self):
+        options = parse(["--mode", "client", "--flow", "local", "--tunnel", "127.0.0.1:1", "--target", "h:2"])
+        self.assertEqual(options["flow"], "local")
+
+    def test_nodepass_environment_aliases(self):
+        options = parse(["--mode", "server", "--tunnel", "h:1", "--target", "h:2"],
+                        {"NP_SEMAPHORE_LIMIT": "77", "NP_POOL_GET_TIMEOUT": "2s", "NP_REPORT_INTERVAL": "9s",
+                         "NP_TCP_DIAL_TIMEOUT": "3s", "NP_SOMETHING_ELSE": "ignored"})
+        self.assertEqual((options["slot"], options["pool-timeout"], options["report-interval"],
+                          options["connect-timeout"]), (77, 2, 9, 3))
+        self.assertUsageError(["--mode", "forward"], "NP_POOL_GET_TIMEOUT", environ={"NP_POOL_GET_TIMEOUT": "soon"})

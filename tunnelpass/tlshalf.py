@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tlshalf -*-
+# -*- test-case-name: tests.test_switch -*-
 """TLS transports that carry a half-close, for tunnel data connections.
 
 A relay passes a FIN from one side to the other (``loseWriteConnection``)
@@ -12,7 +12,8 @@ close_notify alerts have crossed.
 
 It leans on ``TLSMemoryBIOProtocol`` internals (``_tlsConnection``,
 ``_flushSendBIO``, ``_flushReceiveBIO``), checked against Twisted 26.10;
-tests/test_tlshalf.py exercises every path over real sockets.
+tests/test_switch.py checks both directions over a real TLS connection and
+the end-to-end tests send data, half-close and read the echo at tls=1 and 2.
 """
 
 from __future__ import annotations

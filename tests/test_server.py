@@ -1,0 +1,193 @@
+"""The server's tunnel port without sockets: hostile first bytes, the guard's
+accounting, pool authentication, and TLS material (state dir, reload)."""
+
+import os
+import shutil
+
+from hypothesis import given, settings, strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+
+from tests.certs import ca_signed, write_pem
+from tunnelpass.codec import FrameDecoder, Type, encode
+from tunnelpass.handshake import ClientHandshake, SessionConfig, pool_auth_frame
+from tunnelpass.server import ServerSettings, TunnelServer, _GateFactory
+
+KEY = "server-test-key-0123456789"
+
+
+def make_server(**overrides):
+    settings = ServerSettings(tunnel_host="127.0.0.1", tunnel_port=0, target_host="127.0.0.1", target_port=0,
+                              key=KEY, handshake_timeout=5.0, **overrides)
+    server = TunnelServer(settings, MemoryReactorClock())
+    server.session_config = SessionConfig()
+    server.target_factory = None
+    return server
+
+
+def connect(server, host="192.0.2.1"):
+    protocol = _GateFactory(server).buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def authenticate(server):
+    """A real control handshake through the gate; returns the client's Session."""
+    protocol, transport = connect(server)
+    client = ClientHandshake(KEY.encode(), b"")
+    protocol.dataReceived(client.start())
+    decoder = FrameDecoder()
+    for _ in range(2):
+        frames = decoder.feed(transport.value())
+        transport.clear()
+        for frame in frames:
+            for reply in client.receive(frame):
+                protocol.dataReceived(reply)
+    assert client.session is not None and server.session is not None
+    return client.session, protocol, transport
+
+
+class GateTests(unittest.TestCase):
+    def test_garbage_first_frame_closes_only_that_connection(self):
+        server = make_server()
+        for junk in (b"\xff\x00\x00\x00", encode(Type.PING, b"x"), b"\x01\x01\x00\x02ab", b"\x05\x00\xff\xff"):
+            protocol, transport = connect(server)
+            protocol.dataReceived(junk)
+            self.assertTrue(transport.disconnecting, junk)
+            protocol.connectionLost(None)
+        self.assertEqual(server.guard.pending, 0)
+        self.assertEqual(server.handshake_failures, 4)
+
+    def test_deadline_covers_the_handshake(self):
+        server = make_server()
+        protocol, transport = connect(server)
+        protocol.dataReceived(b"\x01\x00")  # half a header, then nothing
+        server.clock.advance(5)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(None)
+        self.assertEqual(server.guard.pending, 0)
+
+    def test_plain_client_told_tls_required(self):
+        server = make_server(tls=1)
+        protocol, transport = connect(server)
+        protocol.dataReceived(ClientHandshake(KEY.encode(), b"").start())
+        self.assertIn(b"requires TLS (level 1)", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_tls_offered_to_a_plain_server_is_refused(self):
+        server = make_server(tls=0)
+        protocol, transport = connect(server)
+        protocol.dataReceived(b"\x16\x03\x01\x00\x10")
+        self.assertTrue(transport.disconnecting)
+
+    def test_pending_cap_per_source(self):
+        server = make_server()
+        server.guard.max_pending_per_source = 2
+        connections = [connect(server) for _ in range(3)]
+        self.assertEqual([t.disconnecting for _, t in connections], [False, False, True])
+        self.assertTrue(connect(server, "192.0.2.2")[1].disconnecting is False)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=300), st.integers(1, 40))
+    def test_hostile_bytes_in_any_slicing(self, data, step):
+        server = make_server()
+        protocol, transport = connect(server)
+        for i in range(0, len(data), step):
+            if transport.disconnecting:
+                break
+            protocol.dataReceived(data[i:i + step])
+        protocol.connectionLost(None)
+        self.assertEqual(server.guard.pending, 0)
+
+
+class PoolAuthTests(unittest.TestCase):
+    def test_valid_pool_connection_is_filed_and_acknowledged(self):
+        server = make_server()
+        session, _, _ = authenticate(server)
+        protocol, transport = connect(server)
+        protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
+        self.assertEqual(transport.value(), encode(Type.POOL_OK))
+        self.assertIn(b"i" * 16, server.session.pool.idle)
+        protocol.connectionLost(None)
+        self.assertNotIn(b"i" * 16, server.session.pool.idle, "a closed idle connection leaves the pool")
+
+    def test_replayed_forged_and_sessionless_pool_auth(self):
+        server = make_server()
+        frame = pool_auth_frame(authenticate(server)[0], 1, b"i" * 16, b"")
+        first, _ = connect(server)
+        first.dataReceived(frame)
+        replay, replay_transport = connect(server)
+        replay.dataReceived(frame)
+        self.assertTrue(replay_transport.disconnecting, "a counter is accepted once")
+        forged = bytearray(frame)
+        forged[-1] ^= 1
+        protocol, transport = connect(server)
+        protocol.dataReceived(bytes(forged))
+        self.assertTrue(transport.disconnecting)
+        fresh = make_server()
+        protocol, transport = connect(fresh)
+        protocol.dataReceived(frame)
+        self.assertTrue(transport.disconnecting, "no session, no pool connections")
+
+    def test_bytes_on_an_idle_receive_flow_connection_close_it(self):
+        server = make_server()
+        server.flow = "receive"
+        session, _, _ = authenticate(server)
+        protocol, transport = connect(server)
+        protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
+        protocol.dataReceived(b"unexpected")
+        self.assertTrue(transport.disconnecting)
+        self.assertNotIn(b"i" * 16, server.session.pool.idle)
+
+    def test_retire_closes_only_idle_connections(self):
+        server = make_server()
+        session, _, _ = authenticate(server)
+        protocol, transport = connect(server)
+        protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
+        server.session.retire(b"x" * 16)  # unknown: nothing happens
+        self.assertFalse(transport.disconnecting)
+        server.session.retire(b"i" * 16)
+        self.assertTrue(transport.disconnecting)
+        self.assertNotIn(b"i" * 16, server.session.pool.idle)
+
+    def test_new_session_replaces_the_old(self):
+        server = make_server()
+        authenticate(server)
+        old = server.session
+        authenticate(server)
+        self.assertIsNot(server.session, old)
+        self.assertIn(b"replaced", old.control.transport.value())
+
+
+class CertificateTests(unittest.TestCase):
+    def test_state_dir_keeps_the_fingerprint(self):
+        directory = os.path.join(os.path.abspath(self.mktemp()), "state")
+        first = make_server(tls=1, state_dir=directory)
+        first._load_tls()
+        second = make_server(tls=1, state_dir=directory)
+        second._load_tls()
+        self.assertEqual(first.fingerprint, second.fingerprint)
+        self.assertEqual(len(first.fingerprint), 32)
+        ephemeral = make_server(tls=1)
+        ephemeral._load_tls()
+        self.assertNotEqual(ephemeral.fingerprint, first.fingerprint)
+
+    def test_reload_adopts_a_valid_pair_and_keeps_the_old_otherwise(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        _, cert, key = write_pem(directory, *ca_signed())
+        server = make_server(tls=2, cert=cert, private_key=key)
+        server._load_tls()
+        original = server.fingerprint
+        self.assertFalse(server.reload_certificate(), "unchanged files: nothing to do")
+        other = os.path.join(directory, "other")
+        os.makedirs(other)
+        _, cert2, key2 = write_pem(other, *ca_signed())
+        shutil.copy(cert2, cert)  # new certificate, old key: mismatched
+        self.assertFalse(server.reload_certificate())
+        self.assertEqual(server.fingerprint, original)
+        shutil.copy(key2, key)
+        self.assertTrue(server.reload_certificate())
+        self.assertNotEqual(server.fingerprint, original)
