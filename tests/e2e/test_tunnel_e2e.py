@@ -258,3 +258,25 @@ class ResilienceTests(unittest.TestCase):
         tunnel.wait_pool()
         self.assertEqual(tcp_round_trip(tunnel.entry, b"late"), b"late")
 
+
+
+class CertificateReloadTests(unittest.TestCase):
+    def test_sighup_reloads_a_valid_pair_and_keeps_serving_on_a_bad_one(self):
+        from tests.certs import ca_signed, write_pem
+
+        tunnel = Tunnel(self, tls=2)
+        other = os.path.abspath(self.mktemp())
+        os.makedirs(other)
+        _, cert, key = write_pem(other, *ca_signed())
+        with open(cert, "rb") as f:
+            new_cert = f.read()
+        with open(tunnel.cert, "wb") as f:  # a new certificate with the old key: mismatched
+            f.write(new_cert)
+        tunnel.server.signal(signal.SIGHUP)
+        tunnel.server.wait_for_log("certificate reload failed, keeping the current one")
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"old pair"), b"old pair")
+        with open(key, "rb") as f, open(tunnel.key, "wb") as out:
+            out.write(f.read())
+        tunnel.server.signal(signal.SIGHUP)
+        tunnel.server.wait_for_log("certificate reloaded")
+        self.assertEqual(tunnel.server.process.poll(), None)
