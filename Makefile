@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-forward test bench fuzz clean
+.PHONY: demo demo-forward test bench bench-forward bench-tunnel fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ demo-forward: $(STAMP)
 test: $(STAMP)
 	$(PY) -m twisted.trial tests
 
-bench: $(STAMP)
-	bash bench/run.sh
+bench: bench-forward bench-tunnel
+
+bench-forward: $(STAMP)
+	bash bench/run.sh bench.py
+
+bench-tunnel: $(STAMP)
+	bash bench/run.sh tunnel_bench.py
 
 fuzz: $(STAMP)
 	$(PY) -m pip install -q atheris==3.0.0

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 
 class PoolPolicy:
-    def __init__(self, clock, min_pool: int, max_pool: int, dial_rate: float = 200.0,
-                 dial_burst: int = 64, shrink_after: float = 30.0):
+    def __init__(self, clock, min_pool: int, max_pool: int, dial_rate: float = 2000.0,
+                 dial_burst: int = 128, shrink_after: float = 30.0):
         if not 1 <= min_pool <= max_pool:
             raise ValueError("need 1 <= min_pool <= max_pool")
         if dial_rate <= 0 or dial_burst < 1 or shrink_after <= 0:
