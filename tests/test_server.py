@@ -191,3 +191,39 @@ class CertificateTests(unittest.TestCase):
         shutil.copy(key2, key)
         self.assertTrue(server.reload_certificate())
         self.assertNotEqual(server.fingerprint, original)
+
+
+class SendFlowTests(unittest.TestCase):
+    def test_start_frame_with_the_users_first_bytes(self):
+        from twisted.internet.protocol import ServerFactory
+
+        server = make_server()
+        server.flow = "send"
+        started = []
+
+        class Inbound:
+            def makeConnection(self, transport):
+                started.append(("made", transport))
+
+            def dataReceived(self, data):
+                started.append(("data", data))
+
+        factory = ServerFactory()
+        factory.buildProtocol = lambda addr: Inbound()
+        server.target_factory = factory
+        session, _, _ = authenticate(server)
+        protocol, transport = connect(server)
+        protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
+        payload = b"u" * 50000
+        protocol.dataReceived(encode(Type.TCP, b"i" * 16) + payload)
+        self.assertEqual(started, [("made", transport), ("data", payload)])
+        self.assertNotIn(b"i" * 16, server.session.pool.idle)
+
+    def test_start_frame_naming_another_connection_is_refused(self):
+        server = make_server()
+        server.flow = "send"
+        session, _, _ = authenticate(server)
+        protocol, transport = connect(server)
+        protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
+        protocol.dataReceived(encode(Type.TCP, b"j" * 16))
+        self.assertTrue(transport.disconnecting)

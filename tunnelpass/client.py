@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -53,6 +54,8 @@ from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint
 
 LISTEN_BACKLOG = 1024
+#: TCP signals remembered for pool connections whose POOL_OK is still in flight.
+MAX_EARLY_CLAIMS = 4096
 POOL_OK = encode(Type.POOL_OK)
 _LEVEL_BY_CODE = {code: level for level, code in TLS_REQUIRED.items()}
 _FLOW_NAMES = {number: name for name, number in FLOWS.items()}
@@ -222,6 +225,8 @@ class TunnelClient(Service):
         self.dialing = 0
         self.counter = 0
         self.flow = None  # the server's, once a session starts
+        self.dialled_ids: set[bytes] = set()  # dialled, not yet acknowledged by POOL_OK
+        self.early_claims: OrderedDict[bytes, None] = OrderedDict()  # claimed before their POOL_OK
         self.retiring: set[bytes] = set()
         self.failures = 0
         self._retry_now = False
@@ -323,6 +328,7 @@ class TunnelClient(Service):
         self.pool = IdlePool(self.clock, self.policy.max_pool, self._want_more, timeout=self.settings.pool_timeout)
         self.flow = flow
         self.retiring: set[bytes] = set()
+        self.early_claims.clear()
         self.log.info("connected to {server} (session {sid}, flow {flow}, tls {tls})",
                       server=_join(self.settings.server_host, self.settings.server_port),
                       sid=control.session.session_id.hex()[:8], flow=flow, tls=self.level,
@@ -345,9 +351,17 @@ class TunnelClient(Service):
         self.fill()
 
     def open_tcp(self, conn_id: bytes) -> None:
-        connection = self.pool.claim(conn_id) if self.pool is not None else None
+        if self.pool is None:
+            return
+        connection = self.pool.claim(conn_id)
         if connection is not None:
             connection.start_relay()
+        elif conn_id in self.dialled_ids:
+            # The server filed it and claimed it at once: its TCP signal
+            # overtook the POOL_OK on the pool connection itself.
+            self.early_claims[conn_id] = None
+            while len(self.early_claims) > MAX_EARLY_CLAIMS:
+                self.early_claims.popitem(last=False)
 
     def dial_pool(self, count: int) -> None:
         if self.policy is not None:
@@ -428,22 +442,31 @@ class TunnelClient(Service):
         self.counter += 1
         self.dialing += 1
         conn_id = os.urandom(ID)
+        self.dialled_ids.add(conn_id)
         d = self.endpoint().connect(_PoolConnectionFactory(self, self.session, self.counter, conn_id))
 
         def failed(failure):
             self.dialing -= 1
+            self.dialled_ids.discard(conn_id)
             self.log.debug("pool connection failed: {error}", error=failure.getErrorMessage())
 
         d.addErrback(failed)
 
     def pool_connected(self, connection: PoolConnection) -> None:
         self.dialing -= 1
-        if self.pool is None or not self.pool.add(connection.conn_id, connection):
+        self.dialled_ids.discard(connection.conn_id)
+        if self.pool is None:
+            connection.transport.loseConnection()
+        elif self.early_claims.pop(connection.conn_id, False) is None:
+            connection.start_relay()
+        elif not self.pool.add(connection.conn_id, connection):
             connection.transport.loseConnection()
 
     def pool_lost(self, connection: PoolConnection) -> None:
         if not connection.ready:
             self.dialing -= 1  # connected but never authenticated (TLS failure, ...)
+            self.dialled_ids.discard(connection.conn_id)
+            self.early_claims.pop(connection.conn_id, None)
         elif self.pool is not None:
             self.pool.remove(connection.conn_id)
             self.retiring.discard(connection.conn_id)

@@ -174,9 +174,8 @@ class TunnelConnection(SwitchingProtocol):
             self.server.log.debug("unexpected data on an idle pool connection; closing it")
             self._drop_idle()
             return
-        if self.decoder.buffered + len(data) > 64:
-            self._drop_idle()
-            return
+        # The start frame may arrive with the user's first bytes; the
+        # decoder holds at most one read beyond a (tiny) TCP frame.
         self.decoder.allowed = frozenset({Type.TCP})
         try:
             frames = self.decoder.feed(data, max_frames=1)

@@ -176,11 +176,22 @@ class _SourceHandler(socketserver.BaseRequestHandler):
             pass
 
 
+class _GreeterHandler(socketserver.BaseRequestHandler):
+    """Speaks first (as SMTP and SSH servers do), then echoes."""
+
+    def handle(self):
+        try:
+            self.request.sendall(b"220 greetings\n")
+            _EchoHandler.handle(self)
+        except OSError:
+            pass
+
+
 class TCPServer:
-    """A threaded TCP backend on 127.0.0.1: ``echo`` or ``source``."""
+    """A threaded TCP backend on 127.0.0.1: ``echo``, ``source`` or ``greeter``."""
 
     def __init__(self, testcase, kind: str = "echo"):
-        handler = {"echo": _EchoHandler, "source": _SourceHandler}[kind]
+        handler = {"echo": _EchoHandler, "source": _SourceHandler, "greeter": _GreeterHandler}[kind]
         self.server = _ThreadingTCP(("127.0.0.1", 0), handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -96,6 +96,25 @@ class FlowMatrixTests(unittest.TestCase):
         self.check("send", 2)
 
 
+class ServerSpeaksFirstTests(unittest.TestCase):
+    def test_greeting_reaches_users_who_send_nothing(self):
+        """The client must start on the TCP signal alone (here it often
+        overtakes the pool connection's POOL_OK) when users send nothing."""
+        tunnel = Tunnel(self, backend=TCPServer(self, "greeter"), client_args=["--min-pool", "1"])
+        sockets = [socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) for _ in range(150)]
+        try:
+            for s in sockets:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(100)
+                    self.assertTrue(chunk, "closed before the greeting")
+                    data += chunk
+                self.assertEqual(data, b"220 greetings\n")
+        finally:
+            for s in sockets:
+                s.close()
+
+
 class SecurityTests(unittest.TestCase):
     def test_wrong_key_is_refused_with_backoff(self):
         tunnel = Tunnel(self, connect=False)
