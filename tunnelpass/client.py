@@ -32,7 +32,7 @@ from twisted.internet.defer import CancelledError, DeferredList, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -51,7 +51,7 @@ from tunnelpass.forward import raise_fd_limit
 from tunnelpass.server import listen_error
 from tunnelpass.signals import Signals
 from tunnelpass.switch import SwitchingProtocol
-from tunnelpass.tlshalf import HalfCloseTLSEndpoint
+from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
 
 LISTEN_BACKLOG = 1024
 #: TCP signals remembered for pool connections whose POOL_OK is still in flight.
@@ -136,15 +136,16 @@ class PoolConnection(SwitchingProtocol):
             self.transport.abortConnection()
 
     def start_relay(self, data: bytes = b"") -> None:
-        self.client.retiring.discard(self.conn_id)
-        self.client.policy_used()
-        self.switch_to(self.client.target_factory.buildProtocol(None), data)
+        client = self.client
+        client.retiring.discard(self.conn_id)
+        self.switch_to(client.target_factory.buildProtocol(None), data)
+        client.policy_used()  # refill after the user's target dial is under way
 
     def header_lost(self, reason) -> None:
         self.client.pool_lost(self)
 
 
-class _PoolConnectionFactory(Factory):
+class _PoolConnectionFactory(ClientFactory):
     noisy = False
 
     def __init__(self, client, session, counter, conn_id):
@@ -152,6 +153,9 @@ class _PoolConnectionFactory(Factory):
 
     def buildProtocol(self, addr):
         return PoolConnection(*self.args)
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        self.args[0].pool_dial_failed(self.args[3], reason)
 
 
 class SendFlowFactory(TCPForwardFactory):
@@ -224,6 +228,7 @@ class TunnelClient(Service):
         self.policy: PoolPolicy | None = None
         self.dialing = 0
         self.counter = 0
+        self._fill_call = None
         self.flow = None  # the server's, once a session starts
         self.dialled_ids: set[bytes] = set()  # dialled, not yet acknowledged by POOL_OK
         self.early_claims: OrderedDict[bytes, None] = OrderedDict()  # claimed before their POOL_OK
@@ -322,6 +327,8 @@ class TunnelClient(Service):
         flow = _FLOW_NAMES[config.flow]
         self.failures = 0
         self.control, self.session = control, control.session
+        peer = control.transport.getPeer()
+        self.server_address = (peer.host, peer.port)
         self.policy = PoolPolicy(self.clock, min(self.settings.min_pool, self.settings.max_pool),
                                  self.settings.max_pool)
         self.policy.limit_max_pool(config.max_pool)
@@ -411,12 +418,22 @@ class TunnelClient(Service):
     def _want_more(self, count: int) -> None:
         if self.policy is not None:
             self.policy.requested(count)
-            self.fill()
+            self.fill_soon()
 
     def policy_used(self) -> None:
         if self.policy is not None and self.pool is not None:
             self.policy.used(len(self.pool.idle))
-            self.fill()
+            self.fill_soon()
+
+    def fill_soon(self) -> None:
+        """Refill on the next reactor turn: user connections in flight go
+        first, and claims that arrive together share one refill."""
+        if self._fill_call is None:
+            self._fill_call = self.clock.callLater(0, self._scheduled_fill)
+
+    def _scheduled_fill(self) -> None:
+        self._fill_call = None
+        self.fill()
 
     def fill(self) -> None:
         if self.session is None or self.policy is None:
@@ -443,14 +460,19 @@ class TunnelClient(Service):
         self.dialing += 1
         conn_id = os.urandom(ID)
         self.dialled_ids.add(conn_id)
-        d = self.endpoint().connect(_PoolConnectionFactory(self, self.session, self.counter, conn_id))
+        # Straight to the address the control connection reached (no name
+        # lookup per pool connection, and the same server behind a DNS
+        # round robin); TLS as the control connection has it.
+        factory = _PoolConnectionFactory(self, self.session, self.counter, conn_id)
+        if self.level:
+            factory = HalfCloseTLSFactory(self._creator, True, factory)
+        host, port = self.server_address
+        self.reactor.connectTCP(host, port, factory, timeout=self.settings.connect_timeout)
 
-        def failed(failure):
-            self.dialing -= 1
-            self.dialled_ids.discard(conn_id)
-            self.log.debug("pool connection failed: {error}", error=failure.getErrorMessage())
-
-        d.addErrback(failed)
+    def pool_dial_failed(self, conn_id: bytes, reason) -> None:
+        self.dialing -= 1
+        self.dialled_ids.discard(conn_id)
+        self.log.debug("pool connection failed: {error}", error=reason.getErrorMessage())
 
     def pool_connected(self, connection: PoolConnection) -> None:
         self.dialing -= 1
@@ -485,6 +507,9 @@ class TunnelClient(Service):
 
     def stopService(self):
         super().stopService()
+        if self._fill_call is not None and self._fill_call.active():
+            self._fill_call.cancel()
+        self._fill_call = None
         for loop in self._loops:
             if loop.running:
                 loop.stop()
