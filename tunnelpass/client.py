@@ -402,6 +402,10 @@ class TunnelClient(Service):
         elif code == BAD_VERSION:
             self.failures += 1
             self.log.error("protocol version mismatch: {reason}", reason=control.close_reason)
+        elif control.session is None and control.close_reason is None and self.level:
+            self.failures += 1
+            self.log.error("TLS handshake with the server failed: a certificate that does not match --pin, "
+                           "one --ca/--sni cannot verify, or a server without TLS")
         elif control.session is None:
             self.failures += 1
             self.log.warn("handshake with the server failed: {reason}",

@@ -136,8 +136,7 @@ class SecurityTests(unittest.TestCase):
 
     def test_pin_mismatch_is_refused(self):
         tunnel = Tunnel(self, tls=1, connect=False, client_args=["--pin", "sha256:" + "ab" * 32])
-        client = tunnel.start_client(ready=None)
-        time.sleep(2)
+        client = tunnel.start_client(ready="TLS handshake with the server failed")
         self.assertNotIn("connected to", client.log())
 
     def test_replayed_handshake_and_pool_auth_are_refused(self):
