@@ -130,6 +130,21 @@ class PoolAuthTests(unittest.TestCase):
         protocol, transport = connect(fresh)
         protocol.dataReceived(frame)
         self.assertTrue(transport.disconnecting, "no session, no pool connections")
+        self.assertEqual(fresh.handshake_failures, 0, "a client whose session ended is not penalized")
+
+    def test_reused_connection_id_and_full_pool_get_no_pool_ok(self):
+        server = make_server(max_pool=1)
+        session, _, _ = authenticate(server)
+        first, first_transport = connect(server)
+        first.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
+        self.assertEqual(first_transport.value(), encode(Type.POOL_OK))
+        for counter, conn_id in ((2, b"i" * 16), (3, b"j" * 16)):  # same id; then the pool is full
+            protocol, transport = connect(server)
+            protocol.dataReceived(pool_auth_frame(session, counter, conn_id, b""))
+            self.assertEqual(transport.value(), b"")
+            self.assertTrue(transport.disconnecting)
+        self.assertEqual(list(server.session.pool.idle), [b"i" * 16])
+        self.assertFalse(first_transport.disconnecting)
 
     def test_bytes_on_an_idle_receive_flow_connection_close_it(self):
         server = make_server()

@@ -130,7 +130,8 @@ class PoolConnection(SwitchingProtocol):
                 self.delegate.dataReceived(data)
                 return
         # Receive flow: user bytes may overtake the TCP(id) signal.
-        if self.client.pool is not None and self.client.pool.claim(self.conn_id) is self:
+        client = self.client
+        if client.flow == "receive" and client.pool is not None and client.pool.claim(self.conn_id) is self:
             self.start_relay(data)
         else:
             self.transport.abortConnection()
@@ -175,8 +176,7 @@ class SendFlowFactory(TCPForwardFactory):
         def got(taken):
             conn_id, connection = taken
             if not connection.transport.connected:
-                inbound._pending = self.dial(inbound)
-                return
+                return self.dial(inbound)  # chained: a hang-up cancels the new wait
             self.client.policy_used()
             connection.switch_to(OutboundProtocol(inbound, greeting=encode(Type.TCP, conn_id)))
 
@@ -358,8 +358,8 @@ class TunnelClient(Service):
         self.fill()
 
     def open_tcp(self, conn_id: bytes) -> None:
-        if self.pool is None:
-            return
+        if self.pool is None or self.flow != "receive":
+            return  # in the send flow this side claims; it never dials --target for the server
         connection = self.pool.claim(conn_id)
         if connection is not None:
             connection.start_relay()
@@ -481,8 +481,8 @@ class TunnelClient(Service):
     def pool_connected(self, connection: PoolConnection) -> None:
         self.dialing -= 1
         self.dialled_ids.discard(connection.conn_id)
-        if self.pool is None:
-            connection.transport.loseConnection()
+        if self.pool is None or connection.session is not self.session:
+            connection.transport.loseConnection()  # dialled for a session that has ended
         elif self.early_claims.pop(connection.conn_id, False) is None:
             connection.start_relay()
         elif not self.pool.add(connection.conn_id, connection):
@@ -520,6 +520,9 @@ class TunnelClient(Service):
         waits = []
         if self.listening_port is not None:
             waits.append(self.listening_port.stopListening())
+        if self.control is not None:
+            # Do not wait for a TLS close_notify from a server that may be gone.
+            self.control.transport.abortConnection()
         if self.service is not None:
             waits.append(self.service.stopService())
         self.flush_pool()

@@ -63,8 +63,10 @@ class HandshakeGuard:
         self.pending_by_source[source] += 1
         return None
 
-    def done(self, host: str, succeeded: bool) -> None:
-        """An admitted handshake ended (success, failure, timeout, hang-up)."""
+    def done(self, host: str, succeeded: bool | None) -> None:
+        """An admitted handshake ended (success, failure, timeout, hang-up);
+        ``None``: ended without saying anything about the peer (neither
+        clears nor adds to its failures)."""
         source = source_key(host)
         if source not in self.pending_by_source:
             return  # not admitted (or already reported): nothing to release
@@ -74,6 +76,8 @@ class HandshakeGuard:
             self.pending_by_source[source] = left
         else:
             del self.pending_by_source[source]
+        if succeeded is None:
+            return
         if succeeded:
             self._failures.pop(source, None)
             return

@@ -268,12 +268,16 @@ class PoolAuthenticator:
         self.session, self.fingerprint = session, fingerprint
         self.window = ReplayWindow(window)
 
-    def verify(self, frame: Frame) -> bytes:
-        """Return the connection id, or raise :class:`HandshakeError`."""
+    def verify(self, frame: Frame, fingerprint: bytes | None = None) -> bytes:
+        """Return the connection id, or raise :class:`HandshakeError`.
+
+        *fingerprint* is that of the certificate this connection was served
+        (it changes when the server reloads its pair mid-session)."""
         payload = _expect(frame, Type.POOL_AUTH, 2 * ID + 8 + 32)
         session_id, packed = payload[:ID], payload[ID:ID + 8]
         conn_id, proof = payload[ID + 8:2 * ID + 8], payload[2 * ID + 8:]
-        expected = _mac(self.session.session_key, _POOL, session_id, packed, conn_id, self.fingerprint)
+        fp = self.fingerprint if fingerprint is None else fingerprint
+        expected = _mac(self.session.session_key, _POOL, session_id, packed, conn_id, fp)
         if not hmac.compare_digest(session_id, self.session.session_id) or not hmac.compare_digest(proof, expected):
             raise HandshakeError(AUTH_FAILED, "pool connection authentication failed")
         (counter,) = _COUNTER.unpack(packed)

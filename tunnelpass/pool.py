@@ -46,6 +46,13 @@ class IdlePool:
         self.idle[conn_id] = connection
         return True
 
+    def has_room(self, conn_id: bytes) -> bool:
+        """Whether :meth:`add` would take *conn_id* (a user waits, or the
+        pool has space and the id is new)."""
+        if conn_id in self.idle:
+            return False
+        return any(not w.called for w in self.waiters) or len(self.idle) < self.max_size
+
     def claim(self, conn_id: bytes):
         """Take the idle connection *conn_id* (the peer named it); ``None``
         if it is not idle here (already gone, or never was)."""

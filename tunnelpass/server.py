@@ -17,6 +17,7 @@ session at a time: a newly authenticated one replaces the old at once.
 
 from __future__ import annotations
 
+import hmac
 import os
 import signal
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from tunnelpass.control import ServerControlProtocol
 from tunnelpass.guard import HandshakeGuard
 from tunnelpass.handshake import (
     FLOWS,
+    ID,
     TLS_REQUIRED,
     HandshakeError,
     PoolAuthenticator,
@@ -53,6 +55,7 @@ from tunnelpass.tlshalf import HalfCloseTLSFactory, HalfCloseTLSProtocol
 
 TLS_RECORD = 0x16
 POOL_OK = encode(Type.POOL_OK)
+POOL_AUTH_SIZE = 2 * ID + 8 + 32
 LISTEN_BACKLOG = 1024
 
 
@@ -79,7 +82,7 @@ class ServerSettings:
     limits: Limits = Limits()
     zero_copy: bool = True
     max_handshakes: int = 1024
-    max_handshakes_per_source: int = 32
+    max_handshakes_per_source: int = 256
     public_host: str | None = None  # what the startup line tells clients to dial
 
 
@@ -90,7 +93,7 @@ class ServerSession:
         self.server = server
         self.control = control
         self.session = control.session
-        self.authenticator = PoolAuthenticator(self.session, server.fingerprint)
+        self.authenticator = PoolAuthenticator(self.session, b"")  # per-connection fingerprint in verify()
         self.pool = IdlePool(server.clock, server.settings.max_pool, self._want_more,
                              timeout=server.settings.pool_timeout)
         control.on_retire = self.retire
@@ -136,32 +139,39 @@ class TunnelConnection(SwitchingProtocol):
         frame, rest = frames[0], self.decoder.take_rest()
         if frame.type is Type.HELLO:
             control = ServerControlProtocol(
-                self.server.key, self.server.fingerprint, self.server.session_config, self.server.clock,
+                self.server.key, tlsmod.local_fingerprint(self.transport), self.server.session_config,
+                self.server.clock,
                 on_session=self._control_authenticated, on_lost=self.server.control_lost,
                 handshake_timeout=self.server.settings.handshake_timeout,
             )
             self.switch_to(control, encode(frame.type, frame.payload) + rest)
             return
         session = self.server.session
+        if len(frame.payload) != POOL_AUTH_SIZE:
+            self.gate.refuse("malformed POOL_AUTH")
+            return
+        if session is None or not hmac.compare_digest(frame.payload[:ID], session.session.session_id):
+            # A client whose session just ended (server restart, replaced,
+            # declared dead) still dials for it: refuse, but do not count it
+            # against the address -- a forger cannot get past the MAC below.
+            self.gate.refuse("pool connection for no current session", penalize=False)
+            return
         try:
-            if session is None:
-                raise HandshakeError(1, "pool connection without a client session")
-            conn_id = session.authenticator.verify(frame)
+            conn_id = session.authenticator.verify(frame, tlsmod.local_fingerprint(self.transport))
         except HandshakeError as e:
             self.gate.refuse(e.reason)
             return
         self.gate.passed()
-        if rest:
-            # The client waits for POOL_OK before it sends anything more.
+        if rest or not session.pool.has_room(conn_id):
+            # The client waits for POOL_OK before it sends anything more; a
+            # full pool or a reused id gets no POOL_OK, so no user uses it.
             self.transport.abortConnection()
             return
         # State and POOL_OK first: add() may hand this connection to a
         # waiting user at once, and POOL_OK must precede the user's bytes.
         self.conn_id, self.session = conn_id, session
         self.transport.write(POOL_OK)
-        if not session.pool.add(conn_id, self):
-            self.conn_id = None
-            self.transport.loseConnection()  # the pool is full: the client over-dialled
+        session.pool.add(conn_id, self)
 
     def _control_authenticated(self, control: ServerControlProtocol) -> None:
         self.gate.passed()
@@ -246,7 +256,7 @@ class TunnelGate(SwitchingProtocol):
             code = TLS_REQUIRED[level]
             self.transport.write(encode(Type.ERROR, encode_text(code, f"this server requires TLS (level {level})")))
             self.transport.loseConnection()
-            self._finish(False)
+            self._finish(None)  # a client learning the level, not an attack: no penalty
         else:
             self.switch_to(inner, data)
 
@@ -254,22 +264,24 @@ class TunnelGate(SwitchingProtocol):
         """The tunnel handshake (control or pool) succeeded."""
         self._finish(True)
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, penalize: bool = True) -> None:
         self.server.log.debug("tunnel connection from {host} refused: {reason}", host=self.host, reason=reason)
-        self._finish(False)
+        self._finish(False if penalize else None)
         self.transport.abortConnection()
 
     def lost(self) -> None:
         self._finish(False)
 
-    def _finish(self, succeeded: bool) -> None:
+    def _finish(self, succeeded: bool | None) -> None:
+        """Release the guard once: True passed, False failed (counts towards
+        a ban), None neither (a refusal that says nothing about the peer)."""
         if self.admitted and not self._passed:
             self._passed = True
             deadline = self.deadline
             if deadline.active():
                 deadline.cancel()
             self.server.guard.done(self.host, succeeded)
-            if not succeeded:
+            if succeeded is False:
                 self.server.handshake_failures += 1
 
     def header_lost(self, reason) -> None:
@@ -308,9 +320,9 @@ class PoolRelayFactory(TCPForwardFactory):
         def got(taken):
             conn_id, connection = taken
             if not connection.transport.connected:
-                # Closed while idle (its removal is underway): try the next one.
-                inbound._pending = self.dial(inbound)
-                return
+                # Closed while idle (its removal is underway): try the next
+                # one, chained so that a hang-up cancels the new wait.
+                return self.dial(inbound)
             session.control.send_tcp(conn_id)
             connection.claim_for(inbound)
 

@@ -221,6 +221,15 @@ def verified_client_creator(hostname: str, ca_path: str | None = None):
         raise CertificateError(f"cannot verify a certificate for {hostname!r}: {e}") from None
 
 
+def local_fingerprint(transport) -> bytes:
+    """SHA-256 of the certificate this side served on *transport* (``b""``
+    without TLS): after a reload, old and new connections differ."""
+    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
+    get = getattr(handle, "get_certificate", None)
+    certificate = get() if get is not None else None
+    return fingerprint(certificate.to_cryptography()) if certificate is not None else b""
+
+
 def peer_fingerprint(transport) -> bytes:
     """SHA-256 of the certificate the peer presented (``b""`` without TLS)."""
     get = getattr(transport, "getPeerCertificate", None)

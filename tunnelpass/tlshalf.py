@@ -69,10 +69,18 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
                     ProtocolWrapper.dataReceived(self, data)
         self._flushSendBIO()
 
+    def dataReceived(self, data: bytes) -> None:
+        if self._received_close:
+            return  # nothing may follow close_notify; never buffer it
+        super().dataReceived(data)
+
     def _peer_closed_write(self) -> None:
         self._received_close = True
         wrapped = self.wrappedProtocol
-        if self._sent_close or not IHalfCloseableProtocol.providedBy(wrapped):
+        # Already closing (both ends closed at once, or we sent ours): finish
+        # the TLS shutdown now -- the wrapped protocol's loseConnection would
+        # return early and the TCP connection would never close.
+        if self._sent_close or self.disconnecting or not IHalfCloseableProtocol.providedBy(wrapped):
             self._shutdownTLS()
             self._tlsShutdownFinished(None)
             return

@@ -285,7 +285,7 @@ class CertificateReloadTests(unittest.TestCase):
         tunnel = Tunnel(self, tls=2)
         other = os.path.abspath(self.mktemp())
         os.makedirs(other)
-        _, cert, key = write_pem(other, *ca_signed())
+        _, cert, key = write_pem(other, *ca_signed(ca=tunnel.ca_certificate))
         with open(cert, "rb") as f:
             new_cert = f.read()
         with open(tunnel.cert, "wb") as f:  # a new certificate with the old key: mismatched
@@ -297,4 +297,7 @@ class CertificateReloadTests(unittest.TestCase):
             out.write(f.read())
         tunnel.server.signal(signal.SIGHUP)
         tunnel.server.wait_for_log("certificate reloaded")
-        self.assertEqual(tunnel.server.process.poll(), None)
+        # New pool connections are served the new certificate and must still
+        # authenticate (the proof binds each one to the certificate it saw).
+        self.assertEqual(concurrent_round_trips(tunnel.entry, 60), 60)
+        self.assertNotIn("pool connection authentication failed", tunnel.server.log())

@@ -33,6 +33,7 @@ class Tunnel:
         self.client_tls_args: list[str] = []
         if tls == 2:
             ca, key, cert = ca_signed("localhost")
+            self.ca_certificate = ca
             self.ca, self.cert, self.key = write_pem(self.dir, ca, key, cert)
             self.tls_args = ["--cert", self.cert, "--private-key", self.key]
             self.client_tls_args = ["--ca", self.ca, "--sni", "localhost"]
