@@ -166,6 +166,11 @@ class ForwarderService(MultiService):
 
     def privilegedStartService(self) -> None:
         raise_fd_limit()
+        # Before anything is bound: a SIGTERM that arrives while starting up
+        # (before the reactor runs) must still mean an orderly exit 0.  The
+        # reactor installs its own handlers when it starts; ours go back on
+        # once it runs (``_running``).
+        self.signals.install_stop()
         try:
             super().privilegedStartService()
         except CannotListenError as e:

@@ -374,6 +374,11 @@ class TunnelServer(Service):
 
     def privilegedStartService(self) -> None:
         raise_fd_limit()
+        # Before anything is bound: a SIGTERM that arrives while starting up
+        # (before the reactor runs) must still mean an orderly exit 0.  The
+        # reactor installs its own handlers when it starts; ours go back on
+        # once it runs (``_running``).
+        self.signals.install_stop()
         try:
             self._load_tls()
         except (tlsmod.CertificateError, OSError) as e:

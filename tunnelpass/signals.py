@@ -4,8 +4,9 @@
 * twistd's own SIGTERM/SIGINT handlers make the process die by the signal
   (exit status 143/130) after shutdown; a drained, orderly stop should exit
   0, so ours just stop the reactor (services drain in ``stopService``).
-  They can only replace twistd's once the reactor runs: call
-  :meth:`Signals.install_stop` from ``reactor.callWhenRunning``.
+  The reactor installs its own when it starts, so services call
+  :meth:`Signals.install_stop` twice: in ``privilegedStartService`` (a
+  signal during startup) and from ``reactor.callWhenRunning``.
 * SIGHUP would kill twistd (exit 129, no ``stopService``): services that
   reload install it with :meth:`Signals.install`.
 * A handler only schedules its action in the reactor thread: signals may
