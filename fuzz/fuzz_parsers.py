@@ -5,7 +5,9 @@
 
 Targets: ``rules`` (the forwarder's rules file), ``frames`` (the tunnel's
 frame decoder), ``handshake`` (server handshake fed decoded frames),
-``url`` and ``token`` (NodePass-style URLs and connection tokens).  Any
+``url`` and ``token`` (NodePass-style URLs and connection tokens),
+``gate`` (the server's tunnel port: whatever a peer sends first, in any
+slicing, with a live session to attack).  Any
 exception other than the parser's own error type is a bug.
 """
 
@@ -18,6 +20,10 @@ with atheris.instrument_imports():
     from tunnelpass.handshake import HandshakeError, ServerHandshake, SessionConfig
     from tunnelpass.rules import RulesError, parse_rules
     from tunnelpass.urls import parse_token, parse_url
+    from tunnelpass.server import ServerSettings, TunnelServer, _GateFactory
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 
 def fuzz_rules(data: bytes) -> None:
@@ -63,8 +69,34 @@ def fuzz_token(data: bytes) -> None:
         pass
 
 
+def _gate_server():
+    settings = ServerSettings(tunnel_host="127.0.0.1", tunnel_port=0, target_host="127.0.0.1",
+                              target_port=0, key="fuzz-key-0123456789abcdef")
+    server = TunnelServer(settings, MemoryReactorClock())
+    server.session_config = SessionConfig()
+    server.target_factory = None
+    return server
+
+
+def fuzz_gate(data: bytes) -> None:
+    provider = atheris.FuzzedDataProvider(data)
+    step = provider.ConsumeIntInRange(1, 64)
+    payload = provider.ConsumeBytes(1024)
+    server = _gate_server()
+    protocol = _GateFactory(server).buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 1))
+    protocol.makeConnection(transport)
+    for cut in range(0, len(payload), step):
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(payload[cut:cut + step])
+    protocol.connectionLost(None)
+    assert server.guard.pending == 0, "a closed connection still counts as pending"
+    assert server.session is None, "authenticated without the key"
+
+
 TARGETS = {"rules": fuzz_rules, "frames": fuzz_frames, "handshake": fuzz_handshake,
-           "url": fuzz_url, "token": fuzz_token}
+           "url": fuzz_url, "token": fuzz_token, "gate": fuzz_gate}
 
 if __name__ == "__main__":
     target = TARGETS[sys.argv[1]]
