@@ -138,3 +138,21 @@ class TLSHalfCloseTests(unittest.TestCase):
         d.addCallback(self.assertEqual, b"answer to request")
         d.addCallback(lambda _: self.assertTrue(requester.half_closed))
         return d
+
+
+class KeepaliveTests(unittest.TestCase):
+    def test_keepalive_on_the_socket_beneath(self):
+        import socket
+
+        from tunnelpass.keepalive import IDLE, enable_keepalive
+
+        class Transport:
+            pass
+
+        transport = Transport()
+        transport.socket = socket.socket()
+        self.addCleanup(transport.socket.close)
+        self.assertTrue(enable_keepalive(transport))
+        self.assertEqual(transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), IDLE)
+        self.assertFalse(enable_keepalive(StringTransport()))

@@ -41,6 +41,7 @@ from zope.interface import implementer
 from tunnelpass import tls as tlsmod
 from tunnelpass.codec import Type, encode
 from tunnelpass.control import ClientControlProtocol
+from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, FLOWS, ID, TLS_REQUIRED, pool_auth_frame
 from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
 from tunnelpass.poolpolicy import PoolPolicy
@@ -96,6 +97,7 @@ class PoolConnection(SwitchingProtocol):
         self._ack = b""
 
     def connectionMade(self) -> None:
+        enable_keepalive(self.transport)
         if not isinstance(self.transport, TLSMemoryBIOProtocol):
             self._authenticate()
 

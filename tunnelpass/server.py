@@ -36,6 +36,7 @@ from tunnelpass import tls as tlsmod
 from tunnelpass.codec import FrameDecoder, ProtocolError, Type, encode, encode_text
 from tunnelpass.control import ServerControlProtocol
 from tunnelpass.guard import HandshakeGuard
+from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.handshake import (
     FLOWS,
     ID,
@@ -236,6 +237,7 @@ class TunnelGate(SwitchingProtocol):
             self.transport.abortConnection()
             return
         self.admitted = True
+        enable_keepalive(self.transport)
         self.deadline = self.server.clock.callLater(self.server.settings.handshake_timeout, self._expired)
 
     def _expired(self) -> None:
