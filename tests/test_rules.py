@@ -214,3 +214,17 @@ class PropertyTests(unittest.TestCase):
             parse_rules(mutated, "m")
         except RulesError:
             pass
+
+
+class ProxyOptionTests(unittest.TestCase):
+    def test_proxy_option(self):
+        rules = parse_rules(b"8080 | 127.0.0.1 | 80 | proxy=v2\n9090/udp | 127.0.0.1 | 53 | proxy=v2\n", "t")
+        self.assertEqual([r.options.proxy for r in rules], ["v2", "v2"])
+        self.assertEqual(rules[0].options.resolve(Limits()).proxy, "v2")
+        self.assertEqual(parse_rules(b"8080 | h | 80\n", "t")[0].options.resolve(Limits()).proxy, "off")
+        for line, fragment in [(b"8080 | h | 80 | proxy=v3", "proxy"),
+                               (b"8080/udp | h | 80 | proxy=v1", "proxy=v1 carries TCP only"),
+                               (b"8080 | h | 80 | proxy=v1, proxy=v2", "given twice")]:
+            with self.assertRaises(RulesError) as cm:
+                parse_rules(line + b"\n", "t")
+            self.assertIn(fragment, str(cm.exception))

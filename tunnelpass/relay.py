@@ -23,6 +23,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from tunnelpass.logs import Throttle
+from tunnelpass.proxyproto import encode_v1, encode_v2
 from tunnelpass.rules import Limits
 from tunnelpass.splice import SpliceRelay, can_splice
 from tunnelpass.stats import ListenerStats
@@ -37,6 +38,18 @@ def is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def proxy_header(version: str, transport, protocol: str = "tcp") -> bytes:
+    """The PROXY protocol header (``v1``/``v2``; ``off``: none) telling the
+    remote who *transport*'s peer really is."""
+    if version == "off":
+        return b""
+    peer, local = transport.getPeer(), transport.getHost()
+    source, destination = (peer.host, peer.port), (local.host, local.port)
+    if version == "v1":
+        return encode_v1(source, destination)
+    return encode_v2(source, destination, protocol)
 
 
 def _close_after_flush(transport) -> None:
@@ -130,11 +143,12 @@ class _OutboundFactory(ClientFactory):
 
     noisy = False
 
-    def __init__(self, inbound: "InboundProtocol"):
+    def __init__(self, inbound: "InboundProtocol", greeting: bytes = b""):
         self.inbound = inbound
+        self.greeting = greeting
 
     def buildProtocol(self, addr):
-        return OutboundProtocol(self.inbound)
+        return OutboundProtocol(self.inbound, self.greeting)
 
     def clientConnectionFailed(self, connector, reason) -> None:
         self.inbound.connect_failed(reason)
@@ -302,11 +316,12 @@ class TCPForwardFactory(ServerFactory):
         ``HostnameEndpoint`` so DNS changes take effect, IPv4 and IPv6.
         """
         timeout = self.limits.connect_timeout
-        factory = _OutboundFactory(inbound)
+        greeting = proxy_header(self.limits.proxy, inbound.transport)
+        factory = _OutboundFactory(inbound, greeting)
         if self._literal:
             return self.reactor.connectTCP(self.remote_host, self.remote_port, factory, timeout=timeout)
         endpoint = HostnameEndpoint(self.reactor, self.remote_host, self.remote_port, timeout=timeout)
-        d = endpoint.connect(Factory.forProtocol(lambda: OutboundProtocol(inbound)))
+        d = endpoint.connect(Factory.forProtocol(lambda: OutboundProtocol(inbound, greeting)))
         d.addTimeout(timeout, self.clock)
         d.addErrback(inbound.connect_failed)
         return d

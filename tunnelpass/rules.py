@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from tunnelpass.settings import (
     _show,
+    parse_choice,
     parse_count,
     parse_duration,
     parse_host,
@@ -57,6 +58,7 @@ class RuleOptions:
     idle: float | None = None
     udp_idle: float | None = None
     max_sessions: int | None = None
+    proxy: str | None = None
 
 
     def resolve(self, defaults: "Limits") -> "Limits":
@@ -76,6 +78,7 @@ class Limits:
     idle: float = 600.0
     udp_idle: float = 60.0
     max_sessions: int = 1000
+    proxy: str = "off"  # PROXY protocol header sent to the remote: off | v1 | v2
 
 
 _OPTION_PARSERS = {
@@ -84,6 +87,7 @@ _OPTION_PARSERS = {
     "idle": ("idle", parse_duration),
     "udp-idle": ("udp_idle", parse_positive_duration),
     "max-sessions": ("max_sessions", lambda v: parse_count(v, 1, 1_000_000)),
+    "proxy": ("proxy", lambda v: parse_choice(v, ("off", "v1", "v2"))),
 }
 
 
@@ -203,6 +207,8 @@ def parse_rule(line: str, number: int = 0) -> Rule:
     except ValueError as e:
         raise ValueError(f"remote port: {e}") from None
     options = parse_options(fields[3]) if len(fields) == 4 else RuleOptions()
+    if options.proxy == "v1" and any(endpoint.protocol == "udp" for endpoint in listen):
+        raise ValueError("proxy=v1 carries TCP only; use proxy=v2 for a UDP rule")
     return Rule(listen, remote_host, remote_port, options, number)
 
 

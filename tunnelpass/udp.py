@@ -19,6 +19,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from tunnelpass.proxyproto import encode_v2
 from tunnelpass.logs import Throttle
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.rules import Limits
@@ -72,6 +73,11 @@ class UDPSession(DatagramProtocol):
         self.last_activity = listener.clock.seconds()
         self.closed = False
         self._expiry = None
+        # PROXY v2 goes in front of every datagram (the spec's rule for UDP).
+        self.header = b""
+        if listener.limits.proxy == "v2" and listener.transport is not None:
+            local = listener.transport.getHost()
+            self.header = encode_v2(client[:2], (local.host, local.port), "udp")
 
     def logPrefix(self) -> str:
         return SESSION_LOG_PREFIX
@@ -138,7 +144,7 @@ class UDPSession(DatagramProtocol):
                 self.stats.udp_drops += 1
             return
         try:
-            self.transport.write(datagram)
+            self.transport.write(self.header + datagram if self.header else datagram)
         except (OSError, MessageLengthError):  # EAGAIN, ENOBUFS, EMSGSIZE
             self.stats.udp_drops += 1
         else:

@@ -1,0 +1,104 @@
+"""End-to-end: the forwarder's PROXY protocol headers, read by a real HAProxy
+(``accept-proxy``) and by our own parser for UDP."""
+
+import os
+import shutil
+import socket
+import subprocess
+
+from twisted.trial import unittest
+
+from tests.e2e.harness import Forwarder, can_connect, free_port, wait_until
+from tunnelpass.proxyproto import parse
+
+
+class HAProxy:
+    """HAProxy accepting PROXY headers and answering each HTTP request with
+    the client address it was told."""
+
+    def __init__(self, testcase):
+        if shutil.which("haproxy") is None:
+            raise unittest.SkipTest("haproxy is not installed (apt-get install haproxy)")
+        self.port = free_port()
+        directory = os.path.abspath(testcase.mktemp())
+        os.makedirs(directory)
+        config = os.path.join(directory, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(f"""global
+  maxconn 100
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 10s
+  timeout server 10s
+frontend echo_source
+  bind 127.0.0.1:{self.port} accept-proxy
+  http-request return status 200 content-type text/plain lf-string "%[src] %[src_port]"
+""")
+        self.process = subprocess.Popen(["haproxy", "-f", config, "-db"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.STDOUT)
+        testcase.addCleanup(self.stop)
+        wait_until(lambda: can_connect(self.port), 10, what="haproxy")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def http_from(port: int, source_host: str) -> tuple[bytes, int]:
+    """GET / from *source_host*; the body and our source port."""
+    with socket.socket() as s:
+        s.settimeout(5)
+        s.bind((source_host, 0))
+        s.connect(("127.0.0.1", port))
+        source_port = s.getsockname()[1]
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1], source_port
+
+
+class ProxyProtocolTests(unittest.TestCase):
+    def test_haproxy_sees_the_original_client_with_v1_and_v2(self):
+        haproxy = HAProxy(self)
+        v1, v2 = free_port(), free_port()
+        Forwarder(self, f"127.0.0.1:{v1} | 127.0.0.1 | {haproxy.port} | proxy=v1\n"
+                        f"127.0.0.1:{v2} | 127.0.0.1 | {haproxy.port} | proxy=v2\n")
+        for port in (v1, v2):
+            body, source_port = http_from(port, "127.0.0.2")  # the forwarder itself dials from 127.0.0.1
+            self.assertEqual(body, f"127.0.0.2 {source_port}".encode())
+
+    def test_without_proxy_haproxy_refuses(self):
+        haproxy = HAProxy(self)
+        plain = free_port()
+        Forwarder(self, f"127.0.0.1:{plain} | 127.0.0.1 | {haproxy.port}\n")
+        with socket.create_connection(("127.0.0.1", plain), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(s.recv(100), b"", "accept-proxy drops a connection without a header")
+
+    def test_udp_datagrams_each_carry_a_v2_header(self):
+        backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        backend.bind(("127.0.0.1", 0))
+        backend.settimeout(5)
+        self.addCleanup(backend.close)
+        port = free_port()
+        Forwarder(self, f"127.0.0.1:{port}/udp | 127.0.0.1 | {backend.getsockname()[1]} | proxy=v2\n")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.bind(("127.0.0.2", 0))
+            for payload in (b"first", b"second"):
+                client.sendto(payload, ("127.0.0.1", port))
+                datagram, _ = backend.recvfrom(65535)
+                header, used = parse(datagram)
+                self.assertEqual((header.protocol, header.source), ("udp", client.getsockname()))
+                self.assertEqual(header.destination, ("127.0.0.1", port))
+                self.assertEqual(datagram[used:], payload)
+
+    def test_v1_on_a_udp_rule_is_refused(self):
+        port = free_port()
+        fwd = Forwarder(self, f"127.0.0.1:{port}/tcp+udp | 127.0.0.1 | 9 | proxy=v1\n", wait=False)
+        self.assertNotEqual(fwd.wait_exit(), 0)
+        self.assertIn("proxy=v1 carries TCP only", fwd.log())
