@@ -23,6 +23,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from tunnelpass.logs import Throttle
+from tunnelpass.proxyaccept import ProxyHeaderProtocol
 from tunnelpass.proxyproto import encode_v1, encode_v2
 from tunnelpass.rules import Limits
 from tunnelpass.splice import SpliceRelay, can_splice
@@ -40,13 +41,15 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
-def proxy_header(version: str, transport, protocol: str = "tcp") -> bytes:
+def proxy_header(version: str, transport, protocol: str = "tcp", original=None) -> bytes:
     """The PROXY protocol header (``v1``/``v2``; ``off``: none) telling the
     remote who *transport*'s peer really is."""
     if version == "off":
         return b""
     peer, local = transport.getPeer(), transport.getHost()
     source, destination = (peer.host, peer.port), (local.host, local.port)
+    if original is not None:  # told by a trusted proxy (--accept-proxy)
+        source, destination = original
     if version == "v1":
         return encode_v1(source, destination)
     return encode_v2(source, destination, protocol)
@@ -164,6 +167,7 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
     closed = False
     _pending = None  # an IConnector or a Deferred while dialling
     _early: list | None = None  # bytes read before the remote answered
+    original = None  # (source, destination) from a trusted PROXY header
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -300,6 +304,7 @@ class TCPForwardFactory(ServerFactory):
         self.relays: set[InboundProtocol] = set()
         self._drain_waiters: list[Deferred] = []
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
+        self._proxy_refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self.update(remote_host, remote_port, limits)
 
     def update(self, remote_host: str, remote_port: int, limits: Limits) -> None:
@@ -316,7 +321,7 @@ class TCPForwardFactory(ServerFactory):
         ``HostnameEndpoint`` so DNS changes take effect, IPv4 and IPv6.
         """
         timeout = self.limits.connect_timeout
-        greeting = proxy_header(self.limits.proxy, inbound.transport)
+        greeting = proxy_header(self.limits.proxy, inbound.transport, original=inbound.original)
         factory = _OutboundFactory(inbound, greeting)
         if self._literal:
             return self.reactor.connectTCP(self.remote_host, self.remote_port, factory, timeout=timeout)
@@ -325,6 +330,16 @@ class TCPForwardFactory(ServerFactory):
         d.addTimeout(timeout, self.clock)
         d.addErrback(inbound.connect_failed)
         return d
+
+    def buildProtocol(self, addr):
+        if self.limits.accept_proxy:
+            return ProxyHeaderProtocol(self)
+        return super().buildProtocol(addr)
+
+    def note_proxy_refusal(self, why: str) -> None:
+        if self._proxy_refusals.ready():
+            self.log.warn("{listener}: refused {count} connection(s) for their PROXY header: {why}",
+                          listener=self.name, count=self._proxy_refusals.take_count(), why=why)
 
     def note_refusal(self) -> None:
         if self._refusals.ready():

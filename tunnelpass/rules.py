@@ -59,6 +59,7 @@ class RuleOptions:
     udp_idle: float | None = None
     max_sessions: int | None = None
     proxy: str | None = None
+    accept_proxy: tuple | None = None  # global only (--accept-proxy)
 
 
     def resolve(self, defaults: "Limits") -> "Limits":
@@ -79,6 +80,7 @@ class Limits:
     udp_idle: float = 60.0
     max_sessions: int = 1000
     proxy: str = "off"  # PROXY protocol header sent to the remote: off | v1 | v2
+    accept_proxy: tuple = ()  # networks whose PROXY headers a TCP listener reads (--accept-proxy)
 
 
 _OPTION_PARSERS = {

@@ -17,6 +17,7 @@ session at a time: a newly authenticated one replaces the old at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import signal
@@ -85,6 +86,7 @@ class ServerSettings:
     max_handshakes: int = 1024
     max_handshakes_per_source: int = 256
     public_host: str | None = None  # what the startup line tells clients to dial
+    accept_proxy: tuple = ()  # trusted load balancers in front of the public listener
 
 
 class ServerSession:
@@ -393,7 +395,9 @@ class TunnelServer(Service):
             raise SystemExit(f"tunnelpass: {listen_error('--tunnel', s.tunnel_host, s.tunnel_port, e)}") from None
         relay_args = (self.reactor, "target", s.target_host, s.target_port, s.limits, self.stats)
         if self.flow in ("auto", "receive"):
-            factory = PoolRelayFactory(self, *relay_args, clock=self.clock, zero_copy=s.zero_copy)
+            public_limits = dataclasses.replace(s.limits, accept_proxy=s.accept_proxy)
+            factory = PoolRelayFactory(self, self.reactor, "target", s.target_host, s.target_port, public_limits,
+                                       self.stats, clock=self.clock, zero_copy=s.zero_copy)
             try:
                 self.target_port = self.reactor.listenTCP(s.target_port, factory, LISTEN_BACKLOG, s.target_host)
                 self.flow = "receive"

@@ -26,6 +26,7 @@ from tunnelpass.settings import (
     parse_host,
     parse_positive_duration,
 )
+from tunnelpass.proxyaccept import parse_networks
 from tunnelpass.tls import parse_pin
 from tunnelpass.urls import check_key, parse_address, parse_token, parse_url
 
@@ -73,6 +74,7 @@ _PARSERS = {
     "no-tcp": lambda v: parse_choice(v, ("0", "1")) == "1",
     "no-udp": lambda v: parse_choice(v, ("0", "1")) == "1",
     "proxy-protocol": lambda v: parse_choice(v, ("off",)),
+    "accept-proxy": parse_networks,
 }
 
 FLOW_CHOICES = ("auto", "receive", "send", "local", "tunnel")
@@ -133,6 +135,7 @@ class Options(usage.Options):
         ["no-tcp", None, "0", "Accepted for NodePass URLs (notcp); 1 is not supported yet."],
         ["no-udp", None, "0", "Accepted for NodePass URLs (noudp); UDP through the tunnel is not available yet."],
         ["proxy-protocol", None, "off", "Accepted for NodePass URLs (proxy); only off is available yet."],
+        ["accept-proxy", None, "", "forward (TCP listeners) and server (public listener): CIDR[,CIDR] of trusted proxies whose PROXY v1/v2 header is read; other sources are refused."],
         ["log", None, "info", "Log level: " + " | ".join(LOG_LEVELS) + "."],
         ["log-format", None, "text", "Log format: text | json (one JSON object per line)."],
     ]
@@ -194,6 +197,8 @@ class Options(usage.Options):
             raise usage.UsageError("--tls 2 needs --cert and --private-key")
         if mode == "server" and self["tls"] != 2 and (self["cert"] or self["private-key"]):
             raise usage.UsageError("--cert/--private-key are for --tls 2")
+        if mode == "client" and self["accept-proxy"]:
+            raise usage.UsageError("--accept-proxy is for --mode server and --mode forward")
         if self["no-tcp"]:
             raise usage.UsageError("--no-tcp 1 (notcp=1) is not supported yet: TCP is all this version tunnels")
         if mode == "client" and self["pin"] is not None and (self["ca"] or self["sni"]):
@@ -290,6 +295,7 @@ def makeService(options, reactor=None):
             idle=options["idle"],
             udp_idle=options["udp-idle"],
             max_sessions=options["max-sessions"],
+            accept_proxy=options["accept-proxy"],
         ),
         reload_interval=options["reload-interval"],
         shutdown_timeout=options["shutdown-timeout"],
@@ -323,7 +329,7 @@ def _server_service(options, reactor):
         handshake_timeout=options["handshake-timeout"], heartbeat=options["report-interval"] or 5.0,
         report_interval=options["report-interval"], reload_interval=options["reload-interval"] or 3600.0,
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options),
-        zero_copy=options["zero-copy"],
+        zero_copy=options["zero-copy"], accept_proxy=options["accept-proxy"],
     )
     return TunnelServer(settings, reactor)
 

@@ -16,7 +16,7 @@ class HAProxy:
     """HAProxy accepting PROXY headers and answering each HTTP request with
     the client address it was told."""
 
-    def __init__(self, testcase):
+    def __init__(self, testcase, extra: str = ""):
         if shutil.which("haproxy") is None:
             raise unittest.SkipTest("haproxy is not installed (apt-get install haproxy)")
         self.port = free_port()
@@ -34,7 +34,7 @@ defaults
 frontend echo_source
   bind 127.0.0.1:{self.port} accept-proxy
   http-request return status 200 content-type text/plain lf-string "%[src] %[src_port]"
-""")
+{extra}""")
         self.process = subprocess.Popen(["haproxy", "-f", config, "-db"], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT)
         testcase.addCleanup(self.stop)
@@ -102,3 +102,39 @@ class ProxyProtocolTests(unittest.TestCase):
         fwd = Forwarder(self, f"127.0.0.1:{port}/tcp+udp | 127.0.0.1 | 9 | proxy=v1\n", wait=False)
         self.assertNotEqual(fwd.wait_exit(), 0)
         self.assertIn("proxy=v1 carries TCP only", fwd.log())
+
+
+class AcceptProxyTests(unittest.TestCase):
+    def test_behind_a_load_balancer_the_original_client_goes_on(self):
+        """client (127.0.0.2) -> HAProxy (send-proxy-v2) -> forwarder
+        (--accept-proxy 127.0.0.1/32, proxy=v1) -> HAProxy (accept-proxy),
+        which must see 127.0.0.2 and the client's port."""
+        fwd_port, front = free_port(), free_port()
+        echo = HAProxy(self, extra=f"""listen balancer
+  mode tcp
+  bind 127.0.0.1:{front}
+  server fwd 127.0.0.1:{fwd_port} send-proxy-v2
+""")
+        Forwarder(self, f"127.0.0.1:{fwd_port} | 127.0.0.1 | {echo.port} | proxy=v1\n",
+                  "--accept-proxy", "127.0.0.1/32")
+        body, source_port = http_from(front, "127.0.0.2")
+        self.assertEqual(body, f"127.0.0.2 {source_port}".encode())
+
+    def test_untrusted_source_and_spoofed_header_are_refused(self):
+        echo = HAProxy(self)
+        port = free_port()
+        fwd = Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {echo.port} | proxy=v1\n",
+                        "--accept-proxy", "127.0.0.1/32")
+        for source, payload in (("127.0.0.2", b"PROXY TCP4 6.6.6.6 127.0.0.1 1 2\r\n"),
+                                ("127.0.0.2", b"GET / HTTP/1.1\r\n\r\n"),
+                                ("127.0.0.1", b"GET / HTTP/1.1\r\n\r\n")):  # trusted, but no header
+            with socket.socket() as s:
+                s.settimeout(5)
+                s.bind((source, 0))
+                s.connect(("127.0.0.1", port))
+                try:
+                    s.sendall(payload)
+                    self.assertEqual(s.recv(100), b"")
+                except ConnectionResetError:
+                    pass
+        fwd.wait_for_log("PROXY header")
