@@ -42,6 +42,7 @@ from tunnelpass import tls as tlsmod
 from tunnelpass.codec import Type, encode
 from tunnelpass.control import ClientControlProtocol
 from tunnelpass.keepalive import enable_keepalive
+from tunnelpass.metrics import Sample, listener_samples
 from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, FLOWS, ID, TLS_REQUIRED, pool_auth_frame
 from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
 from tunnelpass.poolpolicy import PoolPolicy
@@ -505,6 +506,17 @@ class TunnelClient(Service):
             self.retiring.discard(connection.conn_id)
 
     # Operations
+
+    def metrics(self) -> list:
+        """What ``--metrics`` exposes."""
+        return listener_samples(self.stats, {"role": "client"}) + [
+            Sample("server_connected", "gauge", "1 while the session with the server is up",
+                   int(self.session is not None)),
+            Sample("pool_idle", "gauge", "idle pool connections", len(self.pool.idle) if self.pool else 0),
+            Sample("pool_target", "gauge", "idle pool connections the client aims for",
+                   self.policy.target if self.policy else 0),
+            Sample("pool_dialing", "gauge", "pool connections being dialled", self.dialing),
+        ]
 
     def report(self, final: bool = False) -> None:
         fields = self.stats.snapshot()

@@ -21,6 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from tunnelpass.metrics import Sample, listener_samples
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.signals import Signals
 from tunnelpass.rules import MAX_FILE_BYTES, Endpoint, Limits, Rule, RulesError, parse_rules
@@ -154,6 +155,7 @@ class ForwarderService(MultiService):
         self._config_stamp = self._stamp()
         self._timers: list[LoopingCall] = []
         self.signals = Signals(reactor)
+        self.reloads = 0
         for endpoint, rule in _endpoints(rules):
             self._new_listener(endpoint, rule).setServiceParent(self)
 
@@ -163,6 +165,15 @@ class ForwarderService(MultiService):
 
     def listeners(self) -> list[ListenerService]:
         return list(self) + list(self.retiring)
+
+    def metrics(self) -> list:
+        """What ``--metrics`` exposes: each listener's counters."""
+        samples = []
+        for listener in self.listeners():
+            samples += listener_samples(listener.stats, {"listener": str(listener.endpoint),
+                                                          "remote": listener.rule.remote})
+        samples.append(Sample("reloads", "counter", "rules reloads applied", self.reloads))
+        return samples
 
     def privilegedStartService(self) -> None:
         raise_fd_limit()
@@ -282,6 +293,7 @@ class ForwarderService(MultiService):
                           error=bind_error_message(endpoint, e))
         for listener in updated:
             log.info("updated {listener} -> {remote}", listener=listener.name, remote=listener.rule.remote)
+        self.reloads += 1
         log.info(
             "reloaded {path}: {added} added, {removed} removed, {updated} updated, "
             "{unchanged} unchanged, {failed} failed",

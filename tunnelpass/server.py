@@ -38,6 +38,7 @@ from tunnelpass.codec import FrameDecoder, ProtocolError, Type, encode, encode_t
 from tunnelpass.control import ServerControlProtocol
 from tunnelpass.guard import HandshakeGuard
 from tunnelpass.keepalive import enable_keepalive
+from tunnelpass.metrics import Sample, listener_samples
 from tunnelpass.handshake import (
     FLOWS,
     ID,
@@ -521,6 +522,22 @@ class TunnelServer(Service):
             handshake_failures=self.handshake_failures, handshake_refused=self.stats_handshake_refused,
             pool_timeouts=session.pool.timeouts if session else 0, final=final, **fields,
         )
+
+    def metrics(self) -> list:
+        """What ``--metrics`` exposes."""
+        session = self.session
+        rtt = session.control.rtt if session is not None else None
+        return listener_samples(self.stats, {"role": "server"}) + [
+            Sample("client_connected", "gauge", "1 while a client session is up", int(session is not None)),
+            Sample("pool_idle", "gauge", "idle pool connections", len(session.pool.idle) if session else 0),
+            Sample("pool_waiting", "gauge", "user connections waiting for a pool connection",
+                   len(session.pool.waiters) if session else 0),
+            Sample("handshake_failures", "counter", "failed tunnel handshakes", self.handshake_failures),
+            Sample("handshake_refused", "counter", "connections refused by the handshake guard",
+                   self.stats_handshake_refused),
+            Sample("rtt_seconds", "gauge", "control channel round-trip time (NaN before the first PONG)",
+                   rtt if rtt is not None else float("nan")),
+        ]
 
     def reload_certificate(self) -> bool:
         """tls=2: adopt the cert/key files if they changed and are a valid pair."""

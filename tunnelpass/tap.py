@@ -75,6 +75,7 @@ _PARSERS = {
     "no-udp": lambda v: parse_choice(v, ("0", "1")) == "1",
     "proxy-protocol": lambda v: parse_choice(v, ("off",)),
     "accept-proxy": parse_networks,
+    "metrics": str,
 }
 
 FLOW_CHOICES = ("auto", "receive", "send", "local", "tunnel")
@@ -135,6 +136,7 @@ class Options(usage.Options):
         ["no-tcp", None, "0", "Accepted for NodePass URLs (notcp); 1 is not supported yet."],
         ["no-udp", None, "0", "Accepted for NodePass URLs (noudp); UDP through the tunnel is not available yet."],
         ["proxy-protocol", None, "off", "Accepted for NodePass URLs (proxy); only off is available yet."],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["accept-proxy", None, "", "forward (TCP listeners) and server (public listener): CIDR[,CIDR] of trusted proxies whose PROXY v1/v2 header is read; other sources are refused."],
         ["log", None, "info", "Log level: " + " | ".join(LOG_LEVELS) + "."],
         ["log-format", None, "text", "Log format: text | json (one JSON object per line)."],
@@ -279,11 +281,11 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     root = TunnelpassService(make_observer(options["log"], options["log-format"]))
-    if options["mode"] == "server":
-        _server_service(options, reactor).setServiceParent(root)
-        return root
-    if options["mode"] == "client":
-        _client_service(options, reactor).setServiceParent(root)
+    if options["mode"] in ("server", "client"):
+        make = _server_service if options["mode"] == "server" else _client_service
+        service = make(options, reactor)
+        service.setServiceParent(root)
+        _metrics(options, service, reactor, root)
         return root
     from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules
 
@@ -306,8 +308,17 @@ def makeService(options, reactor=None):
         rules = load_rules(settings.config)
     except RulesError as e:
         raise SystemExit(f"tunnelpass: invalid rules file: {e}") from None
-    ForwarderService(settings, rules, reactor).setServiceParent(root)
+    forwarder = ForwarderService(settings, rules, reactor)
+    forwarder.setServiceParent(root)
+    _metrics(options, forwarder, reactor, root)
     return root
+
+
+def _metrics(options, service, reactor, root) -> None:
+    if options["metrics"]:
+        from tunnelpass.metrics import MetricsService
+
+        MetricsService(options["metrics"], service.metrics, reactor).setServiceParent(root)
 
 
 def _tunnel_limits(options) -> Limits:

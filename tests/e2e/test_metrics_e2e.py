@@ -1,0 +1,53 @@
+"""End-to-end: ``--metrics`` scraped over HTTP and parsed as Prometheus text."""
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial import unittest
+
+from tests.e2e.harness import Forwarder, TCPServer, Twistd, free_port, tcp_round_trip, wait_until
+from tests.e2e.tunnel_harness import Tunnel
+
+
+def scrape(port: int) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+class MetricsTests(unittest.TestCase):
+    def test_forwarder_metrics(self):
+        echo = TCPServer(self)
+        port, metrics = free_port(), free_port()
+        Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {echo.port}\n",
+                  "--metrics", f"tcp:{metrics}:interface=127.0.0.1")
+        self.assertEqual(tcp_round_trip(port, b"12345"), b"12345")
+        labels = (("listener", f"127.0.0.1:{port}/tcp"), ("remote", f"127.0.0.1:{echo.port}"))
+        wait_until(lambda: scrape(metrics).get(("tunnelpass_bytes_out_total", labels)) == 5, 10,
+                   what="bytes_out to reach 5")
+        samples = scrape(metrics)
+        self.assertEqual(samples[("tunnelpass_bytes_in_total", labels)], 5)
+        self.assertEqual(samples[("tunnelpass_connections_accepted_total", labels)], 1)
+        self.assertEqual(samples[("tunnelpass_reloads_total", ())], 0)
+
+    def test_tunnel_metrics(self):
+        server_metrics, client_metrics = free_port(), free_port()
+        tunnel = Tunnel(self, server_args=["--metrics", f"tcp:{server_metrics}:interface=127.0.0.1"],
+                        client_args=["--metrics", f"tcp:{client_metrics}:interface=127.0.0.1"])
+        self.assertEqual(tcp_round_trip(tunnel.entry, b"hello"), b"hello")
+        server = scrape(server_metrics)
+        self.assertEqual(server[("tunnelpass_client_connected", ())], 1)
+        self.assertGreater(server[("tunnelpass_pool_idle", ())], 0)
+        self.assertEqual(server[("tunnelpass_bytes_in_total", (("role", "server"),))], 5)
+        client = scrape(client_metrics)
+        self.assertEqual(client[("tunnelpass_server_connected", ())], 1)
+
+    def test_bad_or_busy_metrics_endpoint_fails_startup(self):
+        for description, fragment in (("nonsense:1", "--metrics"), ("tcp:notaport", "--metrics")):
+            process = Twistd(self, ["--mode", "client", "--flow", "local", "--tunnel", f"127.0.0.1:{free_port()}",
+                                    "--target", "127.0.0.1:9", "--metrics", description])
+            self.assertNotEqual(process.wait_exit(), 0)
+            self.assertIn(fragment, process.log())

@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.e2e.test_metrics_e2e -*-
+"""``--metrics ENDPOINT``: Prometheus exposition in every mode.
+
+The hot path keeps its plain counters (:class:`~tunnelpass.stats.ListenerStats`
+and the services' own fields); a custom collector reads them only when
+Prometheus scrapes, so metrics cost nothing between scrapes.  Each service
+describes itself with ``metrics()``: a list of :class:`Sample`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.application.service import Service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+PREFIX = "tunnelpass_"
+
+#: ListenerStats field -> (metric name, kind, help).  Counters are exposed
+#: with Prometheus' ``_total`` suffix.
+LISTENER_METRICS = {
+    "accepted": ("connections_accepted", "counter", "TCP connections accepted"),
+    "refused": ("connections_refused", "counter", "TCP connections refused (limits, untrusted PROXY sources)"),
+    "active": ("connections_active", "gauge", "TCP connections being relayed"),
+    "connect_failures": ("connect_failures", "counter",
+                         "connections that could not reach their remote or a pool connection"),
+    "idle_timeouts": ("idle_timeouts", "counter", "connections closed by the idle timeout"),
+    "bytes_in": ("bytes_in", "counter", "bytes received from clients and relayed on"),
+    "bytes_out": ("bytes_out", "counter", "bytes relayed back to clients"),
+    "udp_sessions": ("udp_sessions_active", "gauge", "UDP sessions (client addresses) open"),
+    "udp_sessions_total": ("udp_sessions_opened", "counter", "UDP sessions opened"),
+    "udp_datagrams_in": ("udp_datagrams_in", "counter", "UDP datagrams relayed from clients"),
+    "udp_datagrams_out": ("udp_datagrams_out", "counter", "UDP datagrams relayed back to clients"),
+    "udp_drops": ("udp_drops", "counter", "UDP datagrams dropped (limits, send errors)"),
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str  # without the prefix, and counters without "_total"
+    kind: str  # "counter" or "gauge"
+    help: str
+    value: float
+    labels: dict = field(default_factory=dict)
+
+
+def listener_samples(stats, labels: dict) -> list[Sample]:
+    return [Sample(name, kind, text, getattr(stats, attribute), labels)
+            for attribute, (name, kind, text) in LISTENER_METRICS.items()]
+
+
+class _Collector:
+    """prometheus_client collector over a ``metrics()`` callable."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        families = {}
+        for sample in self.source():
+            name = PREFIX + sample.name
+            family = families.get(name)
+            if family is None:
+                labels = sorted(sample.labels)
+                kind = CounterMetricFamily if sample.kind == "counter" else GaugeMetricFamily
+                family = families[name] = (kind(name, sample.help, labels=labels), labels)
+            metric, labels = family
+            metric.add_metric([str(sample.labels[k]) for k in labels], sample.value)
+        for metric, _ in families.values():
+            yield metric
+
+
+class MetricsService(Service):
+    """Serves ``/metrics`` on a Twisted endpoint description
+    (``tcp:9100:interface=127.0.0.1``); a bind failure stops startup."""
+
+    log = Logger(namespace="tunnelpass.metrics")
+
+    def __init__(self, description: str, source, reactor):
+        self.description = description
+        self.source = source
+        self.reactor = reactor
+        self.port = None
+
+    def privilegedStartService(self) -> None:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.twisted import MetricsResource
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self.source))
+        root = Resource()
+        root.putChild(b"metrics", MetricsResource(registry=registry))
+        site = Site(root)
+        site.noisy = False
+        try:
+            endpoint = serverFromString(self.reactor, self.description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"tunnelpass: --metrics {self.description!r}: {e}") from None
+        failures = []
+        endpoint.listen(site).addCallbacks(lambda port: setattr(self, "port", port), failures.append)
+        if failures:
+            raise SystemExit(f"tunnelpass: --metrics {self.description!r}: {failures[0].getErrorMessage()}")
+        super().privilegedStartService()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
