@@ -83,6 +83,7 @@ class ClientSettings:
     shutdown_timeout: float = 5.0
     limits: Limits = Limits()
     zero_copy: bool = True
+    targets: tuple = ()  # a target group for the receive flow (default: the one target)
 
 
 @implementer(IHandshakeListener)
@@ -243,7 +244,7 @@ class TunnelClient(Service):
         self.local_factory = None
         self.target_factory = TCPForwardFactory(
             reactor, "target", settings.target_host, settings.target_port, settings.limits, self.stats,
-            clock=self.clock, zero_copy=settings.zero_copy,
+            clock=self.clock, zero_copy=settings.zero_copy, remotes=list(settings.targets) or None,
         )
         self._loops: list[LoopingCall] = []
         self.service = None
@@ -348,6 +349,11 @@ class TunnelClient(Service):
                       server=_join(self.settings.server_host, self.settings.server_port),
                       sid=control.session.session_id.hex()[:8], flow=flow, tls=self.level,
                       event="client_connected")
+        if flow == "send" and len(self.settings.targets) > 1:
+            self.log.error("the server runs the send flow, where this client listens on --target; "
+                           "a target group cannot be listened on")
+            control.transport.loseConnection()
+            return
         if flow == "send" and self.listening_port is None:
             s = self.settings
             self.local_factory = SendFlowFactory(

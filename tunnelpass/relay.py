@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import NotConnectingError
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyaccept import ProxyHeaderProtocol
+from tunnelpass.targets import TargetGroup
 from tunnelpass.proxyproto import encode_v1, encode_v2
 from tunnelpass.rules import Limits
 from tunnelpass.splice import SpliceRelay, can_splice
@@ -146,15 +147,19 @@ class _OutboundFactory(ClientFactory):
 
     noisy = False
 
-    def __init__(self, inbound: "InboundProtocol", greeting: bytes = b""):
+    def __init__(self, inbound: "InboundProtocol", greeting: bytes = b"", on_failure=None, on_success=None):
         self.inbound = inbound
         self.greeting = greeting
+        self.on_failure = on_failure or inbound.connect_failed
+        self.on_success = on_success
 
     def buildProtocol(self, addr):
+        if self.on_success is not None:
+            self.on_success()
         return OutboundProtocol(self.inbound, self.greeting)
 
     def clientConnectionFailed(self, connector, reason) -> None:
-        self.inbound.connect_failed(reason)
+        self.on_failure(reason)
 
 
 class InboundProtocol(_RelayEnd, TimeoutMixin):
@@ -295,7 +300,7 @@ class TCPForwardFactory(ServerFactory):
 
     def __init__(self, reactor, name: str, remote_host: str, remote_port: int,
                  limits: Limits, stats: ListenerStats | None = None, clock=None,
-                 zero_copy: bool = True):
+                 zero_copy: bool = True, remotes: list | None = None):
         self.reactor = reactor
         self.clock = clock or reactor
         self.name = name
@@ -305,30 +310,54 @@ class TCPForwardFactory(ServerFactory):
         self._drain_waiters: list[Deferred] = []
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._proxy_refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
-        self.update(remote_host, remote_port, limits)
+        self.update(remote_host, remote_port, limits, remotes)
 
-    def update(self, remote_host: str, remote_port: int, limits: Limits) -> None:
+    def update(self, remote_host: str, remote_port: int, limits: Limits, remotes: list | None = None) -> None:
+        """*remotes*: a target group (round robin with failover) instead of
+        the single remote."""
         self.remote_host, self.remote_port, self.limits = remote_host, remote_port, limits
-        self._literal = is_ip_literal(remote_host)
-        host = f"[{remote_host}]" if ":" in remote_host else remote_host
-        self.remote = f"{host}:{remote_port}"
+        targets = list(remotes) if remotes else [(remote_host, remote_port)]
+        self.group = TargetGroup(targets, self.clock)
+        self.remote = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in targets)
 
     def dial(self, inbound: InboundProtocol):
         """Start connecting *inbound*'s remote; return something cancellable.
 
         IP literals go straight to ``connectTCP`` (no resolver round trip on
         the hot path); names are resolved on every connection through
-        ``HostnameEndpoint`` so DNS changes take effect, IPv4 and IPv6.
+        ``HostnameEndpoint`` so DNS changes take effect, IPv4 and IPv6.  In
+        a target group a failed attempt moves on to the next target.
         """
-        timeout = self.limits.connect_timeout
         greeting = proxy_header(self.limits.proxy, inbound.transport, original=inbound.original)
-        factory = _OutboundFactory(inbound, greeting)
-        if self._literal:
-            return self.reactor.connectTCP(self.remote_host, self.remote_port, factory, timeout=timeout)
-        endpoint = HostnameEndpoint(self.reactor, self.remote_host, self.remote_port, timeout=timeout)
-        d = endpoint.connect(Factory.forProtocol(lambda: OutboundProtocol(inbound, greeting)))
+        return self._dial_at(inbound, greeting, self.group, self.group.order(), 0)
+
+    def _dial_at(self, inbound, greeting, group, order, attempt):
+        index = order[attempt]
+        host, port = group.targets[index]
+        timeout = self.limits.connect_timeout
+
+        def failed(reason):
+            group.failed(index)
+            if attempt + 1 < len(order) and not inbound.closed:
+                inbound._pending = self._dial_at(inbound, greeting, group, order, attempt + 1)
+            else:
+                inbound.connect_failed(reason)
+
+        def succeeded():
+            group.succeeded(index)
+
+        if is_ip_literal(host):
+            factory = _OutboundFactory(inbound, greeting, failed, succeeded)
+            return self.reactor.connectTCP(host, port, factory, timeout=timeout)
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
+
+        def build():
+            succeeded()
+            return OutboundProtocol(inbound, greeting)
+
+        d = endpoint.connect(Factory.forProtocol(build))
         d.addTimeout(timeout, self.clock)
-        d.addErrback(inbound.connect_failed)
+        d.addErrback(lambda reason: None if reason.check(CancelledError) and inbound.closed else failed(reason))
         return d
 
     def buildProtocol(self, addr):

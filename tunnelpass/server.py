@@ -88,6 +88,7 @@ class ServerSettings:
     max_handshakes_per_source: int = 256
     public_host: str | None = None  # what the startup line tells clients to dial
     accept_proxy: tuple = ()  # trusted load balancers in front of the public listener
+    targets: tuple = ()  # a target group for the send flow (default: the one target)
 
 
 class ServerSession:
@@ -395,6 +396,8 @@ class TunnelServer(Service):
         except CannotListenError as e:
             raise SystemExit(f"tunnelpass: {listen_error('--tunnel', s.tunnel_host, s.tunnel_port, e)}") from None
         relay_args = (self.reactor, "target", s.target_host, s.target_port, s.limits, self.stats)
+        if self.flow == "auto" and len(s.targets) > 1:
+            self.flow = "send"  # a group is dialled, never listened on
         if self.flow in ("auto", "receive"):
             public_limits = dataclasses.replace(s.limits, accept_proxy=s.accept_proxy)
             factory = PoolRelayFactory(self, self.reactor, "target", s.target_host, s.target_port, public_limits,
@@ -410,7 +413,8 @@ class TunnelServer(Service):
                         f"tunnelpass: {listen_error('--target', s.target_host, s.target_port, e)}") from None
                 self.flow = "send"
         if self.flow == "send":
-            self.target_factory = TCPForwardFactory(*relay_args, clock=self.clock, zero_copy=s.zero_copy)
+            self.target_factory = TCPForwardFactory(*relay_args, clock=self.clock, zero_copy=s.zero_copy,
+                                                    remotes=list(s.targets) or None)
         self.session_config = SessionConfig(
             flow=FLOWS[self.flow], tls=s.tls, max_pool=min(s.max_pool, 0xFFFF),
             heartbeat_ms=max(100, min(600_000, int(s.heartbeat * 1000))),

@@ -54,7 +54,7 @@ _PARSERS = {
     "log-format": lambda v: parse_choice(v, LOG_FORMATS),
     # server and client
     "tunnel": lambda v: parse_address(v, "--tunnel"),
-    "target": lambda v: parse_address(v, "--target"),
+    "target": lambda v: parse_targets(v),
     "key": check_key,
     "token": parse_token,
     "flow": lambda v: parse_choice(v, FLOW_CHOICES),
@@ -191,6 +191,9 @@ class Options(usage.Options):
         if self["tunnel"] is None or self["target"] is None:
             raise usage.UsageError(f"--mode {mode} needs --tunnel HOST:PORT and --target HOST:PORT (or a URL)")
         flows = ("auto", "receive", "send") if mode == "server" else ("auto", "local", "tunnel")
+        if "," in self["target"] and mode == "server" and self["flow"] == "receive":
+            raise usage.UsageError("a target group (several --target addresses) is dialled, never listened on: "
+                                   "use --flow send (or auto)")
         if self["flow"] not in flows:
             raise usage.UsageError(f"--flow {self['flow']} is not a {mode} flow; use {' | '.join(flows)}")
         if mode == "client" and self["key"] is None and self["flow"] != "local":
@@ -277,6 +280,24 @@ def split_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+MAX_TARGETS = 64
+
+
+def parse_targets(text: str) -> str:
+    """``HOST:PORT[,HOST:PORT...]`` (a target group) -> normalized text."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > MAX_TARGETS:
+        raise ValueError(f"at most {MAX_TARGETS} targets in a group")
+    addresses = [parse_address(part, "--target") for part in parts]
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("a target is listed twice")
+    return ",".join(addresses)
+
+
+def split_targets(text: str) -> list[tuple[str, int]]:
+    return [split_address(part) for part in text.split(",")]
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -330,7 +351,8 @@ def _server_service(options, reactor):
     from tunnelpass.urls import generate_key
 
     tunnel_host, tunnel_port = split_address(options["tunnel"])
-    target_host, target_port = split_address(options["target"])
+    targets = split_targets(options["target"])
+    target_host, target_port = targets[0]
     key = options["key"]
     settings = ServerSettings(
         tunnel_host=tunnel_host, tunnel_port=tunnel_port, target_host=target_host, target_port=target_port,
@@ -340,7 +362,7 @@ def _server_service(options, reactor):
         handshake_timeout=options["handshake-timeout"], heartbeat=options["report-interval"] or 5.0,
         report_interval=options["report-interval"], reload_interval=options["reload-interval"] or 3600.0,
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options),
-        zero_copy=options["zero-copy"], accept_proxy=options["accept-proxy"],
+        zero_copy=options["zero-copy"], accept_proxy=options["accept-proxy"], targets=tuple(targets),
     )
     return TunnelServer(settings, reactor)
 
@@ -349,7 +371,8 @@ def _client_service(options, reactor):
     from tunnelpass.client import ClientSettings, TunnelClient
 
     server_host, server_port = split_address(options["tunnel"])
-    target_host, target_port = split_address(options["target"])
+    targets = split_targets(options["target"])
+    target_host, target_port = targets[0]
     settings = ClientSettings(
         server_host=server_host, server_port=server_port, target_host=target_host, target_port=target_port,
         key=options["key"] or "", flow=options["flow"], min_pool=options["min-pool"],
@@ -357,6 +380,6 @@ def _client_service(options, reactor):
         pool_timeout=options["pool-timeout"], handshake_timeout=options["handshake-timeout"],
         connect_timeout=options["connect-timeout"], report_interval=options["report-interval"],
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options),
-        zero_copy=options["zero-copy"],
+        zero_copy=options["zero-copy"], targets=tuple(targets),
     )
     return TunnelClient(settings, reactor)

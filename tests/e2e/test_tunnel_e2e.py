@@ -301,3 +301,17 @@ class CertificateReloadTests(unittest.TestCase):
         # authenticate (the proof binds each one to the certificate it saw).
         self.assertEqual(concurrent_round_trips(tunnel.entry, 60), 60)
         self.assertNotIn("pool connection authentication failed", tunnel.server.log())
+
+
+class TargetGroupTests(unittest.TestCase):
+    def test_client_fails_over_to_a_live_target(self):
+        echo = TCPServer(self)
+        dead = free_port()  # nothing listens there
+        tunnel = Tunnel(self, backend=echo, connect=False)
+        argv = tunnel.client_argv()
+        argv[argv.index("--target") + 1] = f"127.0.0.1:{dead},127.0.0.1:{echo.port}"
+        tunnel.client = Twistd(self, argv, ready="connected to", directory=tunnel.dir)
+        wait_until(lambda: can_connect(tunnel.entry), 10)
+        tunnel.wait_pool()
+        for i in range(6):  # round robin starts on either target: every one must arrive
+            self.assertEqual(tcp_round_trip(tunnel.entry, b"try %d" % i), b"try %d" % i)
