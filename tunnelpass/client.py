@@ -42,7 +42,7 @@ from tunnelpass import tls as tlsmod
 from tunnelpass.codec import Type, encode
 from tunnelpass.control import ClientControlProtocol
 from tunnelpass.keepalive import enable_keepalive
-from tunnelpass.metrics import Sample, listener_samples
+from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, FLOWS, ID, TLS_REQUIRED, pool_auth_frame
 from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
 from tunnelpass.poolpolicy import PoolPolicy
@@ -522,7 +522,7 @@ class TunnelClient(Service):
             Sample("pool_target", "gauge", "idle pool connections the client aims for",
                    self.policy.target if self.policy else 0),
             Sample("pool_dialing", "gauge", "pool connections being dialled", self.dialing),
-        ]
+        ] + rate_samples(self.settings.limits.limiter)
 
     def report(self, final: bool = False) -> None:
         fields = self.stats.snapshot()

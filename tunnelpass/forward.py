@@ -21,7 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from tunnelpass.metrics import Sample, listener_samples
+from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.signals import Signals
 from tunnelpass.rules import MAX_FILE_BYTES, Endpoint, Limits, Rule, RulesError, parse_rules
@@ -173,7 +173,7 @@ class ForwarderService(MultiService):
             samples += listener_samples(listener.stats, {"listener": str(listener.endpoint),
                                                           "remote": listener.rule.remote})
         samples.append(Sample("reloads", "counter", "rules reloads applied", self.reloads))
-        return samples
+        return samples + rate_samples(self.settings.defaults.limiter)
 
     def privilegedStartService(self) -> None:
         raise_fd_limit()

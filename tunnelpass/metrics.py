@@ -45,6 +45,14 @@ class Sample:
     labels: dict = field(default_factory=dict)
 
 
+def rate_samples(limiter) -> list[Sample]:
+    """--rate: how often senders had to wait (none without a limit)."""
+    if limiter is None:
+        return []
+    return [Sample("rate_limit_bytes_per_second", "gauge", "the --rate budget", limiter.rate),
+            Sample("rate_limited", "counter", "times a sender was paused by --rate", limiter.paused_total)]
+
+
 def listener_samples(stats, labels: dict) -> list[Sample]:
     return [Sample(name, kind, text, getattr(stats, attribute), labels)
             for attribute, (name, kind, text) in LISTENER_METRICS.items()]

@@ -56,6 +56,27 @@ def proxy_header(version: str, transport, protocol: str = "tcp", original=None) 
     return encode_v2(source, destination, protocol)
 
 
+def _throttle(end, factory, count: int) -> None:
+    """--rate on the copying path: stop reading *end*'s transport for as
+    long as the instance's budget says (nothing is buffered to slow it
+    down).  One pending resume per end, moved as the debt grows: one socket
+    read can arrive as several calls (TLS records)."""
+    delay = factory.limits.limiter.take(count)
+    if delay <= 0:
+        return
+    end.transport.pauseProducing()
+    call = end._resume_call
+    if call is not None and call.active():
+        call.reset(delay)  # *delay* repays the whole debt, this call's bytes included
+    else:
+        end._resume_call = factory.clock.callLater(delay, _resume_if_open, end.transport)
+
+
+def _resume_if_open(transport) -> None:
+    if transport.connected and not getattr(transport, "disconnecting", False):
+        transport.resumeProducing()
+
+
 def _close_after_flush(transport) -> None:
     """Close *transport* once its buffer is written.
 
@@ -93,6 +114,7 @@ class _RelayEnd(Protocol):
 
     _read_closed = False
     _write_closed = False
+    _resume_call = None  # --rate: when reading this end resumes
 
     def peer_transport(self):
         raise NotImplementedError
@@ -133,6 +155,8 @@ class OutboundProtocol(_RelayEnd):
         inbound.transport.write(data)
         inbound.stats.bytes_out += len(data)
         inbound.resetTimeout()
+        if inbound.factory.limits.limiter is not None:
+            _throttle(self, inbound.factory, len(data))
 
     def peer_transport(self):
         return self.inbound.transport
@@ -203,7 +227,7 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
         if self.factory.zero_copy and can_splice(self.transport, outbound.transport):
             splice = SpliceRelay(
                 self.factory.reactor, self.transport, outbound.transport,
-                self.resetTimeout, self._count_in, self._count_out,
+                self.resetTimeout, self._count_in, self._count_out, limiter=self.factory.limits.limiter,
             )
             if splice.start(to_outbound=greeting + early):
                 self.splice = splice
@@ -247,6 +271,8 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
         outbound.transport.write(data)
         self.stats.bytes_in += len(data)
         self.resetTimeout()
+        if self.factory.limits.limiter is not None:
+            _throttle(self, self.factory, len(data))
 
     def peer_transport(self):
         return self.outbound.transport if self.outbound is not None else None

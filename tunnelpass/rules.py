@@ -60,6 +60,7 @@ class RuleOptions:
     max_sessions: int | None = None
     proxy: str | None = None
     accept_proxy: tuple | None = None  # global only (--accept-proxy)
+    limiter: object = None  # global only (--rate)
 
 
     def resolve(self, defaults: "Limits") -> "Limits":
@@ -81,6 +82,7 @@ class Limits:
     max_sessions: int = 1000
     proxy: str = "off"  # PROXY protocol header sent to the remote: off | v1 | v2
     accept_proxy: tuple = ()  # networks whose PROXY headers a TCP listener reads (--accept-proxy)
+    limiter: object = field(default=None, compare=False)  # the instance's --rate budget, shared
 
 
 _OPTION_PARSERS = {

@@ -38,7 +38,7 @@ from tunnelpass.codec import FrameDecoder, ProtocolError, Type, encode, encode_t
 from tunnelpass.control import ServerControlProtocol
 from tunnelpass.guard import HandshakeGuard
 from tunnelpass.keepalive import enable_keepalive
-from tunnelpass.metrics import Sample, listener_samples
+from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.handshake import (
     FLOWS,
     ID,
@@ -541,7 +541,7 @@ class TunnelServer(Service):
                    self.stats_handshake_refused),
             Sample("rtt_seconds", "gauge", "control channel round-trip time (NaN before the first PONG)",
                    rtt if rtt is not None else float("nan")),
-        ]
+        ] + rate_samples(self.settings.limits.limiter)
 
     def reload_certificate(self) -> bool:
         """tls=2: adopt the cert/key files if they changed and are a valid pair."""

@@ -82,7 +82,7 @@ PIPES = PipePool()
 class _Direction:
     """Bytes flowing from one socket to the other through a borrowed pipe."""
 
-    __slots__ = ("src", "dst", "pipe", "pending", "eof", "done", "count")
+    __slots__ = ("src", "dst", "pipe", "pending", "eof", "done", "count", "throttled")
 
     def __init__(self, src: "_Side", dst: "_Side", count):
         self.src, self.dst, self.count = src, dst, count
@@ -90,6 +90,7 @@ class _Direction:
         self.pending = 0  # bytes in the pipe, not yet written to dst
         self.eof = False  # src sent FIN
         self.done = False  # FIN passed on to dst
+        self.throttled = False  # --rate: src is not read until its turn comes
 
 
 class _Side:
@@ -132,8 +133,9 @@ class SpliceRelay:
     """
 
     def __init__(self, reactor, inbound_transport, outbound_transport, on_activity,
-                 count_in, count_out, pipes: PipePool = PIPES):
+                 count_in, count_out, pipes: PipePool = PIPES, limiter=None):
         self.reactor = reactor
+        self.limiter = limiter
         self.pipes = pipes
         self.on_activity = on_activity
         self.finished = False
@@ -183,6 +185,9 @@ class SpliceRelay:
 
     def pump(self, d: _Direction) -> None:
         """src is readable: move what it has into a pipe, then on to dst."""
+        if d.throttled:
+            self.reactor.removeReader(d.src)
+            return
         if self.finished or self.failing or d.eof or d.pending:
             return
         if d.pipe is None:
@@ -217,6 +222,11 @@ class SpliceRelay:
         d.pending = n
         d.count(n)
         self.on_activity()
+        if self.limiter is not None:
+            delay = self.limiter.take(n)
+            if delay > 0:
+                d.throttled = True
+                self.reactor.callLater(delay, self._unthrottle, d)
         self.flush(d)
 
     def _read_past_urgent_mark(self, d: _Direction) -> int | None:
@@ -267,7 +277,14 @@ class SpliceRelay:
             self.finish(self.failing)
         elif d.eof:
             self._pass_eof(d)
-        elif not self.finished:
+        elif not self.finished and not d.throttled:
+            self.reactor.addReader(d.src)
+        elif d.throttled:
+            self.reactor.removeReader(d.src)
+
+    def _unthrottle(self, d: _Direction) -> None:
+        d.throttled = False
+        if not (self.finished or self.failing or d.eof or d.pending):
             self.reactor.addReader(d.src)
 
     def _fail(self, broken: _Side, error: OSError) -> None:

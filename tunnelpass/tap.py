@@ -27,6 +27,7 @@ from tunnelpass.settings import (
     parse_positive_duration,
 )
 from tunnelpass.proxyaccept import parse_networks
+from tunnelpass.ratelimit import RateLimiter, parse_rate
 from tunnelpass.tls import parse_pin
 from tunnelpass.urls import check_key, parse_address, parse_token, parse_url
 
@@ -76,6 +77,7 @@ _PARSERS = {
     "proxy-protocol": lambda v: parse_choice(v, ("off",)),
     "accept-proxy": parse_networks,
     "metrics": str,
+    "rate": parse_rate,
 }
 
 FLOW_CHOICES = ("auto", "receive", "send", "local", "tunnel")
@@ -136,6 +138,7 @@ class Options(usage.Options):
         ["no-tcp", None, "0", "Accepted for NodePass URLs (notcp); 1 is not supported yet."],
         ["no-udp", None, "0", "Accepted for NodePass URLs (noudp); UDP through the tunnel is not available yet."],
         ["proxy-protocol", None, "off", "Accepted for NodePass URLs (proxy); only off is available yet."],
+        ["rate", None, "0", "Bandwidth limit for the whole instance in Mbit/s, both directions together (0 = none)."],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["accept-proxy", None, "", "forward (TCP listeners) and server (public listener): CIDR[,CIDR] of trusted proxies whose PROXY v1/v2 header is read; other sources are refused."],
         ["log", None, "info", "Log level: " + " | ".join(LOG_LEVELS) + "."],
@@ -319,6 +322,7 @@ def makeService(options, reactor=None):
             udp_idle=options["udp-idle"],
             max_sessions=options["max-sessions"],
             accept_proxy=options["accept-proxy"],
+            limiter=_limiter(options, reactor),
         ),
         reload_interval=options["reload-interval"],
         shutdown_timeout=options["shutdown-timeout"],
@@ -342,8 +346,13 @@ def _metrics(options, service, reactor, root) -> None:
         MetricsService(options["metrics"], service.metrics, reactor).setServiceParent(root)
 
 
-def _tunnel_limits(options) -> Limits:
-    return Limits(max_conns=options["slot"], connect_timeout=options["connect-timeout"], idle=options["read"])
+def _limiter(options, reactor):
+    return RateLimiter(reactor, options["rate"]) if options["rate"] else None
+
+
+def _tunnel_limits(options, reactor) -> Limits:
+    return Limits(max_conns=options["slot"], connect_timeout=options["connect-timeout"], idle=options["read"],
+                  limiter=_limiter(options, reactor))
 
 
 def _server_service(options, reactor):
@@ -361,7 +370,7 @@ def _server_service(options, reactor):
         max_pool=options["max-pool"], pool_timeout=options["pool-timeout"],
         handshake_timeout=options["handshake-timeout"], heartbeat=options["report-interval"] or 5.0,
         report_interval=options["report-interval"], reload_interval=options["reload-interval"] or 3600.0,
-        shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options),
+        shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options, reactor),
         zero_copy=options["zero-copy"], accept_proxy=options["accept-proxy"], targets=tuple(targets),
     )
     return TunnelServer(settings, reactor)
@@ -379,7 +388,7 @@ def _client_service(options, reactor):
         max_pool=options["max-pool"], pin=options["pin"], ca=options["ca"], sni=options["sni"],
         pool_timeout=options["pool-timeout"], handshake_timeout=options["handshake-timeout"],
         connect_timeout=options["connect-timeout"], report_interval=options["report-interval"],
-        shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options),
+        shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options, reactor),
         zero_copy=options["zero-copy"], targets=tuple(targets),
     )
     return TunnelClient(settings, reactor)

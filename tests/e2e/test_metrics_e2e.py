@@ -32,6 +32,7 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(samples[("tunnelpass_bytes_in_total", labels)], 5)
         self.assertEqual(samples[("tunnelpass_connections_accepted_total", labels)], 1)
         self.assertEqual(samples[("tunnelpass_reloads_total", ())], 0)
+        self.assertNotIn(("tunnelpass_rate_limited_total", ()), samples, "no --rate, no rate metrics")
 
     def test_tunnel_metrics(self):
         server_metrics, client_metrics = free_port(), free_port()

@@ -1,0 +1,34 @@
+"""--rate: the token bucket (sans-IO) and its parser."""
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from tunnelpass.ratelimit import RateLimiter, parse_rate
+
+
+class RateLimiterTests(unittest.TestCase):
+    def test_burst_then_wait_in_proportion(self):
+        clock = Clock()
+        limiter = RateLimiter(clock, 1_000_000)  # 1 MB/s, 64 KiB burst floor
+        self.assertEqual(limiter.take(65536), 0.0)
+        self.assertAlmostEqual(limiter.take(100_000), 0.1)
+        clock.advance(0.1)
+        self.assertEqual(limiter.take(0), 0.0, "the deficit is paid back over time")
+        clock.advance(10)
+        limiter.take(0)
+        self.assertEqual(limiter.tokens, limiter.burst, "never more than one burst saved up")
+
+    def test_clock_stepping_back(self):
+        clock = Clock()
+        clock.advance(100)
+        limiter = RateLimiter(clock, 1000)
+        clock.rightNow = 50
+        self.assertGreaterEqual(limiter.take(10), 0.0)
+
+    def test_parse_rate(self):
+        self.assertEqual(parse_rate("8"), 1_000_000)
+        self.assertEqual(parse_rate("0"), 0)
+        self.assertEqual(parse_rate("0.8"), 100_000)
+        for bad in ("fast", "-1", "nan", "inf", "1e9"):
+            self.assertRaises(ValueError, parse_rate, bad)
+        self.assertRaises(ValueError, RateLimiter, Clock(), 0)

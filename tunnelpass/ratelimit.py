@@ -1,0 +1,47 @@
+# -*- test-case-name: tests.test_ratelimit -*-
+"""``--rate``: one bandwidth budget for the whole instance (issue 4, part).
+
+A token bucket in bytes, shared by every relayed connection, both
+directions.  Relays ask :meth:`RateLimiter.take` after moving bytes; a
+positive answer is how long to stop reading the side that sent them --
+nothing is buffered to enforce the rate, the senders are simply paused
+(TCP flow control does the rest).
+"""
+
+from __future__ import annotations
+
+
+class RateLimiter:
+    def __init__(self, clock, bytes_per_second: float, burst_seconds: float = 0.05):
+        if bytes_per_second <= 0:
+            raise ValueError("the rate must be positive")
+        self.clock = clock
+        self.rate = float(bytes_per_second)
+        # A small burst keeps the rate smooth at a 50 ms scale but still lets
+        # one 64 KiB read through at low rates.
+        self.burst = max(self.rate * burst_seconds, 65536.0)
+        self.tokens = self.burst
+        self.stamp = clock.seconds()
+        self.paused_total = 0  # times a sender had to wait (for reports)
+
+    def take(self, count: int) -> float:
+        """Account *count* bytes; seconds the sender should now wait."""
+        now = self.clock.seconds()
+        elapsed = max(0.0, now - self.stamp)  # a wall clock may step back
+        self.stamp = now
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate) - count
+        if self.tokens >= 0:
+            return 0.0
+        self.paused_total += 1
+        return -self.tokens / self.rate
+
+
+def parse_rate(text: str) -> float:
+    """``--rate`` in Mbit/s (decimal, as iperf reports) -> bytes/s; 0 = off."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of Mbit/s") from None
+    if not 0 <= value <= 1_000_000 or value != value:
+        raise ValueError("the rate must be 0 (off) to 1,000,000 Mbit/s")
+    return value * 1_000_000 / 8
