@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from tests.certs import ca_signed, write_pem
-from tunnelpass.codec import FrameDecoder, Type, encode
+from tunnelpass.codec import FrameDecoder, Type, encode, encode_open
 from tunnelpass.handshake import ClientHandshake, SessionConfig, pool_auth_frame
 from tunnelpass.server import ServerSettings, TunnelServer, _GateFactory
 
@@ -217,6 +217,9 @@ class SendFlowTests(unittest.TestCase):
         started = []
 
         class Inbound:
+            def __setattr__(self, name, value):
+                started.append((name, value))
+
             def makeConnection(self, transport):
                 started.append(("made", transport))
 
@@ -230,8 +233,9 @@ class SendFlowTests(unittest.TestCase):
         protocol, transport = connect(server)
         protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
         payload = b"u" * 50000
-        protocol.dataReceived(encode(Type.TCP, b"i" * 16) + payload)
-        self.assertEqual(started, [("made", transport), ("data", payload)])
+        protocol.dataReceived(encode_open(b"i" * 16, ("198.51.100.1", 1234), ("127.0.0.1", 80)) + payload)
+        self.assertEqual(started, [("original", (("198.51.100.1", 1234), ("127.0.0.1", 80))),
+                                   ("made", transport), ("data", payload)])
         self.assertNotIn(b"i" * 16, server.session.pool.idle)
 
     def test_start_frame_naming_another_connection_is_refused(self):
@@ -240,5 +244,5 @@ class SendFlowTests(unittest.TestCase):
         session, _, _ = authenticate(server)
         protocol, transport = connect(server)
         protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
-        protocol.dataReceived(encode(Type.TCP, b"j" * 16))
+        protocol.dataReceived(encode_open(b"j" * 16))
         self.assertTrue(transport.disconnecting)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -39,14 +38,14 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.codec import Type, encode
+from tunnelpass.codec import FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open
 from tunnelpass.control import ClientControlProtocol
 from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, FLOWS, ID, TLS_REQUIRED, pool_auth_frame
 from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
 from tunnelpass.poolpolicy import PoolPolicy
-from tunnelpass.relay import OutboundProtocol, TCPForwardFactory
+from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass.forward import raise_fd_limit
@@ -56,8 +55,6 @@ from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
 
 LISTEN_BACKLOG = 1024
-#: TCP signals remembered for pool connections whose POOL_OK is still in flight.
-MAX_EARLY_CLAIMS = 4096
 POOL_OK = encode(Type.POOL_OK)
 _LEVEL_BY_CODE = {code: level for level, code in TLS_REQUIRED.items()}
 _FLOW_NAMES = {number: name for name, number in FLOWS.items()}
@@ -97,6 +94,7 @@ class PoolConnection(SwitchingProtocol):
         self.client, self.session = client, session
         self.counter, self.conn_id = counter, conn_id
         self._ack = b""
+        self._open_decoder = FrameDecoder(allowed=frozenset({Type.OPEN}))
 
     def connectionMade(self) -> None:
         enable_keepalive(self.transport)
@@ -133,17 +131,29 @@ class PoolConnection(SwitchingProtocol):
             if self.delegate is not None:  # a waiting user took it at once
                 self.delegate.dataReceived(data)
                 return
-        # Receive flow: user bytes may overtake the TCP(id) signal.
+        # Receive flow: the server claimed this connection; it starts with
+        # OPEN(own id, the user's addresses), then the user's bytes.
         client = self.client
-        if client.flow == "receive" and client.pool is not None and client.pool.claim(self.conn_id) is self:
-            self.start_relay(data)
-        else:
+        try:
+            frames = self._open_decoder.feed(data, max_frames=1)
+            if not frames:
+                return
+            conn_id, addresses = decode_open(frames[0].payload)
+        except ProtocolError:
             self.transport.abortConnection()
+            return
+        if (conn_id != self.conn_id or client.flow != "receive" or client.pool is None
+                or client.pool.claim(self.conn_id) is not self):
+            self.transport.abortConnection()
+            return
+        self.start_relay(self._open_decoder.take_rest(), addresses)
 
-    def start_relay(self, data: bytes = b"") -> None:
+    def start_relay(self, data: bytes = b"", addresses=None) -> None:
         client = self.client
         client.retiring.discard(self.conn_id)
-        self.switch_to(client.target_factory.buildProtocol(None), data)
+        inbound = client.target_factory.buildProtocol(None)
+        inbound.original = addresses  # the user's, for --proxy-protocol
+        self.switch_to(inbound, data)
         client.policy_used()  # refill after the user's target dial is under way
 
     def header_lost(self, reason) -> None:
@@ -182,7 +192,8 @@ class SendFlowFactory(TCPForwardFactory):
             if not connection.transport.connected:
                 return self.dial(inbound)  # chained: a hang-up cancels the new wait
             self.client.policy_used()
-            connection.switch_to(OutboundProtocol(inbound, greeting=encode(Type.TCP, conn_id)))
+            source, destination = user_addresses(inbound)
+            connection.switch_to(OutboundProtocol(inbound, greeting=encode_open(conn_id, source, destination)))
 
         def failed(failure):
             if failure.check(CancelledError):
@@ -234,8 +245,6 @@ class TunnelClient(Service):
         self.counter = 0
         self._fill_call = None
         self.flow = None  # the server's, once a session starts
-        self.dialled_ids: set[bytes] = set()  # dialled, not yet acknowledged by POOL_OK
-        self.early_claims: OrderedDict[bytes, None] = OrderedDict()  # claimed before their POOL_OK
         self.retiring: set[bytes] = set()
         self.failures = 0
         self._retry_now = False
@@ -344,7 +353,6 @@ class TunnelClient(Service):
         self.pool = IdlePool(self.clock, self.policy.max_pool, self._want_more, timeout=self.settings.pool_timeout)
         self.flow = flow
         self.retiring: set[bytes] = set()
-        self.early_claims.clear()
         self.log.info("connected to {server} (session {sid}, flow {flow}, tls {tls})",
                       server=_join(self.settings.server_host, self.settings.server_port),
                       sid=control.session.session_id.hex()[:8], flow=flow, tls=self.level,
@@ -372,17 +380,8 @@ class TunnelClient(Service):
         self.fill()
 
     def open_tcp(self, conn_id: bytes) -> None:
-        if self.pool is None or self.flow != "receive":
-            return  # in the send flow this side claims; it never dials --target for the server
-        connection = self.pool.claim(conn_id)
-        if connection is not None:
-            connection.start_relay()
-        elif conn_id in self.dialled_ids:
-            # The server filed it and claimed it at once: its TCP signal
-            # overtook the POOL_OK on the pool connection itself.
-            self.early_claims[conn_id] = None
-            while len(self.early_claims) > MAX_EARLY_CLAIMS:
-                self.early_claims.popitem(last=False)
+        """The TCP signal is advisory since the OPEN frame travels on the
+        pool connection itself (in order after its POOL_OK): nothing to do."""
 
     def dial_pool(self, count: int) -> None:
         if self.policy is not None:
@@ -477,7 +476,6 @@ class TunnelClient(Service):
         self.counter += 1
         self.dialing += 1
         conn_id = os.urandom(ID)
-        self.dialled_ids.add(conn_id)
         # Straight to the address the control connection reached (no name
         # lookup per pool connection, and the same server behind a DNS
         # round robin); TLS as the control connection has it.
@@ -489,24 +487,18 @@ class TunnelClient(Service):
 
     def pool_dial_failed(self, conn_id: bytes, reason) -> None:
         self.dialing -= 1
-        self.dialled_ids.discard(conn_id)
         self.log.debug("pool connection failed: {error}", error=reason.getErrorMessage())
 
     def pool_connected(self, connection: PoolConnection) -> None:
         self.dialing -= 1
-        self.dialled_ids.discard(connection.conn_id)
         if self.pool is None or connection.session is not self.session:
             connection.transport.loseConnection()  # dialled for a session that has ended
-        elif self.early_claims.pop(connection.conn_id, False) is None:
-            connection.start_relay()
         elif not self.pool.add(connection.conn_id, connection):
             connection.transport.loseConnection()
 
     def pool_lost(self, connection: PoolConnection) -> None:
         if not connection.ready:
             self.dialing -= 1  # connected but never authenticated (TLS failure, ...)
-            self.dialled_ids.discard(connection.conn_id)
-            self.early_claims.pop(connection.conn_id, None)
         elif self.pool is not None:
             self.pool.remove(connection.conn_id)
             self.retiring.discard(connection.conn_id)

@@ -39,6 +39,7 @@ class Type(enum.IntEnum):
     WELCOME = 4  # server -> client: proof + session config
     POOL_AUTH = 5  # client -> server, first frame of a pool connection
     POOL_OK = 6  # server -> client: that pool connection is filed as idle
+    OPEN = 7  # on a pool connection, by the side that claims it: id + the user's addresses
     TCP = 16  # server -> client: relay pool connection <id>
     PING = 17
     PONG = 18
@@ -57,6 +58,7 @@ MAX_PAYLOAD = {
     Type.WELCOME: 64,
     Type.POOL_AUTH: 72,
     Type.POOL_OK: 0,
+    Type.OPEN: 16 + 1 + 2 * (16 + 2),
     Type.TCP: 16,
     Type.PING: 16,
     Type.PONG: 16,
@@ -164,3 +166,51 @@ def decode_text(payload: bytes) -> tuple[int, str]:
     (code,) = struct.unpack_from("!H", payload)
     text = payload[2:].decode("utf-8", "replace")
     return code, "".join(c if c.isprintable() else "?" for c in text)
+
+
+# OPEN: the first frame on a claimed pool connection
+
+_FAMILIES = {0: 0, 4: 4, 6: 16}  # family byte -> address size
+
+
+def encode_open(conn_id: bytes, source=None, destination=None) -> bytes:
+    """OPEN(conn_id | family | src ip | src port | dst ip | dst port); the
+    addresses are the user connection's (for PROXY headers), or absent."""
+    import ipaddress
+
+    if len(conn_id) != 16:
+        raise ValueError("connection ids are 16 bytes")
+    if source is None or destination is None:
+        return encode(Type.OPEN, conn_id + b"\x00")
+    try:
+        src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    except ValueError:
+        return encode(Type.OPEN, conn_id + b"\x00")  # not IP (e.g. a UNIX socket): unknown
+    if src.version != dst.version:
+        src = ipaddress.IPv6Address(f"::ffff:{src}") if src.version == 4 else src
+        dst = ipaddress.IPv6Address(f"::ffff:{dst}") if dst.version == 4 else dst
+    body = bytes([src.version]) + src.packed + struct.pack("!H", source[1]) + dst.packed + struct.pack("!H", destination[1])
+    return encode(Type.OPEN, conn_id + body)
+
+
+def decode_open(payload: bytes):
+    """``(conn_id, (source, destination) or None)``; :class:`ProtocolError`
+    if malformed."""
+    import ipaddress
+
+    if len(payload) < 17:
+        raise ProtocolError("OPEN too short")
+    conn_id, family = payload[:16], payload[16]
+    size = _FAMILIES.get(family)
+    if size is None:
+        raise ProtocolError("OPEN has an unknown address family")
+    if len(payload) != 17 + 2 * (size + 2 if size else 0):
+        raise ProtocolError("OPEN has the wrong length for its family")
+    if not size:
+        return conn_id, None
+    make = ipaddress.IPv4Address if size == 4 else ipaddress.IPv6Address
+    src = str(make(payload[17:17 + size]))
+    (sport,) = struct.unpack_from("!H", payload, 17 + size)
+    dst = str(make(payload[19 + size:19 + 2 * size]))
+    (dport,) = struct.unpack_from("!H", payload, 19 + 2 * size)
+    return conn_id, ((src, sport), (dst, dport))

@@ -42,15 +42,22 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
-def proxy_header(version: str, transport, protocol: str = "tcp", original=None) -> bytes:
+def user_addresses(inbound) -> tuple:
+    """``(source, destination)`` of the user behind *inbound*: as a trusted
+    proxy or the tunnel's OPEN frame told it, else its own peer and host."""
+    if inbound.original is not None:
+        return inbound.original
+    peer, local = inbound.transport.getPeer(), inbound.transport.getHost()
+    return (getattr(peer, "host", None), getattr(peer, "port", 0)), (getattr(local, "host", None),
+                                                                     getattr(local, "port", 0))
+
+
+def proxy_header(version: str, inbound, protocol: str = "tcp") -> bytes:
     """The PROXY protocol header (``v1``/``v2``; ``off``: none) telling the
-    remote who *transport*'s peer really is."""
+    remote who the user behind *inbound* really is."""
     if version == "off":
         return b""
-    peer, local = transport.getPeer(), transport.getHost()
-    source, destination = (peer.host, peer.port), (local.host, local.port)
-    if original is not None:  # told by a trusted proxy (--accept-proxy)
-        source, destination = original
+    source, destination = user_addresses(inbound)
     if version == "v1":
         return encode_v1(source, destination)
     return encode_v2(source, destination, protocol)
@@ -354,7 +361,7 @@ class TCPForwardFactory(ServerFactory):
         ``HostnameEndpoint`` so DNS changes take effect, IPv4 and IPv6.  In
         a target group a failed attempt moves on to the next target.
         """
-        greeting = proxy_header(self.limits.proxy, inbound.transport, original=inbound.original)
+        greeting = proxy_header(self.limits.proxy, inbound)
         return self._dial_at(inbound, greeting, self.group, self.group.order(), 0)
 
     def _dial_at(self, inbound, greeting, group, order, attempt):

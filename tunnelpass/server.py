@@ -34,7 +34,7 @@ from OpenSSL import SSL
 from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.codec import FrameDecoder, ProtocolError, Type, encode, encode_text
+from tunnelpass.codec import FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open, encode_text
 from tunnelpass.control import ServerControlProtocol
 from tunnelpass.guard import HandshakeGuard
 from tunnelpass.keepalive import enable_keepalive
@@ -48,7 +48,7 @@ from tunnelpass.handshake import (
     SessionConfig,
 )
 from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
-from tunnelpass.relay import OutboundProtocol, TCPForwardFactory
+from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass.forward import raise_fd_limit
@@ -191,21 +191,23 @@ class TunnelConnection(SwitchingProtocol):
             return
         # The start frame may arrive with the user's first bytes; the
         # decoder holds at most one read beyond a (tiny) TCP frame.
-        self.decoder.allowed = frozenset({Type.TCP})
+        self.decoder.allowed = frozenset({Type.OPEN})
         try:
             frames = self.decoder.feed(data, max_frames=1)
+            if not frames:
+                return
+            conn_id, addresses = decode_open(frames[0].payload)
         except ProtocolError:
             self._drop_idle()
             return
-        if not frames:
-            return
-        if frames[0].payload != self.conn_id:
+        if conn_id != self.conn_id:
             self._drop_idle()
             return
         rest = self.decoder.take_rest()
         self.session.pool.remove(self.conn_id)
         self.conn_id = None
         inbound = self.server.target_factory.buildProtocol(None)
+        inbound.original = addresses  # the user's, for --proxy-protocol
         self.switch_to(inbound, rest)
 
     def _drop_idle(self) -> None:
@@ -214,9 +216,11 @@ class TunnelConnection(SwitchingProtocol):
         self.transport.abortConnection()
 
     def claim_for(self, inbound) -> None:
-        """Receive flow: relay user connection *inbound* over this connection."""
-        self.conn_id = None
-        self.switch_to(OutboundProtocol(inbound))
+        """Receive flow: relay user connection *inbound* over this connection,
+        which starts with OPEN(its id, the user's addresses)."""
+        conn_id, self.conn_id = self.conn_id, None
+        source, destination = user_addresses(inbound)
+        self.switch_to(OutboundProtocol(inbound, greeting=encode_open(conn_id, source, destination)))
 
     def header_lost(self, reason) -> None:
         if self.conn_id is not None:

@@ -74,7 +74,7 @@ _PARSERS = {
     "slot": _count,
     "no-tcp": lambda v: parse_choice(v, ("0", "1")) == "1",
     "no-udp": lambda v: parse_choice(v, ("0", "1")) == "1",
-    "proxy-protocol": lambda v: parse_choice(v, ("off",)),
+    "proxy-protocol": lambda v: parse_choice(v, ("off", "v1", "v2")),
     "accept-proxy": parse_networks,
     "metrics": str,
     "rate": parse_rate,
@@ -137,7 +137,7 @@ class Options(usage.Options):
         ["slot", None, "65536", "server/client: concurrent tunnelled connections."],
         ["no-tcp", None, "0", "Accepted for NodePass URLs (notcp); 1 is not supported yet."],
         ["no-udp", None, "0", "Accepted for NodePass URLs (noudp); UDP through the tunnel is not available yet."],
-        ["proxy-protocol", None, "off", "Accepted for NodePass URLs (proxy); only off is available yet."],
+        ["proxy-protocol", None, "off", "server/client: off | v1 | v2: the side that dials --target first sends it a PROXY header with the user's address (URL proxy=1 is v1)."],
         ["rate", None, "0", "Bandwidth limit for the whole instance in Mbit/s, both directions together (0 = none)."],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["accept-proxy", None, "", "forward (TCP listeners) and server (public listener): CIDR[,CIDR] of trusted proxies whose PROXY v1/v2 header is read; other sources are refused."],
@@ -352,7 +352,7 @@ def _limiter(options, reactor):
 
 def _tunnel_limits(options, reactor) -> Limits:
     return Limits(max_conns=options["slot"], connect_timeout=options["connect-timeout"], idle=options["read"],
-                  limiter=_limiter(options, reactor))
+                  limiter=_limiter(options, reactor), proxy=options["proxy-protocol"])
 
 
 def _server_service(options, reactor):

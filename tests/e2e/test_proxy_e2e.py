@@ -138,3 +138,24 @@ class AcceptProxyTests(unittest.TestCase):
                 except ConnectionResetError:
                     pass
         fwd.wait_for_log("PROXY header")
+
+
+class TunnelProxyProtocolTests(unittest.TestCase):
+    """The user's address crosses the tunnel (OPEN frame) and the side that
+    dials the target sends it in a PROXY header."""
+
+    def test_receive_flow_client_sends_v1(self):
+        from tests.e2e.tunnel_harness import Tunnel
+
+        echo = HAProxy(self)
+        tunnel = Tunnel(self, backend=echo, client_args=["--proxy-protocol", "v1"])
+        body, source_port = http_from(tunnel.entry, "127.0.0.2")
+        self.assertEqual(body, f"127.0.0.2 {source_port}".encode())
+
+    def test_send_flow_server_sends_v2_over_tls(self):
+        from tests.e2e.tunnel_harness import Tunnel
+
+        echo = HAProxy(self)
+        tunnel = Tunnel(self, flow="send", tls=1, backend=echo, server_args=["--proxy-protocol", "v2"])
+        body, source_port = http_from(tunnel.entry, "127.0.0.2")
+        self.assertEqual(body, f"127.0.0.2 {source_port}".encode())
