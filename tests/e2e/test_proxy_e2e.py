@@ -159,3 +159,20 @@ class TunnelProxyProtocolTests(unittest.TestCase):
         tunnel = Tunnel(self, flow="send", tls=1, backend=echo, server_args=["--proxy-protocol", "v2"])
         body, source_port = http_from(tunnel.entry, "127.0.0.2")
         self.assertEqual(body, f"127.0.0.2 {source_port}".encode())
+
+    def test_server_behind_a_load_balancer(self):
+        """client (127.0.0.2) -> HAProxy send-proxy-v2 -> tunnel server
+        (--accept-proxy) -> client (--proxy-protocol v1) -> HAProxy."""
+        from tests.e2e.tunnel_harness import Tunnel
+
+        echo = HAProxy(self)
+        tunnel = Tunnel(self, backend=echo, server_args=["--accept-proxy", "127.0.0.1/32"],
+                        client_args=["--proxy-protocol", "v1"])
+        front = free_port()
+        HAProxy(self, extra=f"""listen balancer
+  mode tcp
+  bind 127.0.0.1:{front}
+  server tunnel 127.0.0.1:{tunnel.entry} send-proxy-v2
+""")
+        body, source_port = http_from(front, "127.0.0.2")
+        self.assertEqual(body, f"127.0.0.2 {source_port}".encode())
