@@ -43,6 +43,8 @@ def authenticate(server):
         frames = decoder.feed(transport.value())
         transport.clear()
         for frame in frames:
+            if client.session is not None:
+                break  # signals after WELCOME (e.g. POOL) are not the handshake's
             for reply in client.receive(frame):
                 protocol.dataReceived(reply)
     assert client.session is not None and server.session is not None
@@ -246,3 +248,29 @@ class SendFlowTests(unittest.TestCase):
         protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))
         protocol.dataReceived(encode_open(b"j" * 16))
         self.assertTrue(transport.disconnecting)
+
+
+class WaitingUserTests(unittest.TestCase):
+    def test_users_waiting_on_a_replaced_session_wait_on_the_new_one(self):
+        server = make_server()
+        authenticate(server)
+        waiting = server.session.pool.take()  # no idle connection: the user waits
+        taken = []
+        waiting.addCallback(taken.append)
+        session, _, _ = authenticate(server)  # the client reconnects: a new session
+        self.assertEqual(taken, [])
+        protocol, transport = connect(server)
+        protocol.dataReceived(pool_auth_frame(session, 1, b"n" * 16, b""))
+        self.assertEqual([conn_id for conn_id, _ in taken], [b"n" * 16])
+        server.clock.advance(60)  # the wait's own timeout is cancelled, not fired
+
+    def test_users_waiting_while_no_session_is_up(self):
+        server = make_server()
+        _, control, control_transport = authenticate(server)
+        waiting = server.session.pool.take()
+        failures = []
+        waiting.addErrback(failures.append)
+        control.connectionLost(None)  # the client went away
+        self.assertIsNone(server.session)
+        server.clock.advance(5)  # nobody came back within --pool-timeout
+        self.assertEqual(len(failures), 1)

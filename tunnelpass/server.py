@@ -333,7 +333,9 @@ class PoolRelayFactory(TCPForwardFactory):
                 # Closed while idle (its removal is underway): try the next
                 # one, chained so that a hang-up cancels the new wait.
                 return self.dial(inbound)
-            session.control.send_tcp(conn_id)
+            current = self.server.session
+            if current is not None and current.control.close_reason is None:
+                current.control.send_tcp(conn_id)  # advisory: OPEN on the connection is what counts
             connection.claim_for(inbound)
 
         def failed(failure):
@@ -378,6 +380,7 @@ class TunnelServer(Service):
         self.stats_handshake_refused = 0
         self._cert_stamp = None
         self._loops: list[LoopingCall] = []
+        self._orphans: list = []  # users waiting for a pool while no session is up
         self.signals = Signals(reactor)
 
     # Startup
@@ -504,6 +507,16 @@ class TunnelServer(Service):
         if old is not None:
             old.close_idle()
             old.control.replaced()
+            self._orphans.extend(old.pool.waiters)
+            old.pool.waiters.clear()
+        # Users who were waiting for the previous session's pool (a client
+        # reconnecting, or a replaced session) wait for this one instead,
+        # within their own --pool-timeout.
+        waiting = [d for d in self._orphans if not d.called]
+        self._orphans.clear()
+        if waiting:
+            self.session.pool.waiters.extend(waiting)
+            self.session.pool.want_more(len(waiting))
         peer = control.transport.getPeer()
         self.log.info("client {host} connected (session {sid})", host=peer.host,
                       sid=control.session.session_id.hex()[:8], event="client_connected")
@@ -513,6 +526,8 @@ class TunnelServer(Service):
         if session is not None and session.control is control:
             self.session = None
             session.close_idle()
+            self._orphans.extend(session.pool.waiters)
+            session.pool.waiters.clear()
             self.log.info("client disconnected: {reason}", reason=control.close_reason or "connection closed",
                           event="client_disconnected")
 
