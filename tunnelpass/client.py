@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, DeferredList, succeed
+from twisted.internet.defer import DeferredList, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
@@ -43,7 +43,7 @@ from tunnelpass.control import ClientControlProtocol
 from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, FLOWS, ID, TLS_REQUIRED, pool_auth_frame
-from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
+from tunnelpass.pool import IdlePool
 from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
@@ -51,6 +51,7 @@ from tunnelpass.stats import ListenerStats
 from tunnelpass.forward import raise_fd_limit
 from tunnelpass.server import listen_error
 from tunnelpass.signals import Signals
+from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
 
@@ -173,45 +174,23 @@ class _PoolConnectionFactory(ClientFactory):
         self.args[0].pool_dial_failed(self.args[3], reason)
 
 
-class SendFlowFactory(TCPForwardFactory):
-    """Send flow: each local user connection takes an idle pool connection."""
+class SendFlowFactory(PoolDialFactory):
+    """Send flow: each local user connection takes an idle pool connection,
+    which starts with OPEN (its id, the user's addresses)."""
+
+    unavailable = "not connected to the server"
 
     def __init__(self, client: "TunnelClient", *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.client = client
 
-    def dial(self, inbound):
-        pool = self.client.pool
-        if pool is None:
-            self._refuse(inbound, "not connected to the server")
-            return None
-        d = pool.take()
+    def current_pool(self):
+        return self.client.pool
 
-        def got(taken):
-            conn_id, connection = taken
-            if not connection.transport.connected:
-                return self.dial(inbound)  # chained: a hang-up cancels the new wait
-            self.client.policy_used()
-            source, destination = user_addresses(inbound)
-            connection.switch_to(OutboundProtocol(inbound, greeting=encode_open(conn_id, source, destination)))
-
-        def failed(failure):
-            if failure.check(CancelledError):
-                return
-            failure.trap(PoolTimeout, PoolFull)
-            self._refuse(inbound, failure.getErrorMessage())
-
-        d.addCallbacks(got, failed)
-        return d
-
-    def _refuse(self, inbound, why: str) -> None:
-        if self._refusals.ready():
-            self.log.warn("{listener}: connection refused: {why} ({count} so far)",
-                          listener=self.name, why=why, count=self._refusals.take_count())
-        inbound._pending = None
-        if not inbound.closed:
-            self.stats.connect_failures += 1
-            inbound.transport.loseConnection()
+    def use(self, conn_id: bytes, connection, inbound) -> None:
+        self.client.policy_used()
+        source, destination = user_addresses(inbound)
+        connection.switch_to(OutboundProtocol(inbound, greeting=encode_open(conn_id, source, destination)))
 
 
 @implementer(IStreamClientEndpoint)

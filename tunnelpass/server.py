@@ -24,7 +24,7 @@ import signal
 from dataclasses import dataclass
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.internet.task import LoopingCall
@@ -47,12 +47,13 @@ from tunnelpass.handshake import (
     PoolAuthenticator,
     SessionConfig,
 )
-from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
+from tunnelpass.pool import IdlePool
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass.forward import raise_fd_limit
 from tunnelpass.signals import Signals
+from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSFactory, HalfCloseTLSProtocol
 
@@ -312,49 +313,25 @@ class _GateFactory(ServerFactory):
         return TunnelGate(self.server)
 
 
-class PoolRelayFactory(TCPForwardFactory):
+class PoolRelayFactory(PoolDialFactory):
     """Receive flow: each accepted user connection takes an idle pool
     connection instead of dialling a remote."""
+
+    unavailable = "no client is connected"
 
     def __init__(self, server: "TunnelServer", *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.server = server
 
-    def dial(self, inbound):
+    def current_pool(self):
         session = self.server.session
-        if session is None:
-            self._refuse(inbound, "no client is connected")
-            return None
-        d = session.pool.take()
+        return session.pool if session is not None else None
 
-        def got(taken):
-            conn_id, connection = taken
-            if not connection.transport.connected:
-                # Closed while idle (its removal is underway): try the next
-                # one, chained so that a hang-up cancels the new wait.
-                return self.dial(inbound)
-            current = self.server.session
-            if current is not None and current.control.close_reason is None:
-                current.control.send_tcp(conn_id)  # advisory: OPEN on the connection is what counts
-            connection.claim_for(inbound)
-
-        def failed(failure):
-            if failure.check(CancelledError):
-                return  # the user hung up while waiting
-            failure.trap(PoolTimeout, PoolFull)
-            self._refuse(inbound, failure.getErrorMessage())
-
-        d.addCallbacks(got, failed)
-        return d
-
-    def _refuse(self, inbound, why: str) -> None:
-        if self._refusals.ready():
-            self.log.warn("{listener}: user connection refused: {why} ({count} so far)",
-                          listener=self.name, why=why, count=self._refusals.take_count())
-        inbound._pending = None
-        if not inbound.closed:
-            self.stats.connect_failures += 1
-            inbound.transport.loseConnection()
+    def use(self, conn_id: bytes, connection, inbound) -> None:
+        current = self.server.session
+        if current is not None and current.control.close_reason is None:
+            current.control.send_tcp(conn_id)  # advisory: OPEN on the connection is what counts
+        connection.claim_for(inbound)
 
 
 class TunnelServer(Service):
