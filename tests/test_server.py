@@ -274,3 +274,17 @@ class WaitingUserTests(unittest.TestCase):
         self.assertIsNone(server.session)
         server.clock.advance(5)  # nobody came back within --pool-timeout
         self.assertEqual(len(failures), 1)
+
+    def test_ended_waiters_make_room(self):
+        from tunnelpass.pool import IdlePool
+
+        pool = IdlePool(MemoryReactorClock(), 10, lambda n: None, timeout=1, max_waiters=2)
+        first, second = pool.take(), pool.take()
+        for d in (first, second):
+            d.addErrback(lambda f: None)
+            d.cancel()
+        pool.waiters.extend([first, second])  # e.g. moved here from another session's pool
+        third = pool.take()
+        self.assertFalse(third.called, "ended waiters do not count against max_waiters")
+        third.cancel()
+        third.addErrback(lambda f: None)

@@ -49,3 +49,13 @@ class FailoverTests(unittest.TestCase):
         self.assertEqual(len(reactor.tcpClients), 3, "each target once per connection")
         self.assertTrue(inbound.transport.disconnecting)
         self.assertEqual(factory.stats.connect_failures, 1)
+
+    def test_a_user_hanging_up_does_not_mark_the_target_unhealthy(self):
+        reactor = MemoryReactorClock()
+        factory = TCPForwardFactory(reactor, "t", *A, Limits(), clock=reactor, remotes=[A, B])
+        inbound = factory.buildProtocol(None)
+        inbound.makeConnection(StringTransport())
+        inbound.connectionLost(None)  # the user went away while dialling
+        reactor.tcpClients[0][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertTrue(factory.group.healthy(0))
+        self.assertEqual(len(reactor.tcpClients), 1, "no failover for a user who is gone")

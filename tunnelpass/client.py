@@ -339,6 +339,7 @@ class TunnelClient(Service):
         if flow == "send" and len(self.settings.targets) > 1:
             self.log.error("the server runs the send flow, where this client listens on --target; "
                            "a target group cannot be listened on")
+            self.failures += 1  # back off: this will not change by itself
             control.transport.loseConnection()
             return
         if flow == "send" and self.listening_port is None:
@@ -486,12 +487,13 @@ class TunnelClient(Service):
 
     def metrics(self) -> list:
         """What ``--metrics`` exposes."""
+        pool, policy = self.pool, self.policy
         return listener_samples(self.stats, {"role": "client"}) + [
             Sample("server_connected", "gauge", "1 while the session with the server is up",
                    int(self.session is not None)),
-            Sample("pool_idle", "gauge", "idle pool connections", len(self.pool.idle) if self.pool else 0),
+            Sample("pool_idle", "gauge", "idle pool connections", len(pool.idle) if pool else 0),
             Sample("pool_target", "gauge", "idle pool connections the client aims for",
-                   self.policy.target if self.policy else 0),
+                   policy.target if policy else 0),
             Sample("pool_dialing", "gauge", "pool connections being dialled", self.dialing),
         ] + rate_samples(self.settings.limits.limiter)
 

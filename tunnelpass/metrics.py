@@ -81,6 +81,22 @@ class _Collector:
             yield metric
 
 
+def _MetricsPage(registry):
+    """``/metrics`` rendered in the reactor thread, where the counters live
+    (prometheus_client's own Twisted resource renders in a thread pool)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from twisted.web.resource import Resource
+
+    class MetricsPage(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            return generate_latest(registry)
+
+    return MetricsPage()
+
+
 class MetricsService(Service):
     """Serves ``/metrics`` on a Twisted endpoint description
     (``tcp:9100:interface=127.0.0.1``); a bind failure stops startup."""
@@ -95,14 +111,13 @@ class MetricsService(Service):
 
     def privilegedStartService(self) -> None:
         from prometheus_client import CollectorRegistry
-        from prometheus_client.twisted import MetricsResource
         from twisted.web.resource import Resource
         from twisted.web.server import Site
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self.source))
         root = Resource()
-        root.putChild(b"metrics", MetricsResource(registry=registry))
+        root.putChild(b"metrics", _MetricsPage(registry))
         site = Site(root)
         site.noisy = False
         try:

@@ -78,6 +78,10 @@ class IdlePool:
                 self.want_more(1)
             return succeed(taken)
         if len(self.waiters) >= self.max_waiters:
+            # Waiters that already ended (timed out, hung up -- possibly
+            # moved here from another session's pool) leave room first.
+            self.waiters = deque(w for w in self.waiters if not w.called)
+        if len(self.waiters) >= self.max_waiters:
             return fail(PoolFull(f"{self.max_waiters} connections already wait for the pool"))
         waiter = Deferred(lambda d: self._forget(d))
         self.waiters.append(waiter)

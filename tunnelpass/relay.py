@@ -76,12 +76,30 @@ def _throttle(end, factory, count: int) -> None:
     if call is not None and call.active():
         call.reset(delay)  # *delay* repays the whole debt, this call's bytes included
     else:
-        end._resume_call = factory.clock.callLater(delay, _resume_if_open, end.transport)
+        end._resume_call = factory.clock.callLater(delay, _resume_if_open, end)
 
 
-def _resume_if_open(transport) -> None:
-    if transport.connected and not getattr(transport, "disconnecting", False):
-        transport.resumeProducing()
+def _resume_if_open(end) -> None:
+    """The debt is paid: read *end* again -- unless it is closing, its read
+    side has ended, or its peer (the consumer) still wants it paused: the
+    consumer resumes it itself when its buffer drains, and resuming behind
+    its back (a TLS consumer's producer membrane would not notice) would
+    let its buffer grow without bound."""
+    end._resume_call = None
+    transport = end.transport
+    if not transport.connected or getattr(transport, "disconnecting", False) or end._read_closed:
+        return
+    peer = end.peer_transport()
+    if peer is not None and getattr(peer, "producerPaused", False):
+        return
+    transport.resumeProducing()
+
+
+def _cancel_resume(end) -> None:
+    call = end._resume_call
+    if call is not None and call.active():
+        call.cancel()
+    end._resume_call = None
 
 
 def _close_after_flush(transport) -> None:
@@ -169,6 +187,7 @@ class OutboundProtocol(_RelayEnd):
         return self.inbound.transport
 
     def connectionLost(self, reason=None) -> None:
+        _cancel_resume(self)
         if self.inbound.outbound is self and self.inbound.splice is None:
             _close_after_flush(self.inbound.transport)
 
@@ -299,6 +318,7 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
+        _cancel_resume(self)
         if not self.admitted:
             return
         self.setTimeout(None)
@@ -370,6 +390,9 @@ class TCPForwardFactory(ServerFactory):
         timeout = self.limits.connect_timeout
 
         def failed(reason):
+            if inbound.closed:  # the user hung up: says nothing about the target
+                inbound.connect_failed(reason)
+                return
             group.failed(index)
             if attempt + 1 < len(order) and not inbound.closed:
                 inbound._pending = self._dial_at(inbound, greeting, group, order, attempt + 1)

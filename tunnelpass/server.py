@@ -185,7 +185,8 @@ class TunnelConnection(SwitchingProtocol):
 
     def _idle_data(self, data: bytes) -> None:
         """Bytes on an idle pool connection: in the send flow, the client
-        starts a connection with TCP(own id); anything else is a violation."""
+        starts a connection with OPEN(own id, addresses); anything else is
+        a violation."""
         if self.server.flow != "send":
             self.server.log.debug("unexpected data on an idle pool connection; closing it")
             self._drop_idle()
@@ -531,7 +532,7 @@ class TunnelServer(Service):
             Sample("client_connected", "gauge", "1 while a client session is up", int(session is not None)),
             Sample("pool_idle", "gauge", "idle pool connections", len(session.pool.idle) if session else 0),
             Sample("pool_waiting", "gauge", "user connections waiting for a pool connection",
-                   len(session.pool.waiters) if session else 0),
+                   sum(1 for w in session.pool.waiters if not w.called) if session else 0),
             Sample("handshake_failures", "counter", "failed tunnel handshakes", self.handshake_failures),
             Sample("handshake_refused", "counter", "connections refused by the handshake guard",
                    self.stats_handshake_refused),

@@ -82,7 +82,7 @@ PIPES = PipePool()
 class _Direction:
     """Bytes flowing from one socket to the other through a borrowed pipe."""
 
-    __slots__ = ("src", "dst", "pipe", "pending", "eof", "done", "count", "throttled")
+    __slots__ = ("src", "dst", "pipe", "pending", "eof", "done", "count", "throttled", "throttle_call")
 
     def __init__(self, src: "_Side", dst: "_Side", count):
         self.src, self.dst, self.count = src, dst, count
@@ -91,6 +91,7 @@ class _Direction:
         self.eof = False  # src sent FIN
         self.done = False  # FIN passed on to dst
         self.throttled = False  # --rate: src is not read until its turn comes
+        self.throttle_call = None
 
 
 class _Side:
@@ -226,7 +227,7 @@ class SpliceRelay:
             delay = self.limiter.take(n)
             if delay > 0:
                 d.throttled = True
-                self.reactor.callLater(delay, self._unthrottle, d)
+                d.throttle_call = self.reactor.callLater(delay, self._unthrottle, d)
         self.flush(d)
 
     def _read_past_urgent_mark(self, d: _Direction) -> int | None:
@@ -283,7 +284,7 @@ class SpliceRelay:
             self.reactor.removeReader(d.src)
 
     def _unthrottle(self, d: _Direction) -> None:
-        d.throttled = False
+        d.throttled, d.throttle_call = False, None
         if not (self.finished or self.failing or d.eof or d.pending):
             self.reactor.addReader(d.src)
 
@@ -344,6 +345,9 @@ class SpliceRelay:
         for side in (self.a, self.b):
             self.reactor.removeReader(side)
             self.reactor.removeWriter(side)
+            call = side.outgoing.throttle_call
+            if call is not None and call.active():
+                call.cancel()
         for d in (self.a.outgoing, self.b.outgoing):
             if d.pipe is not None:
                 if d.pending:

@@ -187,11 +187,20 @@ class _GreeterHandler(socketserver.BaseRequestHandler):
             pass
 
 
+class _StallHandler(socketserver.BaseRequestHandler):
+    """Accepts and never reads (a consumer that stopped)."""
+
+    def handle(self):
+        time.sleep(30)
+
+
 class TCPServer:
-    """A threaded TCP backend on 127.0.0.1: ``echo``, ``source`` or ``greeter``."""
+    """A threaded TCP backend on 127.0.0.1: ``echo``, ``source``, ``greeter``
+    or ``stall``."""
 
     def __init__(self, testcase, kind: str = "echo"):
-        handler = {"echo": _EchoHandler, "source": _SourceHandler, "greeter": _GreeterHandler}[kind]
+        handler = {"echo": _EchoHandler, "source": _SourceHandler, "greeter": _GreeterHandler,
+                   "stall": _StallHandler}[kind]
         self.server = _ThreadingTCP(("127.0.0.1", 0), handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -48,3 +48,23 @@ class RateTests(unittest.TestCase):
         tunnel = Tunnel(self, tls=1, backend=TCPServer(self, "source"),
                         server_args=["--rate", str(RATE_MBIT)])
         self.check(tunnel.entry)
+
+
+class RateBackpressureTests(unittest.TestCase):
+    def test_rate_keeps_backpressure_into_tls(self):
+        """Uploads into a TLS pool connection whose far end stopped reading:
+        the rate timer must not resume the sender behind the consumer's back."""
+        from tests.e2e.harness import rss_kib
+
+        tunnel = Tunnel(self, tls=1, backend=TCPServer(self, "stall"), server_args=["--rate", "400"])
+        before = rss_kib(tunnel.server.process.pid)
+        with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) as s:
+            s.setblocking(False)
+            block, deadline = b"u" * 65536, time.monotonic() + 3
+            while time.monotonic() < deadline:
+                try:
+                    s.send(block)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            grown = rss_kib(tunnel.server.process.pid) - before
+        self.assertLess(grown, 16 * 1024, f"server RSS grew by {grown} KiB")
