@@ -50,6 +50,7 @@ from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass.forward import raise_fd_limit
 from tunnelpass.server import listen_error
+from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
@@ -289,8 +290,8 @@ class TunnelClient(Service):
         s = self.settings
         if s.flow == "local":
             self.log.info("client running (local forwarding): {listen} -> {target}",
-                          listen=_join(s.server_host, self.listening_port.getHost().port),
-                          target=_join(s.target_host, s.target_port), event="client_running")
+                          listen=format_address(s.server_host, self.listening_port.getHost().port),
+                          target=format_address(s.target_host, s.target_port), event="client_running")
             return
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0, jitter=random.random)
         factory = Factory.forProtocol(self._build_control)
@@ -300,7 +301,7 @@ class TunnelClient(Service):
         self.service.startService()
         self._every(1.0, self.fill)
         self.log.info("client running: server {server}, target {target}", event="client_running",
-                      server=_join(s.server_host, s.server_port), target=_join(s.target_host, s.target_port))
+                      server=format_address(s.server_host, s.server_port), target=format_address(s.target_host, s.target_port))
 
     def _every(self, interval, function) -> None:
         loop = LoopingCall(function)
@@ -333,7 +334,7 @@ class TunnelClient(Service):
         self.flow = flow
         self.retiring: set[bytes] = set()
         self.log.info("connected to {server} (session {sid}, flow {flow}, tls {tls})",
-                      server=_join(self.settings.server_host, self.settings.server_port),
+                      server=format_address(self.settings.server_host, self.settings.server_port),
                       sid=control.session.session_id.hex()[:8], flow=flow, tls=self.level,
                       event="client_connected")
         if flow == "send" and len(self.settings.targets) > 1:
@@ -353,10 +354,10 @@ class TunnelClient(Service):
                                                              s.target_host)
             except Exception as e:
                 self.log.error("send flow: cannot listen on {target}: {error}",
-                               target=_join(s.target_host, s.target_port), error=str(e))
+                               target=format_address(s.target_host, s.target_port), error=str(e))
                 control.transport.loseConnection()
                 return
-            self.log.info("send flow: listening on {target}", target=_join(s.target_host, s.target_port))
+            self.log.info("send flow: listening on {target}", target=format_address(s.target_host, s.target_port))
         self.fill()
 
     def open_tcp(self, conn_id: bytes) -> None:
@@ -531,7 +532,3 @@ class TunnelClient(Service):
         d.addCallback(lambda _: self.report(final=True))
         d.addCallback(lambda _: self.signals.restore())
         return d
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

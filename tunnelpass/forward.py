@@ -72,9 +72,22 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def bind_error_message(endpoint: Endpoint, error: CannotListenError) -> str:
+def cannot_listen(where: str, error: CannotListenError) -> str:
     reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
-    return f"cannot listen on {endpoint}: {reason}"
+    return f"cannot listen on {where}: {reason}"
+
+
+def bind_error_message(endpoint: Endpoint, error: CannotListenError) -> str:
+    return cannot_listen(str(endpoint), error)
+
+
+def file_stamp(path: str):
+    """What tells a changed file apart (mtime, size, inode); None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class ListenerService(Service):
@@ -307,11 +320,7 @@ class ForwarderService(MultiService):
         listener.drain(float("inf")).addCallback(lambda _: self.retiring.discard(listener))
 
     def _stamp(self):
-        try:
-            st = os.stat(self.settings.config)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return file_stamp(self.settings.config)
 
     def _check_config_changed(self) -> None:
         if self._stamp() != self._config_stamp:

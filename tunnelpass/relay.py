@@ -27,6 +27,7 @@ from tunnelpass.proxyaccept import ProxyHeaderProtocol
 from tunnelpass.targets import TargetGroup
 from tunnelpass.proxyproto import encode_v1, encode_v2
 from tunnelpass.rules import Limits
+from tunnelpass.settings import format_address
 from tunnelpass.splice import SpliceRelay, can_splice
 from tunnelpass.stats import ListenerStats
 
@@ -371,7 +372,7 @@ class TCPForwardFactory(ServerFactory):
         self.remote_host, self.remote_port, self.limits = remote_host, remote_port, limits
         targets = list(remotes) if remotes else [(remote_host, remote_port)]
         self.group = TargetGroup(targets, self.clock)
-        self.remote = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in targets)
+        self.remote = ",".join(format_address(host, port) for host, port in targets)
 
     def dial(self, inbound: InboundProtocol):
         """Start connecting *inbound*'s remote; return something cancellable.

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from tunnelpass.settings import (
     _show,
+    format_address,
     parse_choice,
     parse_count,
     parse_duration,
@@ -104,8 +105,7 @@ class Endpoint:
     protocol: str
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}/{self.protocol}"
+        return f"{format_address(self.host, self.port)}/{self.protocol}"
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,7 @@ class Rule:
 
     @property
     def remote(self) -> str:
-        host = f"[{self.remote_host}]" if ":" in self.remote_host else self.remote_host
-        return f"{host}:{self.remote_port}"
+        return format_address(self.remote_host, self.remote_port)
 
 
 def parse_rules(data: str | bytes, source: str = "<rules>") -> list[Rule]:

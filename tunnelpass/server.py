@@ -51,7 +51,8 @@ from tunnelpass.pool import IdlePool
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
-from tunnelpass.forward import raise_fd_limit
+from tunnelpass.forward import cannot_listen, file_stamp, raise_fd_limit
+from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
@@ -451,8 +452,8 @@ class TunnelServer(Service):
         s = self.settings
         self.log.info(
             "server running: tunnel {tunnel}, flow {flow}, target {target}, tls {tls}{pin}",
-            tunnel=_join(s.tunnel_host, self.tunnel_port.getHost().port), flow=self.flow,
-            target=_join(s.target_host, s.target_port), tls=s.tls,
+            tunnel=format_address(s.tunnel_host, self.tunnel_port.getHost().port), flow=self.flow,
+            target=format_address(s.target_host, s.target_port), tls=s.tls,
             pin=f", certificate {tlsmod.format_pin(self.fingerprint)}" if s.tls else "",
             event="server_running",
         )
@@ -593,20 +594,8 @@ class _CurrentOptions:
 
 
 def listen_error(what: str, host: str, port: int, error: CannotListenError) -> str:
-    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
-    return f"{what}: cannot listen on {_join(host, port)}: {reason}"
+    return f"{what}: {cannot_listen(format_address(host, port), error)}"
 
 
 def _stamp(*paths):
-    stamps = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            stamps.append(None)
-    return tuple(stamps)
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return tuple(file_stamp(path) for path in paths)

@@ -107,3 +107,8 @@ def _show(value: object, limit: int = 40) -> str:
     """repr() of untrusted input, cut short so a huge value cannot flood a log."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -16,7 +16,7 @@ import json
 import secrets
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tunnelpass.settings import _show, parse_host, parse_port
+from tunnelpass.settings import _show, format_address, parse_host, parse_port
 
 MAX_URL = 2048
 MAX_TOKEN = 1024
@@ -64,7 +64,7 @@ def parse_url(text: str) -> dict[str, str]:
         raise ValueError("URL must not have a #fragment")
     if not parts.hostname or port is None:
         raise ValueError("URL needs the tunnel address as HOST:PORT after the key, e.g. server://KEY@0.0.0.0:10101/...")
-    options = {"mode": scheme, "tunnel": parse_address(_join(parts.hostname, port), "tunnel address")}
+    options = {"mode": scheme, "tunnel": parse_address(format_address(parts.hostname, port), "tunnel address")}
     if parts.password is not None:
         raise ValueError("put only the key before '@' (no ':' in it; percent-encode it)")
     if parts.username is not None:
@@ -122,11 +122,7 @@ def parse_address(text: str, what: str = "address") -> str:
         if not sep or not host or ":" in host:
             raise ValueError(f"{what} {_show(text)}: expected HOST:PORT")
         host = parse_host(host, what)
-    return _join(host, parse_port(port))
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_address(host, parse_port(port))
 
 
 # Keys
