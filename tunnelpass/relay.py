@@ -372,6 +372,8 @@ class TCPForwardFactory(ServerFactory):
         self.remote_host, self.remote_port, self.limits = remote_host, remote_port, limits
         targets = list(remotes) if remotes else [(remote_host, remote_port)]
         self.group = TargetGroup(targets, self.clock)
+        # Decided once here, not per connection: literals skip the resolver.
+        self._literal = [is_ip_literal(host) for host, _ in targets]
         self.remote = ",".join(format_address(host, port) for host, port in targets)
 
     def dial(self, inbound: InboundProtocol):
@@ -383,9 +385,9 @@ class TCPForwardFactory(ServerFactory):
         a target group a failed attempt moves on to the next target.
         """
         greeting = proxy_header(self.limits.proxy, inbound)
-        return self._dial_at(inbound, greeting, self.group, self.group.order(), 0)
+        return self._dial_at(inbound, greeting, self.group, self._literal, self.group.order(), 0)
 
-    def _dial_at(self, inbound, greeting, group, order, attempt):
+    def _dial_at(self, inbound, greeting, group, literal, order, attempt):
         index = order[attempt]
         host, port = group.targets[index]
         timeout = self.limits.connect_timeout
@@ -396,14 +398,14 @@ class TCPForwardFactory(ServerFactory):
                 return
             group.failed(index)
             if attempt + 1 < len(order) and not inbound.closed:
-                inbound._pending = self._dial_at(inbound, greeting, group, order, attempt + 1)
+                inbound._pending = self._dial_at(inbound, greeting, group, literal, order, attempt + 1)
             else:
                 inbound.connect_failed(reason)
 
         def succeeded():
             group.succeeded(index)
 
-        if is_ip_literal(host):
+        if literal[index]:
             factory = _OutboundFactory(inbound, greeting, failed, succeeded)
             return self.reactor.connectTCP(host, port, factory, timeout=timeout)
         endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
