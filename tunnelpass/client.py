@@ -38,16 +38,16 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.codec import FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open
+from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open
 from tunnelpass.control import ClientControlProtocol
 from tunnelpass.keepalive import enable_keepalive
-from tunnelpass.metrics import Sample, listener_samples, rate_samples
+from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
 from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, FLOWS, ID, TLS_REQUIRED, pool_auth_frame
 from tunnelpass.pool import IdlePool
 from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
-from tunnelpass.stats import ListenerStats
+from tunnelpass.stats import ListenerStats, tunnel_fields
 from tunnelpass.forward import raise_fd_limit
 from tunnelpass.server import listen_error
 from tunnelpass.settings import format_address
@@ -55,6 +55,8 @@ from tunnelpass.signals import Signals
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
+from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
+from tunnelpass.udptunnel import UDPEgress, UDPIngress
 
 LISTEN_BACKLOG = 1024
 POOL_OK = encode(Type.POOL_OK)
@@ -83,6 +85,9 @@ class ClientSettings:
     limits: Limits = Limits()
     zero_copy: bool = True
     targets: tuple = ()  # a target group for the receive flow (default: the one target)
+    tcp: bool = True  # --no-tcp: do not carry TCP
+    udp: bool = True  # --no-udp: do not carry UDP
+    udp_buffer: int = MAX_DATAGRAM  # largest datagram carried (bytes)
 
 
 @implementer(IHandshakeListener)
@@ -96,7 +101,7 @@ class PoolConnection(SwitchingProtocol):
         self.client, self.session = client, session
         self.counter, self.conn_id = counter, conn_id
         self._ack = b""
-        self._open_decoder = FrameDecoder(allowed=frozenset({Type.OPEN}))
+        self._open_decoder = FrameDecoder(allowed=OPENS)
 
     def connectionMade(self) -> None:
         enable_keepalive(self.transport)
@@ -134,7 +139,8 @@ class PoolConnection(SwitchingProtocol):
                 self.delegate.dataReceived(data)
                 return
         # Receive flow: the server claimed this connection; it starts with
-        # OPEN(own id, the user's addresses), then the user's bytes.
+        # OPEN(own id, the user's addresses), then the user's bytes -- or
+        # OPEN_UDP, then the user's datagrams.
         client = self.client
         try:
             frames = self._open_decoder.feed(data, max_frames=1)
@@ -148,14 +154,25 @@ class PoolConnection(SwitchingProtocol):
                 or client.pool.claim(self.conn_id) is not self):
             self.transport.abortConnection()
             return
-        self.start_relay(self._open_decoder.take_rest(), addresses)
+        rest = self._open_decoder.take_rest()
+        if frames[0].type is Type.OPEN_UDP:
+            protocol = client.udp_egress.open(addresses)
+        elif client.settings.tcp:
+            protocol = client.target_factory.buildProtocol(None)
+            protocol.original = addresses  # the user's, for --proxy-protocol
+        else:
+            client.log.debug("TCP is disabled here (--no-tcp); closing a TCP pool connection")
+            protocol = None
+        if protocol is None:
+            client.retiring.discard(self.conn_id)
+            self.transport.abortConnection()
+            return
+        self.start_relay(protocol, rest)
 
-    def start_relay(self, data: bytes = b"", addresses=None) -> None:
+    def start_relay(self, protocol, data: bytes = b"") -> None:
         client = self.client
         client.retiring.discard(self.conn_id)
-        inbound = client.target_factory.buildProtocol(None)
-        inbound.original = addresses  # the user's, for --proxy-protocol
-        self.switch_to(inbound, data)
+        self.switch_to(protocol, data)
         client.policy_used()  # refill after the user's target dial is under way
 
     def header_lost(self, reason) -> None:
@@ -231,10 +248,16 @@ class TunnelClient(Service):
         self._creator = None
         self.listening_port = None
         self.local_factory = None
+        self.udp_port = None
+        self.udp_stats = ListenerStats()
+        targets = list(settings.targets) or [(settings.target_host, settings.target_port)]
         self.target_factory = TCPForwardFactory(
             reactor, "target", settings.target_host, settings.target_port, settings.limits, self.stats,
-            clock=self.clock, zero_copy=settings.zero_copy, remotes=list(settings.targets) or None,
+            clock=self.clock, zero_copy=settings.zero_copy, remotes=targets,
         )
+        self.udp_egress = UDPEgress(reactor, "target", targets, settings.limits, self.udp_stats,
+                                    settings.udp_buffer, clock=self.clock, tcp_factory=self.target_factory,
+                                    enabled=settings.udp)
         self._loops: list[LoopingCall] = []
         self.service = None
         self.signals = Signals(reactor)
@@ -271,9 +294,17 @@ class TunnelClient(Service):
             # Single-end forwarding: --tunnel is the local listener, no server.
             self.local_factory = self.target_factory
             try:
-                self.listening_port = self.reactor.listenTCP(s.server_port, self.local_factory, LISTEN_BACKLOG,
-                                                             s.server_host)
+                if s.tcp:
+                    self.listening_port = self.reactor.listenTCP(s.server_port, self.local_factory,
+                                                                 LISTEN_BACKLOG, s.server_host)
+                if s.udp:
+                    relay = UDPForwardProtocol(self.reactor, "local", s.target_host, s.target_port, s.limits,
+                                               self.udp_stats, clock=self.clock)
+                    self.udp_port = self.reactor.listenUDP(s.server_port, relay, interface=s.server_host,
+                                                           maxPacketSize=MAX_DATAGRAM)
             except CannotListenError as e:
+                if self.listening_port is not None:
+                    self.listening_port.stopListening()
                 raise SystemExit(
                     f"tunnelpass: {listen_error('--tunnel', s.server_host, s.server_port, e)}") from None
         super().privilegedStartService()
@@ -290,7 +321,7 @@ class TunnelClient(Service):
         s = self.settings
         if s.flow == "local":
             self.log.info("client running (local forwarding): {listen} -> {target}",
-                          listen=format_address(s.server_host, self.listening_port.getHost().port),
+                          listen=format_address(s.server_host, s.server_port),
                           target=format_address(s.target_host, s.target_port), event="client_running")
             return
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0, jitter=random.random)
@@ -343,22 +374,43 @@ class TunnelClient(Service):
             self.failures += 1  # back off: this will not change by itself
             control.transport.loseConnection()
             return
-        if flow == "send" and self.listening_port is None:
+        if flow == "send" and self.local_factory is None:
             s = self.settings
-            self.local_factory = SendFlowFactory(
-                self, self.reactor, "listen", s.server_host, s.server_port, s.limits, self.stats,
-                clock=self.clock, zero_copy=s.zero_copy,
-            )
             try:
-                self.listening_port = self.reactor.listenTCP(s.target_port, self.local_factory, LISTEN_BACKLOG,
-                                                             s.target_host)
-            except Exception as e:
+                self._listen_send_flow()
+            except CannotListenError as e:
                 self.log.error("send flow: cannot listen on {target}: {error}",
                                target=format_address(s.target_host, s.target_port), error=str(e))
                 control.transport.loseConnection()
                 return
             self.log.info("send flow: listening on {target}", target=format_address(s.target_host, s.target_port))
         self.fill()
+
+    def _listen_send_flow(self) -> None:
+        """Send flow: users connect to this client's --target, over TCP and
+        UDP (each unless disabled); both or neither."""
+        s = self.settings
+        factory = SendFlowFactory(self, self.reactor, "listen", s.server_host, s.server_port, s.limits,
+                                  self.stats, clock=self.clock, zero_copy=s.zero_copy)
+        try:
+            if s.tcp:
+                self.listening_port = self.reactor.listenTCP(s.target_port, factory, LISTEN_BACKLOG, s.target_host)
+            if s.udp:
+                ingress = UDPIngress("listen", self.clock, s.limits, self.udp_stats, s.udp_buffer,
+                                     factory.current_pool, self._claim_for_datagrams,
+                                     unavailable=factory.unavailable, tcp_factory=factory)
+                self.udp_port = self.reactor.listenUDP(s.target_port, ingress, interface=s.target_host,
+                                                       maxPacketSize=MAX_DATAGRAM)
+        except CannotListenError:
+            if self.listening_port is not None:
+                self.listening_port.stopListening()
+            self.listening_port = None
+            raise
+        self.local_factory = factory
+
+    def _claim_for_datagrams(self, conn_id: bytes, connection, stream) -> None:
+        self.policy_used()
+        connection.switch_to(stream)
 
     def open_tcp(self, conn_id: bytes) -> None:
         """The TCP signal is advisory since the OPEN frame travels on the
@@ -489,7 +541,7 @@ class TunnelClient(Service):
     def metrics(self) -> list:
         """What ``--metrics`` exposes."""
         pool, policy = self.pool, self.policy
-        return listener_samples(self.stats, {"role": "client"}) + [
+        return tunnel_samples(self.stats, self.udp_stats, "client") + [
             Sample("server_connected", "gauge", "1 while the session with the server is up",
                    int(self.session is not None)),
             Sample("pool_idle", "gauge", "idle pool connections", len(pool.idle) if pool else 0),
@@ -499,10 +551,10 @@ class TunnelClient(Service):
         ] + rate_samples(self.settings.limits.limiter)
 
     def report(self, final: bool = False) -> None:
-        fields = self.stats.snapshot()
+        fields = tunnel_fields(self.stats, self.udp_stats)
         self.log.info(
             "health: connected={connected} pool_idle={pool_idle} pool_target={pool_target} active={active} "
-            "bytes_in={bytes_in} bytes_out={bytes_out}",
+            "bytes_in={bytes_in} bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops}",
             event="health", connected=self.session is not None,
             pool_idle=len(self.pool.idle) if self.pool else 0,
             pool_target=self.policy.target if self.policy else 0, final=final, **fields,
@@ -517,8 +569,10 @@ class TunnelClient(Service):
             if loop.running:
                 loop.stop()
         waits = []
-        if self.listening_port is not None:
-            waits.append(self.listening_port.stopListening())
+        for port in (self.listening_port, self.udp_port):
+            if port is not None:
+                waits.append(port.stopListening())
+        self.udp_egress.close_all()
         if self.control is not None:
             # Do not wait for a TLS close_notify from a server that may be gone.
             self.control.transport.abortConnection()

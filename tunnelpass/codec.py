@@ -40,6 +40,7 @@ class Type(enum.IntEnum):
     POOL_AUTH = 5  # client -> server, first frame of a pool connection
     POOL_OK = 6  # server -> client: that pool connection is filed as idle
     OPEN = 7  # on a pool connection, by the side that claims it: id + the user's addresses
+    OPEN_UDP = 8  # as OPEN, for a UDP session: length-prefixed datagrams follow (tunnelpass.datagrams)
     TCP = 16  # server -> client: relay pool connection <id>
     PING = 17
     PONG = 18
@@ -59,6 +60,7 @@ MAX_PAYLOAD = {
     Type.POOL_AUTH: 72,
     Type.POOL_OK: 0,
     Type.OPEN: 16 + 1 + 2 * (16 + 2),
+    Type.OPEN_UDP: 16 + 1 + 2 * (16 + 2),
     Type.TCP: 16,
     Type.PING: 16,
     Type.PONG: 16,
@@ -173,24 +175,30 @@ def decode_text(payload: bytes) -> tuple[int, str]:
 _FAMILIES = {0: 0, 4: 4, 6: 16}  # family byte -> address size
 
 
-def encode_open(conn_id: bytes, source=None, destination=None) -> bytes:
+OPENS = frozenset({Type.OPEN, Type.OPEN_UDP})
+
+
+def encode_open(conn_id: bytes, source=None, destination=None, frame_type: Type = Type.OPEN) -> bytes:
     """OPEN(conn_id | family | src ip | src port | dst ip | dst port); the
-    addresses are the user connection's (for PROXY headers), or absent."""
+    addresses are the user connection's (for PROXY headers), or absent.
+    *frame_type* OPEN_UDP starts a UDP session instead of a TCP stream."""
     import ipaddress
 
+    if frame_type not in OPENS:
+        raise ValueError("an OPEN frame is OPEN or OPEN_UDP")
     if len(conn_id) != 16:
         raise ValueError("connection ids are 16 bytes")
     if source is None or destination is None:
-        return encode(Type.OPEN, conn_id + b"\x00")
+        return encode(frame_type, conn_id + b"\x00")
     try:
         src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
     except ValueError:
-        return encode(Type.OPEN, conn_id + b"\x00")  # not IP (e.g. a UNIX socket): unknown
+        return encode(frame_type, conn_id + b"\x00")  # not IP (e.g. a UNIX socket): unknown
     if src.version != dst.version:
         src = ipaddress.IPv6Address(f"::ffff:{src}") if src.version == 4 else src
         dst = ipaddress.IPv6Address(f"::ffff:{dst}") if dst.version == 4 else dst
     body = bytes([src.version]) + src.packed + struct.pack("!H", source[1]) + dst.packed + struct.pack("!H", destination[1])
-    return encode(Type.OPEN, conn_id + body)
+    return encode(frame_type, conn_id + body)
 
 
 def decode_open(payload: bytes):

@@ -32,7 +32,8 @@ LISTENER_METRICS = {
     "udp_sessions_total": ("udp_sessions_opened", "counter", "UDP sessions opened"),
     "udp_datagrams_in": ("udp_datagrams_in", "counter", "UDP datagrams relayed from clients"),
     "udp_datagrams_out": ("udp_datagrams_out", "counter", "UDP datagrams relayed back to clients"),
-    "udp_drops": ("udp_drops", "counter", "UDP datagrams dropped (limits, send errors)"),
+    "udp_drops": ("udp_drops", "counter", "UDP datagrams dropped (limits, full queues, send errors)"),
+    "udp_refused": ("udp_sessions_refused", "counter", "UDP sessions refused (--max-sessions, --slot)"),
 }
 
 
@@ -50,12 +51,23 @@ def rate_samples(limiter) -> list[Sample]:
     if limiter is None:
         return []
     return [Sample("rate_limit_bytes_per_second", "gauge", "the --rate budget", limiter.rate),
-            Sample("rate_limited", "counter", "times a sender was paused by --rate", limiter.paused_total)]
+            Sample("rate_limited", "counter", "times a sender was paused by --rate", limiter.paused_total),
+            Sample("rate_dropped", "counter", "UDP datagrams dropped by --rate", limiter.dropped_total)]
 
 
-def listener_samples(stats, labels: dict) -> list[Sample]:
+def listener_samples(stats, labels: dict, fields=LISTENER_METRICS) -> list[Sample]:
     return [Sample(name, kind, text, getattr(stats, attribute), labels)
-            for attribute, (name, kind, text) in LISTENER_METRICS.items()]
+            for attribute, (name, kind, text) in LISTENER_METRICS.items() if attribute in fields]
+
+
+#: A tunnel keeps TCP and UDP counters apart: bytes are labelled by protocol.
+TCP_FIELDS = frozenset(name for name in LISTENER_METRICS if not name.startswith("udp_"))
+UDP_FIELDS = frozenset(name for name in LISTENER_METRICS if name.startswith(("udp_", "bytes_")))
+
+
+def tunnel_samples(tcp_stats, udp_stats, role: str) -> list[Sample]:
+    return (listener_samples(tcp_stats, {"role": role, "protocol": "tcp"}, TCP_FIELDS)
+            + listener_samples(udp_stats, {"role": role, "protocol": "udp"}, UDP_FIELDS))
 
 
 class _Collector:

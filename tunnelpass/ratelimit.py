@@ -1,11 +1,12 @@
 # -*- test-case-name: tests.test_ratelimit -*-
 """``--rate``: one bandwidth budget for the whole instance (issue 4, part).
 
-A token bucket in bytes, shared by every relayed connection, both
-directions.  Relays ask :meth:`RateLimiter.take` after moving bytes; a
+A token bucket in bytes, shared by every relayed connection and UDP
+session, both directions.  Relays ask :meth:`RateLimiter.take` after moving bytes; a
 positive answer is how long to stop reading the side that sent them --
 nothing is buffered to enforce the rate, the senders are simply paused
-(TCP flow control does the rest).
+(TCP flow control does the rest).  UDP has no sender to pause: a datagram
+the budget cannot pay for now is dropped (:meth:`RateLimiter.admit`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class RateLimiter:
         self.tokens = self.burst
         self.stamp = clock.seconds()
         self.paused_total = 0  # times a sender had to wait (for reports)
+        self.dropped_total = 0  # UDP datagrams over the budget
 
     def take(self, count: int) -> float:
         """Account *count* bytes; seconds the sender should now wait."""
@@ -34,6 +36,20 @@ class RateLimiter:
             return 0.0
         self.paused_total += 1
         return -self.tokens / self.rate
+
+    def admit(self, count: int) -> bool:
+        """UDP: a datagram cannot be paused, only dropped.  Spend *count*
+        bytes if the budget has them now (``True``), else spend nothing and
+        say drop it (``False``)."""
+        now = self.clock.seconds()
+        elapsed = max(0.0, now - self.stamp)
+        self.stamp = now
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        if self.tokens >= count:
+            self.tokens -= count
+            return True
+        self.dropped_total += 1
+        return False
 
 
 def parse_rate(text: str) -> float:

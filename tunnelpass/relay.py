@@ -228,7 +228,7 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
     def connectionMade(self) -> None:
         factory = self.factory
         self.stats = factory.stats
-        if len(factory.relays) >= factory.limits.max_conns:
+        if len(factory.relays) + len(factory.udp_sessions) >= factory.limits.max_conns:
             self.stats.refused += 1
             factory.note_refusal()
             self.transport.loseConnection()
@@ -351,6 +351,8 @@ class TCPForwardFactory(ServerFactory):
     protocol = InboundProtocol
     noisy = False
     log = Logger(namespace="tunnelpass.forward")
+    #: UDP sessions sharing this listener's limit (a tunnel's --slot counts both).
+    udp_sessions = ()
 
     def __init__(self, reactor, name: str, remote_host: str, remote_port: int,
                  limits: Limits, stats: ListenerStats | None = None, clock=None,

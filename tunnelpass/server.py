@@ -34,11 +34,11 @@ from OpenSSL import SSL
 from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.codec import FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open, encode_text
+from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open, encode_text
 from tunnelpass.control import ServerControlProtocol
 from tunnelpass.guard import HandshakeGuard
 from tunnelpass.keepalive import enable_keepalive
-from tunnelpass.metrics import Sample, listener_samples, rate_samples
+from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
 from tunnelpass.handshake import (
     FLOWS,
     ID,
@@ -50,13 +50,15 @@ from tunnelpass.handshake import (
 from tunnelpass.pool import IdlePool
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
-from tunnelpass.stats import ListenerStats
+from tunnelpass.stats import ListenerStats, tunnel_fields
 from tunnelpass.forward import cannot_listen, file_stamp, raise_fd_limit
 from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSFactory, HalfCloseTLSProtocol
+from tunnelpass.udp import MAX_DATAGRAM
+from tunnelpass.udptunnel import UDPEgress, UDPIngress
 
 TLS_RECORD = 0x16
 POOL_OK = encode(Type.POOL_OK)
@@ -91,6 +93,9 @@ class ServerSettings:
     public_host: str | None = None  # what the startup line tells clients to dial
     accept_proxy: tuple = ()  # trusted load balancers in front of the public listener
     targets: tuple = ()  # a target group for the send flow (default: the one target)
+    tcp: bool = True  # --no-tcp: do not carry TCP
+    udp: bool = True  # --no-udp: do not carry UDP
+    udp_buffer: int = MAX_DATAGRAM  # largest datagram carried (bytes)
 
 
 class ServerSession:
@@ -194,7 +199,7 @@ class TunnelConnection(SwitchingProtocol):
             return
         # The start frame may arrive with the user's first bytes; the
         # decoder holds at most one read beyond a (tiny) TCP frame.
-        self.decoder.allowed = frozenset({Type.OPEN})
+        self.decoder.allowed = OPENS
         try:
             frames = self.decoder.feed(data, max_frames=1)
             if not frames:
@@ -207,11 +212,22 @@ class TunnelConnection(SwitchingProtocol):
             self._drop_idle()
             return
         rest = self.decoder.take_rest()
+        if frames[0].type is Type.OPEN_UDP:
+            stream = self.server.udp_egress.open(addresses)
+            if stream is None:
+                self._drop_idle()
+                return
+            self.session.pool.remove(self.conn_id)
+            self.hand_over(stream, rest)
+            return
+        if not self.server.settings.tcp:
+            self.server.log.debug("TCP is disabled here (--no-tcp); closing a TCP pool connection")
+            self._drop_idle()
+            return
         self.session.pool.remove(self.conn_id)
-        self.conn_id = None
         inbound = self.server.target_factory.buildProtocol(None)
         inbound.original = addresses  # the user's, for --proxy-protocol
-        self.switch_to(inbound, rest)
+        self.hand_over(inbound, rest)
 
     def _drop_idle(self) -> None:
         self.session.pool.remove(self.conn_id)
@@ -221,9 +237,14 @@ class TunnelConnection(SwitchingProtocol):
     def claim_for(self, inbound) -> None:
         """Receive flow: relay user connection *inbound* over this connection,
         which starts with OPEN(its id, the user's addresses)."""
-        conn_id, self.conn_id = self.conn_id, None
         source, destination = user_addresses(inbound)
-        self.switch_to(OutboundProtocol(inbound, greeting=encode_open(conn_id, source, destination)))
+        greeting = encode_open(self.conn_id, source, destination)
+        self.hand_over(OutboundProtocol(inbound, greeting=greeting))
+
+    def hand_over(self, protocol, data: bytes = b"") -> None:
+        """This pool connection stops being idle: *protocol* owns it now."""
+        self.conn_id = None
+        self.switch_to(protocol, data)
 
     def header_lost(self, reason) -> None:
         if self.conn_id is not None:
@@ -355,6 +376,10 @@ class TunnelServer(Service):
         self.tls_factory = None
         self.tunnel_port = None
         self.target_port = None
+        self.udp_port = None
+        self.udp_ingress: UDPIngress | None = None
+        self.udp_egress: UDPEgress | None = None
+        self.udp_stats = ListenerStats()
         self.handshake_failures = 0
         self.stats_handshake_refused = 0
         self._cert_stamp = None
@@ -385,27 +410,50 @@ class TunnelServer(Service):
         if self.flow == "auto" and len(s.targets) > 1:
             self.flow = "send"  # a group is dialled, never listened on
         if self.flow in ("auto", "receive"):
-            public_limits = dataclasses.replace(s.limits, accept_proxy=s.accept_proxy)
-            factory = PoolRelayFactory(self, self.reactor, "target", s.target_host, s.target_port, public_limits,
-                                       self.stats, clock=self.clock, zero_copy=s.zero_copy)
             try:
-                self.target_port = self.reactor.listenTCP(s.target_port, factory, LISTEN_BACKLOG, s.target_host)
+                self._listen_public()
                 self.flow = "receive"
-                self.target_factory = factory
             except CannotListenError as e:
+                for port in (self.target_port, self.udp_port):
+                    if port is not None:
+                        port.stopListening()
+                self.target_port = self.udp_port = self.udp_ingress = None
                 if self.flow == "receive":
                     self.tunnel_port.stopListening()
                     raise SystemExit(
                         f"tunnelpass: {listen_error('--target', s.target_host, s.target_port, e)}") from None
                 self.flow = "send"
         if self.flow == "send":
+            targets = list(s.targets) or [(s.target_host, s.target_port)]
             self.target_factory = TCPForwardFactory(*relay_args, clock=self.clock, zero_copy=s.zero_copy,
-                                                    remotes=list(s.targets) or None)
+                                                    remotes=targets)
+            self.udp_egress = UDPEgress(self.reactor, "target", targets, s.limits, self.udp_stats, s.udp_buffer,
+                                        clock=self.clock, tcp_factory=self.target_factory, enabled=s.udp)
         self.session_config = SessionConfig(
             flow=FLOWS[self.flow], tls=s.tls, max_pool=min(s.max_pool, 0xFFFF),
             heartbeat_ms=max(100, min(600_000, int(s.heartbeat * 1000))),
         )
         super().privilegedStartService()
+
+    def _listen_public(self) -> None:
+        """Receive flow: users connect to --target, over TCP and UDP (each
+        unless disabled); CannotListenError if either cannot be bound."""
+        s = self.settings
+        public_limits = dataclasses.replace(s.limits, accept_proxy=s.accept_proxy)
+        factory = self.target_factory = PoolRelayFactory(
+            self, self.reactor, "target", s.target_host, s.target_port, public_limits, self.stats,
+            clock=self.clock, zero_copy=s.zero_copy)
+        if s.tcp:
+            self.target_port = self.reactor.listenTCP(s.target_port, factory, LISTEN_BACKLOG, s.target_host)
+        if s.udp:
+            self.udp_ingress = UDPIngress(
+                "target", self.clock, s.limits, self.udp_stats, s.udp_buffer, factory.current_pool,
+                self._claim_for_datagrams, unavailable=factory.unavailable, tcp_factory=factory)
+            self.udp_port = self.reactor.listenUDP(s.target_port, self.udp_ingress, interface=s.target_host,
+                                                   maxPacketSize=MAX_DATAGRAM)
+
+    def _claim_for_datagrams(self, conn_id: bytes, connection, stream) -> None:
+        connection.hand_over(stream)
 
     def _load_tls(self) -> None:
         s = self.settings
@@ -514,10 +562,11 @@ class TunnelServer(Service):
 
     def report(self, final: bool = False) -> None:
         session = self.session
-        fields = self.stats.snapshot()
+        fields = tunnel_fields(self.stats, self.udp_stats)
         self.log.info(
             "health: client={client} pool_idle={pool_idle} active={active} bytes_in={bytes_in} "
-            "bytes_out={bytes_out} rtt_ms={rtt_ms} handshake_failures={handshake_failures}",
+            "bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} rtt_ms={rtt_ms} "
+            "handshake_failures={handshake_failures}",
             event="health", client=session is not None,
             pool_idle=len(session.pool.idle) if session else 0,
             rtt_ms=round(session.control.rtt * 1000, 3) if session and session.control.rtt is not None else None,
@@ -529,7 +578,7 @@ class TunnelServer(Service):
         """What ``--metrics`` exposes."""
         session = self.session
         rtt = session.control.rtt if session is not None else None
-        return listener_samples(self.stats, {"role": "server"}) + [
+        return tunnel_samples(self.stats, self.udp_stats, "server") + [
             Sample("client_connected", "gauge", "1 while a client session is up", int(session is not None)),
             Sample("pool_idle", "gauge", "idle pool connections", len(session.pool.idle) if session else 0),
             Sample("pool_waiting", "gauge", "user connections waiting for a pool connection",
@@ -565,8 +614,11 @@ class TunnelServer(Service):
             if loop.running:
                 loop.stop()
         waits = [self.tunnel_port.stopListening()]
-        if self.target_port is not None:
-            waits.append(self.target_port.stopListening())
+        for port in (self.target_port, self.udp_port):
+            if port is not None:
+                waits.append(port.stopListening())
+        if self.udp_egress is not None:
+            self.udp_egress.close_all()
         session = self.session
         if session is not None:
             session.close_idle()

@@ -27,6 +27,7 @@ class ListenerStats:
         "udp_datagrams_in",
         "udp_datagrams_out",
         "udp_drops",
+        "udp_refused",
     )
 
     def __init__(self) -> None:
@@ -35,6 +36,17 @@ class ListenerStats:
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+def tunnel_fields(tcp: ListenerStats, udp: ListenerStats) -> dict[str, int]:
+    """A tunnel's health-event fields: TCP counters, the UDP session
+    counters, and UDP bytes apart (``udp_bytes_in``/``udp_bytes_out``)."""
+    fields = tcp.snapshot()
+    for name in ListenerStats.__slots__:
+        if name.startswith("udp_"):
+            fields[name] = getattr(udp, name)
+    fields["udp_bytes_in"], fields["udp_bytes_out"] = udp.bytes_in, udp.bytes_out
+    return fields
 
 
 class StatsReporter:

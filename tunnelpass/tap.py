@@ -74,6 +74,7 @@ _PARSERS = {
     "slot": _count,
     "no-tcp": lambda v: parse_choice(v, ("0", "1")) == "1",
     "no-udp": lambda v: parse_choice(v, ("0", "1")) == "1",
+    "udp-buffer": lambda v: parse_count(v, 1, 65535),
     "proxy-protocol": lambda v: parse_choice(v, ("off", "v1", "v2")),
     "accept-proxy": parse_networks,
     "metrics": str,
@@ -109,10 +110,10 @@ class Options(usage.Options):
         ["mode", "m", None, "What to run: " + " | ".join(MODES) + " (required)."],
         ["config", "c", "etc/tunnelpass.conf", "forward: the rules file ('listen | host | port [| options]')."],
         ["max-conns", None, "1000", "forward: concurrent TCP connections per rule."],
-        ["max-sessions", None, "1000", "forward: concurrent UDP sessions (client addresses) per rule."],
+        ["max-sessions", None, "1000", "forward: concurrent UDP sessions (client addresses) per rule; server/client: in all."],
         ["connect-timeout", None, "5s", "forward: time allowed to connect to the remote."],
         ["idle", None, "10m", "forward: close a TCP connection idle this long in both directions (0 = never)."],
-        ["udp-idle", None, "60s", "forward: expire a UDP session idle this long."],
+        ["udp-idle", None, "60s", "Expire a UDP session (one per client address) idle this long."],
         ["reload-interval", None, "0", "forward: re-read the rules file when it changes, checked this often (0 = off; SIGHUP always reloads)."],
         ["zero-copy", None, "on", "forward: relay plain TCP with splice(2) in the kernel (Linux); off = copy through Python."],
         ["shutdown-timeout", None, "5s", "Time live connections get to finish on SIGTERM/SIGINT before they are aborted."],
@@ -135,8 +136,9 @@ class Options(usage.Options):
         ["sni", None, None, "client: name to verify a tls=2 server's certificate against (default: the --tunnel host)."],
         ["read", None, "10m", "server/client: close a tunnelled connection idle this long (0 = never)."],
         ["slot", None, "65536", "server/client: concurrent tunnelled connections."],
-        ["no-tcp", None, "0", "Accepted for NodePass URLs (notcp); 1 is not supported yet."],
-        ["no-udp", None, "0", "Accepted for NodePass URLs (noudp); UDP through the tunnel is not available yet."],
+        ["no-tcp", None, "0", "server/client: 1 = do not carry TCP (URL notcp=1)."],
+        ["no-udp", None, "0", "server/client: 1 = do not carry UDP (URL noudp=1)."],
+        ["udp-buffer", None, "65535", "server/client: largest UDP datagram carried, in bytes; larger ones are dropped and counted, never truncated."],
         ["proxy-protocol", None, "off", "server/client: off | v1 | v2: the side that dials --target first sends it a PROXY header with the user's address (URL proxy=1 is v1)."],
         ["rate", None, "0", "Bandwidth limit for the whole instance in Mbit/s, both directions together (0 = none)."],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
@@ -207,8 +209,8 @@ class Options(usage.Options):
             raise usage.UsageError("--cert/--private-key are for --tls 2")
         if mode == "client" and self["accept-proxy"]:
             raise usage.UsageError("--accept-proxy is for --mode server and --mode forward")
-        if self["no-tcp"]:
-            raise usage.UsageError("--no-tcp 1 (notcp=1) is not supported yet: TCP is all this version tunnels")
+        if self["no-tcp"] and self["no-udp"]:
+            raise usage.UsageError("--no-tcp 1 and --no-udp 1 leave nothing to tunnel: drop one of them")
         if mode == "client" and self["pin"] is not None and (self["ca"] or self["sni"]):
             raise usage.UsageError("--pin is for tls=1 servers, --ca/--sni for tls=2: give one kind")
 
@@ -352,7 +354,13 @@ def _limiter(options, reactor):
 
 def _tunnel_limits(options, reactor) -> Limits:
     return Limits(max_conns=options["slot"], connect_timeout=options["connect-timeout"], idle=options["read"],
-                  limiter=_limiter(options, reactor), proxy=options["proxy-protocol"])
+                  limiter=_limiter(options, reactor), proxy=options["proxy-protocol"],
+                  udp_idle=options["udp-idle"], max_sessions=options["max-sessions"])
+
+
+def _carried(options) -> dict:
+    """What the tunnel carries (--no-tcp / --no-udp) and the datagram size."""
+    return {"tcp": not options["no-tcp"], "udp": not options["no-udp"], "udp_buffer": options["udp-buffer"]}
 
 
 def _server_service(options, reactor):
@@ -372,6 +380,7 @@ def _server_service(options, reactor):
         report_interval=options["report-interval"], reload_interval=options["reload-interval"] or 3600.0,
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options, reactor),
         zero_copy=options["zero-copy"], accept_proxy=options["accept-proxy"], targets=tuple(targets),
+        **_carried(options),
     )
     return TunnelServer(settings, reactor)
 
@@ -389,6 +398,6 @@ def _client_service(options, reactor):
         pool_timeout=options["pool-timeout"], handshake_timeout=options["handshake-timeout"],
         connect_timeout=options["connect-timeout"], report_interval=options["report-interval"],
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options, reactor),
-        zero_copy=options["zero-copy"], targets=tuple(targets),
+        zero_copy=options["zero-copy"], targets=tuple(targets), **_carried(options),
     )
     return TunnelClient(settings, reactor)

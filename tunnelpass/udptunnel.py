@@ -1,0 +1,529 @@
+# -*- test-case-name: tests.test_udptunnel -*-
+"""UDP through the tunnel: one session per user address, one pool
+connection per session.
+
+*Ingress* is the side users send datagrams to (the server's ``--target`` in
+the receive flow, the client's in the send flow).  Its listener keeps a
+session per user address; a new session takes an idle pool connection just
+as a TCP user does, starts it with OPEN_UDP (the user's addresses, for
+PROXY v2) and then writes every datagram length-prefixed
+(:mod:`tunnelpass.datagrams`).  Replies come back the same way and leave
+the listening socket towards that user.
+
+*Egress* is the side that dials ``--target``: each OPEN_UDP stream gets its
+own connected UDP socket to a target, so the kernel tells replies apart and
+only the target can answer.
+
+Nothing queues without bound.  Datagrams wait only while a session's pool
+connection is on its way (64 datagrams / 256 KiB per session, 4 MiB per
+listener).  A stream whose connection cannot take more (its transport
+paused us: more than ``STREAM_BUFFER`` bytes unsent) drops datagrams rather
+than buffering them.  Datagrams over ``--udp-buffer`` bytes, over the
+``--rate`` budget, beyond ``--max-sessions``/``--slot`` or refused by the
+kernel are dropped too.  Every drop is counted; none ends a session.
+Sessions end after ``--udp-idle`` without a datagram either way, or when
+their pool connection closes (the next datagram starts a new one).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import MessageLengthError
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import DatagramProtocol, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tunnelpass.codec import Type, encode_open
+from tunnelpass.datagrams import DatagramDecoder, frame
+from tunnelpass.logs import Throttle
+from tunnelpass.proxyproto import encode_v2
+from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
+from tunnelpass.targets import TargetGroup
+from tunnelpass.udp import MAX_DATAGRAM, MAX_LISTENER_PENDING_BYTES, MAX_PENDING_BYTES, MAX_PENDING_DATAGRAMS
+from tunnelpass.udp import _enlarge_buffers, resolve_udp
+
+#: Unsent bytes a session's pool connection may hold before its datagrams
+#: are dropped instead (Twisted pauses the producer past this).  Large
+#: enough for one burst of reads from a busy UDP socket at 1 Gbit/s.
+STREAM_BUFFER = 256 * 1024
+
+log = Logger(namespace="tunnelpass.udp")
+
+
+def _raise_pause_threshold(transport) -> None:
+    """Let the socket under *transport* (maybe under TLS) hold
+    ``STREAM_BUFFER`` unsent bytes before it pauses its producer."""
+    for _ in range(4):
+        if isinstance(transport, FileDescriptor):
+            transport.bufferSize = STREAM_BUFFER
+            return
+        transport = getattr(transport, "transport", None)
+
+
+@implementer(IPushProducer)
+class DatagramStream(Protocol):
+    """A pool connection carrying one session's datagrams (either side).
+
+    It registers itself as the producer of its own transport only to learn
+    when that transport is full (:attr:`paused`): datagrams are then
+    dropped, not queued.
+    """
+
+    paused = False
+
+    def __init__(self, session, greeting: bytes = b""):
+        self.session = session
+        self.greeting = greeting
+        self.decoder = DatagramDecoder()
+
+    def connectionMade(self) -> None:
+        _raise_pause_threshold(self.transport)
+        self.transport.registerProducer(self, True)
+        if self.greeting:
+            self.transport.write(self.greeting)
+            self.greeting = b""
+        self.session.stream_ready(self)
+
+    def send(self, datagram: bytes) -> bool:
+        if self.paused or not self.transport.connected:
+            return False
+        self.transport.write(frame(datagram))
+        return True
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self.session
+        for datagram in self.decoder.feed(data):
+            session.from_tunnel(datagram)
+
+    def close(self) -> None:
+        if self.transport is not None and self.transport.connected:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.session.close()
+
+    # IPushProducer: the transport says when it is full.
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class _Session:
+    """Idle expiry shared by both sides: traffic only stamps
+    ``last_activity``; one timer per session is re-armed lazily."""
+
+    closed = False
+    stream: DatagramStream | None = None
+    _expiry = None
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.stats = owner.stats
+        self.last_activity = owner.clock.seconds()
+        self._schedule_expiry(owner.limits.udp_idle)
+
+    def _schedule_expiry(self, delay: float) -> None:
+        self._expiry = self.owner.clock.callLater(max(delay, 0.001), self._check_idle)
+
+    def _check_idle(self) -> None:
+        remaining = self.last_activity + self.owner.limits.udp_idle - self.owner.clock.seconds()
+        if remaining > 0:
+            self._schedule_expiry(remaining)
+        else:
+            self.close()
+
+    def _admit(self, size: int) -> bool:
+        """--rate for one datagram: UDP cannot be paused, only dropped."""
+        limiter = self.owner.limits.limiter
+        if limiter is not None and not limiter.admit(size):
+            self.stats.udp_drops += 1
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        if self.stream is not None:
+            self.stream.close()
+        self._closed()
+        self.owner.session_closed(self)
+
+    def _closed(self) -> None:
+        """What a side releases besides the stream."""
+
+
+class _Pending:
+    """Datagrams held while a session is not ready: bounded per session
+    and per owner; whatever does not fit is a counted drop."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.datagrams: list[bytes] = []
+        self.size = 0
+
+    def hold(self, datagram: bytes) -> bool:
+        size = len(datagram)
+        if (len(self.datagrams) < MAX_PENDING_DATAGRAMS and self.size + size <= MAX_PENDING_BYTES
+                and self.owner.pending_bytes + size <= MAX_LISTENER_PENDING_BYTES):
+            self.datagrams.append(datagram)
+            self.size += size
+            self.owner.pending_bytes += size
+            return True
+        return False
+
+    def take(self) -> list[bytes]:
+        datagrams = self.datagrams
+        self.owner.pending_bytes -= self.size
+        self.datagrams, self.size = [], 0
+        return datagrams
+
+
+# Ingress
+
+
+class IngressSession(_Session):
+    """One user address on the public UDP listener."""
+
+    def __init__(self, listener: "UDPIngress", user: tuple):
+        super().__init__(listener)
+        self.listener = listener
+        self.user = user
+        self.pending = _Pending(listener)
+        self._waiting = None
+
+    def start(self) -> None:
+        pool = self.listener.pool_source()
+        if pool is None:
+            self.listener.note_problem("no pool connection: " + self.listener.unavailable)
+            self.close()
+            return
+        d = self._waiting = pool.take()
+        d.addCallbacks(self._got, self._failed)
+
+    def _got(self, taken) -> None:
+        self._waiting = None
+        conn_id, connection = taken
+        if self.closed:
+            connection.transport.loseConnection()  # expired while waiting; the peer refills its pool
+            return
+        if not connection.transport.connected:
+            self.start()  # it closed while idle: take the next one
+            return
+        greeting = encode_open(conn_id, self.user[:2], self.listener.local_address(), Type.OPEN_UDP)
+        datagrams = self.pending.take()
+        greeting += b"".join(frame(datagram) for datagram in datagrams)
+        self.listener.claim(conn_id, connection, DatagramStream(self, greeting))
+        self.stats.udp_datagrams_in += len(datagrams)
+        self.stats.bytes_in += sum(map(len, datagrams))
+
+    def _failed(self, failure) -> None:
+        self._waiting = None
+        if failure.check(CancelledError):
+            return  # the session ended while waiting
+        self.listener.note_problem(failure.getErrorMessage())
+        self.close()
+
+    def stream_ready(self, stream: DatagramStream) -> None:
+        self.stream = stream
+
+    def from_user(self, datagram: bytes) -> None:
+        self.last_activity = self.listener.clock.seconds()
+        if not self._admit(len(datagram)):
+            return
+        stream = self.stream
+        if stream is None:
+            if not self.pending.hold(datagram):
+                self.stats.udp_drops += 1
+        elif stream.send(datagram):
+            self.stats.udp_datagrams_in += 1
+            self.stats.bytes_in += len(datagram)
+        else:
+            self.stats.udp_drops += 1
+
+    def from_tunnel(self, datagram: bytes) -> None:
+        self.last_activity = self.listener.clock.seconds()
+        if len(datagram) > self.listener.udp_buffer or not self._admit(len(datagram)):
+            self.stats.udp_drops += 1
+            return
+        if self.listener.reply(datagram, self.user):
+            self.stats.udp_datagrams_out += 1
+            self.stats.bytes_out += len(datagram)
+        else:
+            self.stats.udp_drops += 1
+
+    def _closed(self) -> None:
+        self.stats.udp_drops += len(self.pending.take())  # never sent: lost
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
+
+
+class UDPIngress(DatagramProtocol):
+    """The public UDP listener and its session table.
+
+    *pool_source()* gives the idle pool to take from (or None), and
+    *claim(conn_id, connection, stream)* hands a taken pool connection to
+    *stream*.  *tcp_factory* is the TCP listener on the same address:
+    ``--slot`` counts its connections and these sessions together.
+    """
+
+    noisy = False
+
+    def __init__(self, name: str, clock, limits, stats, udp_buffer: int, pool_source, claim,
+                 unavailable: str = "not connected", tcp_factory=None):
+        self.name, self.clock, self.limits, self.stats = name, clock, limits, stats
+        self.udp_buffer = udp_buffer
+        self.pool_source, self.claim, self.unavailable = pool_source, claim, unavailable
+        self.tcp_factory = tcp_factory
+        self.sessions: dict[tuple, IngressSession] = {}
+        self.pending_bytes = 0
+        self._problems = Throttle(clock, REFUSAL_LOG_INTERVAL)
+        self._refusals = Throttle(clock, REFUSAL_LOG_INTERVAL)
+        if tcp_factory is not None:
+            tcp_factory.udp_sessions = self.sessions
+
+    def startProtocol(self) -> None:
+        _enlarge_buffers(self.transport)
+
+    def local_address(self) -> tuple:
+        host = self.transport.getHost()
+        return host.host, host.port
+
+    def datagramReceived(self, datagram: bytes, addr) -> None:
+        if len(datagram) > self.udp_buffer:
+            self.stats.udp_drops += 1
+            return
+        session = self.sessions.get(addr)
+        if session is None:
+            if not self._room():
+                self.stats.udp_drops += 1
+                self.stats.udp_refused += 1
+                return
+            session = self.sessions[addr] = IngressSession(self, addr)
+            self.stats.udp_sessions += 1
+            self.stats.udp_sessions_total += 1
+            session.start()
+            if session.closed:
+                self.stats.udp_drops += 1
+                return
+        session.from_user(datagram)
+
+    def _room(self) -> bool:
+        return _has_room(self, self.sessions, self.tcp_factory)
+
+    def reply(self, datagram: bytes, user: tuple) -> bool:
+        if self.transport is None:
+            return False
+        try:
+            self.transport.write(datagram, user)
+        except (OSError, MessageLengthError):  # EAGAIN, ENOBUFS, ...
+            return False
+        return True
+
+    def session_closed(self, session: IngressSession) -> None:
+        if self.sessions.get(session.user) is session:
+            del self.sessions[session.user]
+            self.stats.udp_sessions -= 1
+
+    def close_all(self) -> None:
+        for session in list(self.sessions.values()):
+            session.close()
+
+    def stopProtocol(self) -> None:
+        self.close_all()
+
+    def note_problem(self, why: str) -> None:
+        if self._problems.ready():
+            log.warn("{listener}: UDP session refused: {why} ({count} so far)",
+                     listener=self.name, why=why, count=self._problems.take_count())
+
+
+def _has_room(owner, sessions, tcp_factory) -> bool:
+    """--max-sessions (UDP sessions) and --slot (UDP sessions and TCP
+    connections together) allow one more session."""
+    limits = owner.limits
+    if len(sessions) >= limits.max_sessions:
+        _note_refusal(owner, "max-sessions", limits.max_sessions)
+        return False
+    tcp = len(tcp_factory.relays) if tcp_factory is not None else 0
+    if len(sessions) + tcp >= limits.max_conns:
+        _note_refusal(owner, "slot", limits.max_conns)
+        return False
+    return True
+
+
+def _note_refusal(owner, limit: str = "max-sessions", value: int = 0) -> None:
+    if owner._refusals.ready():
+        log.warn("{listener}: {limit} {value} reached, refused {count} UDP session(s)",
+                 listener=owner.name, limit=limit, value=value, count=owner._refusals.take_count())
+
+
+# Egress
+
+
+class _TargetSocket(DatagramProtocol):
+    """The connected UDP socket of one egress session."""
+
+    noisy = False
+
+    def __init__(self, session: "EgressSession"):
+        self.session = session
+
+    def datagramReceived(self, datagram: bytes, addr) -> None:
+        self.session.from_target(datagram)
+
+    def connectionRefused(self) -> None:
+        # ICMP port unreachable: that datagram is lost; the target may come back.
+        self.session.stats.udp_drops += 1
+        self.session.target_refused()
+
+
+class EgressSession(_Session):
+    """One OPEN_UDP stream and its socket to the target."""
+
+    def __init__(self, egress: "UDPEgress", addresses):
+        super().__init__(egress)
+        self.egress = egress
+        self.socket = None
+        self.pending: _Pending | None = _Pending(egress)
+        self.header = b""
+        if egress.limits.proxy == "v2" and addresses is not None:
+            # PROXY v2 in front of every datagram, as the spec asks for UDP.
+            self.header = encode_v2(addresses[0], addresses[1], "udp")
+        self.index = egress.group.order()[0]
+
+    def stream_ready(self, stream: DatagramStream) -> None:
+        self.stream = stream
+        host, port = self.egress.group.targets[self.index]
+        if self.egress.literal[self.index]:
+            self._open((host, port))
+        else:
+            resolve_udp(self.egress.reactor, host, port).addCallbacks(self._open, self._resolve_failed)
+
+    def _open(self, address: tuple) -> None:
+        if self.closed:
+            return
+        interface = "::" if ":" in address[0] else "0.0.0.0"
+        port = None
+        try:
+            port = self.egress.reactor.listenUDP(0, _TargetSocket(self), interface=interface,
+                                                 maxPacketSize=MAX_DATAGRAM)
+            _enlarge_buffers(port)
+            port.connect(address[0], address[1])
+        except Exception as e:  # EMFILE, an address that cannot be a UDP peer, ...
+            if port is not None:
+                port.stopListening()
+            self.egress.note_problem(f"cannot open a socket to the target: {e}")
+            self.close()
+            return
+        self.socket = port
+        for datagram in self.pending.take():
+            self._send(datagram)
+        self.pending = None
+
+    def _resolve_failed(self, reason) -> None:
+        self.egress.group.failed(self.index)
+        self.egress.note_problem(f"cannot resolve the target: {reason.getErrorMessage()}")
+        self.close()
+
+    def from_tunnel(self, datagram: bytes) -> None:
+        self.last_activity = self.egress.clock.seconds()
+        if len(datagram) > self.egress.udp_buffer or not self._admit(len(datagram)):
+            self.stats.udp_drops += 1
+            return
+        if self.pending is not None:
+            if not self.pending.hold(datagram):
+                self.stats.udp_drops += 1
+            return
+        self._send(datagram)
+
+    def _send(self, datagram: bytes) -> None:
+        try:
+            self.socket.write(self.header + datagram if self.header else datagram)
+        except (OSError, MessageLengthError):  # EAGAIN, ENOBUFS, EMSGSIZE
+            self.stats.udp_drops += 1
+        else:
+            self.stats.udp_datagrams_in += 1
+            self.stats.bytes_in += len(datagram)
+
+    def from_target(self, datagram: bytes) -> None:
+        self.last_activity = self.egress.clock.seconds()
+        if not self._admit(len(datagram)):
+            return
+        if self.stream.send(datagram):
+            self.stats.udp_datagrams_out += 1
+            self.stats.bytes_out += len(datagram)
+        else:
+            self.stats.udp_drops += 1
+
+    def target_refused(self) -> None:
+        self.egress.group.failed(self.index)  # later sessions try the others first
+
+    def _closed(self) -> None:
+        if self.pending is not None:
+            self.stats.udp_drops += len(self.pending.take())
+        if self.socket is not None:
+            self.socket.stopListening()
+
+
+class UDPEgress:
+    """The side that dials ``--target``: a socket per OPEN_UDP stream.
+
+    *tcp_factory* is the TCP relay factory dialling the same targets;
+    ``--slot`` counts its connections and these sessions together.
+    """
+
+    def __init__(self, reactor, name: str, targets: list, limits, stats, udp_buffer: int,
+                 clock=None, tcp_factory=None, enabled: bool = True):
+        self.reactor, self.clock = reactor, clock or reactor
+        self.name, self.limits, self.stats, self.udp_buffer = name, limits, stats, udp_buffer
+        self.enabled = enabled
+        self.group = TargetGroup(targets, self.clock)
+        self.literal = [is_ip_literal(host) for host, _ in targets]
+        self.tcp_factory = tcp_factory
+        self.sessions: set[EgressSession] = set()
+        self.pending_bytes = 0
+        self._problems = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
+        self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
+        if tcp_factory is not None:
+            tcp_factory.udp_sessions = self.sessions
+
+    def open(self, addresses) -> DatagramStream | None:
+        """The protocol for a pool connection that just started with
+        OPEN_UDP, or None to refuse it (the caller closes the connection)."""
+        if not self.enabled:
+            self.note_problem("UDP is disabled here (--no-udp)")
+            return None
+        if not _has_room(self, self.sessions, self.tcp_factory):
+            self.stats.udp_refused += 1
+            return None
+        session = EgressSession(self, addresses)
+        self.sessions.add(session)
+        self.stats.udp_sessions += 1
+        self.stats.udp_sessions_total += 1
+        return DatagramStream(session)
+
+    def session_closed(self, session: EgressSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.stats.udp_sessions -= 1
+
+    def close_all(self) -> None:
+        for session in list(self.sessions):
+            session.close()
+
+    def note_problem(self, why: str) -> None:
+        if self._problems.ready():
+            log.warn("{listener}: UDP session refused: {why} ({count} so far)",
+                     listener=self.name, why=why, count=self._problems.take_count())
