@@ -103,3 +103,16 @@ class CodecPropertyTests(unittest.TestCase):
             FrameDecoder().feed(bytes(wire))
         except ProtocolError:
             pass
+
+
+class OpenFrameTests(unittest.TestCase):
+    def test_open_udp_carries_the_same_addresses(self):
+        from tunnelpass.codec import decode_open, encode_open
+
+        for frame_type in (Type.OPEN, Type.OPEN_UDP):
+            raw = encode_open(b"i" * 16, ("2001:db8::1", 53000), ("10.0.0.1", 53), frame_type)
+            (frame,) = FrameDecoder().feed(raw)
+            self.assertEqual(frame.type, frame_type)
+            self.assertEqual(decode_open(frame.payload),
+                             (b"i" * 16, (("2001:db8::1", 53000), ("::ffff:a00:1", 53))))
+        self.assertRaises(ValueError, encode_open, b"i" * 16, None, None, Type.TCP)

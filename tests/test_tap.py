@@ -209,3 +209,17 @@ class TunnelOptionTests(unittest.TestCase):
         self.assertEqual((options["slot"], options["pool-timeout"], options["report-interval"],
                           options["connect-timeout"]), (77, 2, 9, 3))
         self.assertUsageError(["--mode", "forward"], "NP_POOL_GET_TIMEOUT", environ={"NP_POOL_GET_TIMEOUT": "soon"})
+
+    def test_what_the_tunnel_carries(self):
+        base = ["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--key", KEY]
+        options = parse(base)
+        self.assertEqual((options["no-tcp"], options["no-udp"], options["udp-buffer"]), (False, False, 65535))
+        options = parse(base + ["--no-tcp", "1", "--udp-buffer", "1400", "--udp-idle", "5s", "--max-sessions", "9"])
+        self.assertEqual((options["no-tcp"], options["udp-buffer"], options["udp-idle"], options["max-sessions"]),
+                         (True, 1400, 5.0, 9))
+        self.assertTrue(parse([f"server://{KEY}@h:1/h:2?noudp=1"])["no-udp"])
+        self.assertUsageError(base + ["--no-tcp", "1", "--no-udp", "1"], "nothing to tunnel")
+        self.assertUsageError([f"server://{KEY}@h:1/h:2?notcp=1&noudp=1"], "nothing to tunnel")
+        for bad in ("0", "65536", "-1", "1e3", "lots"):
+            self.assertUsageError(base + ["--udp-buffer", bad], "--udp-buffer")
+        self.assertUsageError(base + ["--no-udp", "yes"], "--no-udp")

@@ -5,7 +5,8 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
-from tests.e2e.harness import Forwarder, TCPServer, Twistd, free_port, tcp_round_trip, wait_until
+from tests.e2e.harness import (Forwarder, TCPServer, Twistd, UDPEchoServer, free_port, tcp_round_trip,
+                               udp_round_trip, wait_until)
 from tests.e2e.tunnel_harness import Tunnel
 
 
@@ -36,15 +37,24 @@ class MetricsTests(unittest.TestCase):
 
     def test_tunnel_metrics(self):
         server_metrics, client_metrics = free_port(), free_port()
-        tunnel = Tunnel(self, server_args=["--metrics", f"tcp:{server_metrics}:interface=127.0.0.1"],
+        backend = TCPServer(self)
+        UDPEchoServer(self, backend.port)
+        tunnel = Tunnel(self, backend=backend,
+                        server_args=["--metrics", f"tcp:{server_metrics}:interface=127.0.0.1"],
                         client_args=["--metrics", f"tcp:{client_metrics}:interface=127.0.0.1"])
         self.assertEqual(tcp_round_trip(tunnel.entry, b"hello"), b"hello")
+        self.assertEqual(udp_round_trip(tunnel.entry, b"datagram"), b"datagram")
         server = scrape(server_metrics)
         self.assertEqual(server[("tunnelpass_client_connected", ())], 1)
         self.assertGreater(server[("tunnelpass_pool_idle", ())], 0)
-        self.assertEqual(server[("tunnelpass_bytes_in_total", (("role", "server"),))], 5)
+        tcp, udp = (("protocol", "tcp"), ("role", "server")), (("protocol", "udp"), ("role", "server"))
+        self.assertEqual(server[("tunnelpass_bytes_in_total", tcp)], 5)
+        self.assertEqual(server[("tunnelpass_bytes_in_total", udp)], 8)
+        self.assertEqual(server[("tunnelpass_udp_datagrams_out_total", udp)], 1)
+        self.assertEqual(server[("tunnelpass_udp_sessions_active", udp)], 1)
         client = scrape(client_metrics)
         self.assertEqual(client[("tunnelpass_server_connected", ())], 1)
+        self.assertEqual(client[("tunnelpass_bytes_out_total", (("protocol", "udp"), ("role", "client")))], 8)
 
     def test_bad_or_busy_metrics_endpoint_fails_startup(self):
         for description, fragment in (("nonsense:1", "--metrics"), ("tcp:notaport", "--metrics")):

@@ -87,7 +87,8 @@ class Tunnel:
     def start_client(self, tunnel_port: int | None = None, ready: str | None = "connected to") -> Twistd:
         self.client = Twistd(self.testcase, self.client_argv(tunnel_port), ready=ready, directory=self.dir)
         if ready == "connected to":
-            wait_until(lambda: can_connect(self.entry), 10, what="the tunnel entry port")
+            if "--no-tcp" not in self.server_args + self.client_args:
+                wait_until(lambda: can_connect(self.entry), 10, what="the tunnel entry port")
             self.wait_pool()
         return self.client
 

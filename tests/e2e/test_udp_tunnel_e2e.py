@@ -1,0 +1,173 @@
+"""End-to-end: UDP through a real tunnel (server and client twistd
+processes), next to TCP on the same --target."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from twisted.trial import unittest
+
+from tests.e2e.harness import TCPServer, UDPEchoServer, can_connect, free_port, tcp_round_trip, wait_until
+from tests.e2e.tunnel_harness import Tunnel
+from tunnelpass.proxyproto import parse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class DNSResponder:
+    """tests/e2e/dns_responder.py on TCP and UDP of one loopback port."""
+
+    def __init__(self, testcase):
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "dns_responder.py"), str(self.port)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        testcase.addCleanup(self.stop)
+        line = self.process.stdout.readline()
+        if b"ready" not in line:
+            raise AssertionError(f"the DNS responder did not start: {line!r}")
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+
+class RecordingUDP:
+    """A UDP backend that records each datagram and answers b"ok"."""
+
+    def __init__(self, testcase, port: int):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.received: list[bytes] = []
+        threading.Thread(target=self._run, daemon=True).start()
+        testcase.addCleanup(self.sock.close)
+
+    def _run(self):
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except OSError:
+                return
+            self.received.append(data)
+            self.sock.sendto(b"ok", addr)
+
+
+def dig(port: int, *args: str) -> str:
+    result = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+tries=1", "+time=3", *args],
+                            capture_output=True, text=True, timeout=20)
+    return result.stdout
+
+
+def user_socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(3)
+    return s
+
+
+def round_trip(s: socket.socket, port: int, payload: bytes) -> bytes:
+    s.sendto(payload, ("127.0.0.1", port))
+    return s.recvfrom(65535)[0]
+
+
+def no_reply(s: socket.socket, port: int, payload: bytes, wait: float = 1.0) -> bool:
+    s.settimeout(wait)
+    s.sendto(payload, ("127.0.0.1", port))
+    try:
+        s.recvfrom(65535)
+    except (socket.timeout, ConnectionRefusedError):
+        return True
+    return False
+
+
+def health(process, field: str) -> int:
+    lines = [line for line in process.log().splitlines() if f" {field}=" in line and "health" in line]
+    return int(lines[-1].split(f" {field}=")[1].split()[0]) if lines else -1
+
+
+class UDPTunnelTests(unittest.TestCase):
+    def backend(self) -> TCPServer:
+        backend = TCPServer(self)
+        UDPEchoServer(self, backend.port)
+        return backend
+
+    def test_echo_both_flows(self):
+        """1-byte, 60 KB and the largest IPv4 datagrams arrive intact, next
+        to TCP on the same --target; in the receive flow 50 sessions also
+        expire on time (--udp-idle 2s) on both sides."""
+        for flow, tls in (("receive", 0), ("send", 1)):
+            idle = ["--udp-idle", "2s"]
+            tunnel = Tunnel(self, flow=flow, tls=tls, backend=self.backend(), server_args=idle,
+                            client_args=idle + ["--report-interval", "1s"])
+            user = user_socket()
+            for size in (1, 60_000, 65_507, 0):
+                payload = os.urandom(size)
+                self.assertEqual(round_trip(user, tunnel.entry, payload), payload, f"{flow}: {size} bytes")
+            self.assertEqual(tcp_round_trip(tunnel.entry, b"tcp too" * 1000), b"tcp too" * 1000)
+            if flow != "receive":
+                continue
+            users = [user_socket() for _ in range(50)]
+            for i, s in enumerate(users):
+                self.assertEqual(round_trip(s, tunnel.entry, b"session %d" % i), b"session %d" % i)
+            started = time.monotonic()
+            for process in (tunnel.server, tunnel.client):
+                wait_until(lambda: health(process, "udp_sessions") >= 50, 5, what="50 live sessions")
+            for process in (tunnel.server, tunnel.client):
+                wait_until(lambda: health(process, "udp_sessions") == 0, 8, what="every session expired")
+            self.assertLess(time.monotonic() - started, 6.5)
+            self.assertEqual(round_trip(users[0], tunnel.entry, b"again"), b"again")  # a new session
+
+    def test_dig_both_flows(self):
+        for flow, tls in (("receive", 1), ("send", 0)):
+            responder = DNSResponder(self)
+            tunnel = Tunnel(self, flow=flow, tls=tls, backend=responder)
+            self.assertEqual(dig(tunnel.entry, "tunnelpass.test", "A", "+short").strip(), "192.0.2.53")
+            self.assertEqual(dig(tunnel.entry, "tunnelpass.test", "A", "+short", "+tcp").strip(), "192.0.2.53")
+            big = dig(tunnel.entry, "big.tunnelpass.test", "TXT", "+bufsize=4096", "+ignore")
+            self.assertIn("MSG SIZE  rcvd: 3109", big, "a 3 KB answer in one datagram")
+            self.assertIn("NXDOMAIN", dig(tunnel.entry, "other.test", "A"))
+
+    def test_slot_counts_udp_sessions_and_tcp(self):
+        tunnel = Tunnel(self, backend=self.backend(), server_args=["--slot", "2"])
+        first, second, third = user_socket(), user_socket(), user_socket()
+        self.assertEqual(round_trip(first, tunnel.entry, b"1"), b"1")
+        self.assertEqual(round_trip(second, tunnel.entry, b"2"), b"2")
+        self.assertTrue(no_reply(third, tunnel.entry, b"3"), "a third session is over --slot 2")
+        with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=5) as s:
+            s.settimeout(5)
+            self.assertEqual(s.recv(1), b"", "a TCP connection is over --slot 2 too")
+        tunnel.server.wait_for_log("slot 2 reached")
+        self.assertEqual(round_trip(first, tunnel.entry, b"still"), b"still")
+
+    def test_no_tcp_and_no_udp(self):
+        tunnel = Tunnel(self, backend=self.backend(), server_args=["--no-tcp", "1"], client_args=["--no-udp", "1"])
+        self.assertFalse(can_connect(tunnel.entry), "--no-tcp: nothing listens on TCP")
+        # The server carries UDP, the client refuses it: no answer, and the
+        # client says why.
+        self.assertTrue(no_reply(user_socket(), tunnel.entry, b"x"))
+        tunnel.client.wait_for_log("UDP is disabled here (--no-udp)")
+
+    def test_proxy_v2_per_datagram(self):
+        port = free_port()
+        backend = RecordingUDP(self, port)
+
+        class Backend:
+            pass
+        stand_in = Backend()
+        stand_in.port = port
+        tunnel = Tunnel(self, backend=stand_in, client_args=["--proxy-protocol", "v2"], server_args=["--no-tcp", "1"])
+        user = user_socket()
+        for payload in (b"one", b"two"):
+            self.assertEqual(round_trip(user, tunnel.entry, payload), b"ok")
+        for datagram, payload in zip(backend.received, (b"one", b"two")):
+            header, size = parse(datagram)
+            self.assertEqual(header.protocol, "udp")
+            self.assertEqual(header.source, user.getsockname())
+            self.assertEqual(header.destination, ("127.0.0.1", tunnel.entry))
+            self.assertEqual(datagram[size:], payload)

@@ -1,0 +1,311 @@
+"""UDP sessions through the tunnel, sans sockets: a fake pool, fake UDP
+ports and a fake clock drive both sides (the e2e tests use real ones)."""
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from tunnelpass.codec import FrameDecoder, Type, decode_open
+from tunnelpass.datagrams import DatagramDecoder, frame
+from tunnelpass.pool import IdlePool
+from tunnelpass.proxyproto import parse
+from tunnelpass.ratelimit import RateLimiter
+from tunnelpass.rules import Limits
+from tunnelpass.stats import ListenerStats
+from tunnelpass.udptunnel import UDPEgress, UDPIngress
+
+USER = ("127.0.0.9", 5353)
+
+
+class FakeUDPPort:
+    """A listening (or connected) UDP socket that records what is written."""
+
+    class socket:
+        @staticmethod
+        def setsockopt(*args):
+            pass
+
+    def __init__(self, protocol=None):
+        self.protocol = protocol
+        self.written = []
+        self.connected_to = None
+        self.stopped = False
+
+    def write(self, datagram, addr=None):
+        self.written.append((datagram, addr))
+
+    def connect(self, host, port):
+        self.connected_to = (host, port)
+
+    def stopListening(self):
+        self.stopped = True
+
+    def getHost(self):
+        class Host:
+            host, port = "127.0.0.1", 8053
+        return Host()
+
+
+class FakeReactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.ports = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        udp = FakeUDPPort(protocol)
+        protocol.transport = udp
+        self.ports.append(udp)
+        return udp
+
+
+class PoolConnection:
+    """Stands in for an idle pool connection: hand_over makes the stream
+    its protocol, on a string transport."""
+
+    def __init__(self):
+        self.transport = StringTransport()
+        self.protocol = None
+
+    def hand_over(self, protocol):
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def sent_frames(self):
+        data = self.transport.value()
+        decoder = FrameDecoder()
+        (open_frame,) = decoder.feed(data, max_frames=1)
+        return open_frame, DatagramDecoder().feed(decoder.take_rest())
+
+
+class IngressTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.stats = ListenerStats()
+        self.pool = IdlePool(self.clock, 16, lambda n: None, timeout=2.0)
+        self.limits = Limits(udp_idle=30.0, max_sessions=3, max_conns=100)
+        self.connections = []
+
+    def listener(self, limits=None, udp_buffer=65535, pool=True, tcp_factory=None):
+        listener = UDPIngress("target", self.clock, limits or self.limits, self.stats, udp_buffer,
+                              (lambda: self.pool) if pool else (lambda: None),
+                              lambda conn_id, connection, stream: connection.hand_over(stream),
+                              tcp_factory=tcp_factory)
+        listener.transport = FakeUDPPort()
+        return listener
+
+    def idle(self, count=1):
+        for i in range(count):
+            connection = PoolConnection()
+            self.connections.append(connection)
+            self.pool.add(bytes([i]) * 16, connection)
+
+    def test_session_opens_with_open_udp_and_carries_datagrams_both_ways(self):
+        self.idle()
+        listener = self.listener()
+        listener.datagramReceived(b"query", USER)
+        listener.datagramReceived(b"", USER)  # an empty datagram is a datagram
+        connection = self.connections[0]
+        open_frame, datagrams = connection.sent_frames()
+        self.assertEqual(open_frame.type, Type.OPEN_UDP)
+        conn_id, (source, destination) = decode_open(open_frame.payload)
+        self.assertEqual((conn_id, source, destination), (b"\0" * 16, USER, ("127.0.0.1", 8053)))
+        self.assertEqual(datagrams, [b"query", b""])
+        connection.protocol.dataReceived(frame(b"answer") + frame(b"two")[:3])
+        connection.protocol.dataReceived(frame(b"two")[3:])
+        self.assertEqual(listener.transport.written, [(b"answer", USER), (b"two", USER)])
+        self.assertEqual((self.stats.udp_sessions, self.stats.udp_datagrams_in, self.stats.udp_datagrams_out),
+                         (1, 2, 2))
+
+    def test_one_session_per_user_address(self):
+        self.idle(2)
+        listener = self.listener()
+        listener.datagramReceived(b"a", USER)
+        listener.datagramReceived(b"b", ("127.0.0.9", 5354))
+        listener.datagramReceived(b"c", USER)
+        self.assertEqual([c.sent_frames()[1] for c in self.connections], [[b"a", b"c"], [b"b"]])
+
+    def test_datagrams_wait_for_a_pool_connection_bounded(self):
+        listener = self.listener()
+        for i in range(70):
+            listener.datagramReceived(bytes([i]), USER)
+        self.assertEqual(self.stats.udp_drops, 70 - 64)
+        self.idle()
+        _, datagrams = self.connections[0].sent_frames()
+        self.assertEqual(datagrams, [bytes([i]) for i in range(64)])
+
+    def test_no_pool_connection_in_time_ends_the_session(self):
+        listener = self.listener()
+        listener.datagramReceived(b"lost", USER)
+        self.clock.advance(2.5)
+        self.assertEqual(listener.sessions, {})
+        self.assertEqual((self.stats.udp_sessions, self.stats.udp_drops), (0, 1))
+
+    def test_not_connected_drops(self):
+        listener = self.listener(pool=False)
+        listener.datagramReceived(b"x", USER)
+        self.assertEqual((listener.sessions, self.stats.udp_drops), ({}, 1))
+
+    def test_full_transport_drops_instead_of_buffering(self):
+        self.idle()
+        listener = self.listener()
+        listener.datagramReceived(b"first", USER)
+        stream = self.connections[0].protocol
+        self.assertIs(self.connections[0].transport.producer, stream)
+        stream.pauseProducing()
+        before = len(self.connections[0].transport.value())
+        listener.datagramReceived(b"dropped", USER)
+        self.assertEqual(len(self.connections[0].transport.value()), before)
+        self.assertEqual(self.stats.udp_drops, 1)
+        stream.resumeProducing()
+        listener.datagramReceived(b"sent", USER)
+        self.assertEqual(self.connections[0].sent_frames()[1], [b"first", b"sent"])
+
+    def test_idle_session_expires_and_closes_its_connection(self):
+        self.idle(2)
+        listener = self.listener()
+        listener.datagramReceived(b"x", USER)
+        self.clock.advance(20)
+        listener.datagramReceived(b"y", USER)  # traffic keeps it alive
+        self.clock.advance(20)
+        self.assertEqual(len(listener.sessions), 1)
+        self.clock.advance(11)
+        self.assertEqual(listener.sessions, {})
+        self.assertTrue(self.connections[0].transport.disconnecting)
+        self.assertEqual(self.stats.udp_sessions, 0)
+        listener.datagramReceived(b"z", USER)  # a new session, a new connection
+        self.assertEqual(self.connections[1].sent_frames()[1], [b"z"])
+
+    def test_connection_lost_ends_the_session(self):
+        self.idle()
+        listener = self.listener()
+        listener.datagramReceived(b"x", USER)
+        self.connections[0].protocol.connectionLost(None)
+        self.assertEqual((listener.sessions, self.stats.udp_sessions), ({}, 0))
+
+    def test_max_sessions_and_slot(self):
+        self.idle(5)
+        listener = self.listener()
+        for port in range(4):
+            listener.datagramReceived(b"x", ("127.0.0.9", 6000 + port))
+        self.assertEqual((len(listener.sessions), self.stats.udp_refused), (3, 1))
+
+        class TCP:
+            relays = {object(), object()}
+        tcp = TCP()
+        self.stats = ListenerStats()
+        listener = self.listener(Limits(max_sessions=10, max_conns=3), tcp_factory=tcp)
+        self.assertIs(tcp.udp_sessions, listener.sessions)  # TCP counts these too
+        listener.datagramReceived(b"x", ("127.0.0.9", 1))
+        listener.datagramReceived(b"x", ("127.0.0.9", 2))
+        self.assertEqual((len(listener.sessions), self.stats.udp_refused), (1, 1))
+
+    def test_oversized_datagram_dropped_whole(self):
+        self.idle()
+        listener = self.listener(udp_buffer=512)
+        listener.datagramReceived(b"x" * 513, USER)
+        listener.datagramReceived(b"x" * 512, USER)
+        self.assertEqual(self.connections[0].sent_frames()[1], [b"x" * 512])
+        self.connections[0].protocol.dataReceived(frame(b"r" * 513))
+        self.assertEqual(listener.transport.written, [])
+        self.assertEqual(self.stats.udp_drops, 2)
+
+    def test_rate_limit_drops_over_budget(self):
+        self.idle()
+        limiter = RateLimiter(self.clock, 100_000)  # burst 65536 bytes
+        listener = self.listener(Limits(limiter=limiter))
+        for _ in range(10):
+            listener.datagramReceived(b"x" * 10000, USER)
+        self.assertEqual(len(self.connections[0].sent_frames()[1]), 6)
+        self.assertEqual((self.stats.udp_drops, limiter.dropped_total), (4, 4))
+        self.clock.advance(0.1)  # 10,000 bytes more budget
+        listener.datagramReceived(b"x" * 10000, USER)
+        self.assertEqual(len(self.connections[0].sent_frames()[1]), 7)
+
+    def test_stop_closes_every_session(self):
+        self.idle(2)
+        listener = self.listener()
+        listener.datagramReceived(b"x", USER)
+        listener.datagramReceived(b"x", ("127.0.0.9", 1))
+        listener.stopProtocol()
+        self.assertEqual(listener.sessions, {})
+        self.assertTrue(all(c.transport.disconnecting for c in self.connections))
+
+
+class EgressTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = FakeReactor()
+        self.stats = ListenerStats()
+
+    def egress(self, limits=None, targets=(("127.0.0.1", 53),), **kwargs):
+        return UDPEgress(self.reactor, "target", list(targets), limits or Limits(udp_idle=30.0),
+                         self.stats, kwargs.pop("udp_buffer", 65535), **kwargs)
+
+    def start(self, egress, addresses=((("192.0.2.7", 4000), ("127.0.0.1", 8053)))):
+        stream = egress.open(addresses)
+        transport = StringTransport()
+        stream.makeConnection(transport)
+        return stream, transport
+
+    def test_datagrams_go_to_the_target_and_replies_come_back_framed(self):
+        egress = self.egress()
+        stream, transport = self.start(egress)
+        (port,) = self.reactor.ports
+        self.assertEqual(port.connected_to, ("127.0.0.1", 53))
+        stream.dataReceived(frame(b"q1") + frame(b"q2"))
+        self.assertEqual(port.written, [(b"q1", None), (b"q2", None)])
+        port.protocol.datagramReceived(b"reply", ("127.0.0.1", 53))
+        self.assertEqual(DatagramDecoder().feed(transport.value()), [b"reply"])
+        self.assertIs(transport.producer, stream)
+        self.assertEqual((self.stats.udp_datagrams_in, self.stats.udp_datagrams_out), (2, 1))
+
+    def test_proxy_v2_header_in_front_of_every_datagram(self):
+        egress = self.egress(Limits(proxy="v2"))
+        stream, _ = self.start(egress)
+        stream.dataReceived(frame(b"one") + frame(b"two"))
+        (port,) = self.reactor.ports
+        for (datagram, _), payload in zip(port.written, (b"one", b"two")):
+            header, size = parse(datagram)
+            self.assertEqual((header.source, header.destination), (("192.0.2.7", 4000), ("127.0.0.1", 8053)))
+            self.assertEqual(datagram[size:], payload)
+
+    def test_disabled_refuses(self):
+        self.assertIsNone(self.egress(enabled=False).open(None))
+
+    def test_slot_counts_tcp_connections(self):
+        class TCP:
+            relays = {object()}
+        tcp = TCP()
+        egress = self.egress(Limits(max_conns=2), tcp_factory=tcp)
+        self.assertIsNotNone(egress.open(None))
+        self.assertIsNone(egress.open(None))
+        self.assertEqual(self.stats.udp_refused, 1)
+
+    def test_refused_target_cools_down_and_idle_session_closes(self):
+        egress = self.egress(targets=(("127.0.0.1", 53), ("127.0.0.2", 53)))
+        stream, transport = self.start(egress)
+        first = self.reactor.ports[0]
+        first.protocol.connectionRefused()
+        _, _ = self.start(egress)
+        self.assertEqual(self.reactor.ports[1].connected_to, ("127.0.0.2", 53))
+        _, _ = self.start(egress)  # round robin, but the refused target waits its cool-down
+        self.assertEqual(self.reactor.ports[2].connected_to, ("127.0.0.2", 53))
+        self.reactor.advance(31)
+        self.assertTrue(first.stopped and transport.disconnecting)
+        self.assertEqual(egress.sessions, set())
+
+    def test_oversized_from_the_tunnel_dropped(self):
+        egress = self.egress(udp_buffer=100)
+        stream, _ = self.start(egress)
+        stream.dataReceived(frame(b"x" * 101) + frame(b"ok"))
+        self.assertEqual(self.reactor.ports[0].written, [(b"ok", None)])
+        self.assertEqual(self.stats.udp_drops, 1)
+
+    def test_send_errors_are_drops(self):
+        egress = self.egress()
+        stream, _ = self.start(egress)
+
+        def refuse(datagram, addr=None):
+            raise OSError(105, "No buffer space available")
+        self.reactor.ports[0].write = refuse
+        stream.dataReceived(frame(b"x"))
+        self.assertEqual(self.stats.udp_drops, 1)
