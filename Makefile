@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-forward test bench bench-forward bench-tunnel fuzz clean
+.PHONY: demo demo-forward test bench bench-forward bench-tunnel bench-udp fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,16 @@ demo-forward: $(STAMP)
 test: $(STAMP)
 	$(PY) -m twisted.trial tests
 
-bench: bench-forward bench-tunnel
+bench: bench-forward bench-tunnel bench-udp
 
 bench-forward: $(STAMP)
 	bash bench/run.sh bench.py
 
 bench-tunnel: $(STAMP)
 	bash bench/run.sh tunnel_bench.py
+
+bench-udp: $(STAMP)
+	bash bench/run.sh udp_bench.py
 
 fuzz: $(STAMP)
 	$(PY) -m pip install -q atheris==3.0.0

@@ -2,6 +2,7 @@
 # make bench: tunnelpass vs its peers on loopback, in one run per script.
 #   bench/run.sh bench.py         the forwarder vs direct, socat, haproxy, twisted portforward
 #   bench/run.sh tunnel_bench.py  server + client vs socat two-hop, ssh -L (aes128-gcm), haproxy
+#   bench/run.sh udp_bench.py     UDP: forwarder and tunnel vs direct and socat (iperf3 -u, request/response)
 # Needs: apt-get install -y iperf3 socat haproxy openssh-server  (run on an otherwise idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
