@@ -62,6 +62,33 @@ class GateTests(unittest.TestCase):
         self.assertEqual(server.guard.pending, 0)
         self.assertEqual(server.handshake_failures, 4)
 
+    def test_failures_counted_by_reason(self):
+        server = make_server()
+        protocol, _ = connect(server)
+        protocol.dataReceived(b"\xff\x00\x00\x00")  # not a frame
+        protocol.connectionLost(None)
+        protocol, _ = connect(server)
+        protocol.dataReceived(b"\x16\x03\x01\x00\x10")  # TLS to a plain server
+        protocol.connectionLost(None)
+        protocol, _ = connect(server)
+        server.clock.advance(5)  # silent until the deadline
+        protocol.connectionLost(None)
+        protocol, _ = connect(server)
+        protocol.connectionLost(None)  # gone mid-handshake
+        protocol, transport = connect(server)
+        wrong = ClientHandshake(b"another key 0123456789", b"")
+        protocol.dataReceived(wrong.start())
+        for frame in FrameDecoder().feed(transport.value()):
+            for reply in wrong.receive(frame):
+                protocol.dataReceived(reply)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(None)
+        self.assertEqual(server.failures_by_reason,
+                         {"timeout": 1, "protocol": 1, "auth": 1, "tls": 1, "closed": 1})
+        self.assertEqual(server.handshake_failures, 5)
+        samples = {s.labels.get("reason"): s.value for s in server.metrics() if s.name == "handshake_failures"}
+        self.assertEqual(samples, server.failures_by_reason)
+
     def test_deadline_covers_the_handshake(self):
         server = make_server()
         protocol, transport = connect(server)

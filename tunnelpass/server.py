@@ -40,6 +40,7 @@ from tunnelpass.guard import HandshakeGuard
 from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
 from tunnelpass.handshake import (
+    AUTH_FAILED,
     FLOWS,
     ID,
     TLS_REQUIRED,
@@ -61,6 +62,9 @@ from tunnelpass.udp import MAX_DATAGRAM
 from tunnelpass.udptunnel import UDPEgress, UDPIngress
 
 TLS_RECORD = 0x16
+#: Why tunnel handshakes fail, for ``handshake_failures{reason}``: a fixed
+#: set, so a hostile peer cannot grow the metric's label space.
+FAILURE_REASONS = ("timeout", "protocol", "auth", "tls", "closed")
 POOL_OK = encode(Type.POOL_OK)
 POOL_AUTH_SIZE = 2 * ID + 8 + 32
 LISTEN_BACKLOG = 1024
@@ -150,7 +154,7 @@ class TunnelConnection(SwitchingProtocol):
             return
         frame, rest = frames[0], self.decoder.take_rest()
         if frame.type is Type.HELLO:
-            control = ServerControlProtocol(
+            control = self.gate.control = ServerControlProtocol(
                 self.server.key, tlsmod.local_fingerprint(self.transport), self.server.session_config,
                 self.server.clock,
                 on_session=self._control_authenticated, on_lost=self.server.control_lost,
@@ -171,7 +175,7 @@ class TunnelConnection(SwitchingProtocol):
         try:
             conn_id = session.authenticator.verify(frame, tlsmod.local_fingerprint(self.transport))
         except HandshakeError as e:
-            self.gate.refuse(e.reason)
+            self.gate.refuse(e.reason, kind="auth")
             return
         self.gate.passed()
         if rest or not session.pool.has_room(conn_id):
@@ -257,6 +261,7 @@ class TunnelGate(SwitchingProtocol):
 
     admitted = False
     _passed = False
+    control = None  # the control protocol, once the first frame was HELLO
 
     def __init__(self, server: "TunnelServer"):
         self.server = server
@@ -273,7 +278,7 @@ class TunnelGate(SwitchingProtocol):
         self.deadline = self.server.clock.callLater(self.server.settings.handshake_timeout, self._expired)
 
     def _expired(self) -> None:
-        self.refuse("handshake timed out")
+        self.refuse("handshake timed out", kind="timeout")
 
     def header_received(self, data: bytes) -> None:
         if not self.admitted:
@@ -282,7 +287,7 @@ class TunnelGate(SwitchingProtocol):
         level = self.server.settings.tls
         if data[0] == TLS_RECORD:
             if not level:
-                self.refuse("TLS offered but this server runs --tls 0")
+                self.refuse("TLS offered but this server runs --tls 0", kind="tls")
                 return
             wrapped = HalfCloseTLSProtocol(self.server.tls_factory, inner)
             self.switch_to(wrapped, data)
@@ -298,15 +303,25 @@ class TunnelGate(SwitchingProtocol):
         """The tunnel handshake (control or pool) succeeded."""
         self._finish(True)
 
-    def refuse(self, reason: str, penalize: bool = True) -> None:
+    def refuse(self, reason: str, penalize: bool = True, kind: str = "protocol") -> None:
         self.server.log.debug("tunnel connection from {host} refused: {reason}", host=self.host, reason=reason)
-        self._finish(False if penalize else None)
+        self._finish(False if penalize else None, kind)
         self.transport.abortConnection()
 
     def lost(self) -> None:
-        self._finish(False)
+        """The connection ended before its handshake passed: the control
+        channel says why it refused, if it got that far."""
+        control, kind = self.control, "closed"
+        if control is not None:
+            if control.close_code == AUTH_FAILED:
+                kind = "auth"
+            elif control.close_reason == "handshake timed out":
+                kind = "timeout"
+            elif control.close_reason is not None:
+                kind = "protocol"
+        self._finish(False, kind)
 
-    def _finish(self, succeeded: bool | None) -> None:
+    def _finish(self, succeeded: bool | None, kind: str = "closed") -> None:
         """Release the guard once: True passed, False failed (counts towards
         a ban), None neither (a refusal that says nothing about the peer)."""
         if self.admitted and not self._passed:
@@ -317,6 +332,7 @@ class TunnelGate(SwitchingProtocol):
             self.server.guard.done(self.host, succeeded)
             if succeeded is False:
                 self.server.handshake_failures += 1
+                self.server.failures_by_reason[kind] += 1
 
     def header_lost(self, reason) -> None:
         self.lost()
@@ -381,6 +397,7 @@ class TunnelServer(Service):
         self.udp_egress: UDPEgress | None = None
         self.udp_stats = ListenerStats()
         self.handshake_failures = 0
+        self.failures_by_reason = dict.fromkeys(FAILURE_REASONS, 0)
         self.stats_handshake_refused = 0
         self._cert_stamp = None
         self._loops: list[LoopingCall] = []
@@ -571,7 +588,8 @@ class TunnelServer(Service):
             pool_idle=len(session.pool.idle) if session else 0,
             rtt_ms=round(session.control.rtt * 1000, 3) if session and session.control.rtt is not None else None,
             handshake_failures=self.handshake_failures, handshake_refused=self.stats_handshake_refused,
-            pool_timeouts=session.pool.timeouts if session else 0, final=final, **fields,
+            pool_timeouts=session.pool.timeouts if session else 0, final=final,
+            handshake_failures_by_reason=dict(self.failures_by_reason), **fields,
         )
 
     def metrics(self) -> list:
@@ -583,7 +601,10 @@ class TunnelServer(Service):
             Sample("pool_idle", "gauge", "idle pool connections", len(session.pool.idle) if session else 0),
             Sample("pool_waiting", "gauge", "user connections waiting for a pool connection",
                    sum(1 for w in session.pool.waiters if not w.called) if session else 0),
-            Sample("handshake_failures", "counter", "failed tunnel handshakes", self.handshake_failures),
+        ] + [
+            Sample("handshake_failures", "counter", "failed tunnel handshakes, by reason", count, {"reason": reason})
+            for reason, count in self.failures_by_reason.items()
+        ] + [
             Sample("handshake_refused", "counter", "connections refused by the handshake guard",
                    self.stats_handshake_refused),
             Sample("rtt_seconds", "gauge", "control channel round-trip time (NaN before the first PONG)",
