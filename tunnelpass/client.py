@@ -255,6 +255,7 @@ class TunnelClient(Service):
             reactor, "target", settings.target_host, settings.target_port, settings.limits, self.stats,
             clock=self.clock, zero_copy=settings.zero_copy, remotes=targets,
         )
+        self.target_factory.limit_name = "slot"
         self.udp_egress = UDPEgress(reactor, "target", targets, settings.limits, self.udp_stats,
                                     settings.udp_buffer, clock=self.clock, tcp_factory=self.target_factory,
                                     enabled=settings.udp)

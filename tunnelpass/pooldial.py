@@ -18,6 +18,7 @@ from tunnelpass.relay import TCPForwardFactory
 
 
 class PoolDialFactory(TCPForwardFactory):
+    limit_name = "slot"
     #: Why a user is refused when there is no pool at all.
     unavailable = "not connected"
 

@@ -353,6 +353,8 @@ class TCPForwardFactory(ServerFactory):
     log = Logger(namespace="tunnelpass.forward")
     #: UDP sessions sharing this listener's limit (a tunnel's --slot counts both).
     udp_sessions = ()
+    #: The option that sets ``limits.max_conns``, for the refusal warning.
+    limit_name = "max-conns"
 
     def __init__(self, reactor, name: str, remote_host: str, remote_port: int,
                  limits: Limits, stats: ListenerStats | None = None, clock=None,
@@ -434,8 +436,9 @@ class TCPForwardFactory(ServerFactory):
     def note_refusal(self) -> None:
         if self._refusals.ready():
             self.log.warn(
-                "{listener}: max-conns {max_conns} reached, refused {count} connection(s)",
-                listener=self.name, max_conns=self.limits.max_conns, count=self._refusals.take_count(),
+                "{listener}: {limit} {max_conns} reached, refused {count} connection(s)",
+                listener=self.name, limit=self.limit_name, max_conns=self.limits.max_conns,
+                count=self._refusals.take_count(),
             )
 
     def relay_closed(self, inbound: InboundProtocol) -> None:

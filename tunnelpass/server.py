@@ -444,6 +444,7 @@ class TunnelServer(Service):
             targets = list(s.targets) or [(s.target_host, s.target_port)]
             self.target_factory = TCPForwardFactory(*relay_args, clock=self.clock, zero_copy=s.zero_copy,
                                                     remotes=targets)
+            self.target_factory.limit_name = "slot"
             self.udp_egress = UDPEgress(self.reactor, "target", targets, s.limits, self.udp_stats, s.udp_buffer,
                                         clock=self.clock, tcp_factory=self.target_factory, enabled=s.udp)
         self.session_config = SessionConfig(

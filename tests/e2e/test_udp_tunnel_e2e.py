@@ -142,7 +142,8 @@ class UDPTunnelTests(unittest.TestCase):
         with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=5) as s:
             s.settimeout(5)
             self.assertEqual(s.recv(1), b"", "a TCP connection is over --slot 2 too")
-        tunnel.server.wait_for_log("slot 2 reached")
+        tunnel.server.wait_for_log("slot 2 reached, refused 1 UDP session(s)")
+        tunnel.server.wait_for_log("slot 2 reached, refused 1 connection(s)")
         self.assertEqual(round_trip(first, tunnel.entry, b"still"), b"still")
 
     def test_no_tcp_and_no_udp(self):
