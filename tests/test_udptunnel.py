@@ -1,6 +1,7 @@
 """UDP sessions through the tunnel, sans sockets: a fake pool, fake UDP
 ports and a fake clock drive both sides (the e2e tests use real ones)."""
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -12,6 +13,7 @@ from tunnelpass.proxyproto import parse
 from tunnelpass.ratelimit import RateLimiter
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
+from tunnelpass import udptunnel
 from tunnelpass.udptunnel import UDPEgress, UDPIngress
 
 USER = ("127.0.0.9", 5353)
@@ -221,6 +223,44 @@ class IngressTests(unittest.TestCase):
         listener.datagramReceived(b"x" * 10000, USER)
         self.assertEqual(len(self.connections[0].sent_frames()[1]), 7)
 
+    def test_refused_session_cools_its_address_down(self):
+        self.idle(3)
+        listener = self.listener()
+        listener.datagramReceived(b"x", USER)
+        self.connections[0].protocol.connectionLost(None)  # closed at once, nothing answered
+        listener.datagramReceived(b"y", USER)
+        self.assertEqual((listener.sessions, self.stats.udp_refused), ({}, 1))
+        self.assertEqual(len(self.pool.idle), 2, "no pool connection spent on a refused address")
+        self.clock.advance(udptunnel.REFUSAL_COOL_DOWN)
+        listener.datagramReceived(b"z", USER)
+        self.assertEqual(self.connections[1].sent_frames()[1], [b"z"])
+        # A session that ran a while (or got answers) ends without a cool-down.
+        self.clock.advance(2)
+        self.connections[1].protocol.connectionLost(None)
+        listener.datagramReceived(b"w", USER)
+        self.assertEqual(self.connections[2].sent_frames()[1], [b"w"])
+
+    def test_sessions_waiting_for_the_pool_are_capped(self):
+        listener = self.listener(Limits(max_sessions=1000, max_conns=1000))
+        for port in range(udptunnel.MAX_WAITING_SESSIONS + 5):
+            listener.datagramReceived(b"x", ("127.0.0.9", 1000 + port))
+        self.assertEqual(len(listener.sessions), udptunnel.MAX_WAITING_SESSIONS)
+        self.assertEqual(self.stats.udp_refused, 5)
+        self.idle(2)  # two sessions attached: room for two more
+        listener.datagramReceived(b"x", ("127.0.0.9", 1))
+        listener.datagramReceived(b"x", ("127.0.0.9", 2))
+        self.assertEqual(len(listener.sessions), udptunnel.MAX_WAITING_SESSIONS + 2)
+
+    def test_after_close_nothing_is_processed(self):
+        self.idle()
+        listener = self.listener()
+        listener.datagramReceived(b"x", USER)
+        stream = self.connections[0].protocol
+        stream.session.close()
+        stream.dataReceived(frame(b"late reply"))
+        self.assertEqual(listener.transport.written, [])
+        self.assertIsNone(self.connections[0].transport.producer, "unregistered before closing")
+
     def test_stop_closes_every_session(self):
         self.idle(2)
         listener = self.listener()
@@ -300,6 +340,36 @@ class EgressTests(unittest.TestCase):
         self.assertEqual(self.reactor.ports[0].written, [(b"ok", None)])
         self.assertEqual(self.stats.udp_drops, 1)
 
+    def test_nothing_after_close_and_accounting_stays_put(self):
+        self.patch(udptunnel, "resolve_udp", lambda reactor, host, port: Deferred())
+        egress = self.egress(targets=(("name.invalid", 53),))
+        stream, transport = self.start(egress)  # the name is being resolved: datagrams wait
+        stream.dataReceived(frame(b"a" * 1000))
+        self.assertEqual(egress.pending_bytes, 1000)
+        stream.session.close()
+        self.assertEqual((egress.pending_bytes, self.stats.udp_drops), (0, 1))
+        stream.dataReceived(frame(b"b" * 1000))  # TLS may deliver after a close
+        stream.session.from_tunnel(b"c" * 1000)
+        self.assertEqual(egress.pending_bytes, 0)
+        self.assertIsNone(transport.producer)
+
+    def test_rate_limited_datagrams_count_once(self):
+        limiter = RateLimiter(self.reactor, 1000)  # burst 65536 bytes
+        egress = self.egress(Limits(limiter=limiter))
+        stream, _ = self.start(egress)
+        stream.dataReceived(frame(b"x" * 60000) + frame(b"y" * 60000))
+        self.assertEqual((self.stats.udp_drops, limiter.dropped_total), (1, 1))
+        self.reactor.ports[0].protocol.datagramReceived(b"z" * 60000, None)
+        self.assertEqual((self.stats.udp_drops, limiter.dropped_total), (2, 2))
+
+    def test_refused_write_is_not_counted_sent(self):
+        egress = self.egress()
+        stream, _ = self.start(egress)
+        port = self.reactor.ports[0]
+        port.write = lambda datagram, addr=None: port.protocol.connectionRefused()
+        stream.dataReceived(frame(b"x"))
+        self.assertEqual((self.stats.udp_drops, self.stats.udp_datagrams_in), (1, 0))
+
     def test_send_errors_are_drops(self):
         egress = self.egress()
         stream, _ = self.start(egress)
@@ -309,3 +379,124 @@ class EgressTests(unittest.TestCase):
         self.reactor.ports[0].write = refuse
         stream.dataReceived(frame(b"x"))
         self.assertEqual(self.stats.udp_drops, 1)
+
+
+class RealTransportTests(unittest.TestCase):
+    """Closing a stream on real connections: TLS never closes, and TCP does
+    not while paused, if the stream stays registered as producer."""
+
+    def connect(self, use_tls):
+        from twisted.internet import reactor
+        from twisted.internet.protocol import ClientFactory, Factory, Protocol
+        from twisted.internet.ssl import CertificateOptions
+
+        from tunnelpass import tls as tlsmod
+        from tunnelpass.tlshalf import HalfCloseTLSFactory
+
+        class Session:
+            closed = False
+
+            def stream_ready(self, stream):
+                self.stream = stream
+
+            def stream_ended(self, stream):
+                self.close()
+
+            def from_tunnel(self, datagram):
+                self.received = datagram
+
+            def close(self):
+                if not self.closed:
+                    self.closed = True
+                    self.stream.close()
+                    self.ended.callback(None)
+
+        session = Session()
+        session.ended = Deferred()
+        peer_lost = Deferred()
+
+        class Peer(Protocol):
+            def connectionMade(self):
+                peer_made.callback(self)
+
+            def connectionLost(self, reason=None):
+                peer_lost.callback(None)
+
+        peer_made = Deferred()
+        server = Factory.forProtocol(lambda: udptunnel.DatagramStream(session))
+        client = ClientFactory.forProtocol(Peer)
+        if use_tls:
+            key, cert = tlsmod.self_signed()
+            server = HalfCloseTLSFactory(tlsmod.server_options(key, [cert]), False, server)
+            client = HalfCloseTLSFactory(CertificateOptions(), True, client)
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        connector = reactor.connectTCP("127.0.0.1", port.getHost().port, client)
+        self.addCleanup(connector.disconnect)
+        return session, peer_made, peer_lost
+
+    async def closes(self, use_tls, paused):
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        session, peer_made, peer_lost = self.connect(use_tls)
+        peer = await peer_made
+        while not hasattr(session, "stream"):
+            await deferLater(reactor, 0.01)
+        if use_tls:
+            session.stream.send(b"hello")  # through the TLS handshake
+            await deferLater(reactor, 0.2)
+        if paused:
+            peer.transport.pauseProducing()
+            while not session.stream.paused:
+                session.stream.send(b"x" * 60000)
+                await deferLater(reactor, 0)
+        session.close()
+        if paused:
+            await deferLater(reactor, 0.1)
+            peer.transport.resumeProducing()
+        await peer_lost.addTimeout(5, reactor)
+
+    def test_tcp_paused(self):
+        return Deferred.fromCoroutine(self.closes(False, True))
+
+    def test_tls(self):
+        return Deferred.fromCoroutine(self.closes(True, False))
+
+    def test_tls_peer_closes(self):
+        async def run():
+            from twisted.internet import reactor
+
+            session, peer_made, peer_lost = self.connect(True)
+            peer = await peer_made
+            peer.transport.write(b"\x00\x01x")
+            await deferLater_until(lambda: hasattr(session, "stream"))
+            peer.transport.loseConnection()
+            await session.ended.addTimeout(5, reactor)
+            await peer_lost.addTimeout(5, reactor)
+        return Deferred.fromCoroutine(run())
+
+
+async def deferLater_until(predicate):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    while not predicate():
+        await deferLater(reactor, 0.01)
+
+
+class ListenTests(unittest.TestCase):
+    def test_a_name_binds_the_tcp_listeners_address_or_is_looked_up(self):
+        from twisted.internet import reactor
+        from twisted.internet.protocol import DatagramProtocol, ServerFactory
+
+        tcp = reactor.listenTCP(0, ServerFactory(), interface="127.0.0.1")
+        self.addCleanup(tcp.stopListening)
+        udp = udptunnel.listen_udp(reactor, "localhost", 0, DatagramProtocol(), beside=tcp)
+        self.addCleanup(udp.stopListening)
+        self.assertEqual(udp.getHost().host, "127.0.0.1")
+        alone = udptunnel.listen_udp(reactor, "localhost", 0, DatagramProtocol())
+        self.addCleanup(alone.stopListening)
+        self.assertIn(alone.getHost().host, ("127.0.0.1", "::1"))
+        from twisted.internet.error import CannotListenError
+        self.assertRaises(CannotListenError, udptunnel.listen_udp, reactor, "name.invalid", 0, DatagramProtocol())

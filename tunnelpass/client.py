@@ -56,7 +56,7 @@ from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
 from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
-from tunnelpass.udptunnel import UDPEgress, UDPIngress
+from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
 
 LISTEN_BACKLOG = 1024
 POOL_OK = encode(Type.POOL_OK)
@@ -301,8 +301,8 @@ class TunnelClient(Service):
                 if s.udp:
                     relay = UDPForwardProtocol(self.reactor, "local", s.target_host, s.target_port, s.limits,
                                                self.udp_stats, clock=self.clock)
-                    self.udp_port = self.reactor.listenUDP(s.server_port, relay, interface=s.server_host,
-                                                           maxPacketSize=MAX_DATAGRAM)
+                    self.udp_port = listen_udp(self.reactor, s.server_host, s.server_port, relay,
+                                               beside=self.listening_port)
             except CannotListenError as e:
                 if self.listening_port is not None:
                     self.listening_port.stopListening()
@@ -400,8 +400,8 @@ class TunnelClient(Service):
                 ingress = UDPIngress("listen", self.clock, s.limits, self.udp_stats, s.udp_buffer,
                                      factory.current_pool, self._claim_for_datagrams,
                                      unavailable=factory.unavailable, tcp_factory=factory)
-                self.udp_port = self.reactor.listenUDP(s.target_port, ingress, interface=s.target_host,
-                                                       maxPacketSize=MAX_DATAGRAM)
+                self.udp_port = listen_udp(self.reactor, s.target_host, s.target_port, ingress,
+                                           beside=self.listening_port)
         except CannotListenError:
             if self.listening_port is not None:
                 self.listening_port.stopListening()

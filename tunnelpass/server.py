@@ -59,7 +59,7 @@ from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSFactory, HalfCloseTLSProtocol
 from tunnelpass.udp import MAX_DATAGRAM
-from tunnelpass.udptunnel import UDPEgress, UDPIngress
+from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
 
 TLS_RECORD = 0x16
 #: Why tunnel handshakes fail, for ``handshake_failures{reason}``: a fixed
@@ -439,6 +439,8 @@ class TunnelServer(Service):
                     self.tunnel_port.stopListening()
                     raise SystemExit(
                         f"tunnelpass: {listen_error('--target', s.target_host, s.target_port, e)}") from None
+                self.log.info("flow auto: {reason}; so the send flow (dial --target)",
+                              reason=listen_error("--target", s.target_host, s.target_port, e))
                 self.flow = "send"
         if self.flow == "send":
             targets = list(s.targets) or [(s.target_host, s.target_port)]
@@ -467,8 +469,8 @@ class TunnelServer(Service):
             self.udp_ingress = UDPIngress(
                 "target", self.clock, s.limits, self.udp_stats, s.udp_buffer, factory.current_pool,
                 self._claim_for_datagrams, unavailable=factory.unavailable, tcp_factory=factory)
-            self.udp_port = self.reactor.listenUDP(s.target_port, self.udp_ingress, interface=s.target_host,
-                                                   maxPacketSize=MAX_DATAGRAM)
+            self.udp_port = listen_udp(self.reactor, s.target_host, s.target_port, self.udp_ingress,
+                                       beside=self.target_port)
 
     def _claim_for_datagrams(self, conn_id: bytes, connection, stream) -> None:
         connection.hand_over(stream)

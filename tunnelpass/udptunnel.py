@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.error import CannotListenError, InvalidAddressError, MessageLengthError
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -48,8 +48,38 @@ from tunnelpass.udp import _enlarge_buffers, resolve_udp
 #: are dropped instead (Twisted pauses the producer past this).  Large
 #: enough for one burst of reads from a busy UDP socket at 1 Gbit/s.
 STREAM_BUFFER = 256 * 1024
+#: Sessions that may wait for a pool connection at once: the pool's queue is
+#: shared with TCP users, and UDP sources are easy to spoof.
+MAX_WAITING_SESSIONS = 128
+#: A user address whose session the far side refused (it closed the
+#: connection before answering anything, within REFUSED_WITHIN seconds)
+#: gets no new session for this long: each one would cost a pool connection.
+REFUSAL_COOL_DOWN = 5.0
+REFUSED_WITHIN = 1.0
 
 log = Logger(namespace="tunnelpass.udp")
+
+
+def listen_udp(reactor, host: str, port: int, protocol, beside=None):
+    """Bind the UDP side of a listening address.  Twisted binds UDP to IP
+    literals only: a name takes the address the TCP listener *beside* got,
+    else one lookup now (at startup, like the TCP bind).  Every failure is a
+    :class:`CannotListenError`."""
+    interface = host
+    if not is_ip_literal(host):
+        if beside is not None:
+            interface = beside.getHost().host
+        else:
+            import socket
+
+            try:
+                interface = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0][4][0]
+            except OSError as e:
+                raise CannotListenError(host, port, e) from None
+    try:
+        return reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM)
+    except InvalidAddressError as e:
+        raise CannotListenError(host, port, e) from None
 
 
 def _raise_pause_threshold(transport) -> None:
@@ -62,17 +92,18 @@ def _raise_pause_threshold(transport) -> None:
         transport = getattr(transport, "transport", None)
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class DatagramStream(Protocol):
     """A pool connection carrying one session's datagrams (either side).
 
     It registers itself as the producer of its own transport only to learn
     when that transport is full (:attr:`paused`): datagrams are then
-    dropped, not queued.
+    dropped, not queued.  It unregisters before closing: a transport (TLS
+    always, TCP while paused) does not close while a producer is registered.
     """
 
     paused = False
-
+    received = False  # any bytes from the far side yet
     def __init__(self, session, greeting: bytes = b""):
         self.session = session
         self.greeting = greeting
@@ -94,15 +125,26 @@ class DatagramStream(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
+        self.received = True
         for datagram in self.decoder.feed(data):
+            if session.closed:
+                return  # (TLS goes on reading after a close)
             session.from_tunnel(datagram)
 
     def close(self) -> None:
-        if self.transport is not None and self.transport.connected:
-            self.transport.loseConnection()
+        transport = self.transport
+        if transport is not None and transport.connected:
+            transport.unregisterProducer()
+            transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        self.session.stream_ended(self)  # the far side ended the session
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionLost(self, reason=None) -> None:
-        self.session.close()
+        self.session.stream_ended(self)
 
     # IPushProducer: the transport says when it is full.
 
@@ -127,8 +169,11 @@ class _Session:
     def __init__(self, owner):
         self.owner = owner
         self.stats = owner.stats
-        self.last_activity = owner.clock.seconds()
+        self.started = self.last_activity = owner.clock.seconds()
         self._schedule_expiry(owner.limits.udp_idle)
+
+    def stream_ended(self, stream: DatagramStream) -> None:
+        self.close()
 
     def _schedule_expiry(self, delay: float) -> None:
         self._expiry = self.owner.clock.callLater(max(delay, 0.001), self._check_idle)
@@ -141,9 +186,10 @@ class _Session:
             self.close()
 
     def _admit(self, size: int) -> bool:
-        """--rate for one datagram: UDP cannot be paused, only dropped."""
+        """--udp-buffer and --rate for one datagram (UDP cannot be paused,
+        only dropped); a drop is counted here."""
         limiter = self.owner.limits.limiter
-        if limiter is not None and not limiter.admit(size):
+        if size > self.owner.udp_buffer or (limiter is not None and not limiter.admit(size)):
             self.stats.udp_drops += 1
             return False
         return True
@@ -236,11 +282,19 @@ class IngressSession(_Session):
 
     def stream_ready(self, stream: DatagramStream) -> None:
         self.stream = stream
+        self.listener.unattached.discard(self)
+
+    def stream_ended(self, stream: DatagramStream) -> None:
+        if not stream.received and self.listener.clock.seconds() - self.started < REFUSED_WITHIN:
+            self.listener.refused(self.user)
+        self.close()
 
     def from_user(self, datagram: bytes) -> None:
-        self.last_activity = self.listener.clock.seconds()
-        if not self._admit(len(datagram)):
+        """A datagram the listener admitted (size, --rate)."""
+        if self.closed:
+            self.stats.udp_drops += 1
             return
+        self.last_activity = self.listener.clock.seconds()
         stream = self.stream
         if stream is None:
             if not self.pending.hold(datagram):
@@ -253,8 +307,7 @@ class IngressSession(_Session):
 
     def from_tunnel(self, datagram: bytes) -> None:
         self.last_activity = self.listener.clock.seconds()
-        if len(datagram) > self.listener.udp_buffer or not self._admit(len(datagram)):
-            self.stats.udp_drops += 1
+        if not self._admit(len(datagram)):
             return
         if self.listener.reply(datagram, self.user):
             self.stats.udp_datagrams_out += 1
@@ -264,6 +317,7 @@ class IngressSession(_Session):
 
     def _closed(self) -> None:
         self.stats.udp_drops += len(self.pending.take())  # never sent: lost
+        self.listener.unattached.discard(self)
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()
@@ -287,6 +341,8 @@ class UDPIngress(DatagramProtocol):
         self.pool_source, self.claim, self.unavailable = pool_source, claim, unavailable
         self.tcp_factory = tcp_factory
         self.sessions: dict[tuple, IngressSession] = {}
+        self.cooling: dict[tuple, float] = {}  # user address -> no new session before this time
+        self.unattached: set[IngressSession] = set()  # sessions waiting for a pool connection
         self.pending_bytes = 0
         self._problems = Throttle(clock, REFUSAL_LOG_INTERVAL)
         self._refusals = Throttle(clock, REFUSAL_LOG_INTERVAL)
@@ -301,16 +357,19 @@ class UDPIngress(DatagramProtocol):
         return host.host, host.port
 
     def datagramReceived(self, datagram: bytes, addr) -> None:
-        if len(datagram) > self.udp_buffer:
+        size = len(datagram)
+        limiter = self.limits.limiter
+        if size > self.udp_buffer or (limiter is not None and not limiter.admit(size)):
             self.stats.udp_drops += 1
             return
         session = self.sessions.get(addr)
         if session is None:
-            if not self._room():
+            if not self._room() or self._cooling(addr):
                 self.stats.udp_drops += 1
                 self.stats.udp_refused += 1
                 return
             session = self.sessions[addr] = IngressSession(self, addr)
+            self.unattached.add(session)
             self.stats.udp_sessions += 1
             self.stats.udp_sessions_total += 1
             session.start()
@@ -320,7 +379,28 @@ class UDPIngress(DatagramProtocol):
         session.from_user(datagram)
 
     def _room(self) -> bool:
+        if len(self.unattached) >= MAX_WAITING_SESSIONS:
+            _note_refusal(self, "sessions waiting for the pool:", MAX_WAITING_SESSIONS)
+            return False
         return _has_room(self, self.sessions, self.tcp_factory)
+
+    def refused(self, user: tuple) -> None:
+        """The far side refused *user*'s session: no new one for a while."""
+        if len(self.cooling) >= self.limits.max_sessions:
+            now = self.clock.seconds()
+            self.cooling = {a: t for a, t in self.cooling.items() if t > now}
+        if len(self.cooling) < self.limits.max_sessions:
+            self.cooling[user] = self.clock.seconds() + REFUSAL_COOL_DOWN
+        self.note_problem("the other side of the tunnel refused it (its --no-udp, --slot or --max-sessions?)")
+
+    def _cooling(self, addr) -> bool:
+        until = self.cooling.get(addr)
+        if until is None:
+            return False
+        if until > self.clock.seconds():
+            return True
+        del self.cooling[addr]
+        return False
 
     def reply(self, datagram: bytes, user: tuple) -> bool:
         if self.transport is None:
@@ -392,6 +472,8 @@ class _TargetSocket(DatagramProtocol):
 class EgressSession(_Session):
     """One OPEN_UDP stream and its socket to the target."""
 
+    _refused = False  # the last write met ICMP port unreachable
+
     def __init__(self, egress: "UDPEgress", addresses):
         super().__init__(egress)
         self.egress = egress
@@ -439,8 +521,7 @@ class EgressSession(_Session):
 
     def from_tunnel(self, datagram: bytes) -> None:
         self.last_activity = self.egress.clock.seconds()
-        if len(datagram) > self.egress.udp_buffer or not self._admit(len(datagram)):
-            self.stats.udp_drops += 1
+        if not self._admit(len(datagram)):
             return
         if self.pending is not None:
             if not self.pending.hold(datagram):
@@ -449,15 +530,22 @@ class EgressSession(_Session):
         self._send(datagram)
 
     def _send(self, datagram: bytes) -> None:
+        if self.socket is None:  # closed
+            self.stats.udp_drops += 1
+            return
+        self._refused = False
         try:
             self.socket.write(self.header + datagram if self.header else datagram)
         except (OSError, MessageLengthError):  # EAGAIN, ENOBUFS, EMSGSIZE
             self.stats.udp_drops += 1
-        else:
+            return
+        if not self._refused:  # (an ECONNREFUSED write is reported, not raised)
             self.stats.udp_datagrams_in += 1
             self.stats.bytes_in += len(datagram)
 
     def from_target(self, datagram: bytes) -> None:
+        if self.closed:
+            return
         self.last_activity = self.egress.clock.seconds()
         if not self._admit(len(datagram)):
             return
@@ -468,13 +556,16 @@ class EgressSession(_Session):
             self.stats.udp_drops += 1
 
     def target_refused(self) -> None:
+        self._refused = True
         self.egress.group.failed(self.index)  # later sessions try the others first
 
     def _closed(self) -> None:
         if self.pending is not None:
             self.stats.udp_drops += len(self.pending.take())
+            self.pending = None
         if self.socket is not None:
-            self.socket.stopListening()
+            socket, self.socket = self.socket, None
+            socket.stopListening()
 
 
 class UDPEgress:

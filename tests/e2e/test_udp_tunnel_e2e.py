@@ -86,6 +86,19 @@ def no_reply(s: socket.socket, port: int, payload: bytes, wait: float = 1.0) -> 
     return False
 
 
+def established(port: int) -> int:
+    """Established TCP connections whose local port is *port* (the server's
+    side of tunnel connections), from /proc."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
 def health(process, field: str) -> int:
     lines = [line for line in process.log().splitlines() if f" {field}=" in line and "health" in line]
     return int(lines[-1].split(f" {field}=")[1].split()[0]) if lines else -1
@@ -100,8 +113,9 @@ class UDPTunnelTests(unittest.TestCase):
     def test_echo_both_flows(self):
         """1-byte, 60 KB and the largest IPv4 datagrams arrive intact, next
         to TCP on the same --target; in the receive flow 50 sessions also
-        expire on time (--udp-idle 2s) on both sides."""
-        for flow, tls in (("receive", 0), ("send", 1)):
+        expire on time (--udp-idle 2s) on both sides, and their tunnel
+        connections close (over TLS, where a close waits for the producer)."""
+        for flow, tls in (("receive", 1), ("send", 0)):
             idle = ["--udp-idle", "2s"]
             tunnel = Tunnel(self, flow=flow, tls=tls, backend=self.backend(), server_args=idle,
                             client_args=idle + ["--report-interval", "1s"])
@@ -112,6 +126,8 @@ class UDPTunnelTests(unittest.TestCase):
             self.assertEqual(tcp_round_trip(tunnel.entry, b"tcp too" * 1000), b"tcp too" * 1000)
             if flow != "receive":
                 continue
+            time.sleep(2.5)  # the first session expires; its pool connection is replaced
+            before = established(tunnel.tunnel_port)
             users = [user_socket() for _ in range(50)]
             for i, s in enumerate(users):
                 self.assertEqual(round_trip(s, tunnel.entry, b"session %d" % i), b"session %d" % i)
@@ -121,12 +137,15 @@ class UDPTunnelTests(unittest.TestCase):
             for process in (tunnel.server, tunnel.client):
                 wait_until(lambda: health(process, "udp_sessions") == 0, 8, what="every session expired")
             self.assertLess(time.monotonic() - started, 6.5)
+            wait_until(lambda: established(tunnel.tunnel_port) <= before + 5, 10,
+                       what=f"the expired sessions' tunnel connections to close ({before} before)")
             self.assertEqual(round_trip(users[0], tunnel.entry, b"again"), b"again")  # a new session
 
     def test_dig_both_flows(self):
-        for flow, tls in (("receive", 1), ("send", 0)):
+        for flow, tls in (("receive", 0), ("send", 1)):
             responder = DNSResponder(self)
-            tunnel = Tunnel(self, flow=flow, tls=tls, backend=responder)
+            # The listening side is given a name: UDP binds where TCP did.
+            tunnel = Tunnel(self, flow=flow, tls=tls, backend=responder, entry_host="localhost")
             self.assertEqual(dig(tunnel.entry, "tunnelpass.test", "A", "+short").strip(), "192.0.2.53")
             self.assertEqual(dig(tunnel.entry, "tunnelpass.test", "A", "+short", "+tcp").strip(), "192.0.2.53")
             big = dig(tunnel.entry, "big.tunnelpass.test", "TXT", "+bufsize=4096", "+ignore")

@@ -21,8 +21,9 @@ class Tunnel:
 
     def __init__(self, testcase, flow: str = "receive", tls: int = 0, server_args=(), client_args=(),
                  backend: TCPServer | None = None, form: str = "flags", tunnel_port: int | None = None,
-                 connect: bool = True):
+                 connect: bool = True, entry_host: str = "127.0.0.1"):
         self.testcase = testcase
+        self.entry_host = entry_host  # the address users connect to, as the listening side is told it
         self.backend = backend or TCPServer(testcase)
         self.flow, self.tls, self.form = flow, tls, form
         self.tunnel_port = tunnel_port or free_port()
@@ -45,11 +46,11 @@ class Tunnel:
 
     @property
     def server_target(self) -> str:
-        return f"127.0.0.1:{self.entry if self.flow == 'receive' else self.backend.port}"
+        return f"{self.entry_host}:{self.entry}" if self.flow == "receive" else f"127.0.0.1:{self.backend.port}"
 
     @property
     def client_target(self) -> str:
-        return f"127.0.0.1:{self.backend.port if self.flow == 'receive' else self.entry}"
+        return f"127.0.0.1:{self.backend.port}" if self.flow == "receive" else f"{self.entry_host}:{self.entry}"
 
     def start_server(self) -> Twistd:
         if self.form == "url":
