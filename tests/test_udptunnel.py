@@ -223,22 +223,57 @@ class IngressTests(unittest.TestCase):
         listener.datagramReceived(b"x" * 10000, USER)
         self.assertEqual(len(self.connections[0].sent_frames()[1]), 7)
 
-    def test_refused_session_cools_its_address_down(self):
-        self.idle(3)
+    def test_refused_twice_cools_the_address_down(self):
+        self.idle(5)
         listener = self.listener()
-        listener.datagramReceived(b"x", USER)
-        self.connections[0].protocol.connectionLost(None)  # closed at once, nothing answered
+        for i in range(2):  # closed at once, nothing answered: refused
+            listener.datagramReceived(b"x", USER)
+            self.connections[i].protocol.connectionLost(None)
         listener.datagramReceived(b"y", USER)
         self.assertEqual((listener.sessions, self.stats.udp_refused), ({}, 1))
-        self.assertEqual(len(self.pool.idle), 2, "no pool connection spent on a refused address")
+        self.assertEqual(len(self.pool.idle), 3, "no pool connection spent on a refused address")
         self.clock.advance(udptunnel.REFUSAL_COOL_DOWN)
         listener.datagramReceived(b"z", USER)
-        self.assertEqual(self.connections[1].sent_frames()[1], [b"z"])
-        # A session that ran a while (or got answers) ends without a cool-down.
+        self.assertEqual(self.connections[2].sent_frames()[1], [b"z"])
+        # A session that ran a while (or got answers) ends without counting.
         self.clock.advance(2)
-        self.connections[1].protocol.connectionLost(None)
+        self.connections[2].protocol.connectionLost(None)
         listener.datagramReceived(b"w", USER)
-        self.assertEqual(self.connections[2].sent_frames()[1], [b"w"])
+        self.connections[3].protocol.dataReceived(frame(b"answer"))
+        self.connections[3].protocol.connectionLost(None)
+        listener.datagramReceived(b"v", USER)
+        self.assertEqual(self.connections[4].sent_frames()[1], [b"v"])
+
+    def test_refusal_timed_from_getting_the_connection(self):
+        listener = self.listener()
+        for i in range(2):
+            listener.datagramReceived(b"x", USER)
+            self.clock.advance(1.5)  # a slow pool: the session waits, then is refused at once
+            self.idle(1)
+            self.connections[-1].protocol.connectionLost(None)
+        listener.datagramReceived(b"y", USER)
+        self.assertEqual(listener.sessions, {}, "cooled down")
+
+    def test_own_closes_are_not_refusals(self):
+        self.idle(6)
+        listener = self.listener(Limits(udp_idle=0.5))
+        for i in range(2):  # our own expiry, then the connection's end
+            listener.datagramReceived(b"x", USER)
+            self.clock.advance(0.6)
+            self.connections[i].protocol.connectionLost(None)
+        listener.datagramReceived(b"x", USER)
+        listener.stopProtocol()  # and shutdown
+        self.connections[2].protocol.connectionLost(None)
+        self.assertEqual((listener.cooling, listener.suspects), ({}, {}))
+        stream = None
+        for i in (3, 4):  # a FIN then the close: one refusal each, not two
+            listener.datagramReceived(b"x", ("127.0.0.9", 1))
+            stream = self.connections[i].protocol
+            stream.readConnectionLost()
+            stream.connectionLost(None)
+            if i == 3:
+                self.assertEqual(listener.cooling, {}, "one refusal only makes a suspect")
+        self.assertIn(("127.0.0.9", 1), listener.cooling)
 
     def test_sessions_waiting_for_the_pool_are_capped(self):
         listener = self.listener(Limits(max_sessions=1000, max_conns=1000))

@@ -33,7 +33,8 @@ LISTENER_METRICS = {
     "udp_datagrams_in": ("udp_datagrams_in", "counter", "UDP datagrams relayed from clients"),
     "udp_datagrams_out": ("udp_datagrams_out", "counter", "UDP datagrams relayed back to clients"),
     "udp_drops": ("udp_drops", "counter", "UDP datagrams dropped (limits, full queues, send errors)"),
-    "udp_refused": ("udp_sessions_refused", "counter", "UDP sessions refused (--max-sessions, --slot)"),
+    "udp_refused": ("udp_sessions_refused", "counter", "new UDP sessions refused (--max-sessions, --slot, too many waiting for the pool, "
+                    "an address whose sessions the far side refused)"),
 }
 
 

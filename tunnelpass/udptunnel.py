@@ -51,9 +51,11 @@ STREAM_BUFFER = 256 * 1024
 #: Sessions that may wait for a pool connection at once: the pool's queue is
 #: shared with TCP users, and UDP sources are easy to spoof.
 MAX_WAITING_SESSIONS = 128
-#: A user address whose session the far side refused (it closed the
-#: connection before answering anything, within REFUSED_WITHIN seconds)
-#: gets no new session for this long: each one would cost a pool connection.
+#: A user address whose session the far side refused twice in a row (it
+#: closed the connection without answering, within REFUSED_WITHIN seconds
+#: of getting it) gets no new session for this long: each one would cost a
+#: pool connection.  One such close alone may be a pool connection that
+#: died while idle, so the first only makes the address a suspect.
 REFUSAL_COOL_DOWN = 5.0
 REFUSED_WITHIN = 1.0
 
@@ -173,7 +175,7 @@ class _Session:
         self._schedule_expiry(owner.limits.udp_idle)
 
     def stream_ended(self, stream: DatagramStream) -> None:
-        self.close()
+        self.close()  # (a no-op once closed: our own close ends the stream too)
 
     def _schedule_expiry(self, delay: float) -> None:
         self._expiry = self.owner.clock.callLater(max(delay, 0.001), self._check_idle)
@@ -282,10 +284,13 @@ class IngressSession(_Session):
 
     def stream_ready(self, stream: DatagramStream) -> None:
         self.stream = stream
+        self.attached = self.listener.clock.seconds()
         self.listener.unattached.discard(self)
 
     def stream_ended(self, stream: DatagramStream) -> None:
-        if not stream.received and self.listener.clock.seconds() - self.started < REFUSED_WITHIN:
+        if self.closed:
+            return  # we closed it (expiry, shutdown): not a refusal
+        if not stream.received and self.listener.clock.seconds() - self.attached < REFUSED_WITHIN:
             self.listener.refused(self.user)
         self.close()
 
@@ -342,6 +347,7 @@ class UDPIngress(DatagramProtocol):
         self.tcp_factory = tcp_factory
         self.sessions: dict[tuple, IngressSession] = {}
         self.cooling: dict[tuple, float] = {}  # user address -> no new session before this time
+        self.suspects: dict[tuple, float] = {}  # refused once: a second refusal before this time cools
         self.unattached: set[IngressSession] = set()  # sessions waiting for a pool connection
         self.pending_bytes = 0
         self._problems = Throttle(clock, REFUSAL_LOG_INTERVAL)
@@ -385,13 +391,16 @@ class UDPIngress(DatagramProtocol):
         return _has_room(self, self.sessions, self.tcp_factory)
 
     def refused(self, user: tuple) -> None:
-        """The far side refused *user*'s session: no new one for a while."""
-        if len(self.cooling) >= self.limits.max_sessions:
-            now = self.clock.seconds()
-            self.cooling = {a: t for a, t in self.cooling.items() if t > now}
-        if len(self.cooling) < self.limits.max_sessions:
-            self.cooling[user] = self.clock.seconds() + REFUSAL_COOL_DOWN
-        self.note_problem("the other side of the tunnel refused it (its --no-udp, --slot or --max-sessions?)")
+        """The far side refused *user*'s session: the second time in a row,
+        no new one for a while.  Both tables are bounded (by --max-sessions);
+        when full of live entries they let users through."""
+        now = self.clock.seconds()
+        if self.suspects.pop(user, 0.0) > now:
+            self.cooling = _remember(self.cooling, user, now + REFUSAL_COOL_DOWN, now, self.limits.max_sessions)
+            self.note_problem("the other side of the tunnel refused it twice (its --no-udp, --slot or "
+                              "--max-sessions?)")
+        else:
+            self.suspects = _remember(self.suspects, user, now + REFUSAL_COOL_DOWN, now, self.limits.max_sessions)
 
     def _cooling(self, addr) -> bool:
         until = self.cooling.get(addr)
@@ -427,6 +436,16 @@ class UDPIngress(DatagramProtocol):
         if self._problems.ready():
             log.warn("{listener}: UDP session refused: {why} ({count} so far)",
                      listener=self.name, why=why, count=self._problems.take_count())
+
+
+def _remember(table: dict, key, until: float, now: float, limit: int) -> dict:
+    """``table[key] = until``, dropping expired entries when it is full, and
+    leaving *key* out if it is still full."""
+    if len(table) >= limit:
+        table = {k: t for k, t in table.items() if t > now}
+    if len(table) < limit:
+        table[key] = until
+    return table
 
 
 def _has_room(owner, sessions, tcp_factory) -> bool:
