@@ -25,6 +25,29 @@ class RateLimiterTests(unittest.TestCase):
         clock.rightNow = 50
         self.assertGreaterEqual(limiter.take(10), 0.0)
 
+    def test_udp_admitted_within_budget_only(self):
+        clock = Clock()
+        limiter = RateLimiter(clock, 100_000)  # burst: 65536 bytes
+        self.assertTrue(limiter.admit(60000))
+        self.assertFalse(limiter.admit(10000), "over budget: dropped, nothing spent")
+        clock.advance(0.05)  # 5,000 bytes more
+        self.assertTrue(limiter.admit(10000))
+        self.assertEqual(limiter.dropped_total, 1)
+
+    def test_hitting_the_limit_is_reported_at_most_every_10s(self):
+        from twisted.logger import capturedLogs
+
+        clock = Clock()
+        limiter = RateLimiter(clock, 1000)
+        with capturedLogs() as events:
+            for _ in range(5):
+                limiter.take(100_000)
+                limiter.admit(100_000)
+            clock.advance(10)
+            limiter.admit(100_000)
+        reports = [e for e in events if e.get("event") == "rate_limited"]
+        self.assertEqual([(e["count"], e["paused"], e["dropped"]) for e in reports], [(1, 1, 0), (10, 5, 6)])
+
     def test_parse_rate(self):
         self.assertEqual(parse_rate("8"), 1_000_000)
         self.assertEqual(parse_rate("0"), 0)

@@ -11,6 +11,12 @@ the budget cannot pay for now is dropped (:meth:`RateLimiter.admit`).
 
 from __future__ import annotations
 
+from twisted.logger import Logger
+
+from tunnelpass.logs import Throttle
+
+log = Logger(namespace="tunnelpass.rate")
+
 
 class RateLimiter:
     def __init__(self, clock, bytes_per_second: float, burst_seconds: float = 0.05):
@@ -25,6 +31,7 @@ class RateLimiter:
         self.stamp = clock.seconds()
         self.paused_total = 0  # times a sender had to wait (for reports)
         self.dropped_total = 0  # UDP datagrams over the budget
+        self._reported = Throttle(clock, 10.0)
 
     def take(self, count: int) -> float:
         """Account *count* bytes; seconds the sender should now wait."""
@@ -35,6 +42,7 @@ class RateLimiter:
         if self.tokens >= 0:
             return 0.0
         self.paused_total += 1
+        self._report()
         return -self.tokens / self.rate
 
     def admit(self, count: int) -> bool:
@@ -49,7 +57,16 @@ class RateLimiter:
             self.tokens -= count
             return True
         self.dropped_total += 1
+        self._report()
         return False
+
+    def _report(self) -> None:
+        """The limit is being hit: say so, at most every 10 s."""
+        if self._reported.ready():
+            log.info("--rate {mbps:g} Mbit/s reached: {count} wait(s) or drop(s) since the last report "
+                     "(senders paused {paused} time(s), {dropped} UDP datagram(s) dropped in all)",
+                     mbps=self.rate * 8 / 1e6, count=self._reported.take_count(), paused=self.paused_total,
+                     dropped=self.dropped_total, event="rate_limited")
 
 
 def parse_rate(text: str) -> float:
