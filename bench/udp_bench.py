@@ -41,9 +41,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import TWISTD, wait_port  # noqa: E402
+from bench import TWISTD, free_port, wait_port  # noqa: E402
+from tunnel_bench import Peers  # noqa: E402
 
-KEY = "bench-key-0123456789abcdefghij"
 QUERY, ANSWER = 48, 120
 
 ECHO = """
@@ -58,44 +58,20 @@ while True:
 """ % ANSWER
 
 
-def free_port() -> int:
-    """A port free for both TCP and UDP."""
-    while True:
-        with socket.socket() as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-
-
-class Relays:
-    def __init__(self, workdir: str):
-        self.dir = workdir
-        self.procs: list[subprocess.Popen] = []
-        self.iperf = free_port()
-        self.echo = free_port()
-        self.relays: dict[str, tuple[int, int]] = {}  # name -> (iperf3 port, echo port)
-
-    def spawn(self, args, log=None) -> subprocess.Popen:
-        out = open(os.path.join(self.dir, log), "wb") if log else subprocess.DEVNULL
-        p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=self.dir)
-        self.procs.append(p)
-        return p
+class Relays(Peers):
+    """The tunnel benchmark's relays, set up for UDP: iperf3 (TCP control
+    and UDP data on one port) and a UDP echo server behind each."""
 
     def start(self) -> None:
         self.spawn(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf)])
         self.spawn([sys.executable, "-c", ECHO, str(self.echo)])
         wait_port(self.iperf)
-        self.relays["direct"] = (self.iperf, self.echo)
+        self.relays["direct"] = (self.iperf, self.echo, [])
         self._socat()
         self._forwarder()
-        self._tunnel(0)
-        self._tunnel(1)
-        for port, _ in self.relays.values():
+        self._tunnelpass(0)
+        self._tunnelpass(1)
+        for port, _, _ in self.relays.values():
             wait_port(port, 20)
         time.sleep(1.5)  # pools filled
 
@@ -109,7 +85,7 @@ class Relays:
                 self.spawn(["socat", f"TCP-LISTEN:{front},bind=127.0.0.1,reuseaddr,fork",
                             f"TCP:127.0.0.1:{target}"])
             ports.append(front)
-        self.relays["socat-1hop"] = tuple(ports)
+        self.relays["socat-1hop"] = (ports[0], ports[1], [])
 
     def _forwarder(self) -> None:
         a, b = free_port(), free_port()
@@ -119,30 +95,7 @@ class Relays:
                     f"127.0.0.1:{b}/udp | 127.0.0.1 | {self.echo}\n")
         self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "forward", "--config", rules,
                     "--log", "warn"], "forward.log")
-        self.relays["tunnelpass-forward"] = (a, b)
-
-    def _tunnel(self, level: int) -> None:
-        ports = []
-        for target in (self.iperf, self.echo):
-            tunnel, public = free_port(), free_port()
-            self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "server",
-                        "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{public}",
-                        "--key", KEY, "--tls", str(level), "--log", "warn"], f"server{level}-{target}.log")
-            wait_port(tunnel)
-            self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "client",
-                        "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{target}",
-                        "--key", KEY, "--log", "warn", "--min-pool", "8"], f"client{level}-{target}.log")
-            ports.append(public)
-        self.relays[f"tunnelpass-tls{level}"] = tuple(ports)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        self.relays["tunnelpass-forward"] = (a, b, [])
 
 
 def iperf_udp(port: int, rate: str, seconds: int) -> tuple[float, float]:

@@ -160,11 +160,7 @@ class UDPSession(DatagramProtocol):
     def datagramReceived(self, datagram: bytes, addr) -> None:
         """Remote -> client."""
         self.last_activity = self.listener.clock.seconds()
-        if self.listener.reply(datagram, self.client):
-            self.stats.udp_datagrams_out += 1
-            self.stats.bytes_out += len(datagram)
-        else:
-            self.stats.udp_drops += 1
+        self.listener.deliver(datagram, self.client)
 
     def connectionRefused(self) -> None:
         # ICMP port unreachable from the remote: the datagram is lost, the
@@ -196,11 +192,51 @@ class UDPSession(DatagramProtocol):
         self.listener.session_closed(self)
 
 
-class UDPForwardProtocol(DatagramProtocol):
-    """The listening socket of one UDP endpoint and its session table."""
+class SessionListener(DatagramProtocol):
+    """A listening UDP socket and its sessions, one per client address
+    (``session.client``); replies leave through this socket."""
+
+    noisy = False
+    sessions: dict
+    stats: ListenerStats
+
+    def reply(self, datagram: bytes, client: tuple) -> bool:
+        if self.transport is None:
+            return False
+        try:
+            self.transport.write(datagram, client)
+        except (OSError, MessageLengthError):  # EAGAIN, ENOBUFS, ...
+            return False
+        return True
+
+    def deliver(self, datagram: bytes, client: tuple) -> None:
+        """A reply to *client*, counted as sent or dropped."""
+        if self.reply(datagram, client):
+            self.stats.udp_datagrams_out += 1
+            self.stats.bytes_out += len(datagram)
+        else:
+            self.stats.udp_drops += 1
+
+    def session_closed(self, session) -> None:
+        if self.sessions.get(session.client) is session:
+            del self.sessions[session.client]
+            self.stats.udp_sessions -= 1
+
+    def close_all(self) -> None:
+        for session in list(self.sessions.values()):
+            session.close()
+
+    def startProtocol(self) -> None:
+        _enlarge_buffers(self.transport)
+
+    def stopProtocol(self) -> None:
+        self.close_all()
+
+
+class UDPForwardProtocol(SessionListener):
+    """The forwarder's listening socket of one UDP endpoint."""
 
     log = Logger(namespace="tunnelpass.forward")
-    noisy = False
 
     def __init__(self, reactor, name: str, remote_host: str, remote_port: int,
                  limits: Limits, stats: ListenerStats | None = None, clock=None):
@@ -251,30 +287,6 @@ class UDPForwardProtocol(DatagramProtocol):
             self.stats.udp_sessions_total += 1
             session.start()
         session.send(datagram)
-
-    def reply(self, datagram: bytes, client: tuple) -> bool:
-        if self.transport is None:
-            return False
-        try:
-            self.transport.write(datagram, client)
-        except (OSError, MessageLengthError):
-            return False
-        return True
-
-    def session_closed(self, session: UDPSession) -> None:
-        if self.sessions.get(session.client) is session:
-            del self.sessions[session.client]
-            self.stats.udp_sessions -= 1
-
-    def close_all(self) -> None:
-        for session in list(self.sessions.values()):
-            session.close()
-
-    def startProtocol(self) -> None:
-        _enlarge_buffers(self.transport)
-
-    def stopProtocol(self) -> None:
-        self.close_all()
 
     def _note_refusal(self) -> None:
         if self._refusals.ready():

@@ -42,7 +42,7 @@ from tunnelpass.proxyproto import encode_v2
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.targets import TargetGroup
 from tunnelpass.udp import MAX_DATAGRAM, MAX_LISTENER_PENDING_BYTES, MAX_PENDING_BYTES, MAX_PENDING_DATAGRAMS
-from tunnelpass.udp import _enlarge_buffers, resolve_udp
+from tunnelpass.udp import SessionListener, _enlarge_buffers, resolve_udp
 
 #: Unsent bytes a session's pool connection may hold before its datagrams
 #: are dropped instead (Twisted pauses the producer past this).  Large
@@ -243,10 +243,10 @@ class _Pending:
 class IngressSession(_Session):
     """One user address on the public UDP listener."""
 
-    def __init__(self, listener: "UDPIngress", user: tuple):
+    def __init__(self, listener: "UDPIngress", client: tuple):
         super().__init__(listener)
         self.listener = listener
-        self.user = user
+        self.client = client
         self.pending = _Pending(listener)
         self._waiting = None
 
@@ -268,7 +268,7 @@ class IngressSession(_Session):
         if not connection.transport.connected:
             self.start()  # it closed while idle: take the next one
             return
-        greeting = encode_open(conn_id, self.user[:2], self.listener.local_address(), Type.OPEN_UDP)
+        greeting = encode_open(conn_id, self.client[:2], self.listener.local_address(), Type.OPEN_UDP)
         datagrams = self.pending.take()
         greeting += b"".join(frame(datagram) for datagram in datagrams)
         self.listener.claim(conn_id, connection, DatagramStream(self, greeting))
@@ -291,7 +291,7 @@ class IngressSession(_Session):
         if self.closed:
             return  # we closed it (expiry, shutdown): not a refusal
         if not stream.received and self.listener.clock.seconds() - self.attached < REFUSED_WITHIN:
-            self.listener.refused(self.user)
+            self.listener.refused(self.client)
         self.close()
 
     def from_user(self, datagram: bytes) -> None:
@@ -312,13 +312,8 @@ class IngressSession(_Session):
 
     def from_tunnel(self, datagram: bytes) -> None:
         self.last_activity = self.listener.clock.seconds()
-        if not self._admit(len(datagram)):
-            return
-        if self.listener.reply(datagram, self.user):
-            self.stats.udp_datagrams_out += 1
-            self.stats.bytes_out += len(datagram)
-        else:
-            self.stats.udp_drops += 1
+        if self._admit(len(datagram)):
+            self.listener.deliver(datagram, self.client)
 
     def _closed(self) -> None:
         self.stats.udp_drops += len(self.pending.take())  # never sent: lost
@@ -328,7 +323,7 @@ class IngressSession(_Session):
             waiting.cancel()
 
 
-class UDPIngress(DatagramProtocol):
+class UDPIngress(SessionListener):
     """The public UDP listener and its session table.
 
     *pool_source()* gives the idle pool to take from (or None), and
@@ -354,9 +349,6 @@ class UDPIngress(DatagramProtocol):
         self._refusals = Throttle(clock, REFUSAL_LOG_INTERVAL)
         if tcp_factory is not None:
             tcp_factory.udp_sessions = self.sessions
-
-    def startProtocol(self) -> None:
-        _enlarge_buffers(self.transport)
 
     def local_address(self) -> tuple:
         host = self.transport.getHost()
@@ -410,27 +402,6 @@ class UDPIngress(DatagramProtocol):
             return True
         del self.cooling[addr]
         return False
-
-    def reply(self, datagram: bytes, user: tuple) -> bool:
-        if self.transport is None:
-            return False
-        try:
-            self.transport.write(datagram, user)
-        except (OSError, MessageLengthError):  # EAGAIN, ENOBUFS, ...
-            return False
-        return True
-
-    def session_closed(self, session: IngressSession) -> None:
-        if self.sessions.get(session.user) is session:
-            del self.sessions[session.user]
-            self.stats.udp_sessions -= 1
-
-    def close_all(self) -> None:
-        for session in list(self.sessions.values()):
-            session.close()
-
-    def stopProtocol(self) -> None:
-        self.close_all()
 
     def note_problem(self, why: str) -> None:
         if self._problems.ready():
