@@ -9,6 +9,7 @@ line) with a bounded deadline, never slept for.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import socketserver
@@ -21,16 +22,31 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+
+
 def free_port(kind=socket.SOCK_STREAM) -> int:
-    """A port that is free for both TCP and UDP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+    """A port that is free for both TCP and UDP right now, chosen outside
+    the kernel's ephemeral range: a port from ``bind(0)`` can be handed to
+    an outgoing connection (a pool dial, a client) before the process
+    under test binds it."""
+    low, high = _EPHEMERAL
+    candidates = list(range(10000, low)) + list(range(high + 1, 65536))
+    for _ in range(200):
+        port = random.choice(candidates)
         try:
-            with socket.socket(socket.AF_INET, other) as s:
-                s.bind(("127.0.0.1", port))
+            for family_kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, family_kind) as s:
+                    s.bind(("127.0.0.1", port))
         except OSError:
             continue
         return port
