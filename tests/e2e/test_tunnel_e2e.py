@@ -13,7 +13,8 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import TCPServer, Twistd, can_connect, free_port, rss_kib, tcp_round_trip, wait_until
+from tests.e2e.harness import (TCPServer, Twistd, UDPEchoServer, can_connect, free_port, rss_kib, tcp_round_trip,
+                               udp_round_trip, wait_until)
 from tests.e2e.tunnel_harness import KEY, Proxy, Tunnel
 
 
@@ -259,10 +260,12 @@ class ResilienceTests(unittest.TestCase):
 
     def test_client_local_flow_needs_no_server(self):
         echo = TCPServer(self)
+        UDPEchoServer(self, echo.port)
         port = free_port()
         Twistd(self, ["--mode", "client", "--flow", "local", "--tunnel", f"127.0.0.1:{port}",
                       "--target", f"127.0.0.1:{echo.port}"], ready="client running")
         self.assertEqual(tcp_round_trip(port, b"local"), b"local")
+        self.assertEqual(udp_round_trip(port, b"local datagram"), b"local datagram")
 
     def test_client_waits_for_a_server_that_is_not_up_yet(self):
         tunnel = Tunnel(self, connect=False)
