@@ -168,7 +168,7 @@ class UDPRelayTests(unittest.TestCase):
         await until(lambda: len(self.forwarder.sessions) == 2 and self.forwarder.stats.udp_drops == 6)
         self.assertEqual(len(lookups), 1, "sessions created during one lookup share it")
         (session_a,) = [s for s in self.forwarder.sessions.values() if s.pending and len(s.pending) == 4]
-        self.assertLessEqual(session_a.pending_bytes, udp.MAX_PENDING_BYTES)
+        self.assertLessEqual(session_a.pending.size, udp.MAX_PENDING_BYTES)
         self.assertEqual(self.forwarder.pending_bytes, 4 * 60000 + 1)
         reply = b.next_reply()
         lookups[0].callback(("127.0.0.1", self.echo_port.getHost().port))

@@ -57,7 +57,81 @@ def resolve_udp(reactor, host: str, port: int) -> Deferred:
     return deferToThreadPool(reactor, reactor.getThreadPool(), lookup)
 
 
-class UDPSession(DatagramProtocol):
+def open_connected(reactor, protocol, address: tuple):
+    """A UDP socket for *protocol*, connected to *address* (an IP literal):
+    replies are told apart by the kernel and only that address can answer.
+    Raises (EMFILE, an address that cannot be a UDP peer, ...) after
+    releasing whatever it opened."""
+    interface = "::" if ":" in address[0] else "0.0.0.0"
+    port = None
+    try:
+        port = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM)
+        _enlarge_buffers(port)
+        port.connect(address[0], address[1])
+    except Exception:
+        if port is not None:
+            port.stopListening()
+        raise
+    return port
+
+
+class PendingDatagrams:
+    """Datagrams held while a session is not ready (its remote's name
+    resolves, its tunnel connection comes): bounded per session and per
+    *owner* (``owner.pending_bytes``); what does not fit is for the caller
+    to count as a drop."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.datagrams: list[bytes] = []
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self.datagrams)
+
+    def hold(self, datagram: bytes) -> bool:
+        size = len(datagram)
+        if (len(self.datagrams) < MAX_PENDING_DATAGRAMS and self.size + size <= MAX_PENDING_BYTES
+                and self.owner.pending_bytes + size <= MAX_LISTENER_PENDING_BYTES):
+            self.datagrams.append(datagram)
+            self.size += size
+            self.owner.pending_bytes += size
+            return True
+        return False
+
+    def take(self) -> list[bytes]:
+        datagrams = self.datagrams
+        self.owner.pending_bytes -= self.size
+        self.datagrams, self.size = [], 0
+        return datagrams
+
+
+class IdleExpiry:
+    """Mixin: a session that ends (``close()``) after its owner's
+    ``limits.udp_idle`` without traffic.  Traffic only stamps
+    ``last_activity``; one timer per session is re-armed lazily, so the hot
+    path never touches the timer heap."""
+
+    owner = None  # has .clock and .limits
+    last_activity = 0.0
+    _expiry = None
+
+    def _schedule_expiry(self, delay: float) -> None:
+        self._expiry = self.owner.clock.callLater(max(delay, 0.001), self._check_idle)
+
+    def _check_idle(self) -> None:
+        remaining = self.last_activity + self.owner.limits.udp_idle - self.owner.clock.seconds()
+        if remaining > 0:
+            self._schedule_expiry(remaining)
+        else:
+            self.close()
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+
+
+class UDPSession(DatagramProtocol, IdleExpiry):
     """The upstream socket of one client: datagrams from the remote go back
     to that client through the listening socket."""
 
@@ -68,16 +142,18 @@ class UDPSession(DatagramProtocol):
         self.listener = listener
         self.client = client
         self.stats = listener.stats
-        self.pending: list[bytes] | None = []
-        self.pending_bytes = 0
+        self.pending: PendingDatagrams | None = PendingDatagrams(listener)
         self.last_activity = listener.clock.seconds()
         self.closed = False
-        self._expiry = None
         # PROXY v2 goes in front of every datagram (the spec's rule for UDP).
         self.header = b""
         if listener.limits.proxy == "v2" and listener.transport is not None:
             local = listener.transport.getHost()
             self.header = encode_v2(client[:2], (local.host, local.port), "udp")
+
+    @property
+    def owner(self):
+        return self.listener  # for IdleExpiry
 
     def logPrefix(self) -> str:
         return SESSION_LOG_PREFIX
@@ -93,20 +169,13 @@ class UDPSession(DatagramProtocol):
     def _open(self, address: tuple) -> None:
         if self.closed:
             return
-        interface = "::" if ":" in address[0] else "0.0.0.0"
-        port = None
         try:
-            port = self.listener.reactor.listenUDP(0, self, interface=interface, maxPacketSize=MAX_DATAGRAM)
-            _enlarge_buffers(port)
-            port.connect(address[0], address[1])
-        except Exception as e:  # EMFILE, an address that cannot be a UDP peer, ...
-            if port is not None:
-                port.stopListening()
+            open_connected(self.listener.reactor, self, address)
+        except Exception as e:
             self.transport = None
             self._give_up("cannot open a socket to {remote}: {reason}", str(e))
             return
-        pending = self._take_pending()
-        self.pending = None
+        pending, self.pending = self.pending.take(), None
         for datagram in pending:
             self.send(datagram)
 
@@ -132,15 +201,7 @@ class UDPSession(DatagramProtocol):
             return
         self.last_activity = self.listener.clock.seconds()
         if self.pending is not None:
-            size = len(datagram)
-            listener = self.listener
-            if (len(self.pending) < MAX_PENDING_DATAGRAMS
-                    and self.pending_bytes + size <= MAX_PENDING_BYTES
-                    and listener.pending_bytes + size <= MAX_LISTENER_PENDING_BYTES):
-                self.pending.append(datagram)
-                self.pending_bytes += size
-                listener.pending_bytes += size
-            else:
+            if not self.pending.hold(datagram):
                 self.stats.udp_drops += 1
             return
         try:
@@ -150,12 +211,6 @@ class UDPSession(DatagramProtocol):
         else:
             self.stats.udp_datagrams_in += 1
             self.stats.bytes_in += len(datagram)
-
-    def _take_pending(self) -> list[bytes]:
-        pending = self.pending or []
-        self.listener.pending_bytes -= self.pending_bytes
-        self.pending, self.pending_bytes = [], 0
-        return pending
 
     def datagramReceived(self, datagram: bytes, addr) -> None:
         """Remote -> client."""
@@ -167,26 +222,13 @@ class UDPSession(DatagramProtocol):
         # session stays (the remote may come back).
         self.stats.udp_drops += 1
 
-    def _schedule_expiry(self, delay: float) -> None:
-        self._expiry = self.listener.clock.callLater(max(delay, 0.001), self._check_idle)
-
-    def _check_idle(self) -> None:
-        # One timer per session, re-armed lazily: traffic only stamps
-        # last_activity, so the hot path never touches the timer heap.
-        idle = self.listener.limits.udp_idle
-        remaining = self.last_activity + idle - self.listener.clock.seconds()
-        if remaining > 0:
-            self._schedule_expiry(remaining)
-        else:
-            self.close()
-
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.stats.udp_drops += len(self._take_pending())  # never sent: lost
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
+        if self.pending is not None:
+            self.stats.udp_drops += len(self.pending.take())  # never sent: lost
+        self._cancel_expiry()
         if self.transport is not None:
             self.transport.stopListening()
         self.listener.session_closed(self)

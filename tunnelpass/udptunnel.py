@@ -41,8 +41,8 @@ from tunnelpass.logs import Throttle
 from tunnelpass.proxyproto import encode_v2
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.targets import TargetGroup
-from tunnelpass.udp import MAX_DATAGRAM, MAX_LISTENER_PENDING_BYTES, MAX_PENDING_BYTES, MAX_PENDING_DATAGRAMS
-from tunnelpass.udp import SessionListener, _enlarge_buffers, resolve_udp
+from tunnelpass.udp import (MAX_DATAGRAM, IdleExpiry, PendingDatagrams, SessionListener, open_connected,
+                            resolve_udp)
 
 #: Unsent bytes a session's pool connection may hold before its datagrams
 #: are dropped instead (Twisted pauses the producer past this).  Large
@@ -160,13 +160,12 @@ class DatagramStream(Protocol):
         self.paused = True
 
 
-class _Session:
-    """Idle expiry shared by both sides: traffic only stamps
-    ``last_activity``; one timer per session is re-armed lazily."""
+class _Session(IdleExpiry):
+    """What both sides' sessions share: idle expiry, --udp-buffer/--rate
+    admission, closing once."""
 
     closed = False
     stream: DatagramStream | None = None
-    _expiry = None
 
     def __init__(self, owner):
         self.owner = owner
@@ -176,16 +175,6 @@ class _Session:
 
     def stream_ended(self, stream: DatagramStream) -> None:
         self.close()  # (a no-op once closed: our own close ends the stream too)
-
-    def _schedule_expiry(self, delay: float) -> None:
-        self._expiry = self.owner.clock.callLater(max(delay, 0.001), self._check_idle)
-
-    def _check_idle(self) -> None:
-        remaining = self.last_activity + self.owner.limits.udp_idle - self.owner.clock.seconds()
-        if remaining > 0:
-            self._schedule_expiry(remaining)
-        else:
-            self.close()
 
     def _admit(self, size: int) -> bool:
         """--udp-buffer and --rate for one datagram (UDP cannot be paused,
@@ -200,8 +189,7 @@ class _Session:
         if self.closed:
             return
         self.closed = True
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
+        self._cancel_expiry()
         if self.stream is not None:
             self.stream.close()
         self._closed()
@@ -209,32 +197,6 @@ class _Session:
 
     def _closed(self) -> None:
         """What a side releases besides the stream."""
-
-
-class _Pending:
-    """Datagrams held while a session is not ready: bounded per session
-    and per owner; whatever does not fit is a counted drop."""
-
-    def __init__(self, owner):
-        self.owner = owner
-        self.datagrams: list[bytes] = []
-        self.size = 0
-
-    def hold(self, datagram: bytes) -> bool:
-        size = len(datagram)
-        if (len(self.datagrams) < MAX_PENDING_DATAGRAMS and self.size + size <= MAX_PENDING_BYTES
-                and self.owner.pending_bytes + size <= MAX_LISTENER_PENDING_BYTES):
-            self.datagrams.append(datagram)
-            self.size += size
-            self.owner.pending_bytes += size
-            return True
-        return False
-
-    def take(self) -> list[bytes]:
-        datagrams = self.datagrams
-        self.owner.pending_bytes -= self.size
-        self.datagrams, self.size = [], 0
-        return datagrams
 
 
 # Ingress
@@ -247,7 +209,7 @@ class IngressSession(_Session):
         super().__init__(listener)
         self.listener = listener
         self.client = client
-        self.pending = _Pending(listener)
+        self.pending = PendingDatagrams(listener)
         self._waiting = None
 
     def start(self) -> None:
@@ -468,7 +430,7 @@ class EgressSession(_Session):
         super().__init__(egress)
         self.egress = egress
         self.socket = None
-        self.pending: _Pending | None = _Pending(egress)
+        self.pending: PendingDatagrams | None = PendingDatagrams(egress)
         self.header = b""
         if egress.limits.proxy == "v2" and addresses is not None:
             # PROXY v2 in front of every datagram, as the spec asks for UDP.
@@ -486,20 +448,12 @@ class EgressSession(_Session):
     def _open(self, address: tuple) -> None:
         if self.closed:
             return
-        interface = "::" if ":" in address[0] else "0.0.0.0"
-        port = None
         try:
-            port = self.egress.reactor.listenUDP(0, _TargetSocket(self), interface=interface,
-                                                 maxPacketSize=MAX_DATAGRAM)
-            _enlarge_buffers(port)
-            port.connect(address[0], address[1])
-        except Exception as e:  # EMFILE, an address that cannot be a UDP peer, ...
-            if port is not None:
-                port.stopListening()
+            self.socket = open_connected(self.egress.reactor, _TargetSocket(self), address)
+        except Exception as e:
             self.egress.note_problem(f"cannot open a socket to the target: {e}")
             self.close()
             return
-        self.socket = port
         for datagram in self.pending.take():
             self._send(datagram)
         self.pending = None
