@@ -1,4 +1,4 @@
-"""Tests for tunnelpass.poolpolicy: adaptive pool size with bounded dialling."""
+"""Tests for tunnelpass.poolpolicy: a pool sized by measured demand, with bounded dialling."""
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
@@ -10,16 +10,17 @@ from tunnelpass.poolpolicy import PoolPolicy
 class PoolPolicyTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
-        self.policy = PoolPolicy(self.clock, min_pool=4, max_pool=64, dial_rate=10, dial_burst=8, shrink_after=30)
+        self.policy = PoolPolicy(self.clock, min_pool=4, max_pool=64, dial_rate=10, dial_burst=8, memory=30)
 
     def test_fills_to_min_within_the_burst(self):
         self.assertEqual(self.policy.to_dial(idle=0, in_flight=0), 4)
         self.assertEqual(self.policy.to_dial(idle=0, in_flight=4), 0, "in-flight dials count")
 
-    def test_grows_when_drained_and_is_rate_limited(self):
+    def test_grows_with_claims_and_is_rate_limited(self):
         self.policy.to_dial(0, 0)
-        self.policy.used(idle_left=0)
-        self.assertEqual(self.policy.target, 8)
+        for _ in range(4):
+            self.policy.used()
+        self.assertEqual(self.policy.target, 8, "min_pool plus this second's claims")
         self.assertEqual(self.policy.to_dial(idle=0, in_flight=0), 4, "only 4 tokens left of the burst of 8")
         self.clock.advance(0.5)
         self.assertEqual(self.policy.to_dial(idle=4, in_flight=0), 4)
@@ -28,18 +29,43 @@ class PoolPolicyTests(unittest.TestCase):
         self.policy.requested(100)
         self.assertEqual(self.policy.target, 64)
 
-    def test_shrinks_back_after_quiet_period(self):
-        for _ in range(4):
-            self.policy.used(0)
-        self.assertEqual(self.policy.target, 64)
-        self.clock.advance(30)
-        self.policy.to_dial(64, 0)
-        self.assertEqual(self.policy.target, 48)
-        self.assertEqual(self.policy.surplus(idle=64), 16)
-        for _ in range(20):
-            self.clock.advance(30)
-            self.policy.to_dial(4, 0)
+    def test_repeated_shortages_do_not_compound(self):
+        """Today's bug: every claim that emptied the pool doubled the target
+        (8 -> 1,024 after a burst of 64).  Demand is counted, not doubled."""
+        policy = PoolPolicy(self.clock, min_pool=8, max_pool=1024)
+        for _ in range(64):  # each claim empties the pool and the server asks for one more
+            policy.used(idle_left=0)
+            policy.requested(1)
+        self.assertEqual(policy.target, 8 + 128)
+        self.assertLessEqual(policy.target, 2 * 64 + 8)
+
+    def test_peak_of_the_busiest_second_is_remembered(self):
+        for _ in range(10):
+            self.policy.used()
+        self.clock.advance(1)
+        for _ in range(3):
+            self.policy.used()
+        self.assertEqual(self.policy.target, 14, "the busiest second of the window counts")
+        self.clock.advance(29)
+        self.assertEqual(self.policy.target, 7, "the burst fell out of the window, the later second did not")
+
+    def test_back_to_min_pool_after_quiet_period(self):
+        for _ in range(50):
+            self.policy.used()
+        self.assertEqual(self.policy.target, 54)
+        self.assertEqual(self.policy.surplus(idle=54), 0)
+        self.clock.advance(29)
+        self.assertEqual(self.policy.target, 54, "still within the memory")
+        self.clock.advance(2)
         self.assertEqual(self.policy.target, 4)
+        self.assertEqual(self.policy.surplus(idle=54), 50)
+
+    def test_steady_load_keeps_its_rate_idle(self):
+        for _ in range(120):  # 20 claims a second for two minutes
+            for _ in range(20):
+                self.policy.used()
+            self.clock.advance(1)
+        self.assertEqual(self.policy.target, 24)
 
     def test_server_max_pool_caps(self):
         self.policy.limit_max_pool(2)
@@ -47,13 +73,13 @@ class PoolPolicyTests(unittest.TestCase):
         self.policy.requested(10)
         self.assertEqual(self.policy.target, 2)
 
-    def test_server_cannot_raise_bounds(self):
+    def test_limits_only_lower(self):
         self.policy.limit_max_pool(1000)
         self.policy.requested(10**6)
         self.assertEqual(self.policy.target, 64)
-        self.policy.limit_max_pool(2)
+        self.policy.limit_max_pool(32)
         self.policy.limit_max_pool(64)
-        self.assertEqual((self.policy.min_pool, self.policy.max_pool), (4, 64))
+        self.assertEqual((self.policy.min_pool, self.policy.max_pool), (4, 32), "the lower of two limits holds")
 
     def test_clock_stepping_back(self):
         dialled = [self.policy.to_dial(0, 0)]
@@ -69,9 +95,7 @@ class PoolPolicyTests(unittest.TestCase):
         for _ in range(3):
             self.clock.advance(29)
             self.policy.requested(0)
-        self.clock.advance(2)
-        self.policy.to_dial(64, 0)
-        self.assertLess(self.policy.target, 64)
+        self.assertEqual(self.policy.target, 4)
 
     def test_bad_bounds(self):
         self.assertRaises(ValueError, PoolPolicy, self.clock, 0, 4)
