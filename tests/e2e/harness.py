@@ -83,7 +83,8 @@ class Twistd:
     """A ``twistd -n --pidfile= tunnelpass ARGS`` subprocess, log captured."""
 
     def __init__(self, testcase, args, ready: str | None = None, directory: str | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, prefix: tuple = ()):
+        """*prefix*: a command the process runs under (``("prlimit", "--nofile=1024:1024")``)."""
         self.dir = directory or os.path.abspath(testcase.mktemp())
         os.makedirs(self.dir, exist_ok=True)
         self.log_path = os.path.join(self.dir, f"twistd-{time.monotonic_ns()}.log")
@@ -92,7 +93,7 @@ class Twistd:
                        if not k.startswith("TUNNELPASS_") and not k.startswith("NP_")}
         environment.update(env or {})
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "tunnelpass", *args],
+            [*prefix, TWISTD, "-n", "--pidfile=", "tunnelpass", *args],
             cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT, env=environment,
         )
         testcase.addCleanup(self.kill)

@@ -21,8 +21,9 @@ class Tunnel:
 
     def __init__(self, testcase, flow: str = "receive", tls: int = 0, server_args=(), client_args=(),
                  backend: TCPServer | None = None, form: str = "flags", tunnel_port: int | None = None,
-                 connect: bool = True, entry_host: str = "127.0.0.1"):
+                 connect: bool = True, entry_host: str = "127.0.0.1", prefix: tuple = ()):
         self.testcase = testcase
+        self.prefix = tuple(prefix)  # a command both processes run under (prlimit ...)
         self.entry_host = entry_host  # the address users connect to, as the listening side is told it
         self.backend = backend or TCPServer(testcase)
         self.flow, self.tls, self.form = flow, tls, form
@@ -66,7 +67,7 @@ class Tunnel:
         # Options stop at the first argument: a URL goes last.
         args = extra + args if self.form == "url" else args + extra
         self.server = Twistd(self.testcase, args,
-                             ready="server running", directory=self.dir)
+                             ready="server running", directory=self.dir, prefix=self.prefix)
         return self.server
 
     def token(self) -> str:
@@ -86,7 +87,8 @@ class Tunnel:
         return extra + args if self.form == "url" else args + extra
 
     def start_client(self, tunnel_port: int | None = None, ready: str | None = "connected to") -> Twistd:
-        self.client = Twistd(self.testcase, self.client_argv(tunnel_port), ready=ready, directory=self.dir)
+        self.client = Twistd(self.testcase, self.client_argv(tunnel_port), ready=ready, directory=self.dir,
+                             prefix=self.prefix)
         if ready == "connected to":
             if "--no-tcp" not in self.server_args + self.client_args:
                 wait_until(lambda: can_connect(self.entry), 10, what="the tunnel entry port")
