@@ -25,9 +25,20 @@ class PoolPolicyTests(unittest.TestCase):
         self.clock.advance(0.5)
         self.assertEqual(self.policy.to_dial(idle=4, in_flight=0), 4)
 
-    def test_server_request_raises_target_up_to_max(self):
-        self.policy.requested(100)
-        self.assertEqual(self.policy.target, 64)
+    def test_requests_are_dialled_at_once_but_are_not_demand(self):
+        self.assertEqual(self.policy.to_dial(idle=4, in_flight=0), 0)
+        self.policy.requested(3)
+        self.assertEqual(self.policy.target, 4, "a waiting user's claim is counted when it happens")
+        self.assertEqual(self.policy.to_dial(idle=4, in_flight=0), 3)
+        self.assertEqual(self.policy.to_dial(idle=4, in_flight=3), 0, "asked for once, dialled once")
+
+    def test_requests_are_bounded_by_max_pool(self):
+        self.policy.requested(10**6)
+        dialled = 0
+        for _ in range(100):
+            self.clock.advance(1)
+            dialled += self.policy.to_dial(idle=0, in_flight=dialled)
+        self.assertEqual(dialled, 64)
 
     def test_repeated_shortages_do_not_compound(self):
         """Today's bug: every claim that emptied the pool doubled the target
@@ -36,8 +47,8 @@ class PoolPolicyTests(unittest.TestCase):
         for _ in range(64):  # each claim empties the pool and the server asks for one more
             policy.used(idle_left=0)
             policy.requested(1)
-        self.assertEqual(policy.target, 8 + 128)
-        self.assertLessEqual(policy.target, 2 * 64 + 8)
+        self.assertEqual(policy.target, 8 + 64)
+        self.assertLessEqual(policy.to_dial(idle=0, in_flight=0), 2 * 64 + 8, "all it would ever dial for it")
 
     def test_peak_of_the_busiest_second_is_remembered(self):
         for _ in range(10):
@@ -70,12 +81,14 @@ class PoolPolicyTests(unittest.TestCase):
     def test_server_max_pool_caps(self):
         self.policy.limit_max_pool(2)
         self.assertEqual((self.policy.min_pool, self.policy.target), (2, 2))
-        self.policy.requested(10)
+        for _ in range(10):
+            self.policy.used()
         self.assertEqual(self.policy.target, 2)
 
     def test_limits_only_lower(self):
         self.policy.limit_max_pool(1000)
-        self.policy.requested(10**6)
+        for _ in range(1000):
+            self.policy.used()
         self.assertEqual(self.policy.target, 64)
         self.policy.limit_max_pool(32)
         self.policy.limit_max_pool(64)

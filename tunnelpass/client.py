@@ -13,16 +13,20 @@ connections sized by :class:`~tunnelpass.poolpolicy.PoolPolicy`.
   user connection takes an idle pool connection, which is started with
   TCP(own id) and relayed; the server dials its own target.
 
-The TLS level is the server's: a client without TLS settings first speaks
-plain; a TLS server answers "TLS required (level N)" and the next attempt
-(at once) uses TLS -- pinned for level 1 (channel binding protects it
-without a pin), chain and hostname verified for level 2.
+The TLS level is the server's: a client told it (``--tls``, ``--pin``,
+``--ca``/``--sni``, a token) uses only that level; one without TLS settings
+first speaks plain, a TLS server answers "TLS required (level N)" and the
+next attempt (at once) uses TLS -- pinned for level 1 (channel binding
+protects it without a pin), chain and hostname verified for level 2.  What
+an unauthenticated peer says only steers the next attempt
+(:mod:`tunnelpass.tlslevel`), so a forged answer cannot lock a client out.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 from dataclasses import dataclass
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -55,6 +59,7 @@ from tunnelpass.signals import Signals
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
+from tunnelpass.tlslevel import TLSLevel
 from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
 from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
 
@@ -71,7 +76,8 @@ class ClientSettings:
     target_host: str
     target_port: int
     key: str = ""
-    flow: str = "auto"  # auto | tunnel | local
+    flow: str = "auto"  # auto | tunnel | local | receive | send (the last two refuse the other flow)
+    tls: int | None = None  # the server's TLS level, when the user gave it (--tls, or a token)
     min_pool: int = 64
     max_pool: int = 1024
     pin: bytes | None = None
@@ -224,6 +230,17 @@ class _ServerEndpoint:
         return self.client.endpoint().connect(factory)
 
 
+def known_level(settings: ClientSettings) -> int | None:
+    """The server's TLS level as the user told it, if they did."""
+    if settings.tls is not None:
+        return settings.tls
+    if settings.pin:
+        return 1
+    if settings.ca or settings.sni:
+        return 2
+    return None
+
+
 class TunnelClient(Service):
     log = Logger(namespace="tunnelpass.client")
 
@@ -233,7 +250,8 @@ class TunnelClient(Service):
         self.clock = clock or reactor
         self.key = settings.key.encode()
         self.stats = ListenerStats()
-        self.level = 1 if settings.pin else 2 if (settings.ca or settings.sni) else 0
+        self.levels = TLSLevel(known_level(settings))
+        self.session_level = None  # the TLS level of the current session
         self.session = None
         self.control = None
         self.pool: IdlePool | None = None
@@ -245,7 +263,7 @@ class TunnelClient(Service):
         self.retiring: set[bytes] = set()
         self.failures = 0
         self._retry_now = False
-        self._creator = None
+        self._creators: dict = {}  # TLS level -> client connection creator
         self.listening_port = None
         self.local_factory = None
         self.udp_port = None
@@ -268,14 +286,38 @@ class TunnelClient(Service):
     def endpoint(self):
         s = self.settings
         endpoint = HostnameEndpoint(self.reactor, s.server_host, s.server_port, timeout=s.connect_timeout)
-        if self.level == 0:
+        level = self.levels.current
+        if level == 0:
             return endpoint
-        if self._creator is None:
-            if self.level == 1:
-                self._creator = tlsmod.PinnedClientCreator(s.pin)
+        return HalfCloseTLSEndpoint(self._creator(level), endpoint)
+
+    def _creator(self, level: int):
+        """The TLS client side for *level*: pinned (or channel-bound) for 1,
+        chain and name verified for 2; made once per level."""
+        creator = self._creators.get(level)
+        if creator is None:
+            s = self.settings
+            if level == 1:
+                creator = tlsmod.PinnedClientCreator(s.pin)
             else:
-                self._creator = tlsmod.verified_client_creator(s.sni or s.server_host, s.ca)
-        return HalfCloseTLSEndpoint(self._creator, endpoint)
+                creator = tlsmod.verified_client_creator(s.sni or s.server_host, s.ca)
+            self._creators[level] = creator
+        return creator
+
+    def reload(self) -> None:
+        """SIGHUP: re-read ``--ca`` (new connections use it; a bad file keeps
+        the current one).  Nothing else a client uses is read from a file."""
+        s = self.settings
+        if not s.ca:
+            self.log.info("SIGHUP: nothing to reload (no --ca; key, pin and addresses are read at start only)")
+            return
+        try:
+            creator = tlsmod.verified_client_creator(s.sni or s.server_host, s.ca)
+        except tlsmod.CertificateError as e:
+            self.log.error("SIGHUP: --ca reload failed, keeping the current CA certificates: {error}", error=str(e))
+            return
+        self._creators[2] = creator
+        self.log.info("SIGHUP: reloaded --ca {path}", path=s.ca, event="ca_reloaded")
 
     def _retry_delay(self, attempts: int) -> float:
         if self._retry_now:
@@ -291,6 +333,11 @@ class TunnelClient(Service):
         # once it runs (``_running``).
         self.signals.install_stop()
         s = self.settings
+        if self.levels.known == 2 and s.flow != "local":
+            try:
+                self._creator(2)  # a bad --ca is a startup error, not a retry loop
+            except tlsmod.CertificateError as e:
+                raise SystemExit(f"tunnelpass: --ca: {e}") from None
         if s.flow == "local":
             # Single-end forwarding: --tunnel is the local listener, no server.
             self.local_factory = self.target_factory
@@ -315,6 +362,7 @@ class TunnelClient(Service):
         s = self.settings
         if s.report_interval:
             self._every(s.report_interval, self.report)
+        self.signals.install(signal.SIGHUP, self.reload)
         self.reactor.callWhenRunning(self._running)
 
     def _running(self) -> None:
@@ -349,12 +397,26 @@ class TunnelClient(Service):
 
     def session_started(self, control) -> None:
         config = control.session.config
-        if config.tls != self.level:
+        level = self.levels.current
+        if config.tls != level:
+            # The config is covered by the session MAC: the server's own word.
             self.log.error("server announced tls={announced} on a tls={tls_level} connection; disconnecting",
-                           announced=config.tls, tls_level=self.level)
+                           announced=config.tls, tls_level=level)
+            self.levels.failed()
+            self._retry_now = self.levels.hint(config.tls)
+            self.failures += 1
             control.transport.abortConnection()
             return
         flow = _FLOW_NAMES[config.flow]
+        wanted = self.settings.flow
+        if wanted in ("receive", "send") and flow != wanted:
+            self.log.error("the server runs the {flow} flow but this client insists on --flow {wanted}; "
+                           "refusing the session", flow=flow, wanted=wanted)
+            self.failures += 1  # back off: this will not change by itself
+            control.transport.loseConnection()
+            return
+        self.levels.succeeded(level)
+        self.session_level = level
         self.failures = 0
         self.control, self.session = control, control.session
         peer = control.transport.getPeer()
@@ -367,7 +429,7 @@ class TunnelClient(Service):
         self.retiring: set[bytes] = set()
         self.log.info("connected to {server} (session {sid}, flow {flow}, tls {tls})",
                       server=format_address(self.settings.server_host, self.settings.server_port),
-                      sid=control.session.session_id.hex()[:8], flow=flow, tls=self.level,
+                      sid=control.session.session_id.hex()[:8], flow=flow, tls=level,
                       event="client_connected")
         if flow == "send" and len(self.settings.targets) > 1:
             self.log.error("the server runs the send flow, where this client listens on --target; "
@@ -429,19 +491,34 @@ class TunnelClient(Service):
 
     def control_lost(self, control) -> None:
         code = control.close_code
+        attempt_level = self.levels.current
+        if control.session is None:
+            self.levels.failed()  # whatever went wrong, the next attempt may try another level
         if code in _LEVEL_BY_CODE:
+            # Unauthenticated (anyone on the path can send it): a hint for the
+            # next attempt at most, never a setting.
             level = _LEVEL_BY_CODE[code]
             s = self.settings
-            if level == 1 and (s.ca or s.sni):
-                self.log.error("the server uses a self-signed certificate (tls=1) but --ca/--sni ask for a "
-                               "verified one; use --pin (or nothing) instead")
+            if self.levels.hint(level):
+                self.log.info("the server says it requires TLS level {tls_level}; trying that next",
+                              tls_level=level)
+                if attempt_level == 0:
+                    self._retry_now = True  # a TLS server's answer to a plain HELLO: learn at once
+                else:
+                    self.failures += 1  # no real server says this inside TLS: back off
+            elif level == 1 and (s.ca or s.sni):
+                self.log.error("the server says it uses a self-signed certificate (tls=1) but --ca/--sni ask "
+                               "for a verified one; use --pin (or nothing) instead")
                 self.failures += 1
             elif level == 2 and s.pin:
-                self.log.error("the server has a CA-signed certificate (tls=2); --pin is for tls=1 servers")
+                self.log.error("the server says it has a CA-signed certificate (tls=2); --pin is for tls=1 "
+                               "servers")
                 self.failures += 1
-            elif level != self.level:
-                self.log.info("server requires TLS level {tls_level}; reconnecting with TLS", tls_level=level)
-                self.level, self._creator, self._retry_now = level, None, True
+            else:
+                self.log.error("the server says it requires TLS level {tls_level}, but this client uses level "
+                               "{own} (--tls, --pin, --ca or the token): check both ends", tls_level=level,
+                               own=attempt_level)
+                self.failures += 1
         elif code == AUTH_FAILED:
             self.failures += 1
             self.log.error("authentication failed: the server refused our key, or a man in the middle "
@@ -449,7 +526,7 @@ class TunnelClient(Service):
         elif code == BAD_VERSION:
             self.failures += 1
             self.log.error("protocol version mismatch: {reason}", reason=control.close_reason)
-        elif control.session is None and control.close_reason is None and self.level:
+        elif control.session is None and control.close_reason is None and attempt_level:
             self.failures += 1
             self.log.error("TLS handshake with the server failed: a certificate that does not match --pin, "
                            "one --ca/--sni cannot verify, or a server without TLS")
@@ -514,8 +591,8 @@ class TunnelClient(Service):
         # lookup per pool connection, and the same server behind a DNS
         # round robin); TLS as the control connection has it.
         factory = _PoolConnectionFactory(self, self.session, self.counter, conn_id)
-        if self.level:
-            factory = HalfCloseTLSFactory(self._creator, True, factory)
+        if self.session_level:
+            factory = HalfCloseTLSFactory(self._creator(self.session_level), True, factory)
         host, port = self.server_address
         self.reactor.connectTCP(host, port, factory, timeout=self.settings.connect_timeout)
 

@@ -4,15 +4,16 @@
 Sans-IO policy, driven by the client's pool code.  The idle pool follows
 measured demand instead of growing by doubling:
 
-* demand is counted per one-second bucket: every claim of a pool
-  connection (:meth:`used`) and every connection the server asks for
-  because a user waits (:meth:`requested`);
+* demand is the number of claims (:meth:`used`) per one-second bucket;
 * the target idle count is ``min_pool`` plus the busiest bucket of the
-  last ``memory`` seconds, within ``[min_pool, max_pool]``.  A burst of N
-  users is counted at most twice (the server's request for a waiting user,
-  then that user's claim), so it leaves at most about ``2N + min_pool``
-  idle connections, and ``memory`` seconds after the last claim the target
-  is back at ``min_pool`` (the caller closes the surplus);
+  last ``memory`` seconds, within ``[min_pool, max_pool]``; ``memory``
+  seconds after the last claim it is back at ``min_pool`` (the caller
+  closes the surplus);
+* a connection asked for because a user waits (:meth:`requested`: the
+  server's POOL, or a local user in the send flow) is dialled at once, on
+  top of the target, but is not demand: that user's claim is counted when
+  it happens.  So a burst of N users leaves at most ``min_pool + N``
+  targeted plus N asked-for connections idle, never a doubling spiral;
 * dials are rate-limited by a token bucket (``dial_rate`` per second, burst
   ``dial_burst``) so a misbehaving server or a flapping network cannot make
   the client hammer the server.
@@ -39,6 +40,7 @@ class PoolPolicy:
         self.dial_rate, self.dial_burst = dial_rate, dial_burst
         self.memory, self.bucket = memory, bucket
         self._demand: deque[list] = deque()  # [bucket index, claims], oldest first
+        self._owed = 0  # connections asked for by waiting users, not dialled yet
         self._tokens = float(dial_burst)
         self._tokens_at = clock.seconds()
 
@@ -52,20 +54,17 @@ class PoolPolicy:
 
     def used(self, idle_left: int = 0) -> None:
         """A pool connection was taken for a user connection."""
-        self._note(1)
-
-    def requested(self, count: int) -> None:
-        """*count* more connections are wanted now (a user waits for one)."""
-        if count > 0:
-            self._note(count)
-
-    def _note(self, count: int) -> None:
         index = int(self.clock.seconds() // self.bucket)
         demand = self._demand
         if demand and demand[-1][0] >= index:  # same bucket (or the clock stepped back)
-            demand[-1][1] += count
+            demand[-1][1] += 1
         else:
-            demand.append([index, count])
+            demand.append([index, 1])
+
+    def requested(self, count: int) -> None:
+        """*count* more connections are wanted now (users wait for them)."""
+        if count > 0:
+            self._owed = min(self.max_pool, self._owed + count)
 
     @property
     def demand(self) -> int:
@@ -87,9 +86,10 @@ class PoolPolicy:
         elapsed = max(0.0, now - self._tokens_at)  # a wall clock may step back
         self._tokens = min(float(self.dial_burst), self._tokens + elapsed * self.dial_rate)
         self._tokens_at = now
-        wanted = max(0, self.target - idle - in_flight)
+        wanted = max(0, self.target - idle - in_flight) + self._owed
         allowed = max(0, min(wanted, int(self._tokens)))
         self._tokens -= allowed
+        self._owed -= min(self._owed, allowed)
         return allowed
 
     def surplus(self, idle: int) -> int:
