@@ -1,85 +1,286 @@
-"""Tests for tunnelpass.guard: bounded unauthenticated state."""
+"""Tests for tunnelpass.guard: bounded unauthenticated state, fair eviction
+under the global cap, and key guesses bounded per source whatever else the
+source does."""
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.guard import HandshakeGuard, source_key
+from tunnelpass.guard import REFUSAL_REASONS, HandshakeGuard, Refused, source_key
 
 
-class GuardTests(unittest.TestCase):
+class Connections:
+    """Admitted tickets and which of them the guard evicted."""
+
+    def __init__(self, guard):
+        self.guard = guard
+        self.evicted = []
+
+    def admit(self, host):
+        holder = []
+        ticket = self.guard.admit(host, lambda: self.evicted.append(holder[0]))
+        holder.append(ticket)
+        return ticket
+
+    def refusal(self, host):
+        """The reason *host* is refused, or None (and the ticket is kept)."""
+        try:
+            self.admit(host)
+        except Refused as e:
+            return e.reason
+        return None
+
+
+class CapTests(unittest.TestCase):
     def setUp(self):
-        self.clock = Clock()
-        self.guard = HandshakeGuard(self.clock, max_pending=4, max_pending_per_source=2,
-                                    failures=3, window=10, penalty=30, max_tracked_sources=5)
+        self.guard = HandshakeGuard(Clock(), max_pending=4, max_pending_per_source=3)
+        self.c = Connections(self.guard)
 
-    def test_per_source_and_global_caps(self):
-        self.assertIsNone(self.guard.admit("a"))
-        self.assertIsNone(self.guard.admit("a"))
-        self.assertIn("from this address", self.guard.admit("a"))
-        self.assertIsNone(self.guard.admit("b"))
-        self.assertIsNone(self.guard.admit("c"))
-        self.assertEqual(self.guard.admit("d"), "too many handshakes in progress")
-        self.guard.done("a", True)
-        self.assertIsNone(self.guard.admit("d"))
-        self.assertEqual(self.guard.refused, 2)
-
-    def test_repeated_failures_ban_then_expire(self):
+    def test_per_source_cap(self):
         for _ in range(3):
-            self.assertIsNone(self.guard.admit("x"))
-            self.guard.done("x", False)
-        self.assertIn("failed handshakes", self.guard.admit("x"))
-        self.assertIsNone(self.guard.admit("y"), "others are not punished")
-        self.clock.advance(31)
-        self.assertIsNone(self.guard.admit("x"))
+            self.c.admit("a")
+        self.assertEqual(self.c.refusal("a"), "source_cap")
+        self.assertEqual(self.guard.refused["source_cap"], 1)
+        self.assertEqual((self.guard.pending, self.guard.held("a")), (3, 3))
 
-    def test_failures_outside_the_window_do_not_count(self):
-        for _ in range(2):
-            self.guard.admit("x")
-            self.guard.done("x", False)
-        self.clock.advance(11)
-        self.guard.admit("x")
-        self.guard.done("x", False)
-        self.assertIsNone(self.guard.admit("x"))
+    def test_full_cap_evicts_the_oldest_of_the_top_source(self):
+        a1, a2, a3 = (self.c.admit("a") for _ in range(3))
+        b1 = self.c.admit("b")
+        c1 = self.c.admit("c")  # full: "a" holds the most, its oldest goes
+        self.assertEqual(self.c.evicted, [a1])
+        self.assertTrue(a1.released)
+        self.assertEqual((self.guard.pending, self.guard.held("a"), self.guard.evictions), (4, 2, 1))
+        self.assertIsNone(self.guard.release(a1), "releasing an evicted ticket changes nothing")
+        self.assertEqual(self.guard.pending, 4)
+        self.assertFalse(any(t.released for t in (a2, a3, b1, c1)))
 
-    def test_success_clears_failures(self):
-        for outcome in (False, False, True, False, False):
-            self.guard.admit("x")
-            self.guard.done("x", outcome)
-        self.assertIsNone(self.guard.admit("x"))
+    def test_newcomer_refused_when_evicting_would_not_be_fairer(self):
+        for host in "aabb":
+            self.c.admit(host)
+        self.assertEqual(self.c.refusal("a"), "global_cap", "a already holds the most (tied)")
+        self.assertEqual(self.c.evicted, [])
+        guard = HandshakeGuard(Clock(), max_pending=4, max_pending_per_source=4)
+        c = Connections(guard)
+        for host in "aaab":
+            c.admit(host)
+        self.assertIsNone(c.refusal("b"), "1 + 1 < 3: b takes one of a's")
+        self.assertEqual((guard.held("a"), guard.held("b")), (2, 2))
+        self.assertEqual(c.refusal("a"), "global_cap", "equal shares: no churn between equals")
+        self.assertEqual(c.refusal("b"), "global_cap")
+        self.assertEqual(guard.refused["global_cap"], 2)
 
-    def test_failure_table_is_bounded(self):
-        for i in range(50):
-            self.guard.admit(f"10.0.0.{i}")
-            self.guard.done(f"10.0.0.{i}", False)
-        self.assertLessEqual(len(self.guard._failures), 5)
+    def test_a_source_holding_nothing_always_gets_a_slot(self):
+        guard = HandshakeGuard(Clock(), max_pending=3)
+        c = Connections(guard)
+        first = [c.admit(host) for host in "abc"]
+        c.admit("d")
+        c.admit("e")
+        self.assertEqual(c.evicted, first[:2], "oldest first among sources holding one")
+
+    def test_release_frees_a_slot(self):
+        tickets = [self.c.admit(host) for host in "aabc"]
+        self.guard.release(tickets[0])
+        self.guard.release(tickets[0])  # twice: once counted
+        self.assertEqual(self.guard.pending, 3)
+        self.assertIsNone(self.c.refusal("a"))
+        self.assertEqual(self.c.evicted, [])
+
+    def test_flood_from_eight_sources_never_evicts_a_light_source(self):
+        """The issue's attack at full scale: 8 addresses x 140 silent
+        sockets against a 1,024 cap, re-opened when dropped, while a client
+        keeps one or two handshakes pending."""
+        guard = HandshakeGuard(Clock())
+        c = Connections(guard)
+        attackers = [f"198.51.100.{i}" for i in range(8)]
+        for _ in range(140):
+            for host in attackers:
+                c.refusal(host)
+        self.assertEqual(guard.pending, 1024)
+        self.assertEqual(sorted(guard.held(h) for h in attackers), [128] * 8)
+
+        def reopen():  # the attackers re-open whatever was dropped, until refused
+            for host in attackers:
+                while c.refusal(host) is None:
+                    pass
+
+        for _ in range(500):
+            mine = [c.admit("203.0.113.5"), c.admit("203.0.113.5")]
+            reopen()
+            self.assertFalse(set(mine) & set(c.evicted))
+            for ticket in mine:
+                guard.release(ticket)
+            reopen()
+            self.assertEqual(guard.pending, 1024)
+            shares = [guard.held(h) for h in attackers]
+            self.assertLessEqual(max(shares) - min(shares), 1, "the flooders' shares level out")
+        self.assertGreaterEqual(guard.evictions, 1000)
+        self.assertEqual(guard.top_source_pending, 128)
 
     def test_ipv6_counted_per_64(self):
         guard = HandshakeGuard(Clock(), max_pending_per_source=2)
-        self.assertIsNone(guard.admit("2001:db8:0:1::1"))
-        self.assertIsNone(guard.admit("2001:db8:0:1::2"))
-        self.assertIsNotNone(guard.admit("2001:db8:0:1:ffff::3"), "same /64")
-        self.assertIsNone(guard.admit("2001:db8:0:2::1"), "another /64")
+        c = Connections(guard)
+        self.assertIsNone(c.refusal("2001:db8:0:1::1"))
+        self.assertIsNone(c.refusal("2001:db8:0:1::2"))
+        self.assertEqual(c.refusal("2001:db8:0:1:ffff::3"), "source_cap", "same /64")
+        self.assertIsNone(c.refusal("2001:db8:0:2::1"), "another /64")
         self.assertEqual(source_key("::ffff:10.0.0.1"), "10.0.0.1")
 
-    def test_unknown_done_is_ignored(self):
-        self.guard.done("never-admitted", False)
-        self.guard.admit("a")
-        self.guard.done("a", False)
-        self.guard.done("a", False)
-        self.assertEqual((self.guard.pending, dict(self.guard.pending_by_source)), (0, {}))
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from("abcdefg"), st.booleans(), st.integers(0, 3)), max_size=120))
+    def test_accounting_and_eviction_order(self, steps):
+        """Counts never drift; a victim is always the oldest ticket of a
+        source holding the most, and never one of a source that, after the
+        newcomer's admission, would hold more than the victim's."""
+        guard = HandshakeGuard(Clock(), max_pending=6, max_pending_per_source=4)
+        c = Connections(guard)
+        live = []  # admission order
+        for host, close, which in steps:
+            before = {h: guard.held(h) for h in "abcdefg"}
+            evicted_before = len(c.evicted)
+            try:
+                ticket = c.admit(host)
+            except Refused as e:
+                self.assertIn(e.reason, REFUSAL_REASONS)
+            else:
+                live.append(ticket)
+            for victim in c.evicted[evicted_before:]:
+                top = max(before.values())
+                self.assertEqual(before[victim.source], top)
+                self.assertIs(victim, next(t for t in live if t.source == victim.source), "its oldest")
+                self.assertTrue(before[host] == 0 or before[host] + 1 < top)
+                live.remove(victim)
+            if close and live:
+                guard.release(live.pop(which % len(live)))
+            self.assertEqual(guard.pending, len(live))
+            self.assertLessEqual(guard.pending, 6)
+            held = {h: sum(1 for t in live if t.source == h) for h in "abcdefg"}
+            self.assertEqual({h: guard.held(h) for h in held}, held)
+            self.assertEqual(guard.top_source_pending, max(held.values()))
 
-    @settings(max_examples=100, deadline=None)
-    @given(st.lists(st.tuples(st.sampled_from("abcdefg"), st.booleans(), st.integers(0, 20)), max_size=80))
-    def test_pending_counts_never_drift(self, steps):
-        guard = HandshakeGuard(Clock(), max_pending=5, max_pending_per_source=2, failures=2, window=5, penalty=5)
-        admitted = []
-        for source, ok, wait in steps:
-            guard.clock.advance(wait)
-            if guard.admit(source) is None:
-                admitted.append(source)
-            if admitted and ok:
-                guard.done(admitted.pop(0), wait % 2 == 0)
-            self.assertEqual(guard.pending, len(admitted))
-            self.assertLessEqual(guard.pending, 5)
-            self.assertEqual(sum(guard.pending_by_source.values()), len(admitted))
+
+class KeyGuessTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.guard = HandshakeGuard(self.clock, failures=5, window=60, penalty=60, max_tracked_sources=5)
+        self.c = Connections(self.guard)
+
+    def attempt(self, host, wrong=True):
+        """A control connection that tries a key: True if it was evaluated."""
+        ticket = self.c.admit(host)
+        try:
+            self.guard.start_key_attempt(ticket)
+        except Refused as e:
+            self.guard.release(ticket)
+            self.last_refusal = e
+            return False
+        self.last_ban = self.guard.release(ticket, key_failed=wrong)
+        return True
+
+    def pool_connection(self, host):
+        ticket = self.c.admit(host)
+        self.guard.release(ticket)
+
+    def test_five_wrong_keys_ban_control_attempts(self):
+        for _ in range(4):
+            self.assertTrue(self.attempt("x"))
+            self.assertIsNone(self.last_ban)
+        self.assertTrue(self.attempt("x"))
+        ban = self.last_ban
+        self.assertEqual((ban.source, ban.duration, ban.log), ("x", 60, True))
+        self.assertIn("5 wrong keys within 60 s", ban.reason)
+        self.assertFalse(self.attempt("x", wrong=False), "even the right key waits")
+        self.assertEqual(self.last_refusal.reason, "banned")
+        self.assertIn("try again in 60 s", self.last_refusal.text)
+        self.assertTrue(self.guard.banned("x"))
+        self.assertTrue(self.attempt("y"), "others are not punished")
+        self.clock.advance(60)
+        self.assertFalse(self.guard.banned("x"))
+        self.assertTrue(self.attempt("x"))
+        self.assertEqual((self.guard.bans, self.guard.refused["banned"]), (1, 1))
+
+    def test_a_banned_source_is_still_admitted(self):
+        """Pool connections prove a session with its own key: the ban is on
+        key attempts, not on connections."""
+        for _ in range(5):
+            self.attempt("x")
+        for _ in range(20):
+            self.pool_connection("x")
+        self.assertEqual(self.guard.pending, 0)
+
+    def test_successes_do_not_forgive_failures(self):
+        """Rounds of 4 wrong keys, then a real pool connection and a real
+        control connection, from the same address, for 5 minutes: at most 5
+        wrong keys evaluated in any minute."""
+        evaluated = []
+        for _ in range(100):
+            for _ in range(4):
+                if self.attempt("x"):
+                    evaluated.append(self.clock.seconds())
+            self.pool_connection("x")
+            self.attempt("x", wrong=False)
+            self.clock.advance(3)
+        worst = max(sum(1 for t in evaluated if start <= t < start + 60) for start in evaluated)
+        self.assertLessEqual(worst, 5)
+        self.assertGreaterEqual(len(evaluated), 15, "the budget comes back each window")
+
+    def test_failures_outside_the_window_do_not_count(self):
+        for _ in range(4):
+            self.attempt("x")
+        self.clock.advance(60)
+        self.attempt("x")
+        self.assertIsNone(self.last_ban)
+        self.assertTrue(self.attempt("x"))
+
+    def test_attempts_in_progress_count(self):
+        """Parallel control connections cannot get more keys evaluated than
+        the budget: the sixth may not start while five are in progress."""
+        tickets = [self.c.admit("x") for _ in range(6)]
+        for ticket in tickets[:5]:
+            self.guard.start_key_attempt(ticket)
+        with self.assertRaises(Refused) as raised:
+            self.guard.start_key_attempt(tickets[5])
+        self.assertEqual(raised.exception.reason, "key_attempts")
+        self.guard.release(tickets[0])  # ended without a wrong key: its budget comes back
+        self.guard.start_key_attempt(tickets[5])
+        bans = [self.guard.release(t, key_failed=True) for t in tickets[1:]]
+        self.assertEqual([b is not None for b in bans], [False, False, False, False, True])
+        self.assertEqual(self.guard.bans, 1)
+
+    def test_an_evicted_attempt_frees_its_budget(self):
+        guard = HandshakeGuard(Clock(), max_pending=2, failures=1)
+        c = Connections(guard)
+        first, second = c.admit("x"), c.admit("x")
+        guard.start_key_attempt(first)
+        with self.assertRaises(Refused):
+            guard.start_key_attempt(second)
+        c.admit("y")  # the cap is full: x's oldest goes, with its attempt
+        self.assertEqual(c.evicted, [first])
+        guard.start_key_attempt(second)
+
+    def test_a_ban_is_logged_once_per_window(self):
+        """Bans cannot normally come closer than a window apart (attempts
+        in progress count); the guard still never asks for a second line
+        within one: here the wrong key of a connection evicted mid-attempt
+        is reported while its source is already banned."""
+        guard = HandshakeGuard(Clock(), max_pending=2, failures=1, window=60, penalty=60)
+        c = Connections(guard)
+        first, second = c.admit("x"), c.admit("x")
+        guard.start_key_attempt(first)
+        c.admit("y")  # evicts *first*
+        guard.start_key_attempt(second)
+        bans = [guard.release(second, key_failed=True), guard.release(first, key_failed=True)]
+        self.assertEqual([b.log for b in bans], [True, False])
+        self.assertEqual(guard.bans, 2)
+        guard.clock.advance(60)
+        third = c.admit("x")
+        guard.start_key_attempt(third)
+        self.assertTrue(guard.release(third, key_failed=True).log, "a window later: logged again")
+
+    def test_failure_tables_are_bounded(self):
+        for i in range(50):
+            for _ in range(5):
+                self.attempt(f"10.0.0.{i}")
+        self.assertLessEqual(len(self.guard._failures), 5)
+        self.assertLessEqual(len(self.guard._banned_until), 5)
+        self.assertLessEqual(len(self.guard._ban_logged), 5)
+        self.assertEqual(self.guard._attempts, {})

@@ -10,9 +10,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from tests.certs import ca_signed, write_pem
-from tunnelpass.codec import FrameDecoder, Type, encode, encode_open
-from tunnelpass.handshake import ClientHandshake, SessionConfig, pool_auth_frame
+from twisted.logger import Logger, LogLevel
+
+from tunnelpass.codec import FrameDecoder, Type, decode_text, encode, encode_open
+from tunnelpass.handshake import AUTH_FAILED, ClientHandshake, SessionConfig, pool_auth_frame
 from tunnelpass.server import ServerSettings, TunnelServer, _GateFactory
+
+TRY_LATER = 8  # the ERROR code for a control connection turned away (docs/protocol.rst)
 
 KEY = "server-test-key-0123456789"
 
@@ -83,9 +87,15 @@ class GateTests(unittest.TestCase):
                 protocol.dataReceived(reply)
         self.assertTrue(transport.disconnecting)
         protocol.connectionLost(None)
+        session = authenticate(server)[0]
+        forged = bytearray(pool_auth_frame(session, 1, b"i" * 16, b""))
+        forged[-1] ^= 1
+        protocol, _ = connect(server)
+        protocol.dataReceived(bytes(forged))  # a guess at the session key
+        protocol.connectionLost(None)
         self.assertEqual(server.failures_by_reason,
-                         {"timeout": 1, "protocol": 1, "auth": 1, "tls": 1, "closed": 1})
-        self.assertEqual(server.handshake_failures, 5)
+                         {"timeout": 1, "protocol": 1, "auth": 1, "pool_auth": 1, "tls": 1, "closed": 1})
+        self.assertEqual(server.handshake_failures, 6)
         samples = {s.labels.get("reason"): s.value for s in server.metrics() if s.name == "handshake_failures"}
         self.assertEqual(samples, server.failures_by_reason)
 
@@ -129,6 +139,145 @@ class GateTests(unittest.TestCase):
             protocol.dataReceived(data[i:i + step])
         protocol.connectionLost(None)
         self.assertEqual(server.guard.pending, 0)
+
+
+def try_key(server, key: bytes, host: str = "192.0.2.1", keep: bool = False):
+    """One control connection with *key* from *host*, through the gate:
+    "welcome", the ERROR code it was answered with, or "dropped" (closed
+    without a word).  The connection is closed afterwards, unless *keep*
+    and it authenticated (it is then the server's session)."""
+    protocol, transport = connect(server, host)
+    client = ClientHandshake(key, b"")
+    outcome = "dropped"
+    if not transport.disconnecting:
+        protocol.dataReceived(client.start())
+    for _ in range(2):
+        frames = FrameDecoder().feed(transport.value())
+        transport.clear()
+        for frame in frames:
+            if frame.type is Type.ERROR:
+                outcome = decode_text(frame.payload)[0]
+            elif frame.type is Type.WELCOME:
+                outcome = "welcome"
+            else:
+                for reply in client.receive(frame):
+                    protocol.dataReceived(reply)
+    if not (keep and outcome == "welcome"):
+        protocol.connectionLost(None)
+    return outcome
+
+
+class AdmissionTests(unittest.TestCase):
+    """Issue items 2 and 3 at the gate: fair admission under the global
+    cap; wrong keys that neither a success forgives nor lock a live session
+    out."""
+
+    def test_full_cap_still_admits_a_client_holding_few(self):
+        """8 flooders keep the cap full (re-opening whatever is dropped, as
+        the issue's attack does); the client still authenticates and fills
+        its pool, each of its connections taking a flooder's oldest slot."""
+        server = make_server(max_handshakes=32, max_handshakes_per_source=8)
+        flood = []
+
+        def reopen():
+            for i in range(8):
+                while True:
+                    protocol, transport = connect(server, f"198.51.100.{i}")
+                    if not protocol.admitted:
+                        break
+                    flood.append((protocol, transport))
+
+        reopen()
+        self.assertEqual(server.guard.pending, 32)
+        session, _, _ = authenticate(server)  # from 192.0.2.1
+        for counter in range(1, 11):
+            reopen()
+            protocol, transport = connect(server)
+            protocol.dataReceived(pool_auth_frame(session, counter, bytes([counter]) * 16, b""))
+            self.assertEqual(transport.value(), encode(Type.POOL_OK), counter)
+        reopen()
+        self.assertEqual(len(server.session.pool.idle), 10)
+        evicted = [(p, t) for p, t in flood if t.disconnecting]
+        self.assertEqual(len(evicted), server.guard.evictions, "only flooders were evicted")
+        self.assertGreaterEqual(len(evicted), 11)
+        for protocol, _ in evicted:
+            protocol.connectionLost(None)
+        self.assertEqual(server.handshake_failures, 0, "an eviction is not the peer's failure")
+        metrics = {(m.name, m.labels.get("reason")): m.value for m in server.metrics()}
+        self.assertEqual(metrics[("handshakes_pending", None)], 32)
+        self.assertEqual(metrics[("handshakes_pending_top_source", None)], 4)
+        self.assertEqual(metrics[("handshake_evictions", None)], len(evicted))
+        self.assertGreater(metrics[("handshake_refused", "global_cap")], 0)
+
+    def test_wrong_keys_interleaved_with_successes_stay_within_the_budget(self):
+        """From the client's own address: rounds of 4 wrong keys, one real
+        pool connection and one real control connection, every 3 s for 5
+        minutes: no more than 5 wrong keys are evaluated in any minute."""
+        server = make_server()
+        session, _, _ = authenticate(server)
+        evaluated = []
+        for counter in range(1, 101):
+            for _ in range(4):
+                if try_key(server, b"wrong key 0123456789abcdef") == AUTH_FAILED:
+                    evaluated.append(server.clock.seconds())
+            protocol, transport = connect(server)
+            protocol.dataReceived(pool_auth_frame(server.session.session, counter, b"p" * 16, b""))
+            self.assertEqual(transport.value(), encode(Type.POOL_OK), "the live session's pool refills")
+            protocol.connectionLost(None)
+            try_key(server, KEY.encode(), keep=True)  # the client reconnects (turned away while banned)
+            server.clock.advance(3)
+        worst = max(sum(1 for t in evaluated if start <= t < start + 60) for start in evaluated)
+        self.assertLessEqual(worst, 5)
+
+    def test_a_banned_neighbour_does_not_stop_a_live_session(self):
+        server = make_server()
+        events = []
+        server.log = Logger(namespace="tunnelpass.server", observer=events.append)
+        session, control, control_transport = authenticate(server)
+        outcomes = [try_key(server, b"wrong key 0123456789abcdef") for _ in range(6)]
+        for counter in range(1, 31):  # the session refills its pool from the same address
+            protocol, transport = connect(server)
+            protocol.dataReceived(pool_auth_frame(session, counter, bytes([counter]) * 16, b""))
+            self.assertEqual(transport.value(), encode(Type.POOL_OK), counter)
+        self.assertEqual(len(server.session.pool.idle), 30)
+        self.assertEqual(outcomes, [AUTH_FAILED] * 5 + [TRY_LATER])
+        self.assertFalse(control_transport.disconnecting)
+        self.assertEqual(try_key(server, KEY.encode()), TRY_LATER, "control connections wait out the ban")
+        self.assertEqual(try_key(server, KEY.encode(), "192.0.2.99"), "welcome", "other addresses do not")
+        bans = [e for e in events if e.get("event") == "handshake_ban"]
+        self.assertEqual(len(bans), 1)
+        self.assertEqual(bans[0]["log_level"], LogLevel.warn)
+        self.assertEqual((bans[0]["address"], bans[0]["duration"]), ("192.0.2.1", 60.0))
+        self.assertIn("wrong keys", bans[0]["reason"])
+        self.assertEqual([m.value for m in server.metrics() if m.name == "bans"], [1])
+        refused = {m.labels["reason"]: m.value for m in server.metrics() if m.name == "handshake_refused"}
+        self.assertEqual(refused, {"global_cap": 0, "source_cap": 0, "banned": 2, "key_attempts": 0})
+        server.clock.advance(60)
+        self.assertEqual(try_key(server, KEY.encode()), "welcome")
+
+    def test_parallel_control_connections_cannot_overshoot(self):
+        server = make_server()
+        wrong = [connect(server) for _ in range(8)]
+        answers = []
+        for protocol, transport in wrong:
+            protocol.dataReceived(ClientHandshake(b"wrong", b"").start())
+            answers.append(FrameDecoder().feed(transport.value())[0].type)
+        self.assertEqual(answers, [Type.CHALLENGE] * 5 + [Type.ERROR] * 3)
+
+    def test_turned_away_with_a_reason(self):
+        """A control connection from a banned address is told why (ERROR 8)
+        and closed: no new failure, no slot kept."""
+        server = make_server()
+        for _ in range(5):
+            try_key(server, b"wrong key 0123456789abcdef")
+        protocol, transport = connect(server)
+        protocol.dataReceived(ClientHandshake(KEY.encode(), b"").start())
+        frames = FrameDecoder().feed(transport.value())
+        self.assertEqual([(f.type, decode_text(f.payload)[0]) for f in frames], [(Type.ERROR, TRY_LATER)])
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(None)
+        self.assertEqual(server.guard.pending, 0)
+        self.assertEqual(server.handshake_failures, 5, "a turned-away connection is not a new failure")
 
 
 class PoolAuthTests(unittest.TestCase):

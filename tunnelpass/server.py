@@ -6,7 +6,8 @@ first byte says what it is: ``0x16`` starts TLS (when the server has a TLS
 level), anything else must be a tunnel frame -- HELLO opens a control
 channel, POOL_AUTH files an idle data connection.  Until then the
 connection is unauthenticated: it counts against the handshake guard (caps
-per source and overall, a penalty after repeated failures) and one deadline
+per source and overall, with fair eviction when the overall cap is reached;
+a ban on control connections after repeated wrong keys) and one deadline
 covers TLS and the tunnel handshake together.
 
 Flows: *receive* (reverse tunnel) listens on ``--target`` for users and
@@ -36,7 +37,7 @@ from zope.interface import implementer
 from tunnelpass import tls as tlsmod
 from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open, encode_text
 from tunnelpass.control import ServerControlProtocol
-from tunnelpass.guard import HandshakeGuard
+from tunnelpass.guard import Ban, HandshakeGuard, Refused
 from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
 from tunnelpass.handshake import (
@@ -64,7 +65,10 @@ from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
 TLS_RECORD = 0x16
 #: Why tunnel handshakes fail, for ``handshake_failures{reason}``: a fixed
 #: set, so a hostile peer cannot grow the metric's label space.
-FAILURE_REASONS = ("timeout", "protocol", "auth", "tls", "closed")
+FAILURE_REASONS = ("timeout", "protocol", "auth", "pool_auth", "tls", "closed")
+#: ERROR code for a control connection the guard turns away (its address
+#: has had too many wrong keys): the client logs the reason and backs off.
+TRY_LATER = 8
 POOL_OK = encode(Type.POOL_OK)
 POOL_AUTH_SIZE = 2 * ID + 8 + 32
 LISTEN_BACKLOG = 1024
@@ -154,6 +158,11 @@ class TunnelConnection(SwitchingProtocol):
             return
         frame, rest = frames[0], self.decoder.take_rest()
         if frame.type is Type.HELLO:
+            try:
+                self.server.guard.start_key_attempt(self.gate.ticket)
+            except Refused as e:
+                self.gate.turn_away(self.transport, e)
+                return
             control = self.gate.control = ServerControlProtocol(
                 self.server.key, tlsmod.local_fingerprint(self.transport), self.server.session_config,
                 self.server.clock,
@@ -175,7 +184,10 @@ class TunnelConnection(SwitchingProtocol):
         try:
             conn_id = session.authenticator.verify(frame, tlsmod.local_fingerprint(self.transport))
         except HandshakeError as e:
-            self.gate.refuse(e.reason, kind="auth")
+            # A guess at the session's 256-bit key (or a replay): counted,
+            # never a ban -- that would let anyone who saw a session id lock
+            # the session's own pool connections out.
+            self.gate.refuse(e.reason, kind="pool_auth")
             return
         self.gate.passed()
         if rest or not session.pool.has_room(conn_id):
@@ -261,6 +273,7 @@ class TunnelGate(SwitchingProtocol):
 
     admitted = False
     _passed = False
+    ticket = None  # the guard's, while admitted
     control = None  # the control protocol, once the first frame was HELLO
 
     def __init__(self, server: "TunnelServer"):
@@ -268,14 +281,25 @@ class TunnelGate(SwitchingProtocol):
 
     def connectionMade(self) -> None:
         self.host = self.transport.getPeer().host
-        refusal = self.server.guard.admit(self.host)
-        if refusal is not None:
-            self.server.stats_handshake_refused += 1
+        try:
+            self.ticket = self.server.guard.admit(self.host, self._evicted)
+        except Refused as e:
+            self.server.log.debug("tunnel connection from {host} refused: {reason}", host=self.host, reason=e.text)
             self.transport.abortConnection()
             return
         self.admitted = True
         enable_keepalive(self.transport)
         self.deadline = self.server.clock.callLater(self.server.settings.handshake_timeout, self._expired)
+
+    def _evicted(self) -> None:
+        """The guard gave this connection's slot to a newcomer from a source
+        holding fewer: close it; our own doing, not the peer's failure."""
+        self._passed = True
+        if self.deadline.active():
+            self.deadline.cancel()
+        self.server.log.debug("tunnel connection from {host} evicted: the handshake cap is full and its "
+                              "address holds the most pending handshakes", host=self.host)
+        self.transport.abortConnection()
 
     def _expired(self) -> None:
         self.refuse("handshake timed out", kind="timeout")
@@ -308,13 +332,23 @@ class TunnelGate(SwitchingProtocol):
         self._finish(False if penalize else None, kind)
         self.transport.abortConnection()
 
+    def turn_away(self, transport, refusal: Refused) -> None:
+        """A control connection (HELLO) its source may not make now: tell
+        the peer why (a client behind the same address as a guesser learns
+        it must wait), then close."""
+        self.server.log.debug("control connection from {host} refused: {reason}", host=self.host,
+                              reason=refusal.text)
+        transport.write(encode(Type.ERROR, encode_text(TRY_LATER, refusal.text)))
+        transport.loseConnection()
+        self._finish(None)
+
     def lost(self) -> None:
         """The connection ended before its handshake passed: the control
         channel says why it refused, if it got that far."""
         control, kind = self.control, "closed"
         if control is not None:
             if control.close_code == AUTH_FAILED:
-                kind = "auth"
+                kind = "auth"  # a key was tried, and it was wrong
             elif control.close_reason == "handshake timed out":
                 kind = "timeout"
             elif control.close_reason is not None:
@@ -322,14 +356,17 @@ class TunnelGate(SwitchingProtocol):
         self._finish(False, kind)
 
     def _finish(self, succeeded: bool | None, kind: str = "closed") -> None:
-        """Release the guard once: True passed, False failed (counts towards
-        a ban), None neither (a refusal that says nothing about the peer)."""
+        """Release the guard once: True passed, False failed (counted by
+        *kind*; only a wrong key, ``auth``, counts towards a ban), None
+        neither (a refusal that says nothing about the peer)."""
         if self.admitted and not self._passed:
             self._passed = True
             deadline = self.deadline
             if deadline.active():
                 deadline.cancel()
-            self.server.guard.done(self.host, succeeded)
+            ban = self.server.guard.release(self.ticket, key_failed=succeeded is False and kind == "auth")
+            if ban is not None:
+                self.server.banned(ban)
             if succeeded is False:
                 self.server.handshake_failures += 1
                 self.server.failures_by_reason[kind] += 1
@@ -398,7 +435,6 @@ class TunnelServer(Service):
         self.udp_stats = ListenerStats()
         self.handshake_failures = 0
         self.failures_by_reason = dict.fromkeys(FAILURE_REASONS, 0)
-        self.stats_handshake_refused = 0
         self._cert_stamp = None
         self._loops: list[LoopingCall] = []
         self._orphans: list = []  # users waiting for a pool while no session is up
@@ -534,7 +570,7 @@ class TunnelServer(Service):
         s = self.settings
         host = s.public_host or (s.tunnel_host if s.tunnel_host not in ("0.0.0.0", "::", "") else "127.0.0.1")
         port = self.tunnel_port.getHost().port
-        token = make_token(host, port, s.key, self.fingerprint if s.tls == 1 else None)
+        token = make_token(host, port, s.key, self.fingerprint if s.tls == 1 else None, tls=s.tls)
         self.log.warn(
             "no --key given: generated one. Start the client with: "
             "twistd -n tunnelpass --mode client --token {token} --target HOST:PORT",
@@ -568,6 +604,14 @@ class TunnelServer(Service):
         self.log.info("client {host} connected (session {sid})", host=peer.host,
                       sid=control.session.session_id.hex()[:8], event="client_connected")
 
+    def banned(self, ban: Ban) -> None:
+        """The guard banned a source: an operator must see it (once per
+        source per window; every ban is counted in ``bans``)."""
+        if ban.log:
+            self.log.warn("banned {address} from control connections for {duration:g} s: {reason} "
+                          "(pool connections of a live session still pass)",
+                          address=ban.source, duration=ban.duration, reason=ban.reason, event="handshake_ban")
+
     def control_lost(self, control: ServerControlProtocol) -> None:
         session = self.session
         if session is not None and session.control is control:
@@ -586,11 +630,14 @@ class TunnelServer(Service):
         self.log.info(
             "health: client={client} pool_idle={pool_idle} active={active} bytes_in={bytes_in} "
             "bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} rtt_ms={rtt_ms} "
-            "handshake_failures={handshake_failures}",
+            "handshake_failures={handshake_failures} handshakes_pending={handshakes_pending} "
+            "handshake_evictions={handshake_evictions} bans={bans}",
             event="health", client=session is not None,
             pool_idle=len(session.pool.idle) if session else 0,
             rtt_ms=round(session.control.rtt * 1000, 3) if session and session.control.rtt is not None else None,
-            handshake_failures=self.handshake_failures, handshake_refused=self.stats_handshake_refused,
+            handshake_failures=self.handshake_failures, handshake_refused=sum(self.guard.refused.values()),
+            handshake_refused_by_reason=dict(self.guard.refused), handshakes_pending=self.guard.pending,
+            handshake_evictions=self.guard.evictions, bans=self.guard.bans,
             pool_timeouts=session.pool.timeouts if session else 0, final=final,
             handshake_failures_by_reason=dict(self.failures_by_reason), **fields,
         )
@@ -608,8 +655,20 @@ class TunnelServer(Service):
             Sample("handshake_failures", "counter", "failed tunnel handshakes, by reason", count, {"reason": reason})
             for reason, count in self.failures_by_reason.items()
         ] + [
-            Sample("handshake_refused", "counter", "connections refused by the handshake guard",
-                   self.stats_handshake_refused),
+            Sample("handshake_refused", "counter", "connections refused by the handshake guard, by reason", count,
+                   {"reason": reason})
+            for reason, count in self.guard.refused.items()
+        ] + [
+            Sample("handshakes_pending", "gauge", "unauthenticated connections (handshakes in progress)",
+                   self.guard.pending),
+            Sample("handshakes_pending_top_source", "gauge",
+                   "handshakes in progress held by the source (address, IPv6 /64) holding the most",
+                   self.guard.top_source_pending),
+            Sample("handshake_evictions", "counter",
+                   "pending handshakes closed to admit a source holding fewer (the overall cap was full)",
+                   self.guard.evictions),
+            Sample("bans", "counter", "sources banned from control connections after repeated wrong keys",
+                   self.guard.bans),
             Sample("rtt_seconds", "gauge", "control channel round-trip time (NaN before the first PONG)",
                    rtt if rtt is not None else float("nan")),
         ] + rate_samples(self.settings.limits.limiter)
