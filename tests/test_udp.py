@@ -115,7 +115,7 @@ class UDPRelayTests(unittest.TestCase):
         self.clock.advance(20)
         self.assertEqual(len(self.forwarder.sessions), 1)
         self.clock.advance(11)
-        self.assertEqual(self.forwarder.sessions, {})
+        self.assertEqual(len(self.forwarder.sessions), 0)
         self.assertEqual(self.forwarder.stats.udp_sessions, 0)
         self.assertEqual(self.forwarder.stats.udp_sessions_total, 1)
         self.assertTrue(session.closed)
@@ -151,7 +151,7 @@ class UDPRelayTests(unittest.TestCase):
         for client in clients:
             self.send(client, b"x")
         await until(lambda: self.forwarder.stats.udp_sessions_total == 4)
-        self.assertEqual(self.forwarder.sessions, {}, "failed sessions free their slot and socket")
+        self.assertEqual(len(self.forwarder.sessions), 0, "failed sessions free their slot and socket")
         self.assertEqual(self.forwarder.stats.udp_sessions, 0)
         self.assertEqual(self.forwarder.stats.udp_drops, 4)
         self.assertEqual(len([e for e in events if "cannot open a socket" in e["log_format"]]), 1,
@@ -183,7 +183,7 @@ class UDPRelayTests(unittest.TestCase):
             self.send(client, b"z")
         await until(lambda: self.forwarder.sessions and self.forwarder.pending_bytes == 3)
         self.clock.advance(31)  # idle expiry while the lookup hangs
-        self.assertEqual(self.forwarder.sessions, {})
+        self.assertEqual(len(self.forwarder.sessions), 0)
         self.assertEqual(self.forwarder.stats.udp_drops, 3)
         self.assertEqual(self.forwarder.pending_bytes, 0)
 
@@ -207,6 +207,6 @@ class UDPRelayTests(unittest.TestCase):
             return self.forwarder_port.stopListening()
 
         def check(_):
-            self.assertEqual(self.forwarder.sessions, {})
+            self.assertEqual(len(self.forwarder.sessions), 0)
 
         return reply.addCallback(stop).addCallback(check)

@@ -35,6 +35,9 @@ LISTENER_METRICS = {
     "udp_drops": ("udp_drops", "counter", "UDP datagrams dropped (limits, full queues, send errors)"),
     "udp_refused": ("udp_sessions_refused", "counter", "new UDP sessions refused (--max-sessions, --slot, too many waiting for the pool, "
                     "an address whose sessions the far side refused)"),
+    "udp_evictions": ("udp_sessions_evicted", "counter",
+                      "UDP sessions closed to make room for a new one in a full table (least recently active "
+                      "first, answered ones before those still waiting for a reply)"),
 }
 
 

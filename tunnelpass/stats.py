@@ -28,6 +28,7 @@ class ListenerStats:
         "udp_datagrams_out",
         "udp_drops",
         "udp_refused",
+        "udp_evictions",
     )
 
     def __init__(self) -> None:
@@ -65,7 +66,7 @@ class StatsReporter:
                 text = ("stats {listener} -> {remote}: udp_sessions={udp_sessions} "
                         "sessions_total={udp_sessions_total} datagrams_in={udp_datagrams_in} "
                         "datagrams_out={udp_datagrams_out} bytes_in={bytes_in} bytes_out={bytes_out} "
-                        "udp_drops={udp_drops}{final_mark}")
+                        "udp_drops={udp_drops} udp_evictions={udp_evictions}{final_mark}")
             else:
                 text = ("stats {listener} -> {remote}: active={active} accepted={accepted} "
                         "refused={refused} connect_failures={connect_failures} "

@@ -4,7 +4,9 @@
 Each session owns a connected UDP socket towards the remote, so replies are
 told apart by the kernel and reach the right client, and only the configured
 remote can answer.  Sessions expire after ``udp_idle`` without traffic in
-either direction; their number per listener is capped; datagrams are carried
+either direction; their number per listener is capped, and a full table
+evicts a quiet session for a new one (:mod:`tunnelpass.sessiontable`) before
+it refuses any; datagrams are carried
 whole (sockets read up to 65535 bytes) and any send error is a counted drop,
 never a crash.
 """
@@ -23,6 +25,7 @@ from tunnelpass.proxyproto import encode_v2
 from tunnelpass.logs import Throttle
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.rules import Limits
+from tunnelpass.sessiontable import ACTIVE_WINDOW, SessionTable
 from tunnelpass.stats import ListenerStats
 
 #: Largest datagram read from any socket (IPv4 payloads top out at 65507).
@@ -137,10 +140,11 @@ class UDPSession(DatagramProtocol, IdleExpiry):
 
     transport = None
     noisy = False
+    answered = False  # the remote has replied (see SessionTable)
 
     def __init__(self, listener: "UDPForwardProtocol", client: tuple):
         self.listener = listener
-        self.client = client
+        self.client = self.key = client
         self.stats = listener.stats
         self.pending: PendingDatagrams | None = PendingDatagrams(listener)
         self.last_activity = listener.clock.seconds()
@@ -199,7 +203,7 @@ class UDPSession(DatagramProtocol, IdleExpiry):
         if self.closed:  # its socket could not be opened
             self.stats.udp_drops += 1
             return
-        self.last_activity = self.listener.clock.seconds()
+        self.listener.sessions.touch(self, self.listener.clock.seconds())
         if self.pending is not None:
             if not self.pending.hold(datagram):
                 self.stats.udp_drops += 1
@@ -214,7 +218,7 @@ class UDPSession(DatagramProtocol, IdleExpiry):
 
     def datagramReceived(self, datagram: bytes, addr) -> None:
         """Remote -> client."""
-        self.last_activity = self.listener.clock.seconds()
+        self.listener.sessions.replied(self, self.listener.clock.seconds())
         self.listener.deliver(datagram, self.client)
 
     def connectionRefused(self) -> None:
@@ -236,10 +240,11 @@ class UDPSession(DatagramProtocol, IdleExpiry):
 
 class SessionListener(DatagramProtocol):
     """A listening UDP socket and its sessions, one per client address
-    (``session.client``); replies leave through this socket."""
+    (``session.client``), in a :class:`SessionTable`; replies leave through
+    this socket."""
 
     noisy = False
-    sessions: dict
+    sessions: SessionTable
     stats: ListenerStats
 
     def reply(self, datagram: bytes, client: tuple) -> bool:
@@ -260,8 +265,7 @@ class SessionListener(DatagramProtocol):
             self.stats.udp_drops += 1
 
     def session_closed(self, session) -> None:
-        if self.sessions.get(session.client) is session:
-            del self.sessions[session.client]
+        if self.sessions.remove(session):
             self.stats.udp_sessions -= 1
 
     def close_all(self) -> None:
@@ -286,7 +290,7 @@ class UDPForwardProtocol(SessionListener):
         self.clock = clock or reactor
         self.name = name
         self.stats = stats or ListenerStats()
-        self.sessions: dict[tuple, UDPSession] = {}
+        self.sessions = SessionTable(name, self.clock, self.stats)
         self.pending_bytes = 0  # held by all sessions waiting for a lookup
         self.problems = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
@@ -320,21 +324,26 @@ class UDPForwardProtocol(SessionListener):
     def datagramReceived(self, datagram: bytes, addr) -> None:
         session = self.sessions.get(addr)
         if session is None:
-            if len(self.sessions) >= self.limits.max_sessions:
+            if not self.sessions.make_room(self._full):
                 self.stats.udp_drops += 1
+                self.stats.udp_refused += 1
                 self._note_refusal()
                 return
-            session = self.sessions[addr] = UDPSession(self, addr)
+            session = UDPSession(self, addr)
+            self.sessions.add(session)
             self.stats.udp_sessions += 1
             self.stats.udp_sessions_total += 1
             session.start()
         session.send(datagram)
 
+    def _full(self) -> bool:
+        return len(self.sessions) >= self.limits.max_sessions
+
     def _note_refusal(self) -> None:
         if self._refusals.ready():
             self.log.warn(
-                "{listener}: max-sessions {max_sessions} reached, dropped datagrams "
-                "from {count} new client(s)",
-                listener=self.name, max_sessions=self.limits.max_sessions,
+                "{listener}: max-sessions {max_sessions} reached, every session active within {window}s: "
+                "dropped datagrams from {count} new client(s)",
+                listener=self.name, max_sessions=self.limits.max_sessions, window=ACTIVE_WINDOW,
                 count=self._refusals.take_count(),
             )

@@ -21,8 +21,11 @@ paused us: more than ``STREAM_BUFFER`` bytes unsent) drops datagrams rather
 than buffering them.  Datagrams over ``--udp-buffer`` bytes, over the
 ``--rate`` budget, beyond ``--max-sessions``/``--slot`` or refused by the
 kernel are dropped too.  Every drop is counted; none ends a session.
-Sessions end after ``--udp-idle`` without a datagram either way, or when
-their pool connection closes (the next datagram starts a new one).
+Sessions end after ``--udp-idle`` without a datagram either way, when
+their pool connection closes (the next datagram starts a new one), or when
+a full table evicts them for a new session (both sides' tables are
+:class:`~tunnelpass.sessiontable.SessionTable`; an eviction closes the pool
+connection, which ends the other side's session too).
 """
 
 from __future__ import annotations
@@ -40,16 +43,19 @@ from tunnelpass.datagrams import DatagramDecoder, frame
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyproto import encode_v2
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
+from tunnelpass.sessiontable import ACTIVE_WINDOW, SessionTable
 from tunnelpass.targets import TargetGroup
-from tunnelpass.udp import (MAX_DATAGRAM, IdleExpiry, PendingDatagrams, SessionListener, open_connected,
-                            resolve_udp)
+from tunnelpass.udp import (MAX_DATAGRAM, SESSION_LOG_PREFIX, IdleExpiry, PendingDatagrams, SessionListener,
+                            open_connected, resolve_udp)
 
 #: Unsent bytes a session's pool connection may hold before its datagrams
 #: are dropped instead (Twisted pauses the producer past this).  Large
 #: enough for one burst of reads from a busy UDP socket at 1 Gbit/s.
 STREAM_BUFFER = 256 * 1024
 #: Sessions that may wait for a pool connection at once: the pool's queue is
-#: shared with TCP users, and UDP sources are easy to spoof.
+#: shared with TCP users, and UDP sources are easy to spoof.  Each waiting
+#: session asks for one more pool connection, so a new session never
+#: evicts its way past this cap (it is refused).
 MAX_WAITING_SESSIONS = 128
 #: A user address whose session the far side refused twice in a row (it
 #: closed the connection without answering, within REFUSED_WITHIN seconds
@@ -162,9 +168,10 @@ class DatagramStream(Protocol):
 
 class _Session(IdleExpiry):
     """What both sides' sessions share: idle expiry, --udp-buffer/--rate
-    admission, closing once."""
+    admission, closing once, a place in the owner's session table."""
 
     closed = False
+    answered = False  # a datagram went back towards the user (SessionTable)
     stream: DatagramStream | None = None
 
     def __init__(self, owner):
@@ -208,7 +215,7 @@ class IngressSession(_Session):
     def __init__(self, listener: "UDPIngress", client: tuple):
         super().__init__(listener)
         self.listener = listener
-        self.client = client
+        self.client = self.key = client
         self.pending = PendingDatagrams(listener)
         self._waiting = None
 
@@ -261,7 +268,7 @@ class IngressSession(_Session):
         if self.closed:
             self.stats.udp_drops += 1
             return
-        self.last_activity = self.listener.clock.seconds()
+        self.listener.sessions.touch(self, self.listener.clock.seconds())
         stream = self.stream
         if stream is None:
             if not self.pending.hold(datagram):
@@ -273,7 +280,7 @@ class IngressSession(_Session):
             self.stats.udp_drops += 1
 
     def from_tunnel(self, datagram: bytes) -> None:
-        self.last_activity = self.listener.clock.seconds()
+        self.listener.sessions.replied(self, self.listener.clock.seconds())
         if self._admit(len(datagram)):
             self.listener.deliver(datagram, self.client)
 
@@ -302,7 +309,7 @@ class UDPIngress(SessionListener):
         self.udp_buffer = udp_buffer
         self.pool_source, self.claim, self.unavailable = pool_source, claim, unavailable
         self.tcp_factory = tcp_factory
-        self.sessions: dict[tuple, IngressSession] = {}
+        self.sessions = SessionTable(name, clock, stats)
         self.cooling: dict[tuple, float] = {}  # user address -> no new session before this time
         self.suspects: dict[tuple, float] = {}  # refused once: a second refusal before this time cools
         self.unattached: set[IngressSession] = set()  # sessions waiting for a pool connection
@@ -324,11 +331,12 @@ class UDPIngress(SessionListener):
             return
         session = self.sessions.get(addr)
         if session is None:
-            if not self._room() or self._cooling(addr):
+            if self._cooling(addr) or not self._room():
                 self.stats.udp_drops += 1
                 self.stats.udp_refused += 1
                 return
-            session = self.sessions[addr] = IngressSession(self, addr)
+            session = IngressSession(self, addr)
+            self.sessions.add(session)
             self.unattached.add(session)
             self.stats.udp_sessions += 1
             self.stats.udp_sessions_total += 1
@@ -339,10 +347,12 @@ class UDPIngress(SessionListener):
         session.from_user(datagram)
 
     def _room(self) -> bool:
+        """Room for one more session: never past MAX_WAITING_SESSIONS
+        waiting for the pool; past --max-sessions/--slot only by evicting."""
         if len(self.unattached) >= MAX_WAITING_SESSIONS:
             _note_refusal(self, "sessions waiting for the pool:", MAX_WAITING_SESSIONS)
             return False
-        return _has_room(self, self.sessions, self.tcp_factory)
+        return _make_room(self, self.sessions, self.tcp_factory)
 
     def refused(self, user: tuple) -> None:
         """The far side refused *user*'s session: the second time in a row,
@@ -381,24 +391,35 @@ def _remember(table: dict, key, until: float, now: float, limit: int) -> dict:
     return table
 
 
-def _has_room(owner, sessions, tcp_factory) -> bool:
-    """--max-sessions (UDP sessions) and --slot (UDP sessions and TCP
-    connections together) allow one more session."""
+def _limit_reached(owner, sessions, tcp_factory):
+    """The limit that leaves no room for one more session, as ``(name,
+    value)``: --max-sessions (UDP sessions) or --slot (UDP sessions and TCP
+    connections together); None if there is room."""
     limits = owner.limits
     if len(sessions) >= limits.max_sessions:
-        _note_refusal(owner, "max-sessions", limits.max_sessions)
-        return False
+        return "max-sessions", limits.max_sessions
     tcp = len(tcp_factory.relays) if tcp_factory is not None else 0
     if len(sessions) + tcp >= limits.max_conns:
-        _note_refusal(owner, "slot", limits.max_conns)
-        return False
-    return True
+        return "slot", limits.max_conns
+    return None
 
 
-def _note_refusal(owner, limit: str = "max-sessions", value: int = 0) -> None:
+def _make_room(owner, sessions: SessionTable, tcp_factory) -> bool:
+    """Room for one more session, evicting quiet ones if a limit is
+    reached (a UDP session makes room for a UDP session under --slot too;
+    TCP connections are never evicted); False, logged, if every session is
+    active."""
+    if sessions.make_room(lambda: _limit_reached(owner, sessions, tcp_factory) is not None):
+        return True
+    _note_refusal(owner, *_limit_reached(owner, sessions, tcp_factory), active=True)
+    return False
+
+
+def _note_refusal(owner, limit: str = "max-sessions", value: int = 0, active: bool = False) -> None:
     if owner._refusals.ready():
-        log.warn("{listener}: {limit} {value} reached, refused {count} UDP session(s)",
-                 listener=owner.name, limit=limit, value=value, count=owner._refusals.take_count())
+        log.warn("{listener}: {limit} {value} reached{why}, refused {count} UDP session(s)",
+                 listener=owner.name, limit=limit, value=value, count=owner._refusals.take_count(),
+                 why=f" and every UDP session active within {ACTIVE_WINDOW}s" if active else "")
 
 
 # Egress
@@ -411,6 +432,12 @@ class _TargetSocket(DatagramProtocol):
 
     def __init__(self, session: "EgressSession"):
         self.session = session
+
+    def logPrefix(self) -> str:
+        # Twisted logs every UDP socket it opens; under this prefix the
+        # log filter (tunnelpass.logs) demotes that line to debug, as for
+        # the forwarder's sessions -- else one line per session.
+        return SESSION_LOG_PREFIX
 
     def datagramReceived(self, datagram: bytes, addr) -> None:
         self.session.from_target(datagram)
@@ -429,6 +456,7 @@ class EgressSession(_Session):
     def __init__(self, egress: "UDPEgress", addresses):
         super().__init__(egress)
         self.egress = egress
+        self.key = self  # no address: the session is its own key
         self.socket = None
         self.pending: PendingDatagrams | None = PendingDatagrams(egress)
         self.header = b""
@@ -464,7 +492,7 @@ class EgressSession(_Session):
         self.close()
 
     def from_tunnel(self, datagram: bytes) -> None:
-        self.last_activity = self.egress.clock.seconds()
+        self.egress.sessions.touch(self, self.egress.clock.seconds())
         if not self._admit(len(datagram)):
             return
         if self.pending is not None:
@@ -490,7 +518,7 @@ class EgressSession(_Session):
     def from_target(self, datagram: bytes) -> None:
         if self.closed:
             return
-        self.last_activity = self.egress.clock.seconds()
+        self.egress.sessions.replied(self, self.egress.clock.seconds())
         if not self._admit(len(datagram)):
             return
         if self.stream.send(datagram):
@@ -527,7 +555,7 @@ class UDPEgress:
         self.group = TargetGroup(targets, self.clock)
         self.literal = [is_ip_literal(host) for host, _ in targets]
         self.tcp_factory = tcp_factory
-        self.sessions: set[EgressSession] = set()
+        self.sessions = SessionTable(name, self.clock, stats)
         self.pending_bytes = 0
         self._problems = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
@@ -540,7 +568,10 @@ class UDPEgress:
         if not self.enabled:
             self.note_problem("UDP is disabled here (--no-udp)")
             return None
-        if not _has_room(self, self.sessions, self.tcp_factory):
+        # The other side evicts as this side does; its eviction's close
+        # may reach us after the new session's OPEN_UDP (another
+        # connection), so this side makes room the same way.
+        if not _make_room(self, self.sessions, self.tcp_factory):
             self.stats.udp_refused += 1
             return None
         session = EgressSession(self, addresses)
@@ -550,8 +581,7 @@ class UDPEgress:
         return DatagramStream(session)
 
     def session_closed(self, session: EgressSession) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
+        if self.sessions.remove(session):
             self.stats.udp_sessions -= 1
 
     def close_all(self) -> None:
