@@ -39,7 +39,7 @@ bench-udp: $(STAMP)
 
 fuzz: $(STAMP)
 	$(PY) -m pip install -q atheris==3.0.0
-	for target in rules frames handshake url token gate; do \
+	for target in rules frames handshake url token key gate; do \
 	  $(PY) fuzz/fuzz_parsers.py $$target -max_total_time=$${FUZZ_SECONDS:-60} -print_final_stats=1 || exit 1; \
 	done
 

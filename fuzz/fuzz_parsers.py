@@ -6,6 +6,7 @@
 Targets: ``rules`` (the forwarder's rules file), ``frames`` (the tunnel's
 frame decoder), ``handshake`` (server handshake fed decoded frames),
 ``url`` and ``token`` (NodePass-style URLs and connection tokens),
+``key`` (the weak-key rule),
 ``gate`` (the server's tunnel port: whatever a peer sends first, in any
 slicing, with a live session to attack).  Any
 exception other than the parser's own error type is a bug.
@@ -19,7 +20,7 @@ with atheris.instrument_imports():
     from tunnelpass.codec import FrameDecoder, ProtocolError
     from tunnelpass.handshake import HandshakeError, ServerHandshake, SessionConfig
     from tunnelpass.rules import RulesError, parse_rules
-    from tunnelpass.urls import parse_token, parse_url
+    from tunnelpass.urls import check_key, key_weakness, parse_token, parse_url
     from tunnelpass.server import ServerSettings, TunnelServer, _GateFactory
 
 from twisted.internet.address import IPv4Address
@@ -44,7 +45,7 @@ def fuzz_frames(data: bytes) -> None:
 
 
 def fuzz_handshake(data: bytes) -> None:
-    server = ServerHandshake(b"k" * 32, b"", SessionConfig())
+    server = ServerHandshake(b"fuzz-handshake-key-7Qm2xZ9pL4vW8rT", b"", SessionConfig())
     try:
         for frame in FrameDecoder().feed(data):
             server.receive(frame)
@@ -67,6 +68,17 @@ def fuzz_token(data: bytes) -> None:
         parse_token("tp1." + text)
     except ValueError:
         pass
+
+
+def fuzz_key(data: bytes) -> None:
+    text = atheris.FuzzedDataProvider(data).ConsumeUnicodeNoSurrogates(300)
+    weakness = key_weakness(text)
+    assert weakness is None or isinstance(weakness, str)
+    try:
+        check_key(text)
+    except ValueError:
+        return
+    assert weakness is None, "a weak key passed the check"
 
 
 def _gate_server():
@@ -96,7 +108,7 @@ def fuzz_gate(data: bytes) -> None:
 
 
 TARGETS = {"rules": fuzz_rules, "frames": fuzz_frames, "handshake": fuzz_handshake,
-           "url": fuzz_url, "token": fuzz_token, "gate": fuzz_gate}
+           "url": fuzz_url, "token": fuzz_token, "key": fuzz_key, "gate": fuzz_gate}
 
 if __name__ == "__main__":
     target = TARGETS[sys.argv[1]]

@@ -9,7 +9,7 @@ from tunnelpass.codec import FrameDecoder, Type, encode
 from tunnelpass.control import ClientControlProtocol, ServerControlProtocol
 from tunnelpass.handshake import ClientHandshake, SessionConfig
 
-KEY = b"k" * 32
+KEY = b"control-test-key-9fQ2xL7mZ4pW8vR3"
 
 
 class Handler:

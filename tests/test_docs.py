@@ -33,5 +33,5 @@ class DocsTests(unittest.TestCase):
 
     def test_every_option_documented(self):
         readme = read("README.rst")
-        for long_name, *_ in Options.optParameters:
+        for long_name, *_ in Options.optParameters + Options.optFlags:
             self.assertIn(f"--{long_name}", readme)

@@ -7,6 +7,7 @@ import tempfile
 import zipfile
 
 from twisted.application.service import IServiceMaker
+from twisted.logger import formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
@@ -141,7 +142,14 @@ class PluginTests(unittest.TestCase):
             self.assertTrue(package.startswith(target), package)
 
 
-KEY = "k" * 20
+KEY = "tap-test-key-0123456789abcdef"
+WEAK = "a" * 16  # long enough, one character: weak
+
+
+def _token_body(text: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
 
 
 class TunnelOptionTests(unittest.TestCase):
@@ -209,6 +217,70 @@ class TunnelOptionTests(unittest.TestCase):
         self.assertEqual((options["slot"], options["pool-timeout"], options["report-interval"],
                           options["connect-timeout"]), (77, 2, 9, 3))
         self.assertUsageError(["--mode", "forward"], "NP_POOL_GET_TIMEOUT", environ={"NP_POOL_GET_TIMEOUT": "soon"})
+
+    def test_weak_key_refused_from_every_source(self):
+        base = ["--tunnel", "h:1", "--target", "h:2"]
+        rule = "8+ different ones and an estimated 64+ bits"
+        for mode in ("server", "client"):
+            self.assertUsageError(["--mode", mode, *base, "--key", WEAK], "the tunnel key is weak", rule,
+                                  "openssl rand -hex 32")
+            self.assertUsageError(["--mode", mode, *base, "-k", "passwordpassword"], "7 different characters")
+            self.assertUsageError(["--mode", mode, *base], rule, environ={"TUNNELPASS_KEY": WEAK})
+            self.assertUsageError([f"{mode}://{WEAK}@h:1/h:2"], rule)
+            self.assertUsageError([f"{mode}://{WEAK}@h:1/h:2?weakkey=0"], rule)
+        token = "tp1." + _token_body('{"h":"h","p":1,"k":"%s"}' % WEAK)  # make_token refuses a weak key
+        self.assertUsageError(["--mode", "client", "--token", token, "--target", "h:2"], rule)
+        self.assertEqual(parse(["--mode", "client", "--token", token, "--target", "h:2", "--weak-key"])["key"], WEAK)
+
+    def test_weak_key_flag_is_the_opt_out(self):
+        base = ["--tunnel", "h:1", "--target", "h:2"]
+        for mode in ("server", "client"):
+            options = parse(["--mode", mode, *base, "--key", WEAK, "--weak-key"])
+            self.assertEqual((options["key"], options["weak-key"]), (WEAK, True))
+            options = parse(["--mode", mode, *base], {"TUNNELPASS_KEY": WEAK, "TUNNELPASS_WEAK_KEY": "1"})
+            self.assertEqual((options["key"], options["weak-key"]), (WEAK, True))
+            options = parse([f"{mode}://{WEAK}@h:1/h:2?weakkey=1"])
+            self.assertEqual((options["key"], options["weak-key"]), (WEAK, True))
+            self.assertUsageError(["--mode", mode, "--weak-key", f"{mode}://{WEAK}@h:1/h:2?weakkey=0"], "weak")
+            self.assertUsageError(["--mode", mode, *base, "--key", WEAK], "weak", environ={"TUNNELPASS_WEAK_KEY": "0"})
+        # Never for what was refused before --weak-key existed.
+        self.assertUsageError(["--mode", "server", *base, "--key", "short", "--weak-key"], "shorter than 16")
+        self.assertUsageError(["--mode", "server", *base, "--key", "", "--weak-key"], "empty")
+        self.assertUsageError(["--mode", "server", *base], "TUNNELPASS_WEAK_KEY", "1 or 0",
+                              environ={"TUNNELPASS_WEAK_KEY": "yes please"})
+        self.assertFalse(parse(["--mode", "server", *base, "--key", KEY])["weak-key"])
+
+    def test_weak_key_warned_at_startup(self):
+        """makeService adds a child that warns when the tree starts (the
+        e2e test sees the line in a real twistd log)."""
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import globalLogPublisher
+
+        def warnings(args):
+            root = tap.makeService(parse(args), MemoryReactorClock())
+            return [child for child in root if isinstance(child, tap._StartupWarning)]
+
+        base = ["--tunnel", "127.0.0.1:10101", "--target", "127.0.0.1:8080"]
+        for args in (["--mode", "server", *base, "--key", KEY, "--weak-key"],
+                     ["--mode", "server", *base, "--weak-key"], ["--mode", "client", *base, "--key", KEY]):
+            self.assertEqual(warnings(args), [], args)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for mode in ("server", "client"):
+            (warning,) = warnings(["--mode", mode, *base, "--key", WEAK, "--weak-key"])
+            self.assertEqual([e for e in events if e.get("event") == "weak_key"], [])  # not before startup
+            warning.startService()
+            (event,) = [e for e in events if e.get("event") == "weak_key"]
+            self.assertEqual(event["log_level"].name, "warn")
+            self.assertIn("running with a weak tunnel key (it has only 1 different character)", formatEvent(event))
+            self.assertIn("openssl rand -hex 32", formatEvent(event))
+            events.clear()
+
+    def test_help_states_the_key_rule(self):
+        text = str(tap.Options())
+        self.assertIn("--weak-key", text)
+        self.assertIn("8+ different ones and an estimated 64+ bits", " ".join(text.split()))
 
     def test_what_the_tunnel_carries(self):
         base = ["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--key", KEY]

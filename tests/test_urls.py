@@ -1,14 +1,19 @@
 """Tests for tunnelpass.urls: NodePass-style URLs, tokens, keys."""
 
 import base64
+import os
+import secrets
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from tunnelpass.urls import (
+    MIN_BITS,
     MIN_KEY_LENGTH,
     check_key,
+    estimated_bits,
     generate_key,
+    key_weakness,
     make_token,
     parse_address,
     parse_token,
@@ -107,6 +112,15 @@ class KeyAndTokenTests(unittest.TestCase):
         for key in ["", "short", "x" * (MIN_KEY_LENGTH - 1), "x" * 257]:
             self.assertRaises(ValueError, check_key, key)
 
+    def test_parsers_leave_strength_to_the_caller(self):
+        # One strength check, where --weak-key is known (tap); URL and token
+        # parsers refuse only what no opt-out allows (empty, short, long).
+        self.assertEqual(parse_url("server://aaaaaaaaaaaaaaaa@h:1/h:2?weakkey=1")["key"], "a" * 16)
+        self.assertEqual(parse_url("server://aaaaaaaaaaaaaaaa@h:1/h:2?weakkey=true")["weak-key"], "1")
+        self.assertEqual(parse_token(raw_token(b'{"h":"h","p":1,"k":"%s"}' % (b"a" * 16)))["key"], "a" * 16)
+        self.assertRaises(ValueError, parse_url, "server://aaaaaaa@h:1/h:2")
+        self.assertRaises(ValueError, parse_url, "server://" + K + "@h:1/h:2?weakkey=maybe")
+
     def test_token_round_trip(self):
         key = generate_key()
         token = make_token("tunnel.example.com", 10101, key, pin=bytes(range(32)))
@@ -140,3 +154,97 @@ class KeyAndTokenTests(unittest.TestCase):
             parse_token("tp1." + text)
         except ValueError:
             pass
+
+
+#: Keys the rule refuses, each for an obvious pattern.
+WEAK = [
+    "a" * 16, "a" * 64,                   # one character
+    "abababababababab", "passwordpassword",  # few distinct characters
+    "0123456789012345",                   # 16 digits: 53 bits at best, and a run
+    "1234567890123456789012",             # runs and a repeat
+    "0123456789abcdef", "abcdefghijklmnopqrstuvwxyz",  # runs
+    "aaaaaaaabcdefghi",                   # a run of one, a run of steps
+    "Password1Password1Password1",        # a repeat
+    "zyxwvutsrqponmlkjihgfedcba",         # a descending run
+]
+#: Keys the rule accepts: the project's own fixed keys and typed passphrases.
+STRONG = [
+    "e2e-tunnel-key-0123456789abcdef", "correct-horse-battery", "server-test-key-0123456789",
+    "bench-key-0123456789abcdefghij", "another-key-0123456789abcdef", "Tr0ub4dor&3xyzzy",
+]
+
+
+class KeyStrengthTests(unittest.TestCase):
+    def test_weak_keys_refused_naming_the_rule_and_a_remedy(self):
+        for key in WEAK:
+            with self.assertRaises(ValueError, msg=key) as caught:
+                check_key(key)
+            message = str(caught.exception)
+            self.assertIn("the tunnel key is weak", message)
+            self.assertIn("8+ different ones and an estimated 64+ bits", message)
+            self.assertIn("openssl rand -hex 32", message)
+            self.assertIn("--weak-key", message)
+            self.assertNotIn("\n", message)
+            self.assertIsNotNone(key_weakness(key), key)
+
+    def test_reasons(self):
+        self.assertEqual(key_weakness("a" * 16), "it has only 1 different character")
+        self.assertEqual(key_weakness("passwordpassword"), "it has only 7 different characters")
+        self.assertIn("bits by tunnelpass's estimate", key_weakness("0123456789012345"))
+
+    def test_weak_ok_is_the_opt_out(self):
+        for key in WEAK:
+            self.assertEqual(check_key(key, weak_ok=True), key)
+        for key in ["", "short", "x" * (MIN_KEY_LENGTH - 1), "x" * 257]:  # never allowed
+            self.assertRaises(ValueError, check_key, key, weak_ok=True)
+
+    def test_strong_keys_accepted(self):
+        for key in STRONG:
+            self.assertEqual(check_key(key), key)
+
+    def test_openssl_style_random_keys_accepted(self):
+        # What 'openssl rand -hex 16', 'openssl rand -hex 32' and
+        # 'openssl rand -base64 24' print, drawn fresh each run.
+        for _ in range(200):
+            for key in (secrets.token_hex(16), secrets.token_hex(32), base64.b64encode(os.urandom(24)).decode()):
+                self.assertEqual(check_key(key), key)
+
+    def test_estimate(self):
+        # 16 random-looking digits: log2(10) each, no runs or repeats.
+        self.assertAlmostEqual(estimated_bits("3816059274618305"), 16 * 3.3219, places=2)
+        # A character class adds its whole size to the pool (10 + 26), once.
+        self.assertAlmostEqual(estimated_bits("38160592746183Q5"), 16 * 5.1699, places=2)
+        self.assertLess(estimated_bits("3816059274618305"), MIN_BITS)
+        # Repeats of 3+ characters and runs count nothing; the first
+        # characters of a run count.
+        self.assertAlmostEqual(estimated_bits("passwordpassword"), estimated_bits("password"))
+        self.assertAlmostEqual(estimated_bits("ab" * 40), estimated_bits("ab"))
+        self.assertAlmostEqual(estimated_bits("k" * 99), estimated_bits("k"))
+        self.assertAlmostEqual(estimated_bits("qzabcdefgh"), estimated_bits("qzab"))
+        self.assertEqual(estimated_bits(""), 0)
+
+    def test_generate_key_draws_again_when_the_draw_looks_weak(self):
+        draws = iter(["A" * 43, "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopq", "kX3-_9bQzR7mT2vW8yL4nP6sJ1hF5dG0cV-aE_uOiYt"])
+        self.assertEqual(generate_key(lambda n: next(draws)), "kX3-_9bQzR7mT2vW8yL4nP6sJ1hF5dG0cV-aE_uOiYt")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32))
+    def test_generated_keys_always_pass(self, first, second):
+        # Any 32 random bytes (even all zeros) as the first draw: what
+        # generate_key returns passes; a second, strong draw ends the loop.
+        draws = iter([first, second, os.urandom(32), os.urandom(32)])
+        key = generate_key(lambda n: base64.urlsafe_b64encode(next(draws)).rstrip(b"=").decode())
+        self.assertEqual(check_key(key), key)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.text(max_size=300))
+    def test_check_never_crashes(self, text):
+        weakness = key_weakness(text)
+        self.assertTrue(weakness is None or isinstance(weakness, str))
+        self.assertGreaterEqual(estimated_bits(text), 0)
+        try:
+            self.assertEqual(check_key(text), text)
+        except ValueError:
+            pass
+        if weakness is None and MIN_KEY_LENGTH <= len(text) <= 256:
+            self.assertEqual(check_key(text), text)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from twisted.application.service import MultiService
-from twisted.logger import ILogObserver
+from twisted.application.service import MultiService, Service
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from tunnelpass import __version__
@@ -29,7 +29,7 @@ from tunnelpass.settings import (
 from tunnelpass.proxyaccept import parse_networks
 from tunnelpass.ratelimit import RateLimiter, parse_rate
 from tunnelpass.tls import parse_pin
-from tunnelpass.urls import check_key, parse_address, parse_token, parse_url
+from tunnelpass.urls import KEY_ADVICE, KEY_RULE, check_key, key_weakness, parse_address, parse_token, parse_url
 
 MODES = ("server", "client", "forward", "master")
 AVAILABLE_MODES = ("server", "client", "forward")
@@ -56,7 +56,7 @@ _PARSERS = {
     # server and client
     "tunnel": lambda v: parse_address(v, "--tunnel"),
     "target": lambda v: parse_targets(v),
-    "key": check_key,
+    "key": lambda v: check_key(v, weak_ok=True),  # strength: Options._check_key_strength
     "token": parse_token,
     "flow": lambda v: parse_choice(v, FLOW_CHOICES),
     "tls": lambda v: int(parse_choice(v, ("0", "1", "2"))),
@@ -83,6 +83,10 @@ _PARSERS = {
 
 FLOW_CHOICES = ("auto", "receive", "send", "local", "tunnel")
 
+#: Flags (no value) that the environment may set: TUNNELPASS_WEAK_KEY=1.
+_FLAG_VALUES = {"0": False, "1": True, "false": False, "true": True}
+_FLAGS = ("weak-key",)
+
 #: NodePass environment variables -> options (NodePass users keep their setup).
 NP_ALIASES = {
     "NP_SEMAPHORE_LIMIT": "slot",
@@ -106,6 +110,10 @@ class Options(usage.Options):
         "(e.g. TUNNELPASS_MAX_CONNS=200) and some as NodePass's NP_* names; flags win "
         "over the environment, a URL's values win over flags.  Durations: 500ms, 30s, 10m, 1h."
     )
+    optFlags = [
+        ["weak-key", None, f"server/client: accept a --key weaker than the rule ({KEY_RULE}), with a warning "
+                           "at startup (URL weakkey=1, TUNNELPASS_WEAK_KEY=1)."],
+    ]
     optParameters = [
         ["mode", "m", None, "What to run: " + " | ".join(MODES) + " (required)."],
         ["config", "c", "etc/tunnelpass.conf", "forward: the rules file ('listen | host | port [| options]')."],
@@ -120,7 +128,7 @@ class Options(usage.Options):
         ["report-interval", None, None, "Emit a structured stats/health event this often (0 = only at shutdown; default 60s for forward, 5s for server/client, which is also the heartbeat)."],
         ["tunnel", None, None, "server: address to listen on for clients; client: the server's address (flow local: the local listen address)."],
         ["target", None, None, "server: where users connect (receive flow) or what to dial (send flow); client: what to dial (receive) or where to listen (send)."],
-        ["key", "k", None, "Tunnel key (16+ characters).  A server without one generates a strong key and logs a client command and --token."],
+        ["key", "k", None, f"Tunnel key: {KEY_RULE} (else refused, see --weak-key).  A server without one generates a strong key and logs a client command and --token."],
         ["token", None, None, "client: a tp1. token from the server's log (server address, key, certificate pin)."],
         ["flow", None, "auto", "server: auto | receive | send; client: auto (follow the server) | local (forward --tunnel to --target, no server)."],
         ["tls", None, "0", "server: 0 plain, 1 self-signed (pinned/channel-bound), 2 --cert/--private-key verified by clients."],
@@ -213,6 +221,17 @@ class Options(usage.Options):
             raise usage.UsageError("--no-tcp 1 and --no-udp 1 leave nothing to tunnel: drop one of them")
         if mode == "client" and self["pin"] is not None and (self["ca"] or self["sni"]):
             raise usage.UsageError("--pin is for tls=1 servers, --ca/--sni for tls=2: give one kind")
+        self._check_key_strength()
+
+    def _check_key_strength(self) -> None:
+        """The one strength check, on the key finally chosen (--key, the
+        environment, a URL or a --token), once --weak-key is known."""
+        self["weak-key"] = self["weak-key"] in (True, 1, "1")  # the flag, or a URL's weakkey=0/1
+        if self["key"] is not None:
+            try:
+                check_key(self["key"], weak_ok=self["weak-key"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
 
     url: str | None = None
 
@@ -234,7 +253,7 @@ class Options(usage.Options):
 def environment_arguments(environ) -> list[str]:
     """``TUNNELPASS_*`` variables as command-line arguments (placed first, so
     flags given on the command line override them)."""
-    known = {ENV_PREFIX + name.upper().replace("-", "_"): name for name in _PARSERS}
+    known = {ENV_PREFIX + name.upper().replace("-", "_"): name for name in (*_PARSERS, *_FLAGS)}
     arguments = []
     for variable in sorted(environ):
         if variable in NP_ALIASES:
@@ -254,6 +273,11 @@ def environment_arguments(environ) -> list[str]:
                 f"unknown environment variable {variable}; known: {', '.join(sorted(known))}"
             )
         value = environ[variable]
+        if name in _FLAGS:
+            if value.lower() not in _FLAG_VALUES:
+                raise usage.UsageError(f"environment variable {variable}: use 1 or 0")
+            arguments += [f"--{name}"] if _FLAG_VALUES[value.lower()] else []
+            continue
         try:
             _PARSERS[name](value)
         except ValueError as e:
@@ -312,6 +336,7 @@ def makeService(options, reactor=None):
         service = make(options, reactor)
         service.setServiceParent(root)
         _metrics(options, service, reactor, root)
+        _weak_key_warning(options, root)
         return root
     from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules
 
@@ -346,6 +371,28 @@ def _metrics(options, service, reactor, root) -> None:
         from tunnelpass.metrics import MetricsService
 
         MetricsService(options["metrics"], service.metrics, reactor).setServiceParent(root)
+
+
+class _StartupWarning(Service):
+    """Logs one warning when the service tree starts, so that it reaches the
+    configured log (text or JSON) next to the other startup lines."""
+
+    log = Logger(namespace="tunnelpass.tap")
+
+    def __init__(self, text: str, **fields):
+        self.text, self.fields = text, fields
+
+    def startService(self):
+        super().startService()
+        self.log.warn(self.text, **self.fields)
+
+
+def _weak_key_warning(options, root) -> None:
+    weakness = options["key"] and options["weak-key"] and key_weakness(options["key"])
+    if weakness:
+        _StartupWarning("--weak-key: running with a weak tunnel key ({weakness}); whoever records one "
+                        "handshake can guess it offline. Better: {advice}", weakness=weakness,
+                        advice=KEY_ADVICE, event="weak_key").setServiceParent(root)
 
 
 def _limiter(options, reactor):

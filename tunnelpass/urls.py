@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import math
 import secrets
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -36,6 +37,7 @@ QUERY_OPTIONS = {
     "notcp": "no-tcp",
     "noudp": "no-udp",
     "proxy": "proxy-protocol",
+    "weakkey": "weak-key",
 }
 
 #: NodePass ``mode=`` numbers per scheme -> ``--flow``.
@@ -68,7 +70,7 @@ def parse_url(text: str) -> dict[str, str]:
     if parts.password is not None:
         raise ValueError("put only the key before '@' (no ':' in it; percent-encode it)")
     if parts.username is not None:
-        options["key"] = check_key(_decoded(unquote(parts.username, errors="strict"), "key"))
+        options["key"] = check_key(_decoded(unquote(parts.username, errors="strict"), "key"), weak_ok=True)
     target = parts.path[1:] if parts.path.startswith("/") else parts.path
     if not target:
         raise ValueError("URL needs the target address as /HOST:PORT")
@@ -97,7 +99,8 @@ def _decoded(text: str, what: str) -> str:
 
 
 def _query_value(scheme: str, name: str, value: str) -> str:
-    table = {"mode": _FLOWS[scheme], "notcp": _BOOLEAN, "noudp": _BOOLEAN, "proxy": _PROXY}.get(name)
+    table = {"mode": _FLOWS[scheme], "notcp": _BOOLEAN, "noudp": _BOOLEAN, "proxy": _PROXY,
+             "weakkey": _BOOLEAN}.get(name)
     if table is None:
         if not value:
             raise ValueError(f"URL query key {name} needs a value")
@@ -126,20 +129,96 @@ def parse_address(text: str, what: str = "address") -> str:
 
 
 # Keys
+#
+# The rule (README "Tunnels", docs/protocol.rst): a key is weak if it has fewer than
+# MIN_DISTINCT different characters or an estimated strength under MIN_BITS.
+# The estimate gives each character log2(N) bits, N being the size of the
+# character classes the key uses (a-z 26, A-Z 26, 0-9 10, anything else
+# 33), and gives nothing to a character that only continues a run
+# ("aaa", "abc", "321") or repeats an earlier stretch of 3 or more
+# characters ("passwordpassword").  Simple enough to explain in an error
+# message; it catches the keys people type, not every guessable one.
 
-def generate_key() -> str:
-    """A fresh tunnel key: 256 random bits, URL-safe."""
-    return secrets.token_urlsafe(32)
+MIN_DISTINCT = 8
+MIN_BITS = 64
+KEY_RULE = f"{MIN_KEY_LENGTH}+ characters, {MIN_DISTINCT}+ different ones and an estimated {MIN_BITS}+ bits"
+KEY_ADVICE = "generate one with 'openssl rand -hex 32', or omit --key on the server to have one generated"
+_CLASSES = (
+    (lambda c: "a" <= c <= "z", 26),
+    (lambda c: "A" <= c <= "Z", 26),
+    (lambda c: "0" <= c <= "9", 10),
+    (lambda c: not (c.isascii() and c.isalnum()), 33),
+)
 
 
-def check_key(key: str) -> str:
-    """Refuse keys an offline guesser could find (see docs/protocol.rst)."""
+def generate_key(token=secrets.token_urlsafe) -> str:
+    """A fresh tunnel key: 256 random bits, URL-safe.
+
+    Drawn again in the (2**-200-ish) case that the random draw looks weak,
+    so a generated key always passes :func:`check_key`; *token* is
+    injectable for tests."""
+    while True:
+        key = token(32)
+        if key_weakness(key) is None:
+            return key
+
+
+def estimated_bits(key: str) -> float:
+    """The strength estimate of the rule above, in bits."""
+    pool = sum(size for member, size in _CLASSES if any(member(c) for c in key))
+    counted, i = 0, 0
+    while i < len(key):
+        repeat = _repeat_length(key, i)
+        if repeat:
+            i += repeat
+            continue
+        if not (i >= 2 and abs(step := ord(key[i]) - ord(key[i - 1])) <= 1
+                and step == ord(key[i - 1]) - ord(key[i - 2])):
+            counted += 1
+        i += 1
+    return counted * math.log2(pool) if counted else 0.0
+
+
+def _repeat_length(key: str, i: int) -> int:
+    """Length of the longest stretch (3+ characters) at *i* that also starts
+    earlier in the key (overlapping allowed, so runs count as repeats)."""
+    length = 0
+    while i + length + 1 <= len(key) and key.find(key[i:i + length + 1], 0, i + length) != -1:
+        length += 1
+    return length if length >= 3 else 0
+
+
+def key_weakness(key: str) -> str | None:
+    """Why *key* is weak under the rule above, or None if it is not."""
+    if len(key) < MIN_KEY_LENGTH:
+        return f"it has {len(key)} characters"
+    distinct = len(set(key))
+    if distinct < MIN_DISTINCT:
+        return f"it has only {distinct} different character{'s' if distinct > 1 else ''}"
+    bits = estimated_bits(key)
+    if bits < MIN_BITS:
+        return f"it is only about {bits:.0f} bits by tunnelpass's estimate"
+    return None
+
+
+def check_key(key: str, weak_ok: bool = False) -> str:
+    """Refuse keys an offline guesser could find (see docs/protocol.rst).
+
+    Empty, short (< MIN_KEY_LENGTH) and overlong keys are always refused;
+    *weak_ok* (``--weak-key``) lets an otherwise weak key through.  Parsers
+    of single sources (URLs, tokens, one option) pass ``weak_ok=True``: the
+    strength check runs once, on the key finally chosen, where
+    ``--weak-key`` is known (``tap.Options``)."""
     if not key:
         raise ValueError("the tunnel key is empty; omit --key to have a strong one generated")
     if len(key) < MIN_KEY_LENGTH:
-        raise ValueError(f"the tunnel key is shorter than {MIN_KEY_LENGTH} characters; use a long random key")
+        raise ValueError(f"the tunnel key is shorter than {MIN_KEY_LENGTH} characters; {KEY_ADVICE}")
     if len(key) > 256:
         raise ValueError("the tunnel key is longer than 256 characters")
+    weakness = None if weak_ok else key_weakness(key)
+    if weakness is not None:
+        raise ValueError(f"the tunnel key is weak: {weakness} (a key needs {KEY_RULE}); {KEY_ADVICE} "
+                         "(--weak-key accepts it anyway)")
     return key
 
 
@@ -188,7 +267,7 @@ def parse_token(token: str) -> dict:
     parse_host(host, "token host")
     if not isinstance(key, str):
         raise ValueError("token has an invalid key")
-    check_key(_decoded(key, "token key"))
+    check_key(_decoded(key, "token key"), weak_ok=True)
     if pin is not None:
         if not isinstance(pin, str) or len(pin) != 64:
             raise ValueError("token has an invalid certificate pin")
