@@ -111,8 +111,9 @@ class Options(usage.Options):
         "over the environment, a URL's values win over flags.  Durations: 500ms, 30s, 10m, 1h."
     )
     optFlags = [
-        ["weak-key", None, f"server/client: accept a --key weaker than the rule ({KEY_RULE}), with a warning "
-                           "at startup (URL weakkey=1, TUNNELPASS_WEAK_KEY=1)."],
+        ["weak-key", None, "server/client: accept a --key that fails the strength rule (8+ different characters, "
+                           "an estimated 64+ bits), with a warning at startup; never one under 16 characters "
+                           "(URL weakkey=1, TUNNELPASS_WEAK_KEY=1)."],
     ]
     optParameters = [
         ["mode", "m", None, "What to run: " + " | ".join(MODES) + " (required)."],
