@@ -295,3 +295,46 @@ class TunnelOptionTests(unittest.TestCase):
         for bad in ("0", "65536", "-1", "1e3", "lots"):
             self.assertUsageError(base + ["--udp-buffer", bad], "--udp-buffer")
         self.assertUsageError(base + ["--no-udp", "yes"], "--no-udp")
+
+
+class ClientLevelAndFlowOptionTests(unittest.TestCase):
+    """--tls and --flow receive|send on the client: what it knows of the server."""
+
+    base = ["--mode", "client", "--tunnel", "h:1", "--target", "127.0.0.1:2"]
+
+    def settings(self, *args):
+        from twisted.internet.testing import MemoryReactorClock
+
+        return tap._client_service(parse(self.base + list(args)), MemoryReactorClock()).settings
+
+    def test_level_unknown_by_default(self):
+        from tunnelpass.client import known_level
+
+        self.assertIsNone(known_level(self.settings("--key", KEY)))
+        self.assertEqual(known_level(self.settings("--key", KEY, "--tls", "0")), 0)
+        self.assertEqual(known_level(self.settings("--key", KEY, "--pin", "sha256:" + "00" * 32)), 1)
+        self.assertEqual(known_level(self.settings("--key", KEY, "--sni", "example.com")), 2)
+
+    def test_token_carries_the_level(self):
+        from tunnelpass.client import known_level
+        from tunnelpass.urls import make_token
+
+        token = make_token("h", 1, KEY, tls=2)
+        options = parse(["--mode", "client", "--token", token, "--target", "127.0.0.1:2"])
+        self.assertEqual(options["tls"], 2)
+        self.assertEqual(known_level(tap._client_service(options, None).settings), 2)
+
+    def test_contradictions(self):
+        for extra in (["--tls", "2", "--pin", "sha256:" + "00" * 32], ["--tls", "1", "--ca", "ca.pem"],
+                      ["--tls", "0", "--sni", "example.com"]):
+            with self.assertRaises(usage.UsageError) as cm:
+                parse(self.base + ["--key", KEY] + extra)
+            self.assertIn("contradicts", str(cm.exception))
+
+    def test_server_default_level_is_plain(self):
+        options = parse(["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--key", KEY])
+        self.assertEqual(tap._server_service(options, None).settings.tls, 0)
+
+    def test_client_may_insist_on_a_flow(self):
+        for flow in ("receive", "send"):
+            self.assertEqual(self.settings("--key", KEY, "--flow", flow).flow, flow)

@@ -123,11 +123,21 @@ class KeyAndTokenTests(unittest.TestCase):
 
     def test_token_round_trip(self):
         key = generate_key()
-        token = make_token("tunnel.example.com", 10101, key, pin=bytes(range(32)))
-        self.assertEqual(parse_token(token),
-                         {"host": "tunnel.example.com", "port": 10101, "key": key, "pin": bytes(range(32))})
+        token = make_token("tunnel.example.com", 10101, key, pin=bytes(range(32)), tls=1)
+        self.assertEqual(parse_token(token), {"host": "tunnel.example.com", "port": 10101, "key": key,
+                                              "pin": bytes(range(32)), "tls": 1})
         self.assertIsNone(parse_token(make_token("::1", 1, key))["pin"])
+        self.assertIsNone(parse_token(make_token("::1", 1, key))["tls"], "tokens without a level still parse")
+        self.assertEqual(parse_token(make_token("::1", 1, key, tls=2))["tls"], 2)
         self.assertNotIn("=", token)
+
+    def test_token_tls_level_validated(self):
+        for body in [b'{"h":"h","p":1,"k":"%s","t":3}', b'{"h":"h","p":1,"k":"%s","t":"1"}',
+                     b'{"h":"h","p":1,"k":"%s","t":true}',
+                     b'{"h":"h","p":1,"k":"%s","t":2,"f":"' + b"00" * 32 + b'"}']:
+            self.assertRaises(ValueError, parse_token, raw_token(body % K.encode()))
+        self.assertRaises(ValueError, make_token, "h", 1, K, bytes(32), tls=2)
+        self.assertRaises(ValueError, make_token, "h", 1, K, tls=5)
 
     def test_damaged_tokens(self):
         good = make_token("h", 1, generate_key())

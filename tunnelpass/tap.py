@@ -131,8 +131,8 @@ class Options(usage.Options):
         ["target", None, None, "server: where users connect (receive flow) or what to dial (send flow); client: what to dial (receive) or where to listen (send)."],
         ["key", "k", None, f"Tunnel key: {KEY_RULE} (else refused, see --weak-key).  A server without one generates a strong key and logs a client command and --token."],
         ["token", None, None, "client: a tp1. token from the server's log (server address, key, certificate pin)."],
-        ["flow", None, "auto", "server: auto | receive | send; client: auto (follow the server) | local (forward --tunnel to --target, no server)."],
-        ["tls", None, "0", "server: 0 plain, 1 self-signed (pinned/channel-bound), 2 --cert/--private-key verified by clients."],
+        ["flow", None, "auto", "server: auto | receive | send; client: auto (follow the server) | receive | send (refuse a server that runs the other flow) | local (forward --tunnel to --target, no server)."],
+        ["tls", None, None, "server: 0 plain (default), 1 self-signed (pinned/channel-bound), 2 --cert/--private-key verified by clients; client: the server's level, if known (default: --pin means 1, --ca/--sni 2, a token says; else learned from the server, never fixed by what an unauthenticated peer says)."],
         ["cert", None, None, "server --tls 2: certificate chain (PEM)."],
         ["private-key", None, None, "server --tls 2: private key (PEM) of --cert."],
         ["state-dir", None, None, "server --tls 1: keep the self-signed certificate here so its fingerprint survives restarts."],
@@ -202,9 +202,11 @@ class Options(usage.Options):
             self["key"] = token["key"]
             if token["pin"] is not None and self["pin"] is None:
                 self["pin"] = token["pin"]
+            if token["tls"] is not None and self["tls"] is None:
+                self["tls"] = token["tls"]
         if self["tunnel"] is None or self["target"] is None:
             raise usage.UsageError(f"--mode {mode} needs --tunnel HOST:PORT and --target HOST:PORT (or a URL)")
-        flows = ("auto", "receive", "send") if mode == "server" else ("auto", "local", "tunnel")
+        flows = ("auto", "receive", "send") if mode == "server" else ("auto", "receive", "send", "local", "tunnel")
         if "," in self["target"] and mode == "server" and self["flow"] == "receive":
             raise usage.UsageError("a target group (several --target addresses) is dialled, never listened on: "
                                    "use --flow send (or auto)")
@@ -220,6 +222,9 @@ class Options(usage.Options):
             raise usage.UsageError("--accept-proxy is for --mode server and --mode forward")
         if self["no-tcp"] and self["no-udp"]:
             raise usage.UsageError("--no-tcp 1 and --no-udp 1 leave nothing to tunnel: drop one of them")
+        if mode == "client" and self["tls"] is not None and (
+                (self["pin"] is not None and self["tls"] != 1) or ((self["ca"] or self["sni"]) and self["tls"] != 2)):
+            raise usage.UsageError(f"--tls {self['tls']} contradicts --pin (tls=1) or --ca/--sni (tls=2)")
         if mode == "client" and self["pin"] is not None and (self["ca"] or self["sni"]):
             raise usage.UsageError("--pin is for tls=1 servers, --ca/--sni for tls=2: give one kind")
         self._check_key_strength()
@@ -421,7 +426,7 @@ def _server_service(options, reactor):
     key = options["key"]
     settings = ServerSettings(
         tunnel_host=tunnel_host, tunnel_port=tunnel_port, target_host=target_host, target_port=target_port,
-        key=key or generate_key(), key_generated=key is None, flow=options["flow"], tls=options["tls"],
+        key=key or generate_key(), key_generated=key is None, flow=options["flow"], tls=options["tls"] or 0,
         cert=options["cert"], private_key=options["private-key"], state_dir=options["state-dir"],
         max_pool=options["max-pool"], pool_timeout=options["pool-timeout"],
         handshake_timeout=options["handshake-timeout"], heartbeat=options["report-interval"] or 5.0,
@@ -441,7 +446,7 @@ def _client_service(options, reactor):
     target_host, target_port = targets[0]
     settings = ClientSettings(
         server_host=server_host, server_port=server_port, target_host=target_host, target_port=target_port,
-        key=options["key"] or "", flow=options["flow"], min_pool=options["min-pool"],
+        key=options["key"] or "", flow=options["flow"], tls=options["tls"], min_pool=options["min-pool"],
         max_pool=options["max-pool"], pin=options["pin"], ca=options["ca"], sni=options["sni"],
         pool_timeout=options["pool-timeout"], handshake_timeout=options["handshake-timeout"],
         connect_timeout=options["connect-timeout"], report_interval=options["report-interval"],

@@ -227,8 +227,9 @@ def check_key(key: str, weak_ok: bool = False) -> str:
 _TOKEN_PREFIX = "tp1."
 
 
-def make_token(host: str, port: int, key: str, pin: bytes | None = None) -> str:
-    """One copy-pasteable string with the server address, key and pin."""
+def make_token(host: str, port: int, key: str, pin: bytes | None = None, tls: int | None = None) -> str:
+    """One copy-pasteable string with the server address, key, TLS level
+    and (tls=1) certificate pin."""
     parse_host(host, "token host")
     if type(port) is not int or not 1 <= port <= 65535:
         raise ValueError("token port must be 1..65535")
@@ -238,6 +239,10 @@ def make_token(host: str, port: int, key: str, pin: bytes | None = None) -> str:
         if not isinstance(pin, bytes) or len(pin) != 32:
             raise ValueError("a certificate pin is 32 bytes (SHA-256)")
         body["f"] = pin.hex()
+    if tls is not None:
+        if tls not in (0, 1, 2) or (pin is not None and tls != 1):
+            raise ValueError("a token's TLS level is 0, 1 or 2 (a pin goes with 1)")
+        body["t"] = tls
     raw = json.dumps(body, separators=(",", ":")).encode()
     return _TOKEN_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -250,7 +255,8 @@ def _no_duplicates(pairs):
 
 
 def parse_token(token: str) -> dict:
-    """``{"host", "port", "key", "pin" (bytes or None)}`` from a token."""
+    """``{"host", "port", "key", "pin" (bytes or None), "tls" (0-2 or None)}``
+    from a token."""
     if not isinstance(token, str) or not token.startswith(_TOKEN_PREFIX) or len(token) > MAX_TOKEN:
         raise ValueError("not a tunnelpass token (they start with 'tp1.')")
     encoded = token[len(_TOKEN_PREFIX):]
@@ -259,9 +265,9 @@ def parse_token(token: str) -> dict:
         body = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError("token is damaged (copy it again whole)") from None
-    if not isinstance(body, dict) or set(body) - {"h", "p", "k", "f"} or not {"h", "p", "k"} <= set(body):
+    if not isinstance(body, dict) or set(body) - {"h", "p", "k", "f", "t"} or not {"h", "p", "k"} <= set(body):
         raise ValueError("token has unexpected contents")
-    host, port, key, pin = body["h"], body["p"], body["k"], body.get("f")
+    host, port, key, pin, tls = body["h"], body["p"], body["k"], body.get("f"), body.get("t")
     if not isinstance(host, str) or type(port) is not int or not 1 <= port <= 65535:
         raise ValueError("token has an invalid server address")
     parse_host(host, "token host")
@@ -275,4 +281,6 @@ def parse_token(token: str) -> dict:
             pin = bytes.fromhex(pin)
         except ValueError:
             raise ValueError("token has an invalid certificate pin") from None
-    return {"host": host, "port": port, "key": key, "pin": pin}
+    if tls is not None and (type(tls) is not int or tls not in (0, 1, 2) or (pin is not None and tls != 1)):
+        raise ValueError("token has an invalid TLS level")
+    return {"host": host, "port": port, "key": key, "pin": pin, "tls": tls}

@@ -69,6 +69,9 @@ class ForgingRelay:
                     downstream = self.tls.wrap_socket(downstream, server_side=True)
                 downstream.recv(4096)  # the HELLO
                 downstream.sendall(FORGED_TLS_REQUIRED)
+                if is_tls:
+                    time.sleep(0.2)  # let the client read the record before the close
+                    downstream.unwrap()
                 downstream.close()
                 return
             upstream = socket.create_connection(("127.0.0.1", self.server_port))
@@ -100,6 +103,7 @@ class ForgedTLSLevelTests(unittest.TestCase):
         tunnel.start_client(tunnel_port=relay.port, ready=None)
         tunnel.client.wait_for_log("connected to", timeout=20)
         self.elapsed = time.monotonic() - started
+        tunnel.wait_pool()
         return tunnel, relay
 
     def test_forged_answer_to_every_plain_hello(self):
@@ -111,6 +115,7 @@ class ForgedTLSLevelTests(unittest.TestCase):
     def test_forged_answer_inside_tls(self):
         tunnel, relay = self.connect_through(forge_plain=False, forge_tls=1)
         self.assertEqual(relay.forged["tls"], 1)
+        self.assertIn("the server says it requires TLS level 2", tunnel.client.log(), "the forgery was read")
         self.assertEqual(b"pong", _round_trip(tunnel.entry, b"pong"))
 
     def test_a_client_told_the_level_ignores_forgeries(self):
