@@ -52,6 +52,8 @@ from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats, tunnel_fields
+from tunnelpass.fdbudget import Descriptors, ran_out
+from tunnelpass.fdport import listen_tcp
 from tunnelpass.forward import raise_fd_limit
 from tunnelpass.server import listen_error
 from tunnelpass.settings import format_address
@@ -277,6 +279,9 @@ class TunnelClient(Service):
         self.udp_egress = UDPEgress(reactor, "target", targets, settings.limits, self.udp_stats,
                                     settings.udp_buffer, clock=self.clock, tcp_factory=self.target_factory,
                                     enabled=settings.udp)
+        self.descriptors = Descriptors(self.clock)
+        self.pool_bound = settings.max_pool  # --max-pool within the open-files budget (set at startup)
+        self.target_factory.descriptors = self.udp_egress.descriptors = self.descriptors
         self._loops: list[LoopingCall] = []
         self.service = None
         self.signals = Signals(reactor)
@@ -326,7 +331,8 @@ class TunnelClient(Service):
         return self._backoff(attempts + self.failures)
 
     def privilegedStartService(self) -> None:
-        raise_fd_limit()
+        self.descriptors.set_limit(raise_fd_limit())
+        self.pool_bound = self.descriptors.pool_bound(self.settings.max_pool)
         # Before anything is bound: a SIGTERM that arrives while starting up
         # (before the reactor runs) must still mean an orderly exit 0.  The
         # reactor installs its own handlers when it starts; ours go back on
@@ -343,11 +349,13 @@ class TunnelClient(Service):
             self.local_factory = self.target_factory
             try:
                 if s.tcp:
-                    self.listening_port = self.reactor.listenTCP(s.server_port, self.local_factory,
-                                                                 LISTEN_BACKLOG, s.server_host)
+                    self.listening_port = listen_tcp(self.reactor, s.server_port, self.local_factory,
+                                                     LISTEN_BACKLOG, s.server_host, self.descriptors, self.stats,
+                                                     "local")
                 if s.udp:
                     relay = UDPForwardProtocol(self.reactor, "local", s.target_host, s.target_port, s.limits,
                                                self.udp_stats, clock=self.clock)
+                    relay.descriptors = self.descriptors
                     self.udp_port = listen_udp(self.reactor, s.server_host, s.server_port, relay,
                                                beside=self.listening_port)
             except CannotListenError as e:
@@ -382,6 +390,10 @@ class TunnelClient(Service):
         self._every(1.0, self.fill)
         self.log.info("client running: server {server}, target {target}", event="client_running",
                       server=format_address(s.server_host, s.server_port), target=format_address(s.target_host, s.target_port))
+        if self.pool_bound < s.max_pool:
+            self.log.info("idle pool bounded to {bound} connections (a quarter of the open-files limit "
+                          "{limit}; --max-pool {max_pool})", bound=self.pool_bound,
+                          limit=self.descriptors.limit, max_pool=s.max_pool, event="pool_fd_bound")
 
     def _every(self, interval, function) -> None:
         loop = LoopingCall(function)
@@ -423,7 +435,7 @@ class TunnelClient(Service):
         self.server_address = (peer.host, peer.port)
         self.policy = PoolPolicy(self.clock, min(self.settings.min_pool, self.settings.max_pool),
                                  self.settings.max_pool)
-        self.policy.limit_max_pool(config.max_pool)
+        self.policy.limit_max_pool(min(config.max_pool, self.pool_bound))
         self.pool = IdlePool(self.clock, self.policy.max_pool, self._want_more, timeout=self.settings.pool_timeout)
         self.flow = flow
         self.retiring: set[bytes] = set()
@@ -457,7 +469,8 @@ class TunnelClient(Service):
                                   self.stats, clock=self.clock, zero_copy=s.zero_copy)
         try:
             if s.tcp:
-                self.listening_port = self.reactor.listenTCP(s.target_port, factory, LISTEN_BACKLOG, s.target_host)
+                self.listening_port = listen_tcp(self.reactor, s.target_port, factory, LISTEN_BACKLOG, s.target_host,
+                                                 self.descriptors, self.stats, "listen")
             if s.udp:
                 ingress = UDPIngress("listen", self.clock, s.limits, self.udp_stats, s.udp_buffer,
                                      factory.current_pool, self._claim_for_datagrams,
@@ -580,12 +593,17 @@ class TunnelClient(Service):
                 if conn_id not in self.retiring:
                     self.retiring.add(conn_id)
                     self.control.retire(conn_id)
-        for _ in range(self.policy.to_dial(len(self.pool.idle), self.dialing)):
+        count = self.policy.to_dial(len(self.pool.idle), self.dialing)
+        # Each pool connection, and the leg it will need once a user takes
+        # it, must fit in the open-files limit next to the users' own.
+        room = self.descriptors.dial_allowance(len(self.pool.idle) + self.dialing) if count else None
+        for _ in range(count if room is None else min(count, room)):
             self._dial_one()
 
     def _dial_one(self) -> None:
         self.counter += 1
         self.dialing += 1
+        self.descriptors.spend(1)
         conn_id = os.urandom(ID)
         # Straight to the address the control connection reached (no name
         # lookup per pool connection, and the same server behind a DNS
@@ -598,6 +616,9 @@ class TunnelClient(Service):
 
     def pool_dial_failed(self, conn_id: bytes, reason) -> None:
         self.dialing -= 1
+        code = ran_out(reason)
+        if code is not None:
+            self.descriptors.ran_out("dial", code, listener="pool")
         self.log.debug("pool connection failed: {error}", error=reason.getErrorMessage())
 
     def pool_connected(self, connection: PoolConnection) -> None:
@@ -626,7 +647,7 @@ class TunnelClient(Service):
             Sample("pool_target", "gauge", "idle pool connections the client aims for",
                    policy.target if policy else 0),
             Sample("pool_dialing", "gauge", "pool connections being dialled", self.dialing),
-        ] + rate_samples(self.settings.limits.limiter)
+        ] + self.descriptors.samples(pool=self.pool_bound) + rate_samples(self.settings.limits.limiter)
 
     def report(self, final: bool = False) -> None:
         fields = tunnel_fields(self.stats, self.udp_stats)

@@ -21,6 +21,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from tunnelpass.fdbudget import Descriptors
+from tunnelpass.fdport import listen_tcp
 from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.signals import Signals
@@ -55,7 +57,8 @@ def load_rules(path: str) -> list[Rule]:
 
 
 def raise_fd_limit() -> int:
-    """Lift the soft open-files limit to the hard one.
+    """Lift the soft open-files limit to the hard one; return the soft limit
+    now in force (what :class:`~tunnelpass.fdbudget.Descriptors` budgets).
 
     Each relayed TCP connection needs two descriptors (and a UDP session
     one); the common soft default of 1024 would cap a forwarder at ~500
@@ -94,8 +97,9 @@ class ListenerService(Service):
     """One listening endpoint of one rule and the relays it has accepted."""
 
     def __init__(self, endpoint: Endpoint, rule: Rule, defaults: Limits, reactor,
-                 zero_copy: bool = True):
+                 zero_copy: bool = True, descriptors: Descriptors | None = None):
         self.endpoint = endpoint
+        self.descriptors = descriptors
         self.name = str(endpoint)
         self.reactor = reactor
         self.stats = ListenerStats()
@@ -111,6 +115,7 @@ class ListenerService(Service):
             self.relay = UDPForwardProtocol(
                 reactor, self.name, rule.remote_host, rule.remote_port, limits, self.stats
             )
+        self.relay.descriptors = descriptors
 
     def update(self, rule: Rule, defaults: Limits) -> bool:
         """Adopt *rule*'s remote and limits; return whether anything changed."""
@@ -127,7 +132,8 @@ class ListenerService(Service):
         if self.port is None:
             host, port = self.endpoint.host, self.endpoint.port
             if self.endpoint.protocol == "tcp":
-                self.port = self.reactor.listenTCP(port, self.relay, LISTEN_BACKLOG, host)
+                self.port = listen_tcp(self.reactor, port, self.relay, LISTEN_BACKLOG, host,
+                                       self.descriptors, self.stats, self.name)
             else:
                 self.port = self.reactor.listenUDP(port, self.relay, host, MAX_DATAGRAM)
         super().privilegedStartService()
@@ -168,13 +174,14 @@ class ForwarderService(MultiService):
         self._config_stamp = self._stamp()
         self._timers: list[LoopingCall] = []
         self.signals = Signals(reactor)
+        self.descriptors = Descriptors(reactor)
         self.reloads = 0
         for endpoint, rule in _endpoints(rules):
             self._new_listener(endpoint, rule).setServiceParent(self)
 
     def _new_listener(self, endpoint: Endpoint, rule: Rule) -> ListenerService:
         return ListenerService(endpoint, rule, self.settings.defaults, self.reactor,
-                               zero_copy=self.settings.zero_copy)
+                               zero_copy=self.settings.zero_copy, descriptors=self.descriptors)
 
     def listeners(self) -> list[ListenerService]:
         return list(self) + list(self.retiring)
@@ -186,10 +193,10 @@ class ForwarderService(MultiService):
             samples += listener_samples(listener.stats, {"listener": str(listener.endpoint),
                                                           "remote": listener.rule.remote})
         samples.append(Sample("reloads", "counter", "rules reloads applied", self.reloads))
-        return samples + rate_samples(self.settings.defaults.limiter)
+        return samples + self.descriptors.samples() + rate_samples(self.settings.defaults.limiter)
 
     def privilegedStartService(self) -> None:
-        raise_fd_limit()
+        self.descriptors.set_limit(raise_fd_limit())
         # Before anything is bound: a SIGTERM that arrives while starting up
         # (before the reactor runs) must still mean an orderly exit 0.  The
         # reactor installs its own handlers when it starts; ours go back on

@@ -21,7 +21,8 @@ PREFIX = "tunnelpass_"
 #: with Prometheus' ``_total`` suffix.
 LISTENER_METRICS = {
     "accepted": ("connections_accepted", "counter", "TCP connections accepted"),
-    "refused": ("connections_refused", "counter", "TCP connections refused (limits, untrusted PROXY sources)"),
+    "refused": ("connections_refused", "counter", "TCP connections refused (limits, untrusted PROXY sources, "
+                 "no file descriptor for them or their leg)"),
     "active": ("connections_active", "gauge", "TCP connections being relayed"),
     "connect_failures": ("connect_failures", "counter",
                          "connections that could not reach their remote or a pool connection"),

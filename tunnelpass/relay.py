@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from tunnelpass.fdbudget import ran_out
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyaccept import ProxyHeaderProtocol
 from tunnelpass.targets import TargetGroup
@@ -279,6 +280,16 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
         self._pending = None
         if self.closed:
             return
+        code = ran_out(reason)
+        if code is not None:
+            # Not the remote's fault: this process had no descriptor for the
+            # leg.  The user is refused, and the budget says so loudly.
+            self.stats.refused += 1
+            descriptors = self.factory.descriptors
+            if descriptors is not None:
+                descriptors.ran_out("dial", code, lost=1, listener=self.factory.name)
+            self.transport.loseConnection()
+            return
         self.stats.connect_failures += 1
         self.factory.log.debug(
             "{listener}: cannot reach {remote}: {reason}",
@@ -353,6 +364,8 @@ class TCPForwardFactory(ServerFactory):
     log = Logger(namespace="tunnelpass.forward")
     #: UDP sessions sharing this listener's limit (a tunnel's --slot counts both).
     udp_sessions = ()
+    #: The process's :class:`~tunnelpass.fdbudget.Descriptors`, if its owner set one.
+    descriptors = None
     #: The option that sets ``limits.max_conns``, for the refusal warning.
     limit_name = "max-conns"
 
@@ -397,7 +410,9 @@ class TCPForwardFactory(ServerFactory):
         timeout = self.limits.connect_timeout
 
         def failed(reason):
-            if inbound.closed:  # the user hung up: says nothing about the target
+            if inbound.closed or ran_out(reason) is not None:
+                # The user hung up, or this process is out of descriptors:
+                # says nothing about the target.
                 inbound.connect_failed(reason)
                 return
             group.failed(index)
@@ -409,6 +424,8 @@ class TCPForwardFactory(ServerFactory):
         def succeeded():
             group.succeeded(index)
 
+        if self.descriptors is not None:
+            self.descriptors.spend(1)  # the leg's socket, until the next recount
         if literal[index]:
             factory = _OutboundFactory(inbound, greeting, failed, succeeded)
             return self.reactor.connectTCP(host, port, factory, timeout=timeout)

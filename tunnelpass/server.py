@@ -53,6 +53,8 @@ from tunnelpass.pool import IdlePool
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats, tunnel_fields
+from tunnelpass.fdbudget import Descriptors
+from tunnelpass.fdport import listen_tcp
 from tunnelpass.forward import cannot_listen, file_stamp, raise_fd_limit
 from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
@@ -114,7 +116,7 @@ class ServerSession:
         self.control = control
         self.session = control.session
         self.authenticator = PoolAuthenticator(self.session, b"")  # per-connection fingerprint in verify()
-        self.pool = IdlePool(server.clock, server.settings.max_pool, self._want_more,
+        self.pool = IdlePool(server.clock, server.pool_bound, self._want_more,
                              timeout=server.settings.pool_timeout)
         control.on_retire = self.retire
 
@@ -439,11 +441,14 @@ class TunnelServer(Service):
         self._loops: list[LoopingCall] = []
         self._orphans: list = []  # users waiting for a pool while no session is up
         self.signals = Signals(reactor)
+        self.descriptors = Descriptors(self.clock)
+        self.pool_bound = settings.max_pool  # --max-pool within the open-files budget (set at startup)
 
     # Startup
 
     def privilegedStartService(self) -> None:
-        raise_fd_limit()
+        self.descriptors.set_limit(raise_fd_limit())
+        self.pool_bound = self.descriptors.pool_bound(self.settings.max_pool)
         # Before anything is bound: a SIGTERM that arrives while starting up
         # (before the reactor runs) must still mean an orderly exit 0.  The
         # reactor installs its own handlers when it starts; ours go back on
@@ -455,8 +460,8 @@ class TunnelServer(Service):
             raise SystemExit(f"tunnelpass: {e}") from None
         s = self.settings
         try:
-            self.tunnel_port = self.reactor.listenTCP(s.tunnel_port, _GateFactory(self), LISTEN_BACKLOG,
-                                                      s.tunnel_host)
+            self.tunnel_port = listen_tcp(self.reactor, s.tunnel_port, _GateFactory(self), LISTEN_BACKLOG,
+                                          s.tunnel_host, self.descriptors, name="tunnel")
         except CannotListenError as e:
             raise SystemExit(f"tunnelpass: {listen_error('--tunnel', s.tunnel_host, s.tunnel_port, e)}") from None
         relay_args = (self.reactor, "target", s.target_host, s.target_port, s.limits, self.stats)
@@ -485,8 +490,10 @@ class TunnelServer(Service):
             self.target_factory.limit_name = "slot"
             self.udp_egress = UDPEgress(self.reactor, "target", targets, s.limits, self.udp_stats, s.udp_buffer,
                                         clock=self.clock, tcp_factory=self.target_factory, enabled=s.udp)
+            self.udp_egress.descriptors = self.descriptors
+        self.target_factory.descriptors = self.descriptors
         self.session_config = SessionConfig(
-            flow=FLOWS[self.flow], tls=s.tls, max_pool=min(s.max_pool, 0xFFFF),
+            flow=FLOWS[self.flow], tls=s.tls, max_pool=min(self.pool_bound, 0xFFFF),
             heartbeat_ms=max(100, min(600_000, int(s.heartbeat * 1000))),
         )
         super().privilegedStartService()
@@ -500,7 +507,8 @@ class TunnelServer(Service):
             self, self.reactor, "target", s.target_host, s.target_port, public_limits, self.stats,
             clock=self.clock, zero_copy=s.zero_copy)
         if s.tcp:
-            self.target_port = self.reactor.listenTCP(s.target_port, factory, LISTEN_BACKLOG, s.target_host)
+            self.target_port = listen_tcp(self.reactor, s.target_port, factory, LISTEN_BACKLOG, s.target_host,
+                                          self.descriptors, self.stats, "target")
         if s.udp:
             self.udp_ingress = UDPIngress(
                 "target", self.clock, s.limits, self.udp_stats, s.udp_buffer, factory.current_pool,
@@ -561,6 +569,10 @@ class TunnelServer(Service):
             pin=f", certificate {tlsmod.format_pin(self.fingerprint)}" if s.tls else "",
             event="server_running",
         )
+        if self.pool_bound < s.max_pool:
+            self.log.info("idle pool bounded to {bound} connections (a quarter of the open-files limit "
+                          "{limit}; --max-pool {max_pool})", bound=self.pool_bound,
+                          limit=self.descriptors.limit, max_pool=s.max_pool, event="pool_fd_bound")
         if s.key_generated:
             self._log_client_command()
 
@@ -671,7 +683,7 @@ class TunnelServer(Service):
                    self.guard.bans),
             Sample("rtt_seconds", "gauge", "control channel round-trip time (NaN before the first PONG)",
                    rtt if rtt is not None else float("nan")),
-        ] + rate_samples(self.settings.limits.limiter)
+        ] + self.descriptors.samples(pool=self.pool_bound) + rate_samples(self.settings.limits.limiter)
 
     def reload_certificate(self) -> bool:
         """tls=2: adopt the cert/key files if they changed and are a valid pair."""

@@ -137,13 +137,13 @@ class Twistd:
 class Forwarder(Twistd):
     """A ``twistd tunnelpass --mode forward`` subprocess."""
 
-    def __init__(self, testcase, rules: str, *args: str, wait: bool = True):
+    def __init__(self, testcase, rules: str, *args: str, wait: bool = True, prefix: tuple = ()):
         directory = os.path.abspath(testcase.mktemp())
         os.makedirs(directory)
         self.config = os.path.join(directory, "rules.conf")
         self.write_rules(rules)
         super().__init__(testcase, ["--mode", "forward", "--config", self.config, *args],
-                         ready="forwarder running" if wait else None, directory=directory)
+                         ready="forwarder running" if wait else None, directory=directory, prefix=prefix)
 
     def write_rules(self, rules: str) -> None:
         tmp = self.config + ".tmp"

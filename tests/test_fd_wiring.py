@@ -1,0 +1,117 @@
+"""The descriptor budget where connections are dialled and pools are sized:
+a target dial that gets EMFILE refuses its user (not a connect failure,
+not a failed target); the client dials no more pool connections than the
+budget allows; the server's idle pool is bounded by the open-files limit."""
+
+import errno
+
+from twisted.internet.error import ConnectBindError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from tests.helpers import RelayTransport
+from tests.test_server import KEY, authenticate
+from tunnelpass import server as servermod
+from tunnelpass.client import ClientSettings, TunnelClient
+from tunnelpass.fdbudget import Descriptors
+from tunnelpass.pool import IdlePool
+from tunnelpass.poolpolicy import PoolPolicy
+from tunnelpass.relay import TCPForwardFactory
+from tunnelpass.rules import Limits
+from tunnelpass.server import ServerSettings, TunnelServer
+
+
+def emfile():
+    return Failure(ConnectBindError(errno.EMFILE, "Too many open files"))
+
+
+class DialTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.factory = TCPForwardFactory(self.reactor, "target", "127.0.0.1", 1, Limits(connect_timeout=3),
+                                         remotes=[("127.0.0.1", 1), ("127.0.0.1", 2)])
+        self.descriptors = self.factory.descriptors = Descriptors(self.reactor, limit=1024, count=lambda: 10)
+
+    def accept(self):
+        inbound = self.factory.buildProtocol(None)
+        transport = RelayTransport()
+        inbound.makeConnection(transport)
+        return inbound, transport
+
+    def test_emfile_on_the_target_dial_refuses_the_user(self):
+        inbound, transport = self.accept()
+        self.reactor.tcpClients[0][2].clientConnectionFailed(None, emfile())
+        stats = self.factory.stats
+        self.assertEqual((stats.refused, stats.connect_failures), (1, 0))
+        self.assertEqual(self.descriptors.exhausted["dial"], 1)
+        self.assertEqual(self.descriptors.refused, 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_emfile_says_nothing_about_the_target(self):
+        self.accept()
+        self.reactor.tcpClients[0][2].clientConnectionFailed(None, emfile())
+        self.assertEqual(len(self.reactor.tcpClients), 1, "no failover: the next target would fail the same")
+        self.assertTrue(self.factory.group.healthy(0), "the target is not put in a cool-down")
+
+    def test_dials_are_spent_from_the_budget(self):
+        self.descriptors.open_now()
+        self.accept()
+        self.assertEqual(self.descriptors.open_now(), 11)
+
+
+class ClientPoolTests(unittest.TestCase):
+    def make_client(self, open_now):
+        reactor = MemoryReactorClock()
+        client = TunnelClient(ClientSettings("127.0.0.1", 1, "127.0.0.1", 2, key=KEY, min_pool=64), reactor)
+        client.descriptors = Descriptors(reactor, limit=100, count=lambda: open_now)
+        client.session = object()
+        client.policy = PoolPolicy(reactor, 64, 1024)
+        client.pool = IdlePool(reactor, 1024, lambda n: None)
+        client.server_address = ("127.0.0.1", 1)
+        client.flow = "receive"
+        return client, reactor
+
+    def test_pool_dials_stop_at_the_descriptor_budget(self):
+        client, reactor = self.make_client(open_now=50)
+        client.fill()
+        # (100 - 4 reserved - 50 open) // 2: each needs a leg when used.
+        self.assertEqual(len(reactor.tcpClients), 23)
+        client.fill()
+        self.assertEqual(len(reactor.tcpClients), 23, "the dials in flight are counted")
+
+    def test_plenty_of_descriptors_leaves_the_policy_alone(self):
+        client, reactor = self.make_client(open_now=10)
+        client.descriptors.set_limit(100000)
+        client.fill()
+        self.assertEqual(len(reactor.tcpClients), 64)
+
+    def test_a_pool_dial_without_a_descriptor_is_counted(self):
+        client, reactor = self.make_client(open_now=10)
+        client.fill()
+        client.pool_dial_failed(b"id", emfile())
+        self.assertEqual(client.descriptors.exhausted["dial"], 1)
+
+
+class ServerPoolTests(unittest.TestCase):
+    def start(self, limit, max_pool=1024):
+        self.patch(servermod, "raise_fd_limit", lambda: limit)
+        settings = ServerSettings(tunnel_host="127.0.0.1", tunnel_port=0, target_host="127.0.0.1", target_port=0,
+                                  key=KEY, max_pool=max_pool, udp=False, report_interval=0)
+        server = TunnelServer(settings, MemoryReactorClock())
+        server.privilegedStartService()
+        self.addCleanup(server.signals.restore)
+        return server
+
+    def test_idle_pool_bounded_by_the_open_files_limit(self):
+        server = self.start(1024)
+        self.assertEqual(server.pool_bound, 256)
+        self.assertEqual(server.session_config.max_pool, 256, "WELCOME tells the client")
+        authenticate(server)
+        self.assertEqual(server.session.pool.max_size, 256)
+        names = {sample.name: sample.value for sample in server.metrics()}
+        self.assertEqual((names["fd_limit"], names["pool_fd_bound"]), (1024, 256))
+
+    def test_a_lower_max_pool_is_kept(self):
+        server = self.start(1024, max_pool=100)
+        self.assertEqual(server.session_config.max_pool, 100)
