@@ -5,7 +5,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
-from tunnelpass.sessiontable import ACTIVE_WINDOW, EVICTION_LOG_INTERVAL, SessionTable
+from tunnelpass.sessiontable import ACTIVE_WINDOW, EVICTION_LOG_INTERVAL, REPLY_WAIT, SessionTable
 from tunnelpass.stats import ListenerStats
 
 
@@ -61,7 +61,7 @@ class SessionTableTests(unittest.TestCase):
         self.table.replied(c, self.clock.seconds())
         self.clock.advance(0.1)
         self.table.replied(b, self.clock.seconds())
-        self.clock.advance(ACTIVE_WINDOW + 0.1)
+        self.clock.advance(REPLY_WAIT + 0.1)
         # a and d never had a reply; a is the oldest of all, but c (answered,
         # quiet longest among the answered) goes first.
         self.assertIs(self.table.victim(), c)
@@ -76,6 +76,18 @@ class SessionTableTests(unittest.TestCase):
         self.table.touch(d, self.clock.seconds())
         self.assertIsNone(self.table.victim(), "every session active within the window")
 
+    def test_a_session_awaiting_its_reply_is_active_longer(self):
+        waiting, answered = self.add("waiting", "answered")
+        self.table.replied(answered, self.clock.seconds())
+        self.clock.advance(ACTIVE_WINDOW)
+        self.assertIs(self.table.victim(), answered)
+        self.table.touch(answered, self.clock.seconds())
+        self.assertIsNone(self.table.victim(), "quiet for ACTIVE_WINDOW, but no reply yet: may be coming")
+        self.assertFalse(self.table.make_room(self.full(2)))
+        self.clock.advance(REPLY_WAIT - ACTIVE_WINDOW)
+        self.table.touch(answered, self.clock.seconds())
+        self.assertIs(self.table.victim(), waiting, "no reply within REPLY_WAIT")
+
     def test_replied_moves_a_waiting_session_to_the_answered(self):
         a, b = self.add("a", "b")
         self.clock.advance(ACTIVE_WINDOW)
@@ -85,7 +97,7 @@ class SessionTableTests(unittest.TestCase):
 
     def test_make_room_evicts_only_what_is_needed(self):
         sessions = self.add(*range(5))
-        self.clock.advance(ACTIVE_WINDOW)
+        self.clock.advance(REPLY_WAIT)
         self.assertTrue(self.table.make_room(self.full(5)))
         self.assertEqual([s.closed for s in sessions], [True, False, False, False, False])
         self.assertTrue(self.table.make_room(self.full(2)), "a lowered limit: several go")
@@ -96,6 +108,8 @@ class SessionTableTests(unittest.TestCase):
 
     def test_full_of_active_sessions_refuses(self):
         sessions = self.add(*range(3))
+        for session in sessions:
+            self.table.replied(session, self.clock.seconds())
         self.clock.advance(ACTIVE_WINDOW / 2)
         self.assertFalse(self.table.make_room(self.full(3)))
         self.assertEqual((self.stats.udp_evictions, [s.closed for s in sessions]), (0, [False] * 3))

@@ -13,12 +13,12 @@ from tunnelpass import udptunnel
 from tunnelpass.datagrams import DatagramDecoder, frame
 from tunnelpass.pool import IdlePool
 from tunnelpass.rules import Limits
-from tunnelpass.sessiontable import ACTIVE_WINDOW
+from tunnelpass.sessiontable import ACTIVE_WINDOW, ALL_ACTIVE, REPLY_WAIT
 from tunnelpass.stats import ListenerStats
 from tunnelpass.udp import UDPForwardProtocol
 from tunnelpass.udptunnel import UDPEgress, UDPIngress
 
-QUIET = ACTIVE_WINDOW + 0.1  # long enough to be evictable
+QUIET = REPLY_WAIT + 0.1  # long enough for any session to be evictable
 
 
 def user(port: int) -> tuple:
@@ -136,8 +136,28 @@ class IngressEvictionTests(unittest.TestCase):
         with capturedLogs() as events:
             listener.datagramReceived(b"x", user(2))
         (event,) = [e for e in events if e["log_level"] == LogLevel.warn]
-        self.assertIn(f"max-sessions 1 reached and every UDP session active within {ACTIVE_WINDOW}s, "
-                      "refused 1 UDP session(s)", formatEvent(event))
+        self.assertIn(f"max-sessions 1 reached and {ALL_ACTIVE}, refused 1 UDP session(s)", formatEvent(event))
+
+    def test_a_session_awaiting_its_reply_is_refused_for_not_evicted(self):
+        """Quiet for ACTIVE_WINDOW but still without its reply: the new
+        session is refused (the reply may be on its way); after REPLY_WAIT
+        it is evicted."""
+        self.idle(3)
+        listener = self.listener(Limits(udp_idle=60.0, max_sessions=1, max_conns=100))
+        listener.datagramReceived(b"query", user(1))
+        self.clock.advance(ACTIVE_WINDOW + 0.1)
+        listener.datagramReceived(b"x", user(2))
+        self.assertFalse(self.connections[0].transport.disconnecting)
+        self.assertEqual(self.counters(), {"sessions": 1, "opened": 1, "evicted": 0, "refused": 1, "drops": 1})
+        self.connections[0].protocol.dataReceived(frame(b"late answer"))
+        self.assertEqual(listener.transport.written, [(b"late answer", user(1))])
+        self.clock.advance(ACTIVE_WINDOW)  # answered and quiet now
+        listener.datagramReceived(b"x", user(2))
+        self.assertTrue(self.connections[0].transport.disconnecting)
+        self.clock.advance(REPLY_WAIT)  # user 2 never had a reply: evictable after REPLY_WAIT
+        listener.datagramReceived(b"x", user(3))
+        self.assertTrue(self.connections[1].transport.disconnecting)
+        self.assertEqual(self.counters(), {"sessions": 1, "opened": 3, "evicted": 2, "refused": 1, "drops": 1})
 
 
 class EgressEvictionTests(unittest.TestCase):
@@ -207,7 +227,7 @@ class ForwarderEvictionTests(unittest.TestCase):
         with capturedLogs() as events:
             forwarder.datagramReceived(b"q5", user(5))  # user 3 and 4 are active
         self.assertEqual(len(self.reactor.ports), 4, "no socket for a refused client")
-        self.assertIn("every session active within", formatEvent(events[0]))
+        self.assertIn("max-sessions 2 reached and " + ALL_ACTIVE, formatEvent(events[0]))
         s = forwarder.stats
         self.assertEqual((s.udp_sessions, s.udp_sessions_total, s.udp_evictions, s.udp_refused, s.udp_drops),
                          (2, 4, 2, 1, 1))

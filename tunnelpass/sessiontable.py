@@ -12,9 +12,16 @@ new clients a second.  So a new session evicts, in this order:
 1. the least recently active session that has seen a reply and then been
    quiet for ``ACTIVE_WINDOW`` (its exchange is most likely over: a DNS
    query was answered);
-2. else the least recently active session quiet for ``ACTIVE_WINDOW``
-   (no reply yet: it may be waiting for one, so it goes second);
+2. else the least recently active session that has seen no reply yet and
+   been quiet for ``REPLY_WAIT`` (longer: it may be waiting for one);
 3. else nobody: every session is active, and the new one is refused.
+
+Refusing rather than evicting a session that waits for its reply sheds
+load when replies are slow: evicting it would lose that reply *and* spend
+a new session's resources, and every new session would then evict one
+about to be answered.  A refusal lasts only until answered sessions have
+been quiet for ``ACTIVE_WINDOW``, so new sessions get in again at the rate
+old exchanges finish.
 
 Two ordered dicts (answered, not yet answered), each least recently active
 first, make every step O(1): traffic moves a session to the end of its
@@ -34,13 +41,20 @@ from twisted.logger import Logger
 
 from tunnelpass.logs import Throttle
 
-#: A session with a datagram (either way) within this many seconds is
-#: active and never evicted.  Short, so that churn is absorbed: at the
-#: default --max-sessions 1000 the table makes room for up to 2,000 new
-#: sessions a second before it refuses any.  Long enough for a DNS answer on
-#: a LAN or through a tunnel, and for any flow that keeps sending (VoIP and
-#: games send every 10-50 ms).
-ACTIVE_WINDOW = 0.5
+#: A session that has had its reply and then a datagram (either way)
+#: within this many seconds is active and never evicted.  Short, so that
+#: churn is absorbed: a table of N sessions makes room for N / (ACTIVE_WINDOW
+#: + reply time) new sessions a second (the default 1,000: up to 4,000)
+#: before it refuses any.  Long against any flow that keeps sending (VoIP
+#: and games send every 10-50 ms).
+ACTIVE_WINDOW = 0.25
+#: A session that has not had a reply yet is active for this long after its
+#: last datagram: it may be waiting for one (a DNS answer on a LAN or through
+#: a tunnel takes milliseconds, a recursive lookup up to about a second).
+REPLY_WAIT = 1.0
+#: Why a full table refused a new session, for the listeners' warnings.
+ALL_ACTIVE = (f"every session active (a datagram within {ACTIVE_WINDOW}s, or {REPLY_WAIT}s while "
+              "awaiting its first reply)")
 #: One eviction log line per this many seconds at most (with a count).
 EVICTION_LOG_INTERVAL = 10.0
 
@@ -56,8 +70,9 @@ class SessionTable:
     are evicted (replies may be lost: --max-sessions is too small for the
     traffic, or a flood of new sources is pushing real users out)."""
 
-    def __init__(self, name: str, clock, stats, window: float = ACTIVE_WINDOW):
-        self.name, self.clock, self.stats, self.window = name, clock, stats, window
+    def __init__(self, name: str, clock, stats, window: float = ACTIVE_WINDOW, reply_wait: float = REPLY_WAIT):
+        self.name, self.clock, self.stats = name, clock, stats
+        self.window, self.reply_wait = window, reply_wait
         self._waiting: OrderedDict = OrderedDict()  # no reply yet
         self._answered: OrderedDict = OrderedDict()
         self._log = Throttle(clock, EVICTION_LOG_INTERVAL)
@@ -125,13 +140,13 @@ class SessionTable:
     # Full tables.
 
     def victim(self):
-        """The session to evict for a new one, or None if every session was
-        active within the window (see the module's docstring)."""
-        quiet_since = self.clock.seconds() - self.window
-        for group in (self._answered, self._waiting):
+        """The session to evict for a new one, or None if every session is
+        active (see the module's docstring)."""
+        now = self.clock.seconds()
+        for group, quiet in ((self._answered, self.window), (self._waiting, self.reply_wait)):
             if group:
                 session = group[next(iter(group))]
-                if session.last_activity <= quiet_since:
+                if session.last_activity <= now - quiet:
                     return session
         return None
 
@@ -157,7 +172,8 @@ class SessionTable:
             self._unanswered_evictions = 0
             if unanswered:
                 log.warn("{listener}: UDP session table full: evicted {count} quiet session(s), {unanswered} "
-                         "of them still without a reply (raise --max-sessions if they were real users)",
+                         "of them still without a reply after {reply_wait}s (raise --max-sessions if they were "
+                         "real users)", reply_wait=self.reply_wait,
                          listener=self.name, count=count, unanswered=unanswered, event="udp_evictions")
             else:
                 log.info("{listener}: UDP session table full: evicted {count} quiet, answered session(s) "

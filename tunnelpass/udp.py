@@ -22,11 +22,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from tunnelpass.proxyproto import encode_v2
-from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.rules import Limits
-from tunnelpass.sessiontable import ACTIVE_WINDOW, SessionTable
+from tunnelpass.sessiontable import ALL_ACTIVE, SessionTable
 from tunnelpass.stats import ListenerStats
 
 #: Largest datagram read from any socket (IPv4 payloads top out at 65507).
@@ -178,7 +177,6 @@ class UDPSession(DatagramProtocol, IdleExpiry):
             open_connected(self.listener.reactor, self, address)
         except Exception as e:
             self.transport = None
-            udp_socket_failed(self.listener, e)
             self._give_up("cannot open a socket to {remote}: {reason}", str(e))
             return
         pending, self.pending = self.pending.take(), None
@@ -344,8 +342,8 @@ class UDPForwardProtocol(SessionListener):
     def _note_refusal(self) -> None:
         if self._refusals.ready():
             self.log.warn(
-                "{listener}: max-sessions {max_sessions} reached, every session active within {window}s: "
+                "{listener}: max-sessions {max_sessions} reached and {why}: "
                 "dropped datagrams from {count} new client(s)",
-                listener=self.name, max_sessions=self.limits.max_sessions, window=ACTIVE_WINDOW,
+                listener=self.name, max_sessions=self.limits.max_sessions, why=ALL_ACTIVE,
                 count=self._refusals.take_count(),
             )

@@ -40,11 +40,10 @@ from zope.interface import implementer
 
 from tunnelpass.codec import Type, encode_open
 from tunnelpass.datagrams import DatagramDecoder, frame
-from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyproto import encode_v2
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
-from tunnelpass.sessiontable import ACTIVE_WINDOW, SessionTable
+from tunnelpass.sessiontable import ALL_ACTIVE, SessionTable
 from tunnelpass.targets import TargetGroup
 from tunnelpass.udp import (MAX_DATAGRAM, SESSION_LOG_PREFIX, IdleExpiry, PendingDatagrams, SessionListener,
                             open_connected, resolve_udp)
@@ -420,7 +419,7 @@ def _note_refusal(owner, limit: str = "max-sessions", value: int = 0, active: bo
     if owner._refusals.ready():
         log.warn("{listener}: {limit} {value} reached{why}, refused {count} UDP session(s)",
                  listener=owner.name, limit=limit, value=value, count=owner._refusals.take_count(),
-                 why=f" and every UDP session active within {ACTIVE_WINDOW}s" if active else "")
+                 why=f" and {ALL_ACTIVE}" if active else "")
 
 
 # Egress
@@ -480,7 +479,6 @@ class EgressSession(_Session):
         try:
             self.socket = open_connected(self.egress.reactor, _TargetSocket(self), address)
         except Exception as e:
-            udp_socket_failed(self.egress, e)
             self.egress.note_problem(f"cannot open a socket to the target: {e}")
             self.close()
             return
