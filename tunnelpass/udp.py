@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from tunnelpass.proxyproto import encode_v2
+from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.rules import Limits
@@ -177,6 +178,7 @@ class UDPSession(DatagramProtocol, IdleExpiry):
             open_connected(self.listener.reactor, self, address)
         except Exception as e:
             self.transport = None
+            udp_socket_failed(self.listener, e)
             self._give_up("cannot open a socket to {remote}: {reason}", str(e))
             return
         pending, self.pending = self.pending.take(), None

@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from tunnelpass.codec import Type, encode_open
 from tunnelpass.datagrams import DatagramDecoder, frame
+from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyproto import encode_v2
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
@@ -479,6 +480,7 @@ class EgressSession(_Session):
         try:
             self.socket = open_connected(self.egress.reactor, _TargetSocket(self), address)
         except Exception as e:
+            udp_socket_failed(self.egress, e)
             self.egress.note_problem(f"cannot open a socket to the target: {e}")
             self.close()
             return
