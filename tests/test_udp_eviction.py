@@ -11,10 +11,11 @@ from twisted.trial import unittest
 from tests.test_udptunnel import FakeReactor, FakeUDPPort, PoolConnection
 from tunnelpass import udptunnel
 from tunnelpass.datagrams import DatagramDecoder, frame
+from tunnelpass.metrics import listener_samples, tunnel_samples
 from tunnelpass.pool import IdlePool
 from tunnelpass.rules import Limits
 from tunnelpass.sessiontable import ACTIVE_WINDOW, ALL_ACTIVE, REPLY_WAIT
-from tunnelpass.stats import ListenerStats
+from tunnelpass.stats import ListenerStats, StatsReporter, tunnel_fields
 from tunnelpass.udp import UDPForwardProtocol
 from tunnelpass.udptunnel import UDPEgress, UDPIngress
 
@@ -252,3 +253,23 @@ class ForwarderEvictionTests(unittest.TestCase):
         self.assertEqual(self.reactor.ports, [])
         lookups[1].callback(("127.0.0.1", 53))
         self.assertEqual(self.reactor.ports[0].written, [(b"y" * 3, None)])
+
+
+class EvictionCounterTests(unittest.TestCase):
+    """udp_evictions reaches the tunnel's health event, the forwarder's
+    stats line and /metrics."""
+
+    def test_counted_everywhere(self):
+        from types import SimpleNamespace
+
+        udp = ListenerStats()
+        udp.udp_evictions = 7
+        self.assertEqual(tunnel_fields(ListenerStats(), udp)["udp_evictions"], 7)
+        for samples in (tunnel_samples(ListenerStats(), udp, "server"), listener_samples(udp, {})):
+            (sample,) = [s for s in samples if s.name == "udp_sessions_evicted"]
+            self.assertEqual((sample.kind, sample.value), ("counter", 7))
+        listener = SimpleNamespace(stats=udp, endpoint=SimpleNamespace(protocol="udp"),
+                                   rule=SimpleNamespace(remote="127.0.0.1:53"))
+        with capturedLogs() as events:
+            StatsReporter().report([listener])
+        self.assertIn("udp_evictions=7", formatEvent(events[0]))

@@ -653,7 +653,8 @@ class TunnelClient(Service):
         fields = tunnel_fields(self.stats, self.udp_stats)
         self.log.info(
             "health: connected={connected} pool_idle={pool_idle} pool_target={pool_target} active={active} "
-            "bytes_in={bytes_in} bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops}",
+            "bytes_in={bytes_in} bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
+            "udp_evictions={udp_evictions}",
             event="health", connected=self.session is not None,
             pool_idle=len(self.pool.idle) if self.pool else 0,
             pool_target=self.policy.target if self.policy else 0, final=final, **fields,

@@ -641,7 +641,8 @@ class TunnelServer(Service):
         fields = tunnel_fields(self.stats, self.udp_stats)
         self.log.info(
             "health: client={client} pool_idle={pool_idle} active={active} bytes_in={bytes_in} "
-            "bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} rtt_ms={rtt_ms} "
+            "bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
+            "udp_evictions={udp_evictions} rtt_ms={rtt_ms} "
             "handshake_failures={handshake_failures} handshakes_pending={handshakes_pending} "
             "handshake_evictions={handshake_evictions} bans={bans}",
             event="health", client=session is not None,
