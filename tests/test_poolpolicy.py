@@ -32,6 +32,13 @@ class PoolPolicyTests(unittest.TestCase):
         self.assertEqual(self.policy.to_dial(idle=4, in_flight=0), 3)
         self.assertEqual(self.policy.to_dial(idle=4, in_flight=3), 0, "asked for once, dialled once")
 
+    def test_dials_under_way_are_bounded(self):
+        policy = PoolPolicy(self.clock, min_pool=8, max_pool=1024, max_in_flight=16)
+        policy.requested(500)
+        self.assertEqual(policy.to_dial(idle=0, in_flight=0), 16)
+        self.assertEqual(policy.to_dial(idle=0, in_flight=16), 0, "the server caps pending handshakes per source")
+        self.assertEqual(policy.to_dial(idle=10, in_flight=6), 10)
+
     def test_requests_are_bounded_by_max_pool(self):
         self.policy.requested(10**6)
         dialled = 0

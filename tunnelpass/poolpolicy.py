@@ -16,7 +16,9 @@ measured demand instead of growing by doubling:
   targeted plus N asked-for connections idle, never a doubling spiral;
 * dials are rate-limited by a token bucket (``dial_rate`` per second, burst
   ``dial_burst``) so a misbehaving server or a flapping network cannot make
-  the client hammer the server.
+  the client hammer the server, and at most ``max_in_flight`` are under way
+  at once: well under the server's cap on pending handshakes per source
+  (256), so a burst never has the client's own pool connections refused.
 
 :meth:`PoolPolicy.to_dial` says how many connections to start now given what
 is idle and in flight; :meth:`surplus` how many idle ones to close.
@@ -29,15 +31,16 @@ from collections import deque
 
 class PoolPolicy:
     def __init__(self, clock, min_pool: int, max_pool: int, dial_rate: float = 2000.0,
-                 dial_burst: int = 128, memory: float = 30.0, bucket: float = 1.0):
+                 dial_burst: int = 128, memory: float = 30.0, bucket: float = 1.0, max_in_flight: int = 128):
         if not 1 <= min_pool <= max_pool:
             raise ValueError("need 1 <= min_pool <= max_pool")
-        if dial_rate <= 0 or dial_burst < 1 or memory <= 0 or bucket <= 0:
-            raise ValueError("dial_rate, memory and bucket must be positive, dial_burst at least 1")
+        if dial_rate <= 0 or dial_burst < 1 or memory <= 0 or bucket <= 0 or max_in_flight < 1:
+            raise ValueError("dial_rate, memory and bucket must be positive, dial_burst and max_in_flight "
+                             "at least 1")
         self.clock = clock
         self._configured = (min_pool, max_pool)
         self.min_pool, self.max_pool = min_pool, max_pool
-        self.dial_rate, self.dial_burst = dial_rate, dial_burst
+        self.dial_rate, self.dial_burst, self.max_in_flight = dial_rate, dial_burst, max_in_flight
         self.memory, self.bucket = memory, bucket
         self._demand: deque[list] = deque()  # [bucket index, claims], oldest first
         self._owed = 0  # connections asked for by waiting users, not dialled yet
@@ -87,7 +90,7 @@ class PoolPolicy:
         self._tokens = min(float(self.dial_burst), self._tokens + elapsed * self.dial_rate)
         self._tokens_at = now
         wanted = max(0, self.target - idle - in_flight) + self._owed
-        allowed = max(0, min(wanted, int(self._tokens)))
+        allowed = max(0, min(wanted, int(self._tokens), self.max_in_flight - in_flight))
         self._tokens -= allowed
         self._owed -= min(self._owed, allowed)
         return allowed
