@@ -130,6 +130,19 @@ class IngressEvictionTests(unittest.TestCase):
         self.assertEqual([s.client for s in listener.sessions.values()], [user(2)])
         self.assertEqual(self.counters(), {"sessions": 1, "opened": 2, "evicted": 1, "refused": 1, "drops": 1})
 
+    def test_no_eviction_when_tcp_alone_fills_the_slot(self):
+        class TCP:
+            relays = set()
+        tcp = TCP()
+        self.idle(2)
+        listener = self.listener(Limits(udp_idle=60.0, max_sessions=10, max_conns=3), tcp_factory=tcp)
+        listener.datagramReceived(b"x", user(1))
+        tcp.relays = {object(), object(), object()}  # (a --slot reached by TCP while UDP was quiet)
+        self.clock.advance(QUIET)
+        listener.datagramReceived(b"x", user(2))
+        self.assertFalse(self.connections[0].transport.disconnecting, "evicting it would not make room")
+        self.assertEqual(self.counters(), {"sessions": 1, "opened": 1, "evicted": 0, "refused": 1, "drops": 1})
+
     def test_refusal_is_logged_as_all_active(self):
         self.idle(2)
         listener = self.listener(Limits(udp_idle=60.0, max_sessions=1, max_conns=100))

@@ -409,8 +409,11 @@ def _make_room(owner, sessions: SessionTable, tcp_factory) -> bool:
     """Room for one more session, evicting quiet ones if a limit is
     reached (a UDP session makes room for a UDP session under --slot too;
     TCP connections are never evicted); False, logged, if every session is
-    active."""
-    if sessions.make_room(lambda: _limit_reached(owner, sessions, tcp_factory) is not None):
+    active, or if TCP connections alone fill --slot (evicting would not
+    help)."""
+    tcp = len(tcp_factory.relays) if tcp_factory is not None else 0
+    if tcp < owner.limits.max_conns and sessions.make_room(
+            lambda: _limit_reached(owner, sessions, tcp_factory) is not None):
         return True
     _note_refusal(owner, *_limit_reached(owner, sessions, tcp_factory), active=True)
     return False
