@@ -47,8 +47,8 @@ class RelayTests(unittest.TestCase):
     def test_producers_registered_both_ways(self):
         inbound, in_t = self.accept()
         outbound, out_t = self.connect_remote()
-        self.assertIs(in_t.producer, out_t)
-        self.assertIs(out_t.producer, in_t)
+        self.assertIs(in_t.producer.transport, out_t)
+        self.assertIs(out_t.producer.transport, in_t)
         self.assertTrue(in_t.streaming and out_t.streaming)
 
     def test_bytes_relayed_and_counted(self):
@@ -178,14 +178,19 @@ class RelayTests(unittest.TestCase):
         self.reactor.advance(1)
         self.assertTrue(in_t.disconnected and out_t.disconnected)
         self.lose(inbound, in_t)
+        self.assertEqual(done, [], "the aborted outbound leg is not gone yet")
+        self.lose(outbound, out_t)
         self.assertEqual(done, [None])
 
     def test_drain_fires_when_last_relay_ends(self):
         inbound, in_t = self.accept()
-        self.connect_remote()
+        outbound, out_t = self.connect_remote()
         done = []
         self.factory.drain(5).addCallback(done.append)
         self.lose(inbound, in_t)
+        self.assertTrue(out_t.disconnecting)
+        self.assertEqual(done, [], "the remote leg is still flushing what the client sent")
+        self.lose(outbound, out_t)
         self.assertEqual(done, [None])
         self.assertEqual(self.reactor.getDelayedCalls(), [], "the drain deadline is cancelled")
 

@@ -15,16 +15,14 @@ import ipaddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import NotConnectingError
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import ClientFactory, Factory, Protocol, ServerFactory
+from twisted.internet.protocol import ClientFactory, Factory, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.protocols.policies import TimeoutMixin
-from zope.interface import implementer
 
 from tunnelpass.fdbudget import ran_out
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyaccept import ProxyHeaderProtocol
+from tunnelpass.relayend import LegProducer, RelayEnd, cancel_resume, throttle
 from tunnelpass.targets import TargetGroup
 from tunnelpass.proxyproto import encode_v1, encode_v2
 from tunnelpass.rules import Limits
@@ -34,6 +32,9 @@ from tunnelpass.stats import ListenerStats
 
 #: Refusals at max-conns are logged at most once per this many seconds.
 REFUSAL_LOG_INTERVAL = 10.0
+#: Seconds a shutdown drain waits, after aborting what is left, for the
+#: aborts to run (so the RSTs go out) before it ends regardless.
+ABORT_GRACE = 0.5
 
 
 def is_ip_literal(host: str) -> bool:
@@ -65,105 +66,7 @@ def proxy_header(version: str, inbound, protocol: str = "tcp") -> bytes:
     return encode_v2(source, destination, protocol)
 
 
-def _throttle(end, factory, count: int) -> None:
-    """--rate on the copying path: stop reading *end*'s transport for as
-    long as the instance's budget says (nothing is buffered to slow it
-    down).  One pending resume per end, moved as the debt grows: one socket
-    read can arrive as several calls (TLS records)."""
-    delay = factory.limits.limiter.take(count)
-    if delay <= 0:
-        return
-    end.transport.pauseProducing()
-    call = end._resume_call
-    if call is not None and call.active():
-        call.reset(delay)  # *delay* repays the whole debt, this call's bytes included
-    else:
-        end._resume_call = factory.clock.callLater(delay, _resume_if_open, end)
-
-
-def _resume_if_open(end) -> None:
-    """The debt is paid: read *end* again -- unless it is closing, its read
-    side has ended, or its peer (the consumer) still wants it paused: the
-    consumer resumes it itself when its buffer drains, and resuming behind
-    its back (a TLS consumer's producer membrane would not notice) would
-    let its buffer grow without bound."""
-    end._resume_call = None
-    transport = end.transport
-    if not transport.connected or getattr(transport, "disconnecting", False) or end._read_closed:
-        return
-    peer = end.peer_transport()
-    if peer is not None and getattr(peer, "producerPaused", False):
-        return
-    transport.resumeProducing()
-
-
-def _cancel_resume(end) -> None:
-    call = end._resume_call
-    if call is not None and call.active():
-        call.cancel()
-    end._resume_call = None
-
-
-def _close_after_flush(transport) -> None:
-    """Close *transport* once its buffer is written.
-
-    The peer's transport is unregistered as producer first: a consumer whose
-    producer is paused would otherwise resume that (dead) producer when its
-    buffer drains, instead of closing.
-    """
-    transport.unregisterProducer()
-    transport.loseConnection()
-
-
-def _half_close_after_flush(transport) -> None:
-    """Send FIN on *transport* once its buffer is written (see above).
-
-    Twisted's TLS transport cannot half-close (it proxies attribute lookups
-    to the TCP transport beneath, so ``loseWriteConnection`` would cut the
-    TLS stream): there the FIN becomes a full close after the flush, unless
-    it is a :class:`~tunnelpass.tlshalf.HalfCloseTLSProtocol`.
-    """
-    if isinstance(transport, TLSMemoryBIOProtocol) and not getattr(type(transport), "half_closes", False):
-        _close_after_flush(transport)
-        return
-    transport.unregisterProducer()
-    transport.loseWriteConnection()
-
-
-@implementer(IHalfCloseableProtocol)
-class _RelayEnd(Protocol):
-    """Half-close bookkeeping shared by both ends.
-
-    Twisted reports each half of a TCP connection separately and never closes
-    the socket by itself once both halves are done, so each end closes its
-    transport when it has both received and sent a FIN.
-    """
-
-    _read_closed = False
-    _write_closed = False
-    _resume_call = None  # --rate: when reading this end resumes
-
-    def peer_transport(self):
-        raise NotImplementedError
-
-    def readConnectionLost(self) -> None:
-        self._read_closed = True
-        peer = self.peer_transport()
-        if peer is None:
-            if not getattr(self, "_early", None):  # EOF before the remote answered: nothing to relay
-                self.transport.loseConnection()
-            return  # else the FIN follows the early bytes once the remote answers
-        _half_close_after_flush(peer)
-        if self._write_closed:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        self._write_closed = True
-        if self._read_closed:
-            self.transport.loseConnection()
-
-
-class OutboundProtocol(_RelayEnd):
+class OutboundProtocol(RelayEnd):
     """The dialled side: everything it reads goes to the accepted side.
 
     *greeting* is written to it before any relayed byte (a tunnel's start
@@ -183,15 +86,17 @@ class OutboundProtocol(_RelayEnd):
         inbound.stats.bytes_out += len(data)
         inbound.resetTimeout()
         if inbound.factory.limits.limiter is not None:
-            _throttle(self, inbound.factory, len(data))
+            throttle(self, inbound.factory, len(data))
 
-    def peer_transport(self):
-        return self.inbound.transport
+    def peer_end(self):
+        inbound = self.inbound
+        return inbound if inbound.outbound is self and inbound.splice is None else None
+
+    def relay_factory(self):
+        return self.inbound.factory
 
     def connectionLost(self, reason=None) -> None:
-        _cancel_resume(self)
-        if self.inbound.outbound is self and self.inbound.splice is None:
-            _close_after_flush(self.inbound.transport)
+        self._end_partner(reason)
 
 
 class _OutboundFactory(ClientFactory):
@@ -214,7 +119,7 @@ class _OutboundFactory(ClientFactory):
         self.on_failure(reason)
 
 
-class InboundProtocol(_RelayEnd, TimeoutMixin):
+class InboundProtocol(RelayEnd, TimeoutMixin):
     """The accepted side; owns the relay's state and its idle timer."""
 
     factory: "TCPForwardFactory"
@@ -245,7 +150,7 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
     def outbound_connected(self, outbound: OutboundProtocol) -> None:
         self._pending = None
         if self.closed:
-            outbound.transport.abortConnection()
+            outbound.reset(flush=False)
             return
         self.outbound = outbound
         self.setTimeout(self.factory.limits.idle or None)
@@ -265,9 +170,10 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
             outbound.transport.write(greeting + early)
             self.stats.bytes_in += len(early)
         if self._read_closed:  # the FIN came with the early bytes
-            _half_close_after_flush(outbound.transport)
-        self.transport.registerProducer(outbound.transport, True)
-        outbound.transport.registerProducer(self.transport, True)
+            outbound.half_close()
+        self.transport.registerProducer(LegProducer(outbound.transport), True)
+        outbound.transport.registerProducer(LegProducer(self.transport), True)
+        self._producing = outbound._producing = True
         self.transport.resumeProducing()
 
     def _count_in(self, n: int) -> None:
@@ -295,7 +201,7 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
             "{listener}: cannot reach {remote}: {reason}",
             listener=self.factory.name, remote=self.factory.remote, reason=reason.getErrorMessage(),
         )
-        self.transport.loseConnection()
+        self.close_cleanly()
 
     def dataReceived(self, data: bytes) -> None:
         outbound = self.outbound
@@ -310,45 +216,52 @@ class InboundProtocol(_RelayEnd, TimeoutMixin):
         self.stats.bytes_in += len(data)
         self.resetTimeout()
         if self.factory.limits.limiter is not None:
-            _throttle(self, self.factory, len(data))
+            throttle(self, self.factory, len(data))
 
-    def peer_transport(self):
-        return self.outbound.transport if self.outbound is not None else None
+    def peer_end(self):
+        return self.outbound if self.splice is None else None  # the splice relay closes both itself
+
+    def relay_factory(self):
+        return self.factory
 
     def timeoutConnection(self) -> None:
         self.stats.idle_timeouts += 1
         self.abort()
 
     def abort(self) -> None:
-        """Drop both sides now (idle timeout, end of a shutdown drain)."""
-        if self.splice is not None:
-            self.splice.abort()
-            return
-        self.transport.abortConnection()
-        if self.outbound is not None:
-            self.outbound.transport.abortConnection()
+        """Reset both sides now (idle timeout, end of a shutdown drain).
+        Never raises: its callers are timers and the shutdown drain."""
+        try:
+            if self.splice is not None:
+                self.splice.abort()
+                return
+            self.reset(flush=False)
+            if self.outbound is not None:
+                self.outbound.reset(flush=False)
+        except Exception:
+            self.factory.log.failure("{listener}: aborting a relay failed", listener=self.factory.name)
 
     def connectionLost(self, reason=None) -> None:
         self.closed = True
-        _cancel_resume(self)
         if not self.admitted:
+            self._lost = True
+            cancel_resume(self)
             return
-        self.setTimeout(None)
-        self.stats.active -= 1
-        if self.splice is not None:
-            pass  # the splice relay closes both sockets itself
-        elif self.outbound is not None:
-            _close_after_flush(self.outbound.transport)
-        elif self._pending is not None:
-            pending, self._pending = self._pending, None
-            if isinstance(pending, Deferred):
-                pending.cancel()
-            else:
-                try:
-                    pending.stopConnecting()
-                except NotConnectingError:
-                    pass
-        self.factory.relay_closed(self)
+        try:
+            self.setTimeout(None)
+            self.stats.active -= 1
+            if self.outbound is None and self._pending is not None:
+                pending, self._pending = self._pending, None
+                if isinstance(pending, Deferred):
+                    pending.cancel()
+                else:
+                    try:
+                        pending.stopConnecting()
+                    except NotConnectingError:
+                        pass
+            self._end_partner(reason)
+        finally:
+            self.factory.relay_closed(self)
 
 
 class TCPForwardFactory(ServerFactory):
@@ -378,6 +291,9 @@ class TCPForwardFactory(ServerFactory):
         self.stats = stats or ListenerStats()
         self.zero_copy = zero_copy
         self.relays: set[InboundProtocol] = set()
+        #: Legs the relay is closing (cleanly or with a reset) that are not
+        #: gone yet; a leg may outlive its relay while it flushes.
+        self.closing: set[RelayEnd] = set()
         self._drain_waiters: list[Deferred] = []
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._proxy_refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
@@ -460,21 +376,54 @@ class TCPForwardFactory(ServerFactory):
 
     def relay_closed(self, inbound: InboundProtocol) -> None:
         self.relays.discard(inbound)
-        if not self.relays:
+        self._check_drained()
+
+    def leg_closed(self, end: RelayEnd) -> None:
+        self.closing.discard(end)
+        self._check_drained()
+
+    def _check_drained(self, force: bool = False) -> None:
+        if (force or not (self.relays or self.closing)) and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:
                 d.callback(None)
 
     def drain(self, timeout: float) -> Deferred:
-        """Fire once every live relay has ended; abort the rest after *timeout*."""
-        if not self.relays:
+        """Fire once every live relay (and every leg still closing) has
+        ended; after *timeout*, reset what is left and fire at most
+        :data:`ABORT_GRACE` later, whether or not everything went."""
+        if not (self.relays or self.closing):
             return succeed(None)
         d = Deferred()
         self._drain_waiters.append(d)
-        deadline = self.clock.callLater(timeout, self.abort_all)
-        d.addBoth(lambda r: (deadline.active() and deadline.cancel(), r)[1])
+
+        def expired():
+            nonlocal deadline
+            self.abort_all()
+            deadline = self.clock.callLater(ABORT_GRACE, self._drain_expired)
+
+        def cancel_deadline(result):
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        deadline = self.clock.callLater(timeout, expired)
+        d.addBoth(cancel_deadline)
         return d
 
+    def _drain_expired(self) -> None:
+        left = len(self.relays) + len(self.closing)
+        if left:
+            self.log.warn("{listener}: {count} connection(s) still closing after the shutdown timeout; "
+                          "not waiting for them", listener=self.name, count=left)
+        self._check_drained(force=True)
+
     def abort_all(self) -> None:
+        """Reset every relay and every leg still closing, at once; never raises."""
         for inbound in list(self.relays):
             inbound.abort()
+        for end in list(self.closing):
+            try:
+                end.reset(flush=False)
+            except Exception:
+                self.log.failure("{listener}: aborting a closing connection failed", listener=self.name)

@@ -12,6 +12,13 @@ Pipes come from a small shared pool: a direction borrows one only for the
 moment it moves data and keeps it only while the receiver is not accepting
 more (that pipe is then the direction's bounded buffer), so idle connections
 hold no pipes and memory stays bounded when one side is slow.
+
+Ends: when both FINs have crossed, both sockets close with a FIN.  When
+one socket fails (reset, EPIPE, an error or hang-up the reactor reports),
+what was already read from it is delivered to the other, which is then
+reset (RST, after its kernel send queue has drained, at most
+:data:`~tunnelpass.closing.FLUSH_LIMIT`): its peer sees ECONNRESET, never a
+clean EOF.  :meth:`SpliceRelay.abort` resets both at once.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import socket
 from twisted.internet.tcp import Connection as TCPConnection
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
+
+from tunnelpass.closing import FLUSH_LIMIT, FLUSH_POLL, socket_unsent
 
 AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 
@@ -119,8 +128,9 @@ class _Side:
         self.relay.flush(self.incoming)
 
     def connectionLost(self, reason) -> None:
-        # The reactor saw an error or hang-up on this fd.
-        self.relay.finish(reason)
+        # The reactor saw an error or hang-up on this fd (or is shutting
+        # down): this socket failed.
+        self.relay.side_lost(self, reason)
 
 
 class SpliceRelay:
@@ -141,6 +151,8 @@ class SpliceRelay:
         self.on_activity = on_activity
         self.finished = False
         self.failing: Failure | None = None
+        self.broken: _Side | None = None  # the socket that failed first
+        self._closing_call = None  # waiting for the kernel to send before the RST
         self.a = _Side(self, inbound_transport)
         self.b = _Side(self, outbound_transport)
         self.a.outgoing = self.b.incoming = _Direction(self.a, self.b, count_in)
@@ -294,10 +306,11 @@ class SpliceRelay:
         flushes a transport's buffer before closing it."""
         reason = Failure(ConnectionLost(str(error)))
         if self.failing is not None:  # the second socket failed too
+            self.broken = None
             self.finish(self.failing)
             return
         alive = self.b if broken is self.a else self.a
-        self.failing = reason
+        self.failing, self.broken = reason, broken
         for side in (broken, alive):
             self.reactor.removeReader(side)
         self.reactor.removeWriter(broken)
@@ -332,13 +345,25 @@ class SpliceRelay:
         if self.a.outgoing.done and self.b.outgoing.done:
             self.finish(Failure(ConnectionDone()))
 
+    def side_lost(self, side: _Side, reason) -> None:
+        if self.finished:
+            self._close_now()  # e.g. the reactor shutting down during the final flush
+            return
+        self._fail(side, OSError(reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)))
+
     # Teardown
 
     def abort(self) -> None:
+        """Reset both sockets now (idle timeout, end of a shutdown drain)."""
+        if self.finished:
+            self._close_now()  # cut a final flush short
+            return
+        self.broken = None
         self.finish(Failure(ConnectionAborted()))
 
     def finish(self, reason) -> None:
-        """Stop both directions and close both sockets (once)."""
+        """Stop both directions and close both sockets (once): with a FIN
+        after a clean end, else with an RST (see the module doc)."""
         if self.finished:
             return
         self.finished = True
@@ -357,6 +382,35 @@ class SpliceRelay:
                 d.pipe = None
         if not isinstance(reason, Failure):
             reason = Failure(reason)
+        if reason.check(ConnectionDone):
+            self._close(reason)
+            return
+        # Twisted closes a socket whose reason is ConnectionAborted with
+        # SO_LINGER 0: an RST.  The socket that is still healthy first gets
+        # to send what it was given (an RST would discard it).
+        self._aborted = Failure(ConnectionAborted(reason.getErrorMessage()))
+        alive = [side for side in (self.a, self.b) if side is not self.broken]
+        if self.broken is None or not any(socket_unsent(side.sock) for side in alive):
+            self._close_now()
+            return
+        self._deadline = self.reactor.seconds() + FLUSH_LIMIT
+        self._closing_call = self.reactor.callLater(FLUSH_POLL, self._close_when_sent)
+
+    def _close_when_sent(self) -> None:
+        self._closing_call = None
+        alive = [side for side in (self.a, self.b) if side is not self.broken]
+        if self.reactor.seconds() < self._deadline and any(socket_unsent(side.sock) for side in alive):
+            self._closing_call = self.reactor.callLater(FLUSH_POLL, self._close_when_sent)
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
+        call, self._closing_call = self._closing_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._close(getattr(self, "_aborted", None) or Failure(ConnectionAborted()))
+
+    def _close(self, reason: Failure) -> None:
         for side in (self.a, self.b):
             if side.transport.connected:
                 side.transport.connectionLost(reason)

@@ -14,6 +14,14 @@ It leans on ``TLSMemoryBIOProtocol`` internals (``_tlsConnection``,
 ``_flushSendBIO``, ``_flushReceiveBIO``), checked against Twisted 26.10;
 tests/test_switch.py checks both directions over a real TLS connection and
 the end-to-end tests send data, half-close and read the echo at tls=1 and 2.
+
+Ending abnormally: a TCP FIN without close_notify is truncation, and
+Twisted reports it as ``ConnectionLost`` (OpenSSL's "unexpected EOF"), as
+any TLS error; the relay then resets the other leg.  ``abortConnection``
+sends no close_notify (an abort must never look like a clean end) and,
+like every other close here, does nothing once the connection is gone:
+Twisted's own methods reach into the discarded OpenSSL connection then
+(``AttributeError: 'NoneType' object has no attribute 'shutdown'``).
 """
 
 from __future__ import annotations
@@ -46,12 +54,11 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         except Error:
             pass
         self._flushSendBIO()
-        if self._received_close:
-            self.transport.loseConnection()  # both directions are done
-            return
         wrapped = self.wrappedProtocol
         if IHalfCloseableProtocol.providedBy(wrapped):
-            wrapped.writeConnectionLost()
+            wrapped.writeConnectionLost()  # (also when the peer's came first: the relay counts both)
+        if self._received_close and self.transport is not None:
+            self.transport.loseConnection()  # both directions are done
 
     def _flushReceiveBIO(self) -> None:
         while not self._lostTLSConnection and not self._received_close:
@@ -70,17 +77,42 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         self._flushSendBIO()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._received_close:
+        if self._received_close or self._tlsConnection is None:
             return  # nothing may follow close_notify; never buffer it
         super().dataReceived(data)
+
+    # Closing twice, or after the connection is gone, is a no-op.
+
+    def _shutdownTLS(self) -> None:
+        if self._tlsConnection is None:
+            return  # connectionLost ran: nothing left to shut down
+        super()._shutdownTLS()
+
+    def abortConnection(self) -> None:
+        """Drop the connection now: a TCP reset, no close_notify."""
+        if self._aborted or self._tlsConnection is None:
+            return
+        self._aborted = True
+        self.disconnecting = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def unregisterProducer(self) -> None:
+        if self._tlsConnection is None:
+            self._producer = None
+            return
+        super().unregisterProducer()
 
     def _peer_closed_write(self) -> None:
         self._received_close = True
         wrapped = self.wrappedProtocol
+        half_closeable = IHalfCloseableProtocol.providedBy(wrapped)
         # Already closing (both ends closed at once, or we sent ours): finish
         # the TLS shutdown now -- the wrapped protocol's loseConnection would
         # return early and the TCP connection would never close.
-        if self._sent_close or self.disconnecting or not IHalfCloseableProtocol.providedBy(wrapped):
+        if self._sent_close or self.disconnecting or not half_closeable:
+            if self._sent_close and half_closeable and not self.disconnecting:
+                wrapped.readConnectionLost()  # its direction ended cleanly too: the relay counts both
             self._shutdownTLS()
             self._tlsShutdownFinished(None)
             return
