@@ -661,6 +661,7 @@ class TunnelClient(Service):
         )
 
     def stopService(self):
+        self.signals.bound_stop(self.settings.shutdown_timeout)
         super().stopService()
         if self._fill_call is not None and self._fill_call.active():
             self._fill_call.cancel()

@@ -234,6 +234,7 @@ class ForwarderService(MultiService):
                      config=self.settings.config)
 
     async def _stop(self) -> None:
+        self.signals.bound_stop(self.settings.shutdown_timeout)
         for timer in self._timers:
             if timer.running:
                 timer.stop()

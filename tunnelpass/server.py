@@ -705,6 +705,7 @@ class TunnelServer(Service):
         return True
 
     def stopService(self) -> Deferred:
+        self.signals.bound_stop(self.settings.shutdown_timeout)
         super().stopService()
         for loop in self._loops:
             if loop.running:

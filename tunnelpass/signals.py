@@ -11,22 +11,93 @@
   reload install it with :meth:`Signals.install`.
 * A handler only schedules its action in the reactor thread: signals may
   interrupt the reactor anywhere, so no work happens inside them.
+* A stop is bounded: services call :meth:`Signals.bound_stop` as their
+  ``stopService`` begins.  Their drains reset whatever is left after
+  ``--shutdown-timeout``; should the stop still not complete (a Deferred
+  that never fires, a close path that hangs), :class:`StopWatchdog` ends
+  the process :data:`STOP_MARGIN` seconds later -- every TCP connection
+  reset, exit status 0 (the stop was asked for and happened in time; the
+  critical ``shutdown_forced`` event says it was not orderly).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import struct
+import sys
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 log = Logger(namespace="tunnelpass")
 
+#: Seconds a stop may take beyond --shutdown-timeout before the process is ended.
+STOP_MARGIN = 2.0
+
+
+def force_exit(reactor, status: int = 0) -> None:
+    """The last resort: reset every TCP connection the reactor still
+    watches (``SO_LINGER`` 0, so that no peer mistakes the cut for a
+    complete stream, as the FINs of a plain exit would let it), flush the
+    log, and end the process now with *status*."""
+    for selectable in list(reactor.getReaders()) + list(reactor.getWriters()):
+        sock = getattr(selectable, "socket", None) or getattr(selectable, "sock", None)
+        if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
+
+
+class StopWatchdog:
+    """Bounds a stop: unless :meth:`cancel` comes first, *last_resort*
+    runs *timeout* + *margin* seconds after :meth:`start` (sans-IO: the
+    clock and the last resort are injected)."""
+
+    def __init__(self, clock, last_resort):
+        self.clock, self.last_resort = clock, last_resort
+        self._call = None
+        self.fired = False
+
+    def start(self, timeout: float, margin: float = STOP_MARGIN) -> None:
+        """The stop begins now (once; a second call changes nothing)."""
+        if self._call is not None or self.fired:
+            return
+        self.bound = timeout + margin
+        self._call = self.clock.callLater(self.bound, self._expired)
+
+    def cancel(self) -> None:
+        """The stop completed."""
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _expired(self) -> None:
+        self._call = None
+        self.fired = True
+        log.critical("shutdown did not finish within {bound}s; resetting what is left and exiting now",
+                     bound=self.bound, event="shutdown_forced")
+        self.last_resort()
+
 
 class Signals:
-    def __init__(self, reactor):
+    def __init__(self, reactor, last_resort=None):
         self.reactor = reactor
         self._old: dict[int, object] = {}
+        self.watchdog = StopWatchdog(reactor, last_resort or (lambda: force_exit(reactor)))
+
+    def bound_stop(self, timeout: float) -> None:
+        """A stop begins: end the process if it takes longer than *timeout*
+        plus :data:`STOP_MARGIN` (see the module doc)."""
+        self.watchdog.start(timeout)
 
     def install(self, number: int, action) -> None:
         """Run *action* in the reactor thread on signal *number*."""
@@ -50,6 +121,8 @@ class Signals:
             log.info("received {signal}, shutting down", signal=name)
 
     def restore(self) -> None:
+        """The stop completed: the old handlers back, the watchdog off."""
+        self.watchdog.cancel()
         for number, old in self._old.items():
             signal.signal(number, old if old is not None else signal.SIG_DFL)
         self._old.clear()
