@@ -8,7 +8,7 @@ both file descriptors to a :class:`SpliceRelay`; Twisted's transports stay
 out of the reactor from then on and are only used to close the sockets and
 to run the protocols' ``connectionLost``.
 
-Pipes come from a small shared pool: a direction borrows one only for the
+Pipes come from a small shared pool (:mod:`tunnelpass.pipes`): a direction borrows one only for the
 moment it moves data and keeps it only while the receiver is not accepting
 more (that pipe is then the direction's bounded buffer), so idle connections
 hold no pipes and memory stays bounded when one side is slow.
@@ -24,7 +24,6 @@ clean EOF.  :meth:`SpliceRelay.abort` resets both at once.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import socket
 
@@ -33,59 +32,14 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone, Connection
 from twisted.python.failure import Failure
 
 from tunnelpass.closing import FLUSH_LIMIT, FLUSH_POLL, socket_unsent
+from tunnelpass.pipes import PIPE_SIZE, PIPES, POOL_LIMIT, PipePool  # noqa: F401 (PipePool, POOL_LIMIT: re-exported)
 
 AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 
-#: Bytes one pipe holds: the most one direction buffers in the kernel.
-PIPE_SIZE = 256 * 1024
-#: Idle pipes kept for reuse (each is two fds).
-POOL_LIMIT = 32
 #: Seconds before retrying a direction that could not get a pipe (EMFILE).
 PIPE_RETRY_DELAY = 0.05
-
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if AVAILABLE else 0
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
-
-
-class PipePool:
-    """Reusable non-blocking pipes, ``(read_fd, write_fd)``."""
-
-    def __init__(self, limit: int = POOL_LIMIT):
-        self.limit = limit
-        self.idle: list[tuple[int, int]] = []
-
-    def take(self) -> tuple[int, int, int]:
-        """``(read_fd, write_fd, capacity)``; the capacity is what the kernel
-        granted, which may be less than PIPE_SIZE (pipe-user-pages-soft)."""
-        if self.idle:
-            return self.idle.pop()
-        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass  # a smaller pipe works, a little slower
-        try:
-            capacity = fcntl.fcntl(write_fd, _F_GETPIPE_SZ)
-        except OSError:
-            capacity = 4096  # the smallest pipe Linux hands out
-        return read_fd, write_fd, capacity
-
-    def give(self, pipe: tuple[int, int, int]) -> None:
-        """Return an *empty* pipe."""
-        if len(self.idle) < self.limit:
-            self.idle.append(pipe)
-        else:
-            self.discard(pipe)
-
-    @staticmethod
-    def discard(pipe: tuple[int, int, int]) -> None:
-        os.close(pipe[0])
-        os.close(pipe[1])
-
-
-PIPES = PipePool()
 
 
 class _Direction:
