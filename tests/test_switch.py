@@ -71,6 +71,27 @@ class SwitchTests(unittest.TestCase):
         protocol.connectionLost("gone")
         self.assertEqual(protocol.lost, "gone")
 
+    def test_bytes_beyond_the_header_come_with_the_connection(self):
+        """A protocol that can hold early bytes gets them before
+        connectionMade: a relay that joins its remote inside connectionMade
+        (and may hand both sockets to splice) relays them first."""
+        events = []
+
+        class Holder(Recorder):
+            def hold_early(self, data):
+                events.append(("held", data, self.transport))
+
+            def connectionMade(self):
+                events.append("made")
+
+            def dataReceived(self, data):
+                events.append(data)
+
+        protocol, transport = Header(), StringTransport()
+        protocol.makeConnection(transport)
+        protocol.switch_to(Holder(), b"rest")
+        self.assertEqual(events, [("held", b"rest", None), "made"])
+
     def test_delegate_without_half_close_gets_a_full_close(self):
         protocol, transport = Header(), StringTransport()
         protocol.makeConnection(transport)

@@ -147,6 +147,12 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
         self.transport.pauseProducing()
         self._pending = factory.dial(self)
 
+    def hold_early(self, data: bytes) -> None:
+        """Bytes that came with the connection (a header's tail): relayed
+        before anything else once the remote answers (see
+        :meth:`~tunnelpass.switch.SwitchingProtocol.switch_to`)."""
+        self._early = [data]
+
     def outbound_connected(self, outbound: OutboundProtocol) -> None:
         self._pending = None
         if self.closed:

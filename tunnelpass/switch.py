@@ -26,8 +26,16 @@ class SwitchingProtocol(Protocol):
 
     def switch_to(self, protocol: Protocol, data: bytes = b"") -> None:
         """From now on *protocol* owns the connection; *data* is what was read
-        beyond the header and is delivered to it first."""
+        beyond the header and is delivered to it first -- with the
+        connection itself to a protocol that can hold it (``hold_early``):
+        a relay may join its remote inside ``connectionMade`` (an idle pool
+        connection) and hand both sockets to the zero-copy engine at once,
+        and bytes arriving after that would bypass the engine."""
         self.delegate = protocol
+        hold = getattr(protocol, "hold_early", None)
+        if data and hold is not None:
+            hold(data)
+            data = b""
         protocol.makeConnection(self.transport)
         if data and self.transport.connected:
             protocol.dataReceived(data)
