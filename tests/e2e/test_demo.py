@@ -33,8 +33,12 @@ class DemoTests(unittest.TestCase):
             raise unittest.SkipTest(f"demo ports in use: {busy}")
         log_path = os.path.abspath(self.mktemp())
         with open(log_path, "wb") as log:
+            # Ctrl-C must reach the demo even when this suite itself was
+            # started in the background (which ignores SIGINT, and children
+            # inherit that): Twisted then installs no SIGINT handler.
             demo = subprocess.Popen([sys.executable, "-m", "tunnelpass.demo", *args], cwd=ROOT,
-                                    stdout=log, stderr=subprocess.STDOUT)
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.addCleanup(lambda: demo.poll() is None and demo.kill())
 
         def read_log():
