@@ -256,13 +256,39 @@ class AdmissionTests(unittest.TestCase):
         self.assertEqual(try_key(server, KEY.encode()), "welcome")
 
     def test_parallel_control_connections_cannot_overshoot(self):
+        """Eight connections all get a CHALLENGE, then send their (wrong)
+        keys together: five are evaluated, the rest are turned away."""
         server = make_server()
-        wrong = [connect(server) for _ in range(8)]
+        wrong = [(connect(server), ClientHandshake(b"wrong key 0123456789abcdef", b"")) for _ in range(8)]
+        for (protocol, transport), client in wrong:
+            protocol.dataReceived(client.start())
+            self.assertEqual(FrameDecoder().feed(transport.value())[0].type, Type.CHALLENGE)
         answers = []
-        for protocol, transport in wrong:
-            protocol.dataReceived(ClientHandshake(b"wrong", b"").start())
-            answers.append(FrameDecoder().feed(transport.value())[0].type)
-        self.assertEqual(answers, [Type.CHALLENGE] * 5 + [Type.ERROR] * 3)
+        for (protocol, transport), client in wrong:
+            challenge = FrameDecoder().feed(transport.value())[0]
+            transport.clear()
+            for reply in client.receive(challenge):
+                protocol.dataReceived(reply)
+            answers.append(decode_text(FrameDecoder().feed(transport.value())[0].payload)[0])
+        self.assertEqual(answers, [AUTH_FAILED] * 5 + [TRY_LATER] * 3)
+        self.assertEqual(server.guard.bans, 1)
+
+    def test_a_wrong_key_counts_although_the_peer_never_finishes_the_close(self):
+        """Under TLS the close after a wrong key waits for the peer's
+        close_notify; a guesser that never sends it used to end by the gate
+        deadline as a timeout, and its key was never counted."""
+        server = make_server()
+        for _ in range(5):
+            protocol, transport = connect(server)
+            client = ClientHandshake(b"wrong key 0123456789abcdef", b"")
+            protocol.dataReceived(client.start())
+            challenge = FrameDecoder().feed(transport.value())[0]
+            for reply in client.receive(challenge):
+                protocol.dataReceived(reply)  # answered ERROR(1); the peer stays silent
+        self.assertEqual(server.guard.bans, 1, "counted when evaluated")
+        self.assertEqual(try_key(server, KEY.encode()), TRY_LATER)
+        server.clock.advance(server.settings.handshake_timeout)
+        self.assertEqual(server.guard.pending, 0, "the deadline still ends refused connections")
 
     def test_turned_away_with_a_reason(self):
         """A control connection from a banned address is told why (ERROR 8)
@@ -275,6 +301,10 @@ class AdmissionTests(unittest.TestCase):
         frames = FrameDecoder().feed(transport.value())
         self.assertEqual([(f.type, decode_text(f.payload)[0]) for f in frames], [(Type.ERROR, TRY_LATER)])
         self.assertTrue(transport.disconnecting)
+        self.assertEqual(server.guard.pending, 1, "its slot is held until the connection is gone: under TLS "
+                                                  "the close waits for a close_notify that may never come")
+        server.clock.advance(server.settings.handshake_timeout)
+        self.assertEqual(server.guard.pending, 0, "the deadline ends it")
         protocol.connectionLost(None)
         self.assertEqual(server.guard.pending, 0)
         self.assertEqual(server.handshake_failures, 5, "a turned-away connection is not a new failure")

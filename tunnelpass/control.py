@@ -23,6 +23,7 @@ from twisted.protocols.policies import TimeoutMixin
 
 from tunnelpass.codec import Frame, FrameDecoder, ProtocolError, Type, decode_text, encode, encode_text
 from tunnelpass.handshake import (
+    AUTH_FAILED,
     ID,
     PROTOCOL_VIOLATION,
     REPLACED,
@@ -144,23 +145,36 @@ class ServerControlProtocol(_ControlProtocol):
 
     *on_session(protocol)* is called once authenticated (the registry there
     replaces any previous session of that client); *on_lost(protocol)* when
-    the connection ends after that.
+    the connection ends after that.  *may_try_key()* is asked just before
+    the key is evaluated (it raises :class:`HandshakeError` to refuse), and
+    *key_failed()* is told at once when it was wrong: the rationing of key
+    guesses happens at evaluation, whatever the peer does afterwards.
     """
 
     explains_refusals = True
 
     def __init__(self, key: bytes, fingerprint: bytes, config: SessionConfig, clock,
-                 on_session, on_lost, handshake_timeout: float = 5.0):
+                 on_session, on_lost, handshake_timeout: float = 5.0,
+                 may_try_key=lambda: None, key_failed=lambda: None):
         super().__init__(clock, config.heartbeat_ms / 1000, handshake_timeout)
         self.handshake = ServerHandshake(key, fingerprint, config)
         self.on_session, self.on_lost = on_session, on_lost
+        self.may_try_key, self.key_failed = may_try_key, key_failed
         self.rtt: float | None = None
         self.on_retire = lambda conn_id: None
         self._ping_sequence = 0
         self._ping_sent_at = 0.0
 
     def _handshake(self, frame: Frame) -> None:
-        for reply in self.handshake.receive(frame):
+        if frame.type is Type.AUTH:
+            self.may_try_key()
+        try:
+            replies = self.handshake.receive(frame)
+        except HandshakeError as e:
+            if e.code == AUTH_FAILED:
+                self.key_failed()
+            raise
+        for reply in replies:
             self.transport.write(reply)
         if self.handshake.session is not None:
             self.authenticated(self.handshake.session, _SERVER_SIGNALS)

@@ -18,14 +18,18 @@ client's, and their shares level out without the churn of endless
 evictions between equal flooders.  Finding the victim is O(1): sources are
 kept in buckets by how many slots they hold.
 
-**Key guesses** (:meth:`~HandshakeGuard.start_key_attempt`): a control
-connection (HELLO) is an attempt at the key, and may start only while the
-source's wrong keys within ``window`` plus its attempts in progress are
-fewer than ``failures``; reaching ``failures`` wrong keys bans the source's
-control connections for ``penalty`` seconds.  Attempts in progress count,
-so parallel connections cannot overshoot the bound; successes are not
-counted at all, so they forgive nothing: at most ``failures`` wrong keys
-are evaluated per source per ``window``, whatever else the source does.
+**Key guesses** (:meth:`~HandshakeGuard.may_try_key`,
+:meth:`~HandshakeGuard.key_failed`): a key is evaluated only while the
+source has fewer than ``failures`` wrong keys within ``window`` and is not
+banned, and a wrong key is recorded at the moment it is evaluated -- not
+when its connection ends, which a guesser controls (it may never finish a
+TLS close, or be evicted).  Evaluation is synchronous, so parallel
+connections cannot overshoot; successes are not counted at all, so they
+forgive nothing: at most ``failures`` wrong keys are evaluated per source
+per ``window``, whatever else the source does.  The ``failures``-th wrong
+key bans the source's control connections for ``penalty`` seconds.  No
+state is held for attempts that have not been evaluated, so connections
+that stall before sending a key cannot keep anyone else's out.
 The ban concerns key attempts only: connections are still admitted (a pool
 connection proves an existing session with a MAC under its 256-bit session
 key, which a neighbour's wrong keys say nothing about).
@@ -38,7 +42,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
-#: Why :meth:`HandshakeGuard.admit` or :meth:`HandshakeGuard.start_key_attempt`
+#: Why :meth:`HandshakeGuard.admit` or :meth:`HandshakeGuard.may_try_key`
 #: refused: a fixed set, for the ``handshake_refused{reason}`` metric.
 REFUSAL_REASONS = ("global_cap", "source_cap", "banned", "key_attempts")
 
@@ -79,14 +83,13 @@ class Ban:
 
 
 class Ticket:
-    """One admitted connection's pending slot (and key attempt, if any)."""
+    """One admitted connection's pending slot."""
 
-    __slots__ = ("source", "evict", "released", "attempt")
+    __slots__ = ("source", "evict", "released")
 
     def __init__(self, source: str, evict: Callable[[], None]):
         self.source, self.evict = source, evict
         self.released = False
-        self.attempt = 0  # 0 none, 1 in progress, 2 ended
 
 
 class HandshakeGuard:
@@ -103,7 +106,6 @@ class HandshakeGuard:
         self._levels: dict[int, dict[str, None]] = {}  # slots held -> sources (earliest at that level first)
         self._top = 0  # the most slots any one source holds
         self._pending = 0
-        self._attempts: dict[str, int] = {}  # key attempts in progress per source
         self._failures: OrderedDict[str, deque] = OrderedDict()  # least recently failed first
         self._banned_until: OrderedDict[str, float] = OrderedDict()
         self._ban_logged: OrderedDict[str, float] = OrderedDict()
@@ -146,23 +148,15 @@ class HandshakeGuard:
         self._add(ticket)
         return ticket
 
-    def release(self, ticket: Ticket, key_failed: bool = False) -> Ban | None:
-        """The ticket's handshake ended (success, failure, timeout, hang-up).
-        *key_failed*: it was a control connection whose key was evaluated
-        and wrong; the failure is recorded (never forgotten because of a
-        success) and may ban the source, which is returned."""
+    def release(self, ticket: Ticket) -> None:
+        """The ticket's handshake ended (success, failure, timeout, hang-up)."""
         if not ticket.released:
             self._remove(ticket)
-        self._end_attempt(ticket)
-        if key_failed and ticket.attempt:
-            return self._record_failure(ticket.source)
-        return None
 
     def _evict_one(self) -> None:
         victim_source = next(iter(self._levels[self._top]))
         victim = next(iter(self._tickets[victim_source]))
         self._remove(victim)
-        self._end_attempt(victim)
         self.evictions += 1
         victim.evict()
 
@@ -200,11 +194,11 @@ class HandshakeGuard:
 
     # Key guesses
 
-    def start_key_attempt(self, ticket: Ticket) -> None:
-        """The connection is a control connection: it will try the key.
-        Raise :class:`Refused` ("banned" or "key_attempts") if its source
-        may not try one now."""
-        source, now = ticket.source, self.clock.seconds()
+    def may_try_key(self, host: str) -> None:
+        """A control connection from *host* is about to have its key
+        evaluated (or asks to, with HELLO).  Raise :class:`Refused`
+        ("banned" or "key_attempts") if its source may not try one now."""
+        source, now = source_key(host), self.clock.seconds()
         until = self._banned_until.get(source)
         if until is not None:
             if now < until:
@@ -213,20 +207,13 @@ class HandshakeGuard:
         recent = self._failures.get(source)
         if recent is not None:
             self._expire(recent, now)
-        failed = len(recent) if recent else 0
-        if failed + self._attempts.get(source, 0) >= self.failures:
-            self._refuse("key_attempts", f"too many key attempts from this address within {self.window:g} s")
-        self._attempts[source] = self._attempts.get(source, 0) + 1
-        ticket.attempt = 1
+            if len(recent) >= self.failures:
+                self._refuse("key_attempts", f"too many key attempts from this address within {self.window:g} s")
 
-    def _end_attempt(self, ticket: Ticket) -> None:
-        if ticket.attempt == 1:
-            left = self._attempts[ticket.source] - 1
-            if left:
-                self._attempts[ticket.source] = left
-            else:
-                del self._attempts[ticket.source]
-            ticket.attempt = 2
+    def key_failed(self, host: str) -> Ban | None:
+        """A key from *host* was evaluated and was wrong: recorded now (never
+        forgotten because of a success); returns the ban it caused, if any."""
+        return self._record_failure(source_key(host))
 
     def _expire(self, recent: deque, now: float) -> None:
         while recent and now - recent[0] >= self.window:

@@ -161,7 +161,7 @@ class TunnelConnection(SwitchingProtocol):
         frame, rest = frames[0], self.decoder.take_rest()
         if frame.type is Type.HELLO:
             try:
-                self.server.guard.start_key_attempt(self.gate.ticket)
+                self.server.guard.may_try_key(self.gate.host)  # answer a banned source before CHALLENGE
             except Refused as e:
                 self.gate.turn_away(self.transport, e)
                 return
@@ -170,6 +170,7 @@ class TunnelConnection(SwitchingProtocol):
                 self.server.clock,
                 on_session=self._control_authenticated, on_lost=self.server.control_lost,
                 handshake_timeout=self.server.settings.handshake_timeout,
+                may_try_key=self.gate.may_try_key, key_failed=self.gate.key_failed,
             )
             self.switch_to(control, encode(frame.type, frame.payload) + rest)
             return
@@ -275,6 +276,7 @@ class TunnelGate(SwitchingProtocol):
 
     admitted = False
     _passed = False
+    _turned_away = False
     ticket = None  # the guard's, while admitted
     control = None  # the control protocol, once the first frame was HELLO
 
@@ -304,7 +306,26 @@ class TunnelGate(SwitchingProtocol):
         self.transport.abortConnection()
 
     def _expired(self) -> None:
+        if self._turned_away or self.control is not None and self.control.close_reason is not None:
+            # Refused and told why, but the peer never finished the close
+            # (a TLS close waits for its close_notify): end it now.
+            self.lost()
+            self.transport.abortConnection()
+            return
         self.refuse("handshake timed out", kind="timeout")
+
+    def may_try_key(self) -> None:
+        """The control channel is about to evaluate a key."""
+        try:
+            self.server.guard.may_try_key(self.host)
+        except Refused as e:
+            raise HandshakeError(TRY_LATER, e.text) from None
+
+    def key_failed(self) -> None:
+        """The key just evaluated was wrong: counted now, not at the close."""
+        ban = self.server.guard.key_failed(self.host)
+        if ban is not None:
+            self.server.banned(ban)
 
     def header_received(self, data: bytes) -> None:
         if not self.admitted:
@@ -342,12 +363,18 @@ class TunnelGate(SwitchingProtocol):
                               reason=refusal.text)
         transport.write(encode(Type.ERROR, encode_text(TRY_LATER, refusal.text)))
         transport.loseConnection()
-        self._finish(None)
+        # The slot and the deadline stay until the connection is gone: under
+        # TLS the close waits for the peer's close_notify, which it may
+        # never send.
+        self._turned_away = True
 
     def lost(self) -> None:
         """The connection ended before its handshake passed: the control
         channel says why it refused, if it got that far."""
         control, kind = self.control, "closed"
+        if self._turned_away or control is not None and control.close_code == TRY_LATER:
+            self._finish(None)  # refused by the guard: already counted there, says nothing new
+            return
         if control is not None:
             if control.close_code == AUTH_FAILED:
                 kind = "auth"  # a key was tried, and it was wrong
@@ -366,9 +393,7 @@ class TunnelGate(SwitchingProtocol):
             deadline = self.deadline
             if deadline.active():
                 deadline.cancel()
-            ban = self.server.guard.release(self.ticket, key_failed=succeeded is False and kind == "auth")
-            if ban is not None:
-                self.server.banned(ban)
+            self.server.guard.release(self.ticket)
             if succeeded is False:
                 self.server.handshake_failures += 1
                 self.server.failures_by_reason[kind] += 1
