@@ -39,6 +39,12 @@ class PoolPolicyTests(unittest.TestCase):
         self.assertEqual(policy.to_dial(idle=0, in_flight=16), 0, "the server caps pending handshakes per source")
         self.assertEqual(policy.to_dial(idle=10, in_flight=6), 10)
 
+    def test_what_cannot_be_dialled_for_lack_of_room_stays_owed(self):
+        self.policy.requested(6)
+        self.assertEqual(self.policy.to_dial(idle=4, in_flight=0, room=2), 2)
+        self.clock.advance(1)
+        self.assertEqual(self.policy.to_dial(idle=4, in_flight=2, room=10), 4, "the other four, later")
+
     def test_requests_are_bounded_by_max_pool(self):
         self.policy.requested(10**6)
         dialled = 0
@@ -52,7 +58,7 @@ class PoolPolicyTests(unittest.TestCase):
         (8 -> 1,024 after a burst of 64).  Demand is counted, not doubled."""
         policy = PoolPolicy(self.clock, min_pool=8, max_pool=1024)
         for _ in range(64):  # each claim empties the pool and the server asks for one more
-            policy.used(idle_left=0)
+            policy.used()
             policy.requested(1)
         self.assertEqual(policy.target, 8 + 64)
         self.assertLessEqual(policy.to_dial(idle=0, in_flight=0), 2 * 64 + 8, "all it would ever dial for it")
@@ -104,14 +110,14 @@ class PoolPolicyTests(unittest.TestCase):
     def test_clock_stepping_back(self):
         dialled = [self.policy.to_dial(0, 0)]
         self.clock.rightNow -= 5  # the wall clock steps back
-        self.policy.used(0)
+        self.policy.used()
         dialled += [self.policy.to_dial(0, 0) for _ in range(3)]
         self.assertTrue(all(n >= 0 for n in dialled), dialled)
         self.assertEqual(sum(dialled), 8, "no more than the burst while time does not move forward")
 
     def test_empty_requests_do_not_hold_the_pool_up(self):
         for _ in range(4):
-            self.policy.used(0)
+            self.policy.used()
         for _ in range(3):
             self.clock.advance(29)
             self.policy.requested(0)
@@ -134,7 +140,7 @@ class PoolPolicyTests(unittest.TestCase):
             clock.advance(wait)
             elapsed += wait
             if action == "used":
-                policy.used(count % 3)
+                policy.used()
             elif action == "request":
                 policy.requested(count)
             else:

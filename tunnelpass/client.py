@@ -563,7 +563,7 @@ class TunnelClient(Service):
 
     def policy_used(self) -> None:
         if self.policy is not None and self.pool is not None:
-            self.policy.used(len(self.pool.idle))
+            self.policy.used()
             self.fill_soon()
 
     def fill_soon(self) -> None:
@@ -593,11 +593,10 @@ class TunnelClient(Service):
                 if conn_id not in self.retiring:
                     self.retiring.add(conn_id)
                     self.control.retire(conn_id)
-        count = self.policy.to_dial(len(self.pool.idle), self.dialing)
         # Each pool connection, and the leg it will need once a user takes
         # it, must fit in the open-files limit next to the users' own.
-        room = self.descriptors.dial_allowance(len(self.pool.idle) + self.dialing) if count else None
-        for _ in range(count if room is None else min(count, room)):
+        room = self.descriptors.dial_allowance(len(self.pool.idle) + self.dialing)
+        for _ in range(self.policy.to_dial(len(self.pool.idle), self.dialing, room)):
             self._dial_one()
 
     def _dial_one(self) -> None:

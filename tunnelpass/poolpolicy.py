@@ -55,7 +55,7 @@ class PoolPolicy:
         self.max_pool = max(1, min(configured_max, self.max_pool, limit))
         self.min_pool = min(configured_min, self.max_pool)
 
-    def used(self, idle_left: int = 0) -> None:
+    def used(self) -> None:
         """A pool connection was taken for a user connection."""
         index = int(self.clock.seconds() // self.bucket)
         demand = self._demand
@@ -83,14 +83,17 @@ class PoolPolicy:
         """Idle connections to aim for."""
         return max(self.min_pool, min(self.max_pool, self.min_pool + self.demand))
 
-    def to_dial(self, idle: int, in_flight: int) -> int:
-        """Connections to start dialling now."""
+    def to_dial(self, idle: int, in_flight: int, room: int | None = None) -> int:
+        """Connections to start dialling now; at most *room* (what this
+        process has descriptors for), and what could not be dialled for
+        waiting users stays owed."""
         now = self.clock.seconds()
         elapsed = max(0.0, now - self._tokens_at)  # a wall clock may step back
         self._tokens = min(float(self.dial_burst), self._tokens + elapsed * self.dial_rate)
         self._tokens_at = now
         wanted = max(0, self.target - idle - in_flight) + self._owed
-        allowed = max(0, min(wanted, int(self._tokens), self.max_in_flight - in_flight))
+        allowed = max(0, min(wanted, int(self._tokens), self.max_in_flight - in_flight,
+                             wanted if room is None else room))
         self._tokens -= allowed
         self._owed -= min(self._owed, allowed)
         return allowed
