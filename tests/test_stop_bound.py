@@ -59,7 +59,8 @@ class WatchdogTests(unittest.TestCase):
 class ForceExitTests(unittest.TestCase):
     def test_resets_live_connections_and_exits_zero(self):
         """The process ends with status 0 and its peer sees a reset, not the
-        FIN a plain exit would send."""
+        FIN a plain exit would send -- also for a connection the reactor is
+        not watching at that moment (a leg paused by backpressure)."""
         child = textwrap.dedent("""
             import socket, sys
             from tunnelpass.signals import force_exit
@@ -70,7 +71,7 @@ class ForceExitTests(unittest.TestCase):
 
             class Reactor:
                 def __init__(self, sock):
-                    self.readers = [Selectable(sock)]
+                    self.readers = []  # paused: not registered for reading
                 def getReaders(self):
                     return self.readers
                 def getWriters(self):

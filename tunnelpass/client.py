@@ -684,5 +684,5 @@ class TunnelClient(Service):
                                               (None, self.target_factory) else [])
         d.addCallback(lambda _: DeferredList([f.drain(self.settings.shutdown_timeout) for f in factories]))
         d.addCallback(lambda _: self.report(final=True))
-        d.addCallback(lambda _: self.signals.restore())
+        d.addBoth(lambda result: (self.signals.restore(), result)[1])
         return d

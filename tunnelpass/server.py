@@ -748,7 +748,7 @@ class TunnelServer(Service):
         d = DeferredList([w or succeed(None) for w in waits])
         d.addCallback(lambda _: self.target_factory.drain(self.settings.shutdown_timeout))
         d.addCallback(lambda _: self.report(final=True))
-        d.addCallback(lambda _: self.signals.restore())
+        d.addBoth(lambda result: (self.signals.restore(), result)[1])
         return d
 
 

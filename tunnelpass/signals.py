@@ -38,23 +38,41 @@ STOP_MARGIN = 2.0
 
 
 def force_exit(reactor, status: int = 0) -> None:
-    """The last resort: reset every TCP connection the reactor still
-    watches (``SO_LINGER`` 0, so that no peer mistakes the cut for a
-    complete stream, as the FINs of a plain exit would let it), flush the
-    log, and end the process now with *status*."""
-    for selectable in list(reactor.getReaders()) + list(reactor.getWriters()):
-        sock = getattr(selectable, "socket", None) or getattr(selectable, "sock", None)
-        if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM:
-            try:
+    """The last resort: reset every TCP connection the process still holds
+    (``SO_LINGER`` 0, so that no peer mistakes the cut for a complete
+    stream, as the FINs of a plain exit would let it), flush the log, and
+    end the process now with *status*.
+
+    Every descriptor counts, not only those the reactor watches: a leg
+    paused by backpressure, one waiting to flush before its reset, or a
+    splice socket is not registered for reading at that moment."""
+    for fd in _descriptors(reactor):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # not a socket
+        try:
+            if sock.type == socket.SOCK_STREAM:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the descriptor stays open (and is reset at exit)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
     os._exit(status)
+
+
+def _descriptors(reactor) -> list[int]:
+    """This process's open descriptors (``/proc/self/fd``), or the ones the
+    reactor watches where that is not available."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return [selectable.fileno() for selectable in list(reactor.getReaders()) + list(reactor.getWriters())]
 
 
 class StopWatchdog:
