@@ -106,6 +106,20 @@ class SessionTableTests(unittest.TestCase):
         self.assertTrue(self.table.make_room(self.full(5)), "room already")
         self.assertEqual(self.stats.udp_evictions, 4)
 
+    def test_a_close_that_fails_does_not_wedge_make_room(self):
+        sessions = self.add(*range(3))
+        broken = sessions[0]
+
+        def close():
+            broken.closed = True
+            raise RuntimeError("the stream's close failed")
+
+        broken.close = close
+        self.clock.advance(REPLY_WAIT)
+        self.assertTrue(self.table.make_room(self.full(3)), "it used to pick the same victim forever")
+        self.assertEqual((len(self.table), self.stats.udp_evictions), (2, 1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_full_of_active_sessions_refuses(self):
         sessions = self.add(*range(3))
         for session in sessions:

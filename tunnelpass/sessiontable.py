@@ -162,11 +162,17 @@ class SessionTable:
         return True
 
     def evict(self, session) -> None:
-        """Close *session* to make room, counted and logged."""
+        """Close *session* to make room, counted and logged.  It leaves the
+        table whatever its close does: a close that fails must not leave it
+        there to be picked again (``make_room`` would never end)."""
         self.stats.udp_evictions += 1
         if not session.answered:
             self._unanswered_evictions += 1
-        session.close()
+        try:
+            session.close()
+        except Exception:
+            log.failure("{listener}: closing an evicted UDP session failed", listener=self.name)
+        self.remove(session)
         if self._log.ready():
             count, unanswered = self._log.take_count(), self._unanswered_evictions
             self._unanswered_evictions = 0
