@@ -217,3 +217,40 @@ class SpliceRelayTests(unittest.TestCase):
         pool.give(second)  # over the limit: closed
         self.assertEqual(pool.idle, [first])
         pool.discard(pool.take())
+
+
+class _SocketOnly:
+    """Just what SpliceRelay asks of a transport."""
+
+    connected = True
+
+    def __init__(self, sock):
+        self.socket = sock
+        self.lost = []
+
+    def connectionLost(self, reason):
+        self.connected = False
+        self.lost.append(reason)
+
+
+class FailureDrainBoundTests(unittest.TestCase):
+    def test_a_peer_that_does_not_read_is_reset_within_the_flush_limit(self):
+        """After one socket fails, the other gets what the pipe holds for it
+        -- but a peer that never reads is reset FLUSH_LIMIT later instead of
+        holding four descriptors until the idle timeout."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tunnelpass.closing import FLUSH_LIMIT
+
+        clock = MemoryReactorClock()
+        pairs = [socket.socketpair() for _ in range(2)]
+        for pair in pairs:
+            self.addCleanup(lambda p=pair: [s.close() for s in p])
+        broken, alive = _SocketOnly(pairs[0][0]), _SocketOnly(pairs[1][0])
+        relay = splice.SpliceRelay(clock, broken, alive, lambda: None, lambda n: None, lambda n: None)
+        relay.a.outgoing.pending = 10  # bytes from the broken side still in the pipe for the other
+        relay._fail(relay.a, OSError("connection reset"))
+        self.assertFalse(relay.finished, "first, the pipe is delivered")
+        clock.advance(FLUSH_LIMIT)
+        self.assertTrue(relay.finished)
+        self.assertEqual(len(alive.lost), 1, "the peer that did not read is closed (reset)")

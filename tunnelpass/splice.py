@@ -107,6 +107,8 @@ class SpliceRelay:
         self.failing: Failure | None = None
         self.broken: _Side | None = None  # the socket that failed first
         self._closing_call = None  # waiting for the kernel to send before the RST
+        self._draining_call = None  # the bound on delivering a pipe's bytes after a failure
+        self._aborted: Failure | None = None  # how the sockets close after a failure
         self.a = _Side(self, inbound_transport)
         self.b = _Side(self, outbound_transport)
         self.a.outgoing = self.b.incoming = _Direction(self.a, self.b, count_in)
@@ -269,7 +271,9 @@ class SpliceRelay:
             self.reactor.removeReader(side)
         self.reactor.removeWriter(broken)
         if broken.outgoing.pending:
-            self.reactor.addWriter(alive)  # flush() finishes when it is empty
+            self.reactor.addWriter(alive)  # flush() finishes when it is empty...
+            # ...or a peer that does not read is reset FLUSH_LIMIT from now.
+            self._draining_call = self.reactor.callLater(FLUSH_LIMIT, self.finish, reason)
         else:
             self.finish(reason)
 
@@ -321,6 +325,9 @@ class SpliceRelay:
         if self.finished:
             return
         self.finished = True
+        call, self._draining_call = self._draining_call, None
+        if call is not None and call.active():
+            call.cancel()
         for side in (self.a, self.b):
             self.reactor.removeReader(side)
             self.reactor.removeWriter(side)
@@ -362,7 +369,7 @@ class SpliceRelay:
         call, self._closing_call = self._closing_call, None
         if call is not None and call.active():
             call.cancel()
-        self._close(getattr(self, "_aborted", None) or Failure(ConnectionAborted()))
+        self._close(self._aborted or Failure(ConnectionAborted()))
 
     def _close(self, reason: Failure) -> None:
         for side in (self.a, self.b):
