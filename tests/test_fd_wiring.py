@@ -115,3 +115,34 @@ class ServerPoolTests(unittest.TestCase):
     def test_a_lower_max_pool_is_kept(self):
         server = self.start(1024, max_pool=100)
         self.assertEqual(server.session_config.max_pool, 100)
+
+
+class ServerIdleRoomTests(unittest.TestCase):
+    def test_idle_pool_connections_leave_each_user_a_descriptor(self):
+        """Near the open-files limit the server files no more idle pool
+        connections than it has descriptors for their users (500 users
+        through a tunnel at 1,024 files lost 36 to an idle pool that kept
+        growing), unless a user is already waiting for one."""
+        from tests.test_server import connect, make_server
+        from tunnelpass.codec import Type, encode
+        from tunnelpass.handshake import pool_auth_frame
+
+        server = make_server()
+        session, _, _ = authenticate(server)
+        server.descriptors = Descriptors(server.clock, limit=100, count=lambda: 90)  # reserve 4: 6 to spare
+        filed = []
+        for counter in range(1, 10):
+            protocol, transport = connect(server)
+            protocol.dataReceived(pool_auth_frame(session, counter, bytes([counter]) * 16, b""))
+            filed.append(transport.value() == encode(Type.POOL_OK))
+        self.assertEqual(filed, [True] * 6 + [False] * 3)
+        self.assertEqual(len(server.session.pool.idle), 6)
+        for _ in range(6):  # users take every idle one; the next waits
+            server.session.pool.take()
+        waiting = server.session.pool.take()
+        self.assertFalse(waiting.called)
+        server.descriptors = Descriptors(server.clock, limit=100, count=lambda: 99)  # nothing to spare
+        protocol, transport = connect(server)
+        protocol.dataReceived(pool_auth_frame(session, 20, b"w" * 16, b""))
+        self.assertEqual(transport.value(), encode(Type.POOL_OK), "a waiting user's connection is always filed")
+        self.assertTrue(waiting.called)

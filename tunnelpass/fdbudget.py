@@ -174,6 +174,14 @@ class Descriptors:
             return None
         return dial_allowance(self.limit, open_now, committed, self.reserve)
 
+    def headroom(self, committed: int) -> int | None:
+        """Descriptors left once *committed* connections each get the one
+        more they will need; None: no limit known."""
+        open_now = self.open_now()
+        if open_now is None:
+            return None
+        return self.limit - self.reserve - open_now - committed
+
     # Running out
 
     def ran_out(self, where: str, code: int | str = errno.EMFILE, lost: int = 0, listener: str = "") -> None:

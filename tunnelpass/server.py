@@ -193,9 +193,10 @@ class TunnelConnection(SwitchingProtocol):
             self.gate.refuse(e.reason, kind="pool_auth")
             return
         self.gate.passed()
-        if rest or not session.pool.has_room(conn_id):
+        if rest or not session.pool.has_room(conn_id) or not self.server.room_for_idle(session.pool):
             # The client waits for POOL_OK before it sends anything more; a
-            # full pool or a reused id gets no POOL_OK, so no user uses it.
+            # full pool, a reused id or no descriptor to spare gets no
+            # POOL_OK, so no user uses it.
             self.transport.abortConnection()
             return
         # State and POOL_OK first: add() may hand this connection to a
@@ -640,6 +641,16 @@ class TunnelServer(Service):
         peer = control.transport.getPeer()
         self.log.info("client {host} connected (session {sid})", host=peer.host,
                       sid=control.session.session_id.hex()[:8], event="client_connected")
+
+    def room_for_idle(self, pool) -> bool:
+        """Whether to file one more idle pool connection: each idle one will
+        need a descriptor more once a user takes it (the user's socket, or
+        the target dialled for it), so near the open-files limit one is
+        refused -- unless a user already waits for it."""
+        if any(not waiter.called for waiter in pool.waiters):
+            return True
+        room = self.descriptors.headroom(len(pool.idle) + 1)
+        return room is None or room >= 0
 
     def banned(self, ban: Ban) -> None:
         """The guard banned a source: an operator must see it (once per
