@@ -390,10 +390,7 @@ class TunnelClient(Service):
         self._every(1.0, self.fill)
         self.log.info("client running: server {server}, target {target}", event="client_running",
                       server=format_address(s.server_host, s.server_port), target=format_address(s.target_host, s.target_port))
-        if self.pool_bound < s.max_pool:
-            self.log.info("idle pool bounded to {bound} connections (a quarter of the open-files limit "
-                          "{limit}; --max-pool {max_pool})", bound=self.pool_bound,
-                          limit=self.descriptors.limit, max_pool=s.max_pool, event="pool_fd_bound")
+        self.descriptors.log_pool_bound(s.max_pool)
 
     def _every(self, interval, function) -> None:
         loop = LoopingCall(function)

@@ -148,6 +148,15 @@ class Descriptors:
     def pool_bound(self, max_pool: int) -> int:
         return pool_bound(self.limit, max_pool)
 
+    def log_pool_bound(self, max_pool: int) -> None:
+        """At startup: say so when the open-files limit, not ``--max-pool``,
+        bounds the idle pool."""
+        bound = self.pool_bound(max_pool)
+        if bound < max_pool:
+            log.info("idle pool bounded to {bound} connections (a quarter of the open-files limit {limit}; "
+                     "--max-pool {max_pool})", bound=bound, limit=self.limit, max_pool=max_pool,
+                     event="pool_fd_bound")
+
     def open_now(self) -> int | None:
         """Open descriptors, recounted when the last count is old: after
         :data:`RELAXED_AGE` while a quarter of the limit is free, after

@@ -595,10 +595,7 @@ class TunnelServer(Service):
             pin=f", certificate {tlsmod.format_pin(self.fingerprint)}" if s.tls else "",
             event="server_running",
         )
-        if self.pool_bound < s.max_pool:
-            self.log.info("idle pool bounded to {bound} connections (a quarter of the open-files limit "
-                          "{limit}; --max-pool {max_pool})", bound=self.pool_bound,
-                          limit=self.descriptors.limit, max_pool=s.max_pool, event="pool_fd_bound")
+        self.descriptors.log_pool_bound(s.max_pool)
         if s.key_generated:
             self._log_client_command()
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -254,6 +255,18 @@ def udp_round_trip(port: int, payload: bytes, timeout: float = 3.0) -> bytes:
         s.sendto(payload, ("127.0.0.1", port))
         data, _ = s.recvfrom(65535)
         return data
+
+
+def scrape(port: int) -> dict:
+    """A ``--metrics`` endpoint's samples: ``{(name, sorted labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
 
 
 def tcp_round_trip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:

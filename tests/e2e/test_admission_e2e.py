@@ -20,8 +20,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import free_port, wait_until
-from tests.e2e.test_metrics_e2e import scrape
+from tests.e2e.harness import scrape, free_port, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 from tunnelpass.codec import FrameDecoder, Type, decode_text
 from tunnelpass.handshake import AUTH_FAILED, ClientHandshake

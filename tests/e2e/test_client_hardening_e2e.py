@@ -14,7 +14,7 @@ import time
 from twisted.trial import unittest
 
 from tests.certs import ca_signed, write_pem
-from tests.e2e.harness import TCPServer, wait_until
+from tests.e2e.harness import TCPServer, tcp_round_trip
 from tests.e2e.tunnel_harness import Tunnel, relay_bytes
 from tunnelpass.codec import Type, encode, encode_text
 
@@ -110,13 +110,13 @@ class ForgedTLSLevelTests(unittest.TestCase):
         tunnel, relay = self.connect_through(forge_plain=True, forge_tls=0)
         self.assertGreaterEqual(relay.forged["plain"], 1)
         self.assertIn("tls 1)", tunnel.client.log())
-        self.assertEqual(b"ping" * 100, _round_trip(tunnel.entry, b"ping" * 100))
+        self.assertEqual(b"ping" * 100, tcp_round_trip(tunnel.entry, b"ping" * 100))
 
     def test_forged_answer_inside_tls(self):
         tunnel, relay = self.connect_through(forge_plain=False, forge_tls=1)
         self.assertEqual(relay.forged["tls"], 1)
         self.assertIn("the server says it requires TLS level 2", tunnel.client.log(), "the forgery was read")
-        self.assertEqual(b"pong", _round_trip(tunnel.entry, b"pong"))
+        self.assertEqual(b"pong", tcp_round_trip(tunnel.entry, b"pong"))
 
     def test_a_client_told_the_level_ignores_forgeries(self):
         tunnel = Tunnel(self, tls=1, connect=False)
@@ -125,18 +125,6 @@ class ForgedTLSLevelTests(unittest.TestCase):
         tunnel.start_client(tunnel_port=relay.port, ready=None)
         tunnel.client.wait_for_log("connected to", timeout=15)
         self.assertEqual(relay.forged["plain"], 0, "a client told tls=1 never speaks plain")
-
-
-def _round_trip(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
 
 
 class ClientFlowAndSignalTests(unittest.TestCase):
@@ -154,7 +142,7 @@ class ClientFlowAndSignalTests(unittest.TestCase):
 
     def test_client_follows_the_flow_it_insists_on(self):
         tunnel = Tunnel(self, flow="send", client_args=["--flow", "send"])
-        self.assertEqual(b"same", _round_trip(tunnel.entry, b"same"))
+        self.assertEqual(b"same", tcp_round_trip(tunnel.entry, b"same"))
 
     def test_sighup_does_not_kill_the_client(self):
         tunnel = Tunnel(self, tls=2)
@@ -165,7 +153,7 @@ class ClientFlowAndSignalTests(unittest.TestCase):
         tunnel.client.signal(signal.SIGHUP)
         tunnel.client.wait_for_log("--ca reload failed, keeping the current CA certificates")
         self.assertIsNone(tunnel.client.process.poll(), "SIGHUP used to end the client (exit 129)")
-        self.assertEqual(b"still", _round_trip(tunnel.entry, b"still"))
+        self.assertEqual(b"still", tcp_round_trip(tunnel.entry, b"still"))
         plain = Tunnel(self)
         plain.client.signal(signal.SIGHUP)
         plain.client.wait_for_log("SIGHUP: nothing to reload")
@@ -182,7 +170,7 @@ class PoolBurstTests(unittest.TestCase):
 
         def user():
             barrier.wait()
-            results.append(_round_trip(tunnel.entry, b"x" * 1000) == b"x" * 1000)
+            results.append(tcp_round_trip(tunnel.entry, b"x" * 1000) == b"x" * 1000)
 
         threads = [threading.Thread(target=user) for _ in range(64)]
         for t in threads:

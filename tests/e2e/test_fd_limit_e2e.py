@@ -14,12 +14,10 @@ import selectors
 import shutil
 import socket
 import time
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
-from tests.e2e.harness import Forwarder, TCPServer, free_port, wait_until
+from tests.e2e.harness import Forwarder, TCPServer, free_port, scrape, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 
 USERS = 500
@@ -27,15 +25,6 @@ USERS = 500
 
 def _limit(n: int) -> tuple:
     return ("prlimit", f"--nofile={n}:{n}")
-
-
-def scrape(port: int) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def total(samples: dict, name: str) -> float:

@@ -1,22 +1,11 @@
 """End-to-end: ``--metrics`` scraped over HTTP and parsed as Prometheus text."""
 
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
-from tests.e2e.harness import (Forwarder, TCPServer, Twistd, UDPEchoServer, free_port, tcp_round_trip,
+from tests.e2e.harness import (Forwarder, scrape, TCPServer, Twistd, UDPEchoServer, free_port, tcp_round_trip,
                                udp_round_trip, wait_until)
 from tests.e2e.tunnel_harness import Tunnel
-
-
-def scrape(port: int) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 class MetricsTests(unittest.TestCase):

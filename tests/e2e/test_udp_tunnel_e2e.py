@@ -12,8 +12,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import TCPServer, UDPEchoServer, can_connect, free_port, tcp_round_trip, wait_until
-from tests.e2e.test_metrics_e2e import scrape
+from tests.e2e.harness import scrape, TCPServer, UDPEchoServer, can_connect, free_port, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 from tests.e2e.udp_churn import churn
 from tunnelpass.proxyproto import parse
