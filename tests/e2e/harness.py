@@ -216,10 +216,10 @@ class TCPServer:
     """A threaded TCP backend on 127.0.0.1: ``echo``, ``source``, ``greeter``
     or ``stall``."""
 
-    def __init__(self, testcase, kind: str = "echo"):
+    def __init__(self, testcase, kind: str = "echo", port: int = 0):
         handler = {"echo": _EchoHandler, "source": _SourceHandler, "greeter": _GreeterHandler,
                    "stall": _StallHandler}[kind]
-        self.server = _ThreadingTCP(("127.0.0.1", 0), handler)
+        self.server = _ThreadingTCP(("127.0.0.1", port), handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         testcase.addCleanup(self.close)
@@ -246,6 +246,19 @@ class UDPEchoServer:
                 self.sock.sendto(data, addr)
             except OSError:
                 return
+
+
+def echo_backends(testcase) -> TCPServer:
+    """A TCP and a UDP echo server on one port number (a --target carries
+    both), outside the ephemeral range: the UDP half of a TCP server's
+    bind(0) port may already belong to some client socket."""
+    port = free_port()
+    udp = UDPEchoServer(testcase, port)
+    try:
+        return TCPServer(testcase, port=port)
+    except OSError:
+        udp.sock.close()
+        raise
 
 
 def udp_round_trip(port: int, payload: bytes, timeout: float = 3.0) -> bytes:

@@ -35,7 +35,8 @@ def total(samples: dict, name: str) -> float:
 def concurrent_echoes(port: int, count: int, timeout: float = 30.0) -> int:
     """Open *count* connections at once, send a distinct line on each, read
     every echo (all sockets at once, with selectors); return how many came
-    back whole.  A reset or an early EOF counts as a failure, not an error."""
+    back whole.  A served user hangs up, as a burst of real users does.  A
+    reset or an early EOF counts as a failure, not an error."""
     sockets, expected, received = [], {}, {}
     selector = selectors.DefaultSelector()
     try:
@@ -66,6 +67,7 @@ def concurrent_echoes(port: int, count: int, timeout: float = 30.0) -> int:
                 if not data or len(received[s]) >= len(expected[s]):
                     selector.unregister(s)
                     ok += received[s] == expected[s]
+                    s.close()
         return ok
     finally:
         selector.close()

@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from tests.e2e.harness import (
     ROOT,
+    echo_backends,
     TWISTD,
     Forwarder,
     Streamer,
@@ -36,8 +37,7 @@ class ForwardingTests(unittest.TestCase):
         return Forwarder(self, rules, *self.relay_args, *args, **kw)
 
     def test_tcp_and_udp_echo(self):
-        tcp = TCPServer(self)
-        UDPEchoServer(self, tcp.port)  # one backend port for both protocols
+        tcp = echo_backends(self)  # one backend port for both protocols
         port, named = free_port(), free_port()
         self.forwarder(f"127.0.0.1:{port}/tcp+udp | 127.0.0.1 | {tcp.port}\n"
                         f"127.0.0.1:{named} | localhost | {tcp.port}\n")
@@ -178,8 +178,7 @@ class CopyRelayForwardingTests(ForwardingTests):
 
 class ReloadTests(unittest.TestCase):
     def test_sighup_adds_and_removes_without_touching_live_connections(self):
-        tcp = TCPServer(self)
-        UDPEchoServer(self, tcp.port)
+        tcp = echo_backends(self)
         kept, removed, added = free_port(), free_port(), free_port()
         fwd = Forwarder(self, f"127.0.0.1:{kept}/tcp+udp | 127.0.0.1 | {tcp.port}\n"
                               f"127.0.0.1:{removed} | 127.0.0.1 | {tcp.port}\n")

@@ -3,7 +3,7 @@
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import (Forwarder, scrape, TCPServer, Twistd, UDPEchoServer, free_port, tcp_round_trip,
+from tests.e2e.harness import (echo_backends, Forwarder, scrape, TCPServer, Twistd, free_port, tcp_round_trip,
                                udp_round_trip, wait_until)
 from tests.e2e.tunnel_harness import Tunnel
 
@@ -26,8 +26,7 @@ class MetricsTests(unittest.TestCase):
 
     def test_tunnel_metrics(self):
         server_metrics, client_metrics = free_port(), free_port()
-        backend = TCPServer(self)
-        UDPEchoServer(self, backend.port)
+        backend = echo_backends(self)
         tunnel = Tunnel(self, backend=backend,
                         server_args=["--metrics", f"tcp:{server_metrics}:interface=127.0.0.1"],
                         client_args=["--metrics", f"tcp:{client_metrics}:interface=127.0.0.1"])

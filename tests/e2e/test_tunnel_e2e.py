@@ -13,7 +13,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import (TCPServer, Twistd, UDPEchoServer, can_connect, free_port, rss_kib, tcp_round_trip,
+from tests.e2e.harness import (echo_backends, TCPServer, Twistd, can_connect, free_port, rss_kib, tcp_round_trip,
                                udp_round_trip, wait_until)
 from tests.e2e.tunnel_harness import KEY, Proxy, Tunnel
 
@@ -259,8 +259,7 @@ class ResilienceTests(unittest.TestCase):
         self.assertIn(f"--target: cannot listen on 127.0.0.1:{port}", server.log())
 
     def test_client_local_flow_needs_no_server(self):
-        echo = TCPServer(self)
-        UDPEchoServer(self, echo.port)
+        echo = echo_backends(self)
         port = free_port()
         Twistd(self, ["--mode", "client", "--flow", "local", "--tunnel", f"127.0.0.1:{port}",
                       "--target", f"127.0.0.1:{echo.port}"], ready="client running")

@@ -12,7 +12,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import scrape, TCPServer, UDPEchoServer, can_connect, free_port, tcp_round_trip, wait_until
+from tests.e2e.harness import echo_backends, scrape, TCPServer, can_connect, free_port, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 from tests.e2e.udp_churn import churn
 from tunnelpass.proxyproto import parse
@@ -107,8 +107,7 @@ def health(process, field: str) -> int:
 
 class UDPTunnelTests(unittest.TestCase):
     def backend(self) -> TCPServer:
-        backend = TCPServer(self)
-        UDPEchoServer(self, backend.port)
+        backend = echo_backends(self)
         return backend
 
     def test_echo_both_flows(self):
@@ -246,8 +245,7 @@ class SessionChurnTests(unittest.TestCase):
         least 99.9% answered, and neither side ever holds more than 1,000
         sessions (their /metrics sampled every 250 ms).  Before eviction a
         full table refused every new session: 1,154 of 5,000 answered."""
-        backend = TCPServer(self)
-        UDPEchoServer(self, backend.port)
+        backend = echo_backends(self)
         ports = {"server": free_port(), "client": free_port()}
         tunnel = Tunnel(self, backend=backend,
                         server_args=["--metrics", f"tcp:{ports['server']}:interface=127.0.0.1"],
