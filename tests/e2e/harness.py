@@ -44,14 +44,22 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
     candidates = list(range(10000, low)) + list(range(high + 1, 65536))
     for _ in range(200):
         port = random.choice(candidates)
+        if port in _HANDED_OUT:
+            continue  # free now, but promised to an earlier caller that has not bound it yet
         try:
             for family_kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
                 with socket.socket(socket.AF_INET, family_kind) as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
             continue
+        _HANDED_OUT.add(port)
         return port
     raise RuntimeError("no free port")
+
+
+#: Ports free_port returned in this process: two calls before either port
+#: is bound (a tunnel's --tunnel and --target) must not get the same one.
+_HANDED_OUT: set[int] = set()
 
 
 def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):

@@ -60,6 +60,15 @@ def read_to_end(sock: socket.socket, timeout: float = 10.0) -> tuple[str, int]:
         return "timeout", count
 
 
+def _connected(sock: socket.socket) -> bool:
+    """Whether *sock* still has a peer (an ended link cannot be cut)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
 class Backend:
     """A one-job TCP backend in a thread of the test process.
 
@@ -186,7 +195,8 @@ class CuttingProxy:
         """FIN towards the server on the connection that carried most bytes
         to it (the pool connection of the running download), nothing more."""
         with self.lock:
-            link = max(self.links, key=lambda link: link["to_server"])
+            live = [link for link in self.links if _connected(link["up"])]
+            link = max(live, key=lambda link: link["to_server"])
         link["cut"].set()
         link["up"].shutdown(socket.SHUT_WR)
 
