@@ -20,7 +20,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import scrape, free_port, wait_until
+from tests.e2e.harness import free_port, scrape, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 from tunnelpass.codec import FrameDecoder, Type, decode_text
 from tunnelpass.handshake import AUTH_FAILED, ClientHandshake
@@ -105,16 +105,7 @@ def user_load(port: int, seconds: float, interval: float = 0.05) -> tuple[int, i
     def one(i: int) -> None:
         message = b"user %d\n" % i
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(message)
-                s.shutdown(socket.SHUT_WR)
-                data = b""
-                while True:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            results.append(data == message)
+            results.append(tcp_round_trip(port, message, timeout=10) == message)
         except OSError:
             results.append(False)
 

@@ -4,24 +4,21 @@ burst of users.  Real twistd processes; forging relays in test threads."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import ssl
 import threading
 import time
 
 from twisted.trial import unittest
 
-from tests.certs import ca_signed, write_pem
 from tests.e2e.harness import TCPServer, tcp_round_trip
-from tests.e2e.tunnel_harness import Tunnel, relay_bytes
+from tests.e2e.tunnel_harness import ThreadedProxy, Tunnel, relay_bytes, throwaway_tls_server
 from tunnelpass.codec import Type, encode, encode_text
 
 FORGED_TLS_REQUIRED = encode(Type.ERROR, encode_text(7, "this server requires TLS (level 2)"))
 
 
-class ForgingRelay:
+class ForgingRelay(ThreadedProxy):
     """On the path between a client and the real server: answers the first
     frame of chosen connections with a forged "TLS required (level 2)" --
     plain connections while *forge_plain*, and the first *forge_tls* TLS
@@ -29,29 +26,10 @@ class ForgingRelay:
     (a client without a pin accepts it) -- and relays everything else."""
 
     def __init__(self, testcase, server_port: int, forge_plain: bool, forge_tls: int):
-        self.server_port, self.forge_plain, self.forge_tls = server_port, forge_plain, forge_tls
+        self.forge_plain, self.forge_tls = forge_plain, forge_tls
         self.forged = {"plain": 0, "tls": 0}
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        directory = os.path.abspath(testcase.mktemp())
-        os.makedirs(directory)
-        ca, key, cert = ca_signed("localhost")
-        _, cert_path, key_path = write_pem(directory, ca, key, cert)
-        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.tls.load_cert_chain(cert_path, key_path)
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-        testcase.addCleanup(self.close)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            self.sockets.append(downstream)
-            threading.Thread(target=self._serve, args=(downstream,), daemon=True).start()
+        self.tls = throwaway_tls_server(testcase)
+        super().__init__(testcase, server_port)
 
     def _forge(self, kind: str) -> bool:
         with self.lock:
@@ -82,14 +60,6 @@ class ForgingRelay:
         self.sockets.append(upstream)
         threading.Thread(target=relay_bytes, args=(upstream, downstream), daemon=True).start()
         relay_bytes(downstream, upstream)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            try:
-                sock.close()
-            except OSError:
-                pass
 
 
 class ForgedTLSLevelTests(unittest.TestCase):

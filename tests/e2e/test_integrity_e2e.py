@@ -19,7 +19,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e.harness import Forwarder, free_port, tcp_round_trip, wait_until
-from tests.e2e.tunnel_harness import Tunnel
+from tests.e2e.tunnel_harness import ThreadedProxy, Tunnel
 
 #: What SIGTERM may take beyond --shutdown-timeout (the watchdog's margin
 #: is 2 s; the rest is process start-up noise on a loaded machine).
@@ -142,40 +142,28 @@ class Backend:
                 pass
 
 
-class CuttingProxy:
+class CuttingProxy(ThreadedProxy):
     """A byte-for-byte proxy in front of the server's tunnel port that can
     cut a connection with a bare FIN towards the server -- a TCP FIN with
     no TLS close_notify before it, as an attacker or a broken middlebox
     would inject."""
 
     def __init__(self, testcase, server_port: int):
-        self.server_port = server_port
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(128)
-        self.port = self.listener.getsockname()[1]
         self.links: list[dict] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-        testcase.addCleanup(self.close)
+        super().__init__(testcase, server_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.server_port))
-            except OSError:
-                downstream.close()
-                continue
-            link = {"down": downstream, "up": upstream, "to_server": 0, "cut": threading.Event()}
-            with self.lock:
-                self.links.append(link)
-            threading.Thread(target=self._pump, args=(link, downstream, upstream, "to_server"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(link, upstream, downstream, None), daemon=True).start()
+    def _serve(self, downstream: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.server_port))
+        except OSError:
+            downstream.close()
+            return
+        self.sockets.append(upstream)
+        link = {"down": downstream, "up": upstream, "to_server": 0, "cut": threading.Event()}
+        with self.lock:
+            self.links.append(link)
+        threading.Thread(target=self._pump, args=(link, upstream, downstream, None), daemon=True).start()
+        self._pump(link, downstream, upstream, "to_server")
 
     def _pump(self, link, source, sink, counter) -> None:
         try:
@@ -199,16 +187,6 @@ class CuttingProxy:
             link = max(live, key=lambda link: link["to_server"])
         link["cut"].set()
         link["up"].shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.listener.close()
-        with self.lock:
-            for link in self.links:
-                for sock in (link["down"], link["up"]):
-                    try:
-                        sock.close()
-                    except OSError:
-                        pass
 
 
 class ResetPropagationTests(unittest.TestCase):

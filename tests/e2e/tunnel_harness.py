@@ -122,36 +122,32 @@ def relay_bytes(source: socket.socket, sink: socket.socket, record: list | None 
         pass
 
 
-class Proxy:
-    """A TCP proxy in front of the server's tunnel port.
+def throwaway_tls_server(testcase) -> ssl.SSLContext:
+    """A TLS server context with a certificate nobody pinned or trusts (a
+    man in the middle's)."""
+    directory = os.path.abspath(testcase.mktemp())
+    os.makedirs(directory)
+    ca, key, cert = ca_signed("localhost")
+    _, cert_path, key_path = write_pem(directory, ca, key, cert)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return context
 
-    Records what each connection's client sent (in order of arrival); can
-    blackhole the first connection (the control channel) on demand; with
-    *mitm* it terminates TLS with its own certificate and opens its own TLS
-    connection to the server.
-    """
 
-    def __init__(self, testcase, server_port: int, mitm: bool = False):
+class ThreadedProxy:
+    """Something on the path in front of the server's tunnel port: listens
+    on 127.0.0.1, serves each connection in a thread (:meth:`_serve`), and
+    closes everything it holds at cleanup."""
+
+    def __init__(self, testcase, server_port: int):
         self.server_port = server_port
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]
-        self.records: list[list[bytes]] = []
-        self.blackhole = threading.Event()
         self.sockets: list[socket.socket] = []
-        self.mitm = mitm
-        if mitm:
-            directory = os.path.abspath(testcase.mktemp())
-            os.makedirs(directory)
-            ca, key, cert = ca_signed("localhost")
-            _, cert_path, key_path = write_pem(directory, ca, key, cert)
-            self.server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.server_side.load_cert_chain(cert_path, key_path)
-            self.client_side = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            self.client_side.check_hostname = False
-            self.client_side.verify_mode = ssl.CERT_NONE
+        self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
         testcase.addCleanup(self.close)
 
@@ -161,7 +157,40 @@ class Proxy:
                 downstream, _ = self.listener.accept()
             except OSError:
                 return
+            self.sockets.append(downstream)
             threading.Thread(target=self._serve, args=(downstream,), daemon=True).start()
+
+    def _serve(self, downstream: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class Proxy(ThreadedProxy):
+    """A TCP proxy in front of the server's tunnel port.
+
+    Records what each connection's client sent (in order of arrival); can
+    blackhole the first connection (the control channel) on demand; with
+    *mitm* it terminates TLS with its own certificate and opens its own TLS
+    connection to the server.
+    """
+
+    def __init__(self, testcase, server_port: int, mitm: bool = False):
+        self.records: list[list[bytes]] = []
+        self.blackhole = threading.Event()
+        self.mitm = mitm
+        if mitm:
+            self.server_side = throwaway_tls_server(testcase)
+            self.client_side = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            self.client_side.check_hostname = False
+            self.client_side.verify_mode = ssl.CERT_NONE
+        super().__init__(testcase, server_port)
 
     def _serve(self, downstream: socket.socket) -> None:
         try:
@@ -181,11 +210,3 @@ class Proxy:
         gate = self.blackhole if first else None
         threading.Thread(target=relay_bytes, args=(upstream, downstream, None, gate), daemon=True).start()
         relay_bytes(downstream, upstream, record, gate)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            try:
-                sock.close()
-            except OSError:
-                pass
