@@ -185,3 +185,64 @@ class ForwarderTests(unittest.TestCase):
     def test_parse_rules_used_by_forwarder_is_the_parser(self):
         self.write("1 | a | 2\n")
         self.assertEqual(load_rules(self.path), parse_rules("1 | a | 2\n", self.path))
+
+
+class ReloadSafetyTests(unittest.TestCase):
+    """A reload that would remove every rule needs the file to say so."""
+
+    setUp, write, start = ForwarderTests.setUp, ForwarderTests.write, ForwarderTests.start
+    listening, messages = ForwarderTests.listening, ForwarderTests.messages
+
+    def warnings(self, event):
+        from twisted.logger import LogLevel
+        return [e for e in self.events if e.get("event") == event and e["log_level"] == LogLevel.warn]
+
+    def test_empty_file_on_reload_is_refused(self):
+        service = self.start("127.0.0.1:1 | a | 2\n127.0.0.1:3/udp | b | 4\n")
+        for text in ("", "# half-written\n", "\n  \n"):
+            self.write(text)
+            service.reload()
+        self.assertEqual(self.listening(), [("127.0.0.1", 1, "tcp"), ("127.0.0.1", 3, "udp")])
+        self.assertEqual(self.reactor.stopped, [])
+        refused = self.warnings("reload_refused")
+        self.assertEqual(len(refused), 3)
+        self.assertEqual((refused[0]["path"], refused[0]["running"]), (self.path, 2))
+        self.assertIn("put the line '# tunnelpass: empty' in it", formatEvent(refused[0]))
+        self.assertEqual(service.reloads, 0)
+
+    def test_marked_empty_file_removes_every_rule_by_name(self):
+        service = self.start("127.0.0.1:1 | a | 2\n127.0.0.1:3/udp | b | 4\n")
+        self.write("# tunnelpass: empty\n")
+        service.reload()
+        self.assertEqual(self.listening(), [])
+        self.assertEqual(self.warnings("reload_refused"), [])
+        removed = self.warnings("rule_removed")
+        self.assertEqual(sorted((e["listener"], e["remote"]) for e in removed),
+                         [("127.0.0.1:1/tcp", "a:2"), ("127.0.0.1:3/udp", "b:4")])
+        self.assertIn("rule removed: 127.0.0.1:1/tcp -> a:2", formatEvent(removed[0]))
+        self.assertEqual(len(self.messages("0 added, 2 removed")), 1)
+
+    def test_partial_removal_warns_for_each_removed_rule_only(self):
+        service = self.start("127.0.0.1:1 | a | 2\n127.0.0.1:3 | b | 4\n")
+        self.write("127.0.0.1:3 | b | 4\n")
+        service.reload()
+        self.assertEqual([e["listener"] for e in self.warnings("rule_removed")], ["127.0.0.1:1/tcp"])
+
+    def test_empty_file_when_nothing_runs_is_a_plain_reload(self):
+        service = self.start("")
+        self.write("")
+        service.reload()
+        self.assertEqual(self.warnings("reload_refused"), [])
+        self.assertEqual(service.reloads, 1)
+
+    def test_unreadable_or_invalid_file_keeps_the_rules(self):
+        service = self.start("127.0.0.1:1 | a | 2\n")
+        self.write("127.0.0.1:1 | a\n")
+        service.reload()
+        import os
+        os.remove(self.path)
+        service.reload()
+        self.assertEqual(self.listening(), [("127.0.0.1", 1, "tcp")])
+        rejected = [e for e in self.events if e.get("event") == "reload_rejected"]
+        self.assertEqual(len(rejected), 2)
+        self.assertIn("cannot read rules file", formatEvent(rejected[1]))

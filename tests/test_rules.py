@@ -228,3 +228,22 @@ class ProxyOptionTests(unittest.TestCase):
             with self.assertRaises(RulesError) as cm:
                 parse_rules(line + b"\n", "t")
             self.assertIn(fragment, str(cm.exception))
+
+
+class EmptyMarkerTests(unittest.TestCase):
+    """``# tunnelpass: empty`` says a file without rules is meant (see forward.py)."""
+
+    def test_marker_is_found_in_its_forms(self):
+        for text in ("# tunnelpass: empty\n", "#tunnelpass:empty", "  #  TunnelPass :  EMPTY  \r\n",
+                     b"# comment\n\n# tunnelpass: empty\n"):
+            rules = parse_rules(text, "t")
+            self.assertEqual((list(rules), rules.meant_empty), ([], True), repr(text))
+
+    def test_other_files_are_not_marked(self):
+        for text in ("", "\n\n", "# nothing yet\n", "# tunnelpass: empty for now\n", "# tunnelpass: not empty\n",
+                     "1 | a | 2  # tunnelpass: empty\n"):
+            self.assertFalse(parse_rules(text, "t").meant_empty, repr(text))
+
+    def test_marker_beside_rules_changes_nothing(self):
+        rules = parse_rules("# tunnelpass: empty\n1 | a | 2\n", "t")
+        self.assertEqual(len(rules), 1)

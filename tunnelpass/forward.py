@@ -6,6 +6,11 @@ child service.  A reload parses and validates the whole file first, then
 diffs by endpoint: unchanged endpoints keep their socket and connections,
 changed remotes/limits are updated in place, removed endpoints stop
 listening while their live connections finish, added ones start.
+
+A reload that would remove every rule is refused (the running rules stay)
+unless the file says ``# tunnelpass: empty``: an empty or truncated file is
+far more often a half-written save than a wish to stop forwarding.  Every
+removed rule is logged at warning level, by name.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from tunnelpass.fdport import listen_tcp
 from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.signals import Signals
-from tunnelpass.rules import MAX_FILE_BYTES, Endpoint, Limits, Rule, RulesError, parse_rules
+from tunnelpass.rules import EMPTY_MARKER, MAX_FILE_BYTES, Endpoint, Limits, Rule, RulesError, parse_rules
 from tunnelpass.stats import ListenerStats, StatsReporter
 from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
 
@@ -284,10 +289,16 @@ class ForwarderService(MultiService):
         try:
             rules = load_rules(path)
         except RulesError as e:
-            log.error("reload rejected, keeping the current rules: {error}", error=str(e))
+            log.error("reload rejected, keeping the current rules: {error}", error=str(e),
+                      event="reload_rejected", path=path)
+            return
+        current = {listener.endpoint: listener for listener in self}
+        if not rules and current and not getattr(rules, "meant_empty", False):
+            log.warn("reload refused, keeping the current {running} listener(s): {path} has no rules "
+                     "(empty or half-written?); if no rules is meant, put the line '{marker}' in it",
+                     event="reload_refused", path=path, running=len(current), marker=EMPTY_MARKER)
             return
         wanted = dict(_endpoints(rules))
-        current = {listener.endpoint: listener for listener in self}
         removed = [l for endpoint, l in current.items() if endpoint not in wanted]
         added = [(e, r) for e, r in wanted.items() if e not in current]
         updated = [
@@ -297,9 +308,10 @@ class ForwarderService(MultiService):
         for listener in removed:
             self.retiring.add(listener)
             await maybeDeferred(self.removeService, listener)
-            log.info(
-                "removed {listener} ({live} live connection(s) left to finish)",
-                listener=listener.name, live=listener.live(),
+            log.warn(
+                "rule removed: {listener} -> {remote} ({live} live connection(s) left to finish)",
+                event="rule_removed", path=path, listener=listener.name, remote=listener.rule.remote,
+                live=listener.live(),
             )
             self._retire_when_drained(listener)
         failed = 0
@@ -318,7 +330,7 @@ class ForwarderService(MultiService):
         log.info(
             "reloaded {path}: {added} added, {removed} removed, {updated} updated, "
             "{unchanged} unchanged, {failed} failed",
-            path=path, added=len(added) - failed, removed=len(removed), updated=len(updated),
+            event="reload", path=path, added=len(added) - failed, removed=len(removed), updated=len(updated),
             unchanged=len(current) - len(removed) - len(updated), failed=failed,
         )
 

@@ -10,11 +10,17 @@ One rule per line::
 
 The whole file is validated before anything is used, so a reload with a typo
 never half-applies; every error names the file and line.
+
+A file with no rules is usually a mistake (an editor's half-written save, a
+truncated copy); the forwarder refuses to reload one unless it carries the
+comment line ``# tunnelpass: empty`` (:data:`EMPTY_MARKER`), which says that
+no rules is what the operator means.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from tunnelpass.settings import (
@@ -32,6 +38,11 @@ from tunnelpass.settings import (
 MAX_FILE_BYTES = 1 << 20
 MAX_LINE_CHARS = 4096
 MAX_RULES = 10_000
+
+#: The comment line that marks a file meant to have no rules (case and spaces
+#: around the words do not matter): ``# tunnelpass: empty``.
+EMPTY_MARKER = "# tunnelpass: empty"
+_EMPTY_MARKER = re.compile(r"\s*#\s*tunnelpass\s*:\s*empty\s*", re.IGNORECASE)
 
 _PROTOCOL_SETS = {
     "tcp": ("tcp",),
@@ -124,7 +135,14 @@ class Rule:
         return format_address(self.remote_host, self.remote_port)
 
 
-def parse_rules(data: str | bytes, source: str = "<rules>") -> list[Rule]:
+class RuleList(list):
+    """The rules of a file, in order; ``meant_empty`` tells whether the file
+    carries :data:`EMPTY_MARKER` (an empty file that means it)."""
+
+    meant_empty: bool = False
+
+
+def parse_rules(data: str | bytes, source: str = "<rules>") -> RuleList:
     """Parse a whole rules file; raise :class:`RulesError` at the first fault."""
     if isinstance(data, bytes):
         if len(data) > MAX_FILE_BYTES:
@@ -137,11 +155,13 @@ def parse_rules(data: str | bytes, source: str = "<rules>") -> list[Rule]:
     elif len(data) > MAX_FILE_BYTES:
         raise RulesError(source, 0, f"file is larger than {MAX_FILE_BYTES} bytes")
 
-    rules: list[Rule] = []
+    rules = RuleList()
     ports: dict[tuple[int, str], _PortUsage] = {}
     for number, raw in enumerate(data.split("\n"), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
+            if _EMPTY_MARKER.fullmatch(raw):
+                rules.meant_empty = True
             continue
         try:
             rule = parse_rule(line, number)
