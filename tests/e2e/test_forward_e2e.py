@@ -225,6 +225,18 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(tcp_round_trip(port, b"old rules"), b"old rules")
         self.assertIsNone(fwd.process.poll())
 
+    def test_empty_file_is_refused_unless_marked_empty(self):
+        tcp = TCPServer(self)
+        port = free_port()
+        fwd = Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {tcp.port}\n")
+        fwd.reload("")  # an editor's half-written save
+        fwd.wait_for_log("reload refused, keeping the current 1 listener(s)")
+        self.assertEqual(tcp_round_trip(port, b"rules kept"), b"rules kept")
+        fwd.reload("# tunnelpass: empty\n")
+        fwd.wait_for_log("0 added, 1 removed")
+        self.assertIn(f"rule removed: 127.0.0.1:{port}/tcp -> 127.0.0.1:{tcp.port}", fwd.log())
+        self.assertFalse(can_connect(port), "the marked-empty file removed the listener")
+
     def test_reload_interval_picks_up_file_changes(self):
         tcp = TCPServer(self)
         first, second = free_port(), free_port()
