@@ -649,6 +649,7 @@ class TunnelClient(Service):
         fields = tunnel_fields(self.stats, self.udp_stats)
         self.log.info(
             "health: connected={connected} pool_idle={pool_idle} pool_target={pool_target} active={active} "
+            "connect_failures={connect_failures} "
             "bytes_in={bytes_in} bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
             "udp_evictions={udp_evictions}",
             event="health", connected=self.session is not None,

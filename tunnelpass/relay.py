@@ -29,6 +29,7 @@ from tunnelpass.rules import Limits
 from tunnelpass.settings import format_address
 from tunnelpass.splice import SpliceRelay, can_splice
 from tunnelpass.stats import ListenerStats
+from tunnelpass.targetlog import TargetWarnings
 
 #: Refusals at max-conns are logged at most once per this many seconds.
 REFUSAL_LOG_INTERVAL = 10.0
@@ -303,6 +304,7 @@ class TCPForwardFactory(ServerFactory):
         self._drain_waiters: list[Deferred] = []
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._proxy_refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
+        self.target_warnings = TargetWarnings(self.clock)  # why a target is unreachable, throttled per target
         self.update(remote_host, remote_port, limits, remotes)
 
     def update(self, remote_host: str, remote_port: int, limits: Limits, remotes: list | None = None) -> None:
@@ -338,6 +340,7 @@ class TCPForwardFactory(ServerFactory):
                 inbound.connect_failed(reason)
                 return
             group.failed(index)
+            self.target_warnings.failed(self.name, host, port, reason)
             if attempt + 1 < len(order) and not inbound.closed:
                 inbound._pending = self._dial_at(inbound, greeting, group, literal, order, attempt + 1)
             else:
@@ -357,7 +360,9 @@ class TCPForwardFactory(ServerFactory):
             succeeded()
             return OutboundProtocol(inbound, greeting)
 
-        d = endpoint.connect(Factory.forProtocol(build))
+        outbound_factory = Factory.forProtocol(build)
+        outbound_factory.noisy = False  # no "Starting factory" line per connection
+        d = endpoint.connect(outbound_factory)
         d.addTimeout(timeout, self.clock)
         d.addErrback(lambda reason: None if reason.check(CancelledError) and inbound.closed else failed(reason))
         return d

@@ -51,6 +51,7 @@ from tunnelpass.handshake import (
 )
 from tunnelpass.pool import IdlePool
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
+from tunnelpass.replacement import SessionReplacements
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats, tunnel_fields
 from tunnelpass.fdbudget import Descriptors
@@ -452,6 +453,7 @@ class TunnelServer(Service):
         self.stats = ListenerStats()
         self.guard = HandshakeGuard(self.clock, settings.max_handshakes, settings.max_handshakes_per_source)
         self.session: ServerSession | None = None
+        self.replacements = SessionReplacements(self.clock)
         self.flow = settings.flow
         self.fingerprint = b""
         self.tls_factory = None
@@ -623,6 +625,7 @@ class TunnelServer(Service):
     def control_authenticated(self, control: ServerControlProtocol) -> None:
         old, self.session = self.session, ServerSession(self, control)
         if old is not None:
+            self.replacements.replaced(old.control, control)
             old.close_idle()
             old.control.replaced()
             self._orphans.extend(old.pool.waiters)
@@ -673,12 +676,13 @@ class TunnelServer(Service):
         session = self.session
         fields = tunnel_fields(self.stats, self.udp_stats)
         self.log.info(
-            "health: client={client} pool_idle={pool_idle} active={active} bytes_in={bytes_in} "
+            "health: client={client} pool_idle={pool_idle} active={active} connect_failures={connect_failures} "
+            "session_replacements={session_replacements} bytes_in={bytes_in} "
             "bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
             "udp_evictions={udp_evictions} rtt_ms={rtt_ms} "
             "handshake_failures={handshake_failures} handshakes_pending={handshakes_pending} "
             "handshake_evictions={handshake_evictions} bans={bans}",
-            event="health", client=session is not None,
+            event="health", client=session is not None, session_replacements=self.replacements.count,
             pool_idle=len(session.pool.idle) if session else 0,
             rtt_ms=round(session.control.rtt * 1000, 3) if session and session.control.rtt is not None else None,
             handshake_failures=self.handshake_failures, handshake_refused=sum(self.guard.refused.values()),
@@ -694,6 +698,8 @@ class TunnelServer(Service):
         rtt = session.control.rtt if session is not None else None
         return tunnel_samples(self.stats, self.udp_stats, "server") + [
             Sample("client_connected", "gauge", "1 while a client session is up", int(session is not None)),
+            Sample("session_replacements", "counter", "sessions replaced by a newer one with the same key",
+                   self.replacements.count),
             Sample("pool_idle", "gauge", "idle pool connections", len(session.pool.idle) if session else 0),
             Sample("pool_waiting", "gauge", "user connections waiting for a pool connection",
                    sum(1 for w in session.pool.waiters if not w.called) if session else 0),
