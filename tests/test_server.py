@@ -94,7 +94,8 @@ class GateTests(unittest.TestCase):
         protocol.dataReceived(bytes(forged))  # a guess at the session key
         protocol.connectionLost(None)
         self.assertEqual(server.failures_by_reason,
-                         {"timeout": 1, "protocol": 1, "auth": 1, "pool_auth": 1, "tls": 1, "closed": 1})
+                         {"timeout": 1, "protocol": 1, "auth": 1, "pool_auth": 1, "tls": 1, "no_tls": 0,
+                          "closed": 1})
         self.assertEqual(server.handshake_failures, 6)
         samples = {s.labels.get("reason"): s.value for s in server.metrics() if s.name == "handshake_failures"}
         self.assertEqual(samples, server.failures_by_reason)

@@ -52,6 +52,7 @@ from tunnelpass.handshake import (
 from tunnelpass.pool import IdlePool
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.replacement import SessionReplacements
+from tunnelpass.gatelog import PlainClients
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats, tunnel_fields
 from tunnelpass.fdbudget import Descriptors
@@ -68,7 +69,7 @@ from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
 TLS_RECORD = 0x16
 #: Why tunnel handshakes fail, for ``handshake_failures{reason}``: a fixed
 #: set, so a hostile peer cannot grow the metric's label space.
-FAILURE_REASONS = ("timeout", "protocol", "auth", "pool_auth", "tls", "closed")
+FAILURE_REASONS = ("timeout", "protocol", "auth", "pool_auth", "tls", "no_tls", "closed")
 #: ERROR code for a control connection the guard turns away (its address
 #: has had too many wrong keys): the client logs the reason and backs off.
 TRY_LATER = 8
@@ -94,14 +95,14 @@ class ServerSettings:
     pool_timeout: float = 5.0
     handshake_timeout: float = 5.0
     heartbeat: float = 5.0
-    report_interval: float = 5.0
+    report_interval: float = 60.0  # health lines (--report-interval); the heartbeat is separate
     reload_interval: float = 3600.0
     shutdown_timeout: float = 5.0
     limits: Limits = Limits()
     zero_copy: bool = True
     max_handshakes: int = 1024
     max_handshakes_per_source: int = 256
-    public_host: str | None = None  # what the startup line tells clients to dial
+    public_address: tuple | None = None  # --public-address (host, port or None): what the token carries
     accept_proxy: tuple = ()  # trusted load balancers in front of the public listener
     targets: tuple = ()  # a target group for the send flow (default: the one target)
     tcp: bool = True  # --no-tcp: do not carry TCP
@@ -344,7 +345,8 @@ class TunnelGate(SwitchingProtocol):
             code = TLS_REQUIRED[level]
             self.transport.write(encode(Type.ERROR, encode_text(code, f"this server requires TLS (level {level})")))
             self.transport.loseConnection()
-            self._finish(None)  # a client learning the level, not an attack: no penalty
+            self.server.plain_clients.plain(self.host, self.transport.getPeer().port)
+            self._finish(False, "no_tls")  # counted by reason; never a penalty (a learning client does it once)
         else:
             self.switch_to(inner, data)
 
@@ -454,6 +456,7 @@ class TunnelServer(Service):
         self.guard = HandshakeGuard(self.clock, settings.max_handshakes, settings.max_handshakes_per_source)
         self.session: ServerSession | None = None
         self.replacements = SessionReplacements(self.clock)
+        self.plain_clients = PlainClients(self.clock, settings.tls)  # plain bytes at a TLS server
         self.flow = settings.flow
         self.fingerprint = b""
         self.tls_factory = None
@@ -601,18 +604,31 @@ class TunnelServer(Service):
         if s.key_generated:
             self._log_client_command()
 
-    def _log_client_command(self) -> None:
+    def _log_client_command(self, addresses=None) -> None:
+        """The client command with a token another machine can use: see
+        :func:`tunnelpass.hostaddrs.choose_public` for the address."""
+        from tunnelpass.hostaddrs import choose_public, host_addresses
         from tunnelpass.urls import make_token
 
         s = self.settings
-        host = s.public_host or (s.tunnel_host if s.tunnel_host not in ("0.0.0.0", "::", "") else "127.0.0.1")
         port = self.tunnel_port.getHost().port
-        token = make_token(host, port, s.key, self.fingerprint if s.tls == 1 else None, tls=s.tls)
+        choice = choose_public(s.tunnel_host, port, host_addresses() if addresses is None else addresses,
+                               s.public_address)
+        token = make_token(choice.host, choice.port, s.key, self.fingerprint if s.tls == 1 else None, tls=s.tls)
         self.log.warn(
             "no --key given: generated one. Start the client with: "
-            "twistd -n tunnelpass --mode client --token {token} --target HOST:PORT",
-            token=token, event="client_command",
+            "twistd -n --pidfile= tunnelpass --mode client --token {token} --target HOST:PORT",
+            token=token, event="client_command", address=format_address(choice.host, choice.port),
         )
+        if choice.loopback_only:
+            self.log.warn("the token carries {address}: this host has only loopback addresses, so only a client "
+                          "on this host can use it; give --public-address HOST[:PORT] for another machine",
+                          address=choice.host, event="token_address")
+        elif s.public_address is None and s.tunnel_host in ("0.0.0.0", "::", ""):
+            self.log.info("the token carries {address} ({why}); other addresses of this host: {others}. "
+                          "Choose with --public-address HOST[:PORT] (a NAT's public address, a DNS name)",
+                          address=choice.host, why=choice.why, others=", ".join(choice.others) or "none",
+                          event="token_address")
 
     def _every(self, interval: float, function) -> None:
         loop = LoopingCall(function)

@@ -1,0 +1,67 @@
+"""Plain bytes at a TLS server: told, counted by reason, and a throttled
+warning once a source does not learn."""
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.trial import unittest
+
+from tests.test_server import KEY, connect, make_server
+from tunnelpass.gatelog import PlainClients
+from tunnelpass.handshake import ClientHandshake
+
+
+class PlainClientsTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.events = []
+        self.plain = PlainClients(self.clock, tls_level=1)
+        self.plain.log = Logger(observer=self.events.append)
+
+    def warnings(self):
+        return [e for e in self.events if e["log_level"] == LogLevel.warn]
+
+    def test_one_attempt_is_a_client_learning(self):
+        self.assertFalse(self.plain.plain("192.0.2.1", 40000))
+        self.clock.advance(200)
+        self.assertFalse(self.plain.plain("192.0.2.1", 40001), "long after: learning again, not repeating")
+        self.assertEqual(self.warnings(), [])
+
+    def test_a_source_that_comes_back_plain_is_warned_about(self):
+        self.plain.plain("192.0.2.1", 40000)
+        self.clock.advance(2)
+        self.assertTrue(self.plain.plain("192.0.2.1", 40001))
+        [event] = self.warnings()
+        self.assertEqual(event["event"], "client_not_tls")
+        self.assertEqual(formatEvent(event), "client at 192.0.2.1:40001 is not speaking TLS (the server runs --tls 1; "
+                                             "start the client with the token / --tls 1)")
+
+    def test_many_sources_cannot_flood_the_log(self):
+        for i in range(2000):
+            for port in (1, 2):
+                self.plain.plain(f"10.0.{i // 256}.{i % 256}", port)
+        self.assertEqual(len(self.warnings()), 1)
+        self.assertLessEqual(len(self.plain._seen), 1024)
+        self.clock.advance(10)
+        self.plain.plain("10.0.0.1", 3)
+        self.plain.plain("10.0.0.1", 4)
+        self.assertEqual(len(self.warnings()), 2)
+        self.assertIn("such connections since the last warning", formatEvent(self.warnings()[-1]))
+
+
+class ServerTests(unittest.TestCase):
+    def test_plain_hello_at_a_tls_server_is_counted_and_warned(self):
+        server = make_server(tls=2)
+        events = []
+        server.plain_clients.log = Logger(observer=events.append)
+        for _ in range(2):
+            protocol, transport = connect(server)
+            protocol.dataReceived(ClientHandshake(KEY.encode(), b"").start())
+            self.assertIn(b"requires TLS (level 2)", transport.value())
+            protocol.connectionLost(None)
+        self.assertEqual(server.failures_by_reason["no_tls"], 2)
+        self.assertEqual(server.failures_by_reason["tls"], 0, "distinct from TLS offered to a plain server")
+        self.assertEqual(server.guard.pending, 0)
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("client at 192.0.2.1:40000 is not speaking TLS (the server runs --tls 2", formatEvent(warning))
+        samples = {s.labels.get("reason"): s.value for s in server.metrics() if s.name == "handshake_failures"}
+        self.assertEqual(samples["no_tls"], 2)
