@@ -246,3 +246,35 @@ class ReloadSafetyTests(unittest.TestCase):
         rejected = [e for e in self.events if e.get("event") == "reload_rejected"]
         self.assertEqual(len(rejected), 2)
         self.assertIn("cannot read rules file", formatEvent(rejected[1]))
+
+
+class TrafficForwarderHintTests(unittest.TestCase):
+    """traffic-forwarder's flags get a one-line pointer to ours, before getopt
+    reads ``-conf`` as ``-c onf``."""
+
+    def assertHint(self, args, expected):
+        from twisted.python import usage
+        from tests.test_tap import parse
+
+        with self.assertRaises(usage.UsageError) as cm:
+            parse(args)
+        self.assertEqual(str(cm.exception), expected)
+
+    def test_each_flag_in_each_form(self):
+        conf = ("-conf is traffic-forwarder's flag: use --config FILE "
+                "(the same 'local_port | remote_host | remote_port' file works)")
+        self.assertHint(["--mode", "forward", "-conf", "tf.conf"], conf)
+        self.assertHint(["-conf=tf.conf"], conf)
+        self.assertHint(["--mode", "forward", "-timeout", "30s"],
+                        "-timeout is traffic-forwarder's flag: use --connect-timeout DURATION (time to reach "
+                        "the remote) and --idle DURATION (close connections quiet that long)")
+        self.assertHint(["--timeout=30s"], "--timeout is traffic-forwarder's flag: use --connect-timeout DURATION "
+                        "(time to reach the remote) and --idle DURATION (close connections quiet that long)")
+        self.assertHint(["--mode", "forward", "-max-conns", "10"],
+                        "-max-conns is traffic-forwarder's flag: use --max-conns N (concurrent connections per rule)")
+
+    def test_our_own_flags_are_untouched(self):
+        from tests.test_tap import parse
+
+        options = parse(["--mode", "forward", "--max-conns", "10", "--conf", "x.conf", "-c", "y.conf"])
+        self.assertEqual((options["max-conns"], options["config"]), (10, "y.conf"))

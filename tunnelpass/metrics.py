@@ -9,6 +9,7 @@ describes itself with ``metrics()``: a list of :class:`Sample`.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from twisted.application.service import Service
@@ -73,6 +74,70 @@ UDP_FIELDS = frozenset(name for name in LISTENER_METRICS if name.startswith(("ud
 def tunnel_samples(tcp_stats, udp_stats, role: str) -> list[Sample]:
     return (listener_samples(tcp_stats, {"role": role, "protocol": "tcp"}, TCP_FIELDS)
             + listener_samples(udp_stats, {"role": role, "protocol": "udp"}, UDP_FIELDS))
+
+
+def parse_metrics_address(text: str) -> str:
+    """``--metrics`` value -> a Twisted server endpoint description.
+
+    Shorthands, for the habit of ``--web.listen-address``-style flags:
+    ``9100`` (loopback: metrics are not for everyone), ``127.0.0.1:9100``,
+    ``[::1]:9100``, ``:9100`` (all IPv4 interfaces).  Anything else must be a
+    Twisted endpoint description (``tcp:9100:interface=127.0.0.1``,
+    ``unix:/run/tunnelpass/metrics.sock``); it is checked here so that a bad
+    value is a one-line option error, not a failure at startup.
+    """
+    text = text.strip()
+    if text.isdigit():
+        return f"tcp:{_port(text)}:interface=127.0.0.1"
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+        address = _ip_literal(host)
+        if address.version != 6:
+            raise ValueError(f"{text!r}: {host} in brackets is not an IPv6 address")
+        return f"tcp6:{_port(port)}:interface={str(address).replace(':', chr(92) + ':')}"
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and (not host or host.lower() == "localhost" or _is_ip(host)):
+        if not host:
+            return f"tcp:{_port(port)}"
+        if host.lower() == "localhost":
+            host = "127.0.0.1"
+        if ":" in host:
+            raise ValueError(f"{text!r}: put an IPv6 address in brackets, [::1]:{port}")
+        return f"tcp:{_port(port)}:interface={host}"
+    if sep and "." in host and ":" not in host:  # a host name, not an endpoint type
+        raise ValueError(f"{text!r}: give the address to listen on as an IP address, not a name")
+    try:
+        serverFromString(None, text)
+    except OSError as e:
+        raise ValueError(f"{text!r}: {e.strerror or e}: {e.filename}") from None
+    except Exception as e:  # Twisted's parsers raise ValueError, TypeError, KeyError, IndexError
+        raise ValueError(f"{text!r}: {e}; use PORT (on 127.0.0.1), HOST:PORT, [IPV6]:PORT "
+                         "or a Twisted endpoint such as tcp:9100:interface=127.0.0.1") from None
+    return text
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {text!r} is not in 1-65535")
+    return port
+
+
+def _ip_literal(text: str):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _Collector:

@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from tunnelpass import __version__
 from tunnelpass.logs import make_observer
+from tunnelpass.metrics import parse_metrics_address
 from tunnelpass.rules import Limits, RulesError
 from tunnelpass.settings import (
     LOG_FORMATS,
@@ -77,7 +78,7 @@ _PARSERS = {
     "udp-buffer": lambda v: parse_count(v, 1, 65535),
     "proxy-protocol": lambda v: parse_choice(v, ("off", "v1", "v2")),
     "accept-proxy": parse_networks,
-    "metrics": str,
+    "metrics": parse_metrics_address,
     "rate": parse_rate,
 }
 
@@ -150,7 +151,7 @@ class Options(usage.Options):
         ["udp-buffer", None, "65535", "server/client: largest UDP datagram carried, in bytes; larger ones are dropped and counted, never truncated."],
         ["proxy-protocol", None, "off", "server/client: off | v1 | v2: the side that dials --target first sends it a PROXY header with the user's address (URL proxy=1 is v1)."],
         ["rate", None, "0", "Bandwidth limit for the whole instance in Mbit/s, both directions together (0 = none)."],
-        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on PORT (127.0.0.1), HOST:PORT, [IPV6]:PORT, :PORT (all IPv4 interfaces) or a Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["accept-proxy", None, "", "forward (TCP listeners) and server (public listener): CIDR[,CIDR] of trusted proxies whose PROXY v1/v2 header is read; other sources are refused."],
         ["log", None, "info", "Log level: " + " | ".join(LOG_LEVELS) + "."],
         ["log-format", None, "text", "Log format: text | json (one JSON object per line)."],
@@ -165,6 +166,9 @@ class Options(usage.Options):
         import sys
 
         argv = list(sys.argv[1:] if options is None else options)
+        hint = traffic_forwarder_hint(argv)
+        if hint:
+            raise usage.UsageError(hint)
         super().parseOptions(environment_arguments(os.environ) + argv)
 
     def postOptions(self):
@@ -254,6 +258,33 @@ class Options(usage.Options):
                 raise usage.UsageError(f"URL: {e}") from None
             for name, value in url_options.items():
                 self[name] = value
+
+
+#: traffic-forwarder's flags (Go's flag package takes them with one dash or
+#: two) -> the line that tells its users what to write here instead.  Caught
+#: before getopt, which reads ``-conf`` as ``-c onf`` (--config onf) and
+#: ``-max-conns`` as ``-m ax-conns`` (--mode ax-conns).
+TRAFFIC_FORWARDER_HINTS = {
+    "-conf": "-conf is traffic-forwarder's flag: use --config FILE "
+             "(the same 'local_port | remote_host | remote_port' file works)",
+    "-timeout": "-timeout is traffic-forwarder's flag: use --connect-timeout DURATION (time to reach the remote) "
+                "and --idle DURATION (close connections quiet that long)",
+    "--timeout": "--timeout is traffic-forwarder's flag: use --connect-timeout DURATION (time to reach the remote) "
+                 "and --idle DURATION (close connections quiet that long)",
+    "-max-conns": "-max-conns is traffic-forwarder's flag: use --max-conns N (concurrent connections per rule)",
+}
+
+
+def traffic_forwarder_hint(argv) -> str | None:
+    """The hint for the first traffic-forwarder flag in *argv* (``-conf FILE``
+    or ``-conf=FILE``), if any; arguments after ``--`` are not options."""
+    for argument in argv:
+        if argument == "--":
+            break
+        hint = TRAFFIC_FORWARDER_HINTS.get(argument.split("=", 1)[0])
+        if hint:
+            return hint
+    return None
 
 
 def environment_arguments(environ) -> list[str]:
