@@ -1,10 +1,13 @@
 """Plain bytes at a TLS server: told, counted by reason, and a throttled
 warning once a source does not learn."""
 
+import dataclasses
+
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 
+from tests.test_replacement import authenticate_from
 from tests.test_server import KEY, connect, make_server
 from tunnelpass.gatelog import PlainClients
 from tunnelpass.handshake import ClientHandshake
@@ -65,3 +68,18 @@ class ServerTests(unittest.TestCase):
         self.assertIn("client at 192.0.2.1:40000 is not speaking TLS (the server runs --tls 2", formatEvent(warning))
         samples = {s.labels.get("reason"): s.value for s in server.metrics() if s.name == "handshake_failures"}
         self.assertEqual(samples["no_tls"], 2)
+
+    def test_a_session_from_the_source_forgets_its_plain_attempt(self):
+        server = make_server(tls=1)
+        events = []
+        server.plain_clients.log = Logger(observer=events.append)
+        protocol, transport = connect(server)
+        protocol.dataReceived(ClientHandshake(KEY.encode(), b"").start())
+        protocol.connectionLost(None)
+        tls = server.settings
+        server.settings = dataclasses.replace(tls, tls=0)  # (TLS is not what this test is about)
+        authenticate_from(server, "192.0.2.1", 40001)  # the client learned the level: a session
+        server.settings = tls
+        protocol, transport = connect(server)  # another client on that host, learning too
+        protocol.dataReceived(ClientHandshake(KEY.encode(), b"").start())
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])

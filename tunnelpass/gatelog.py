@@ -48,6 +48,12 @@ class PlainClients:
         self._seen: OrderedDict[str, float] = OrderedDict()  # host -> its last plain attempt
         self._throttle = Throttle(clock, interval)
 
+    def learned(self, host: str) -> None:
+        """A session from *host* started (over TLS): its plain attempt was
+        a client learning the level, so the next one from there is not a
+        repeat (two clients on one host, each learning once)."""
+        self._seen.pop(host, None)
+
     def plain(self, host: str, port: int) -> bool:
         """A connection from *host*:*port* sent plain bytes where a
         ClientHello belongs; returns whether a warning went out."""

@@ -50,6 +50,7 @@ from tunnelpass.handshake import (
     SessionConfig,
 )
 from tunnelpass.pool import IdlePool
+from tunnelpass.probe import start_probe
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.replacement import SessionReplacements
 from tunnelpass.gatelog import PlainClients
@@ -446,6 +447,7 @@ class TunnelServer(Service):
     current session, TLS material, periodic health events."""
 
     log = Logger(namespace="tunnelpass.server")
+    probe = None  # --lbs: the target group's latency probe (tunnelpass.probe)
 
     def __init__(self, settings: ServerSettings, reactor, clock=None):
         self.settings = settings
@@ -584,6 +586,9 @@ class TunnelServer(Service):
         s = self.settings
         if s.report_interval:
             self._every(s.report_interval, self.report)
+        self.probe = start_probe(  # --lbs 1/2 over a target group (send flow)
+            self.reactor, [self.target_factory.group] + ([self.udp_egress.group] if self.udp_egress else []),
+            "target", s.report_interval, s.limits.connect_timeout, clock=self.clock, dialer=s.limits.dialer)
         if s.tls == 2 and s.reload_interval:
             self._every(s.reload_interval, self.reload_certificate)
         self.signals.install(signal.SIGHUP, self.reload_certificate)
@@ -655,6 +660,7 @@ class TunnelServer(Service):
             self.session.pool.waiters.extend(waiting)
             self.session.pool.want_more(len(waiting))
         peer = control.transport.getPeer()
+        self.plain_clients.learned(peer.host)
         self.log.info("client {host} connected (session {sid})", host=peer.host,
                       sid=control.session.session_id.hex()[:8], event="client_connected")
 
@@ -693,7 +699,7 @@ class TunnelServer(Service):
         fields = tunnel_fields(self.stats, self.udp_stats)
         self.log.info(
             "health: client={client} pool_idle={pool_idle} active={active} connect_failures={connect_failures} "
-            "session_replacements={session_replacements} bytes_in={bytes_in} "
+            "blocked={blocked} session_replacements={session_replacements} bytes_in={bytes_in} "
             "bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
             "udp_evictions={udp_evictions} rtt_ms={rtt_ms} "
             "handshake_failures={handshake_failures} handshakes_pending={handshakes_pending} "
@@ -765,6 +771,8 @@ class TunnelServer(Service):
         for loop in self._loops:
             if loop.running:
                 loop.stop()
+        if self.probe is not None:
+            self.probe.stop()
         waits = [self.tunnel_port.stopListening()]
         for port in (self.target_port, self.udp_port):
             if port is not None:
