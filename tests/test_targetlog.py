@@ -109,3 +109,52 @@ class RelayDialTests(unittest.TestCase):
         inbound.connectionLost(Failure(error.ConnectionDone()))
         self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(error.UserError()))
         self.assertEqual(self.events, [])
+
+
+class UDPTargetTests(unittest.TestCase):
+    """A UDP target answering ICMP port unreachable is named too."""
+
+    def test_tunnel_egress_target_refused(self):
+        from tests.test_udptunnel import EgressTests
+
+        helper = EgressTests("test_disabled_refuses")
+        helper.setUp()
+        egress = helper.egress()
+        events = []
+        egress.target_warnings.log = Logger(observer=events.append)
+        for _ in range(3):
+            helper.start(egress)
+            helper.reactor.ports[-1].protocol.connectionRefused()
+        self.assertEqual([(e["target"], e["protocol"], e["reason"]) for e in events],
+                         [("127.0.0.1:53", "udp", "port unreachable (ICMP)")])
+
+    def test_forwarder_session_target_refused(self):
+        from tunnelpass.udp import UDPForwardProtocol, UDPSession
+
+        forwarder = UDPForwardProtocol(MemoryReactorClock(), "test/udp", "127.0.0.1", 9, Limits(), clock=Clock())
+        events = []
+        forwarder.target_warnings.log = Logger(observer=events.append)
+        session = UDPSession(forwarder, ("192.0.2.1", 5))
+        session.connectionRefused()
+        self.assertEqual([(e["target"], e["protocol"]) for e in events], [("127.0.0.1:9", "udp")])
+        self.assertEqual(forwarder.stats.udp_drops, 1)
+
+
+class PoolRefusalTests(unittest.TestCase):
+    def test_refused_for_no_pool_is_a_structured_warning(self):
+        from tunnelpass.pooldial import PoolDialFactory
+
+        class NoPool(PoolDialFactory):
+            def current_pool(self):
+                return None
+
+        factory = NoPool(MemoryReactorClock(), "target", "127.0.0.1", 1, Limits())
+        events = []
+        factory.log = Logger(observer=events.append)
+        inbound = factory.buildProtocol(None)
+        transport = RelayTransport()
+        inbound.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        [event] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual((event["event"], event["why"]), ("user_refused", "not connected"))
+        self.assertEqual(factory.stats.connect_failures, 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError
 
+from tunnelpass import connlog
 from tunnelpass.pool import PoolFull, PoolTimeout
 from tunnelpass.relay import TCPForwardFactory
 
@@ -35,6 +36,7 @@ class PoolDialFactory(TCPForwardFactory):
         if pool is None:
             self._refuse(inbound, self.unavailable)
             return None
+        started = self.clock.seconds()
         d = pool.take()
 
         def got(taken):
@@ -43,6 +45,7 @@ class PoolDialFactory(TCPForwardFactory):
                 # Closed while idle (its removal is underway): try the next
                 # one, chained so that a hang-up cancels the new wait.
                 return self.dial(inbound)
+            connlog.claimed(inbound, self.clock.seconds() - started)
             self.use(conn_id, connection, inbound)
 
         def failed(failure):
@@ -57,8 +60,9 @@ class PoolDialFactory(TCPForwardFactory):
     def _refuse(self, inbound, why: str) -> None:
         if self._refusals.ready():
             self.log.warn("{listener}: user connection refused: {why} ({count} so far)",
-                          listener=self.name, why=why, count=self._refusals.take_count())
+                          listener=self.name, why=why, count=self._refusals.take_count(), event="user_refused")
         inbound._pending = None
+        connlog.ending(inbound, "no_pool", why)
         if not inbound.closed:
             self.stats.connect_failures += 1
             inbound.transport.loseConnection()

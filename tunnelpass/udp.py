@@ -21,9 +21,11 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from tunnelpass.dialsource import DialSourceError
 from tunnelpass.proxyproto import encode_v2
 from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
+from tunnelpass.targetlog import TargetWarnings
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.rules import Limits
 from tunnelpass.sessiontable import ALL_ACTIVE, SessionTable
@@ -61,12 +63,13 @@ def resolve_udp(reactor, host: str, port: int) -> Deferred:
     return deferToThreadPool(reactor, reactor.getThreadPool(), lookup)
 
 
-def open_connected(reactor, protocol, address: tuple):
+def open_connected(reactor, protocol, address: tuple, dialer=None):
     """A UDP socket for *protocol*, connected to *address* (an IP literal):
     replies are told apart by the kernel and only that address can answer.
-    Raises (EMFILE, an address that cannot be a UDP peer, ...) after
-    releasing whatever it opened."""
-    interface = "::" if ":" in address[0] else "0.0.0.0"
+    Bound to *dialer*'s ``--dial`` source address if it has one.  Raises
+    (EMFILE, an address that cannot be a UDP peer, ...) after releasing
+    whatever it opened."""
+    interface = dialer.udp_interface(address[0]) if dialer else ("::" if ":" in address[0] else "0.0.0.0")
     port = None
     try:
         port = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM)
@@ -166,7 +169,7 @@ class UDPSession(DatagramProtocol, IdleExpiry):
     def start(self) -> None:
         listener = self.listener
         self._schedule_expiry(listener.limits.udp_idle)
-        if is_ip_literal(listener.remote_host):
+        if is_ip_literal(listener.remote_host) and listener.limits.dialer is None:
             self._open((listener.remote_host, listener.remote_port))
         else:
             listener.resolve().addCallbacks(self._open, self._resolve_failed)
@@ -175,7 +178,7 @@ class UDPSession(DatagramProtocol, IdleExpiry):
         if self.closed:
             return
         try:
-            open_connected(self.listener.reactor, self, address)
+            open_connected(self.listener.reactor, self, address, self.listener.limits.dialer)
         except Exception as e:
             self.transport = None
             udp_socket_failed(self.listener, e)
@@ -186,7 +189,8 @@ class UDPSession(DatagramProtocol, IdleExpiry):
             self.send(datagram)
 
     def _resolve_failed(self, reason) -> None:
-        self._give_up("cannot resolve {remote}: {reason}", reason.getErrorMessage())
+        what = "cannot dial {remote}" if reason.check(DialSourceError) else "cannot resolve {remote}"
+        self._give_up(what + ": {reason}", reason.getErrorMessage())
 
     def _give_up(self, message: str, reason: str) -> None:
         """Drop this session (and what it holds); the next datagram from the
@@ -227,6 +231,9 @@ class UDPSession(DatagramProtocol, IdleExpiry):
         # ICMP port unreachable from the remote: the datagram is lost, the
         # session stays (the remote may come back).
         self.stats.udp_drops += 1
+        listener = self.listener
+        listener.target_warnings.failed(listener.name, listener.remote_host, listener.remote_port,
+                                        "port unreachable (ICMP)", "udp")
 
     def close(self) -> None:
         if self.closed:
@@ -296,6 +303,7 @@ class UDPForwardProtocol(SessionListener):
         self.pending_bytes = 0  # held by all sessions waiting for a lookup
         self.problems = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
+        self.target_warnings = TargetWarnings(self.clock)  # ICMP port unreachable, throttled per target
         self._lookup: list[Deferred] | None = None
         self.update(remote_host, remote_port, limits)
 
@@ -306,7 +314,10 @@ class UDPForwardProtocol(SessionListener):
 
     def resolve(self) -> Deferred:
         """The remote's address, looked up anew -- but sessions created while
-        a lookup is running share it instead of each starting their own."""
+        a lookup is running share it instead of each starting their own.
+        With an instance dialer (``--dns``) its name cache does all that."""
+        if self.limits.dialer is not None:
+            return self.limits.dialer.resolve_udp(self.remote_host, self.remote_port)
         waiter = Deferred()
         if self._lookup is None:
             self._lookup = waiters = [waiter]

@@ -40,9 +40,11 @@ from zope.interface import implementer
 
 from tunnelpass.codec import Type, encode_open
 from tunnelpass.datagrams import DatagramDecoder, frame
+from tunnelpass.dialsource import DialSourceError
 from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyproto import encode_v2
+from tunnelpass.targetlog import TargetWarnings
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
 from tunnelpass.sessiontable import ALL_ACTIVE, SessionTable
 from tunnelpass.targets import TargetGroup
@@ -472,7 +474,10 @@ class EgressSession(_Session):
     def stream_ready(self, stream: DatagramStream) -> None:
         self.stream = stream
         host, port = self.egress.group.targets[self.index]
-        if self.egress.literal[self.index]:
+        dialer = self.egress.limits.dialer  # --dial / --dns
+        if dialer is not None:
+            dialer.resolve_udp(host, port).addCallbacks(self._open, self._resolve_failed)
+        elif self.egress.literal[self.index]:
             self._open((host, port))
         else:
             resolve_udp(self.egress.reactor, host, port).addCallbacks(self._open, self._resolve_failed)
@@ -481,7 +486,8 @@ class EgressSession(_Session):
         if self.closed:
             return
         try:
-            self.socket = open_connected(self.egress.reactor, _TargetSocket(self), address)
+            self.socket = open_connected(self.egress.reactor, _TargetSocket(self), address,
+                                         self.egress.limits.dialer)
         except Exception as e:
             udp_socket_failed(self.egress, e)
             self.egress.note_problem(f"cannot open a socket to the target: {e}")
@@ -493,7 +499,8 @@ class EgressSession(_Session):
 
     def _resolve_failed(self, reason) -> None:
         self.egress.group.failed(self.index)
-        self.egress.note_problem(f"cannot resolve the target: {reason.getErrorMessage()}")
+        what = "cannot dial" if reason.check(DialSourceError) else "cannot resolve"
+        self.egress.note_problem(f"{what} the target: {reason.getErrorMessage()}")
         self.close()
 
     def from_tunnel(self, datagram: bytes) -> None:
@@ -535,6 +542,8 @@ class EgressSession(_Session):
     def target_refused(self) -> None:
         self._refused = True
         self.egress.group.failed(self.index)  # later sessions try the others first
+        host, port = self.egress.group.targets[self.index]
+        self.egress.target_warnings.failed(self.egress.name, host, port, "port unreachable (ICMP)", "udp")
 
     def _closed(self) -> None:
         if self.pending is not None:
@@ -557,13 +566,14 @@ class UDPEgress:
         self.reactor, self.clock = reactor, clock or reactor
         self.name, self.limits, self.stats, self.udp_buffer = name, limits, stats, udp_buffer
         self.enabled = enabled
-        self.group = TargetGroup(targets, self.clock)
+        self.group = TargetGroup(targets, self.clock, strategy=limits.lbs, fallback=limits.fallback)
         self.literal = [is_ip_literal(host) for host, _ in targets]
         self.tcp_factory = tcp_factory
         self.sessions = SessionTable(name, self.clock, stats)
         self.pending_bytes = 0
         self._problems = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
         self._refusals = Throttle(self.clock, REFUSAL_LOG_INTERVAL)
+        self.target_warnings = TargetWarnings(self.clock)  # ICMP port unreachable, throttled per target
         if tcp_factory is not None:
             tcp_factory.udp_sessions = self.sessions
 
