@@ -83,3 +83,28 @@ class ServerTests(unittest.TestCase):
         protocol, transport = connect(server)  # another client on that host, learning too
         protocol.dataReceived(ClientHandshake(KEY.encode(), b"").start())
         self.assertEqual([e for e in events if e["log_level"] == LogLevel.warn], [])
+
+    def test_failed_tls_handshake_counted_as_tls(self):
+        from OpenSSL import SSL
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        server = make_server(tls=1)
+        server._load_tls()
+        events = []
+        server.log = Logger(observer=events.append)
+        protocol, transport = connect(server)
+        client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        client.set_connect_state()
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        protocol.dataReceived(client.bio_read(65536))  # a real ClientHello
+        self.assertTrue(transport.value(), "the server answered with its hello")
+        protocol.dataReceived(b"\x16\x03\x03\x00\x05hello")  # then not a valid handshake record
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(server.failures_by_reason["tls"], 1)
+        self.assertEqual(server.failures_by_reason["closed"], 0)
+        [debug] = [e for e in events if "TLS handshake with" in e.get("log_format", "")]
+        self.assertNotIn("<", formatEvent(debug), "the reason as text, never a repr")

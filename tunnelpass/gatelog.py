@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from OpenSSL import SSL
 from twisted.logger import Logger
 
 from tunnelpass.logs import Throttle
@@ -77,3 +78,18 @@ class PlainClients:
             event="client_not_tls", address=format_address(host, port), tls_level=self.tls_level, count=count,
         )
         return True
+
+
+def tls_failed(reason) -> bool:
+    """Whether a connection ended (*reason*, a Failure or None) because its
+    TLS handshake or a TLS record failed."""
+    return reason is not None and reason.check(SSL.Error) is not None
+
+
+def tls_error_text(reason) -> str:
+    """OpenSSL's reason for a TLS failure as text ("tlsv1 alert unknown
+    ca", "wrong version number"), never a repr."""
+    details = reason.value.args[0] if reason.value.args else None
+    if isinstance(details, list) and details and isinstance(details[-1], tuple):
+        return str(details[-1][-1])
+    return str(reason.value) or "TLS error"

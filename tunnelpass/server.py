@@ -53,7 +53,7 @@ from tunnelpass.pool import IdlePool
 from tunnelpass.probe import start_probe
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.replacement import SessionReplacements
-from tunnelpass.gatelog import PlainClients
+from tunnelpass.gatelog import PlainClients, tls_error_text, tls_failed
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats, tunnel_fields
 from tunnelpass.fdbudget import Descriptors
@@ -272,7 +272,7 @@ class TunnelConnection(SwitchingProtocol):
     def header_lost(self, reason) -> None:
         if self.conn_id is not None:
             self.session.pool.remove(self.conn_id)
-        self.gate.lost()
+        self.gate.lost(reason)
 
 
 class TunnelGate(SwitchingProtocol):
@@ -373,10 +373,15 @@ class TunnelGate(SwitchingProtocol):
         # never send.
         self._turned_away = True
 
-    def lost(self) -> None:
+    def lost(self, reason=None) -> None:
         """The connection ended before its handshake passed: the control
-        channel says why it refused, if it got that far."""
+        channel says why it refused, if it got that far; a failed TLS
+        handshake (*reason*) is ``tls``."""
         control, kind = self.control, "closed"
+        if control is None and tls_failed(reason):
+            kind = "tls"
+            self.server.log.debug("TLS handshake with {host} failed: {reason}", host=self.host,
+                                  reason=tls_error_text(reason))
         if self._turned_away or control is not None and control.close_code == TRY_LATER:
             self._finish(None)  # refused by the guard: already counted there, says nothing new
             return
