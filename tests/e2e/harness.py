@@ -41,7 +41,8 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
     an outgoing connection (a pool dial, a client) before the process
     under test binds it."""
     low, high = _EPHEMERAL
-    candidates = list(range(10000, low)) + list(range(high + 1, 65536))
+    candidates = [port for port in (*range(10000, low), *range(high + 1, 65536))
+                  if _WORKER_SLOT is None or port % _WORKER_SLOTS == _WORKER_SLOT]
     for _ in range(200):
         port = random.choice(candidates)
         if port in _HANDED_OUT:
@@ -56,6 +57,20 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
         return port
     raise RuntimeError("no free port")
 
+
+def _worker_slot() -> int | None:
+    """Under ``trial -j N`` each worker runs in ``_trial_temp/<index>``:
+    workers then take ports from disjoint residue classes, so two test
+    processes never hand out the same port (each only knows its own)."""
+    cwd = os.getcwd()
+    name, parent = os.path.basename(cwd), os.path.basename(os.path.dirname(cwd))
+    if name.isdigit() and parent.startswith("_trial_temp"):
+        return int(name) % _WORKER_SLOTS
+    return None
+
+
+_WORKER_SLOTS = 8
+_WORKER_SLOT = _worker_slot()
 
 #: Ports free_port returned in this process: two calls before either port
 #: is bound (a tunnel's --tunnel and --target) must not get the same one.
