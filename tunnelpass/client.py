@@ -2,8 +2,8 @@
 """``--mode client``: the private end of a tunnel.
 
 It keeps one control connection to the server (Twisted's ``ClientService``
-reconnects it with jittered exponential backoff, re-resolving the server's
-name each attempt) and a pool of idle, individually authenticated data
+reconnects it with capped, jittered backoff, re-resolving the server's name
+each attempt; :mod:`tunnelpass.reachlog` says why an attempt failed) and a pool of idle, individually authenticated data
 connections sized by :class:`~tunnelpass.poolpolicy.PoolPolicy`.
 
 * receive flow (reverse tunnel): the server names a pool connection with
@@ -24,12 +24,11 @@ an unauthenticated peer says only steers the next attempt
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import random
 import signal
 from dataclasses import dataclass
 
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import DeferredList, succeed
 from twisted.internet.error import CannotListenError
@@ -46,8 +45,11 @@ from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_op
 from tunnelpass.control import ClientControlProtocol
 from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
-from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, FLOWS, ID, TLS_REQUIRED, pool_auth_frame
+from tunnelpass.handshake import FLOWS, ID, pool_auth_frame
 from tunnelpass.pool import IdlePool
+from tunnelpass.probe import start_probe
+from tunnelpass.reachlog import Reachability, ReconnectingService, handshake_failure, retry_delay
+from tunnelpass.reachlog import connect_failure as reachlog_connect_failure
 from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
 from tunnelpass.rules import Limits
@@ -67,7 +69,6 @@ from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
 
 LISTEN_BACKLOG = 1024
 POOL_OK = encode(Type.POOL_OK)
-_LEVEL_BY_CODE = {code: level for level, code in TLS_REQUIRED.items()}
 _FLOW_NAMES = {number: name for name, number in FLOWS.items()}
 
 
@@ -88,7 +89,7 @@ class ClientSettings:
     pool_timeout: float = 5.0
     handshake_timeout: float = 5.0
     connect_timeout: float = 5.0
-    report_interval: float = 5.0
+    report_interval: float = 60.0  # health lines (--report-interval); the heartbeat is separate
     shutdown_timeout: float = 5.0
     limits: Limits = Limits()
     zero_copy: bool = True
@@ -96,6 +97,7 @@ class ClientSettings:
     tcp: bool = True  # --no-tcp: do not carry TCP
     udp: bool = True  # --no-udp: do not carry UDP
     udp_buffer: int = MAX_DATAGRAM  # largest datagram carried (bytes)
+    dial_reason: str = "from --tunnel"  # why server_host:server_port (a token's, or --tunnel over it)
 
 
 @implementer(IHandshakeListener)
@@ -229,7 +231,13 @@ class _ServerEndpoint:
         self.client = client
 
     def connect(self, factory):
-        return self.client.endpoint().connect(factory)
+        d = self.client.endpoint().connect(factory)
+        d.addErrback(self.client.connect_failed)
+        return d
+
+    def __repr__(self) -> str:
+        s = self.client.settings
+        return f"tunnelpass server {format_address(s.server_host, s.server_port)}"
 
 
 def known_level(settings: ClientSettings) -> int | None:
@@ -245,6 +253,7 @@ def known_level(settings: ClientSettings) -> int | None:
 
 class TunnelClient(Service):
     log = Logger(namespace="tunnelpass.client")
+    probe = None  # --lbs: the target group's latency probe (tunnelpass.probe)
 
     def __init__(self, settings: ClientSettings, reactor, clock=None):
         self.settings = settings
@@ -271,8 +280,10 @@ class TunnelClient(Service):
         self.udp_port = None
         self.udp_stats = ListenerStats()
         targets = list(settings.targets) or [(settings.target_host, settings.target_port)]
+        # --block judges users where they connect: here only in the local flow (not tunnel connections).
+        limits = settings.limits if settings.flow == "local" else dataclasses.replace(settings.limits, block="")
         self.target_factory = TCPForwardFactory(
-            reactor, "target", settings.target_host, settings.target_port, settings.limits, self.stats,
+            reactor, "target", settings.target_host, settings.target_port, limits, self.stats,
             clock=self.clock, zero_copy=settings.zero_copy, remotes=targets,
         )
         self.target_factory.limit_name = "slot"
@@ -285,6 +296,7 @@ class TunnelClient(Service):
         self._loops: list[LoopingCall] = []
         self.service = None
         self.signals = Signals(reactor)
+        self.reach = Reachability(self.clock, self.log, format_address(settings.server_host, settings.server_port))
 
     # Connecting
 
@@ -325,10 +337,15 @@ class TunnelClient(Service):
         self.log.info("SIGHUP: reloaded --ca {path}", path=s.ca, event="ca_reloaded")
 
     def _retry_delay(self, attempts: int) -> float:
-        if self._retry_now:
-            self._retry_now = False
-            return 0.0
-        return self._backoff(attempts + self.failures)
+        delay = 0.0 if self._retry_now else retry_delay(attempts + self.failures)
+        self._retry_now = False
+        self.reach.retrying(delay)
+        return delay
+
+    def connect_failed(self, failure):
+        """A TCP connect to the server failed (ClientService retries)."""
+        self.reach.failed(reachlog_connect_failure(failure.value))
+        return failure
 
     def privilegedStartService(self) -> None:
         self.descriptors.set_limit(raise_fd_limit())
@@ -370,6 +387,9 @@ class TunnelClient(Service):
         s = self.settings
         if s.report_interval:
             self._every(s.report_interval, self.report)
+        self.probe = start_probe(  # --lbs 1/2 over a target group (receive flow)
+            self.reactor, [self.target_factory.group, self.udp_egress.group], "target", s.report_interval,
+            s.limits.connect_timeout, clock=self.clock, dialer=s.limits.dialer)
         self.signals.install(signal.SIGHUP, self.reload)
         self.reactor.callWhenRunning(self._running)
 
@@ -381,15 +401,15 @@ class TunnelClient(Service):
                           listen=format_address(s.server_host, s.server_port),
                           target=format_address(s.target_host, s.target_port), event="client_running")
             return
-        self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0, jitter=random.random)
         factory = Factory.forProtocol(self._build_control)
         factory.noisy = False
-        self.service = ClientService(_ServerEndpoint(self), factory, retryPolicy=self._retry_delay,
-                                     clock=self.clock)
+        self.service = ReconnectingService(_ServerEndpoint(self), factory, retryPolicy=self._retry_delay,
+                                           clock=self.clock)
         self.service.startService()
         self._every(1.0, self.fill)
-        self.log.info("client running: server {server}, target {target}", event="client_running",
-                      server=format_address(s.server_host, s.server_port), target=format_address(s.target_host, s.target_port))
+        self.log.info("client running: server {server} ({dial_reason}), target {target}", event="client_running",
+                      server=format_address(s.server_host, s.server_port), dial_reason=s.dial_reason,
+                      target=format_address(s.target_host, s.target_port))
         self.descriptors.log_pool_bound(s.max_pool)
 
     def _every(self, interval, function) -> None:
@@ -427,6 +447,7 @@ class TunnelClient(Service):
         self.levels.succeeded(level)
         self.session_level = level
         self.failures = 0
+        self.reach.connected()
         self.control, self.session = control, control.session
         peer = control.transport.getPeer()
         self.server_address = (peer.host, peer.port)
@@ -500,53 +521,20 @@ class TunnelClient(Service):
                 connection.transport.loseConnection()
 
     def control_lost(self, control) -> None:
-        code = control.close_code
         attempt_level = self.levels.current
         if control.session is None:
             self.levels.failed()  # whatever went wrong, the next attempt may try another level
-        if code in _LEVEL_BY_CODE:
-            # Unauthenticated (anyone on the path can send it): a hint for the
-            # next attempt at most, never a setting.
-            level = _LEVEL_BY_CODE[code]
-            s = self.settings
-            if self.levels.hint(level):
-                self.log.info("the server says it requires TLS level {tls_level}; trying that next",
-                              tls_level=level)
-                if attempt_level == 0:
-                    self._retry_now = True  # a TLS server's answer to a plain HELLO: learn at once
-                else:
-                    self.failures += 1  # no real server says this inside TLS: back off
-            elif level == 1 and (s.ca or s.sni):
-                self.log.error("the server says it uses a self-signed certificate (tls=1) but --ca/--sni ask "
-                               "for a verified one; use --pin (or nothing) instead")
-                self.failures += 1
-            elif level == 2 and s.pin:
-                self.log.error("the server says it has a CA-signed certificate (tls=2); --pin is for tls=1 "
-                               "servers")
-                self.failures += 1
-            else:
-                self.log.error("the server says it requires TLS level {tls_level}, but this client uses level "
-                               "{own} (--tls, --pin, --ca or the token): check both ends", tls_level=level,
-                               own=attempt_level)
-                self.failures += 1
-        elif code == AUTH_FAILED:
-            self.failures += 1
-            self.log.error("authentication failed: the server refused our key, or a man in the middle "
-                           "presented another certificate ({reason})", reason=control.close_reason)
-        elif code == BAD_VERSION:
-            self.failures += 1
-            self.log.error("protocol version mismatch: {reason}", reason=control.close_reason)
-        elif control.session is None and control.close_reason is None and attempt_level:
-            self.failures += 1
-            self.log.error("TLS handshake with the server failed: a certificate that does not match --pin, "
-                           "one --ca/--sni cannot verify, or a server without TLS")
-        elif control.session is None:
-            self.failures += 1
-            self.log.warn("handshake with the server failed: {reason}",
-                          reason=control.close_reason or "connection closed")
+            verdict = handshake_failure(control, attempt_level, self.levels, self.settings)
+            if verdict.note:
+                self.log.info(verdict.note)
+            if verdict.reason:
+                self.reach.failed(verdict.reason)
+            self.failures += verdict.back_off
+            self._retry_now = self._retry_now or verdict.retry_now
         if control is self.control:
             self.log.warn("lost the server: {reason}", reason=control.close_reason or "connection closed",
                           event="client_disconnected")
+            self.reach.lost()
             self.control = self.session = None
             self.flush_pool()
             self.pool = None
@@ -649,7 +637,7 @@ class TunnelClient(Service):
         fields = tunnel_fields(self.stats, self.udp_stats)
         self.log.info(
             "health: connected={connected} pool_idle={pool_idle} pool_target={pool_target} active={active} "
-            "connect_failures={connect_failures} "
+            "connect_failures={connect_failures} blocked={blocked} "
             "bytes_in={bytes_in} bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
             "udp_evictions={udp_evictions}",
             event="health", connected=self.session is not None,
@@ -666,6 +654,8 @@ class TunnelClient(Service):
         for loop in self._loops:
             if loop.running:
                 loop.stop()
+        if self.probe is not None:
+            self.probe.stop()
         waits = []
         for port in (self.listening_port, self.udp_port):
             if port is not None:

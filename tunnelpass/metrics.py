@@ -28,6 +28,8 @@ LISTENER_METRICS = {
     "connect_failures": ("connect_failures", "counter",
                          "connections that could not reach their remote or a pool connection"),
     "idle_timeouts": ("idle_timeouts", "counter", "connections closed by the idle timeout"),
+    "blocked": ("connections_blocked", "counter",
+                "user connections refused by --block for how they started (SOCKS, HTTP, TLS)"),
     "bytes_in": ("bytes_in", "counter", "bytes received from clients and relayed on"),
     "bytes_out": ("bytes_out", "counter", "bytes relayed back to clients"),
     "udp_sessions": ("udp_sessions_active", "gauge", "UDP sessions (client addresses) open"),

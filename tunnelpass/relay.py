@@ -19,6 +19,8 @@ from twisted.internet.protocol import ClientFactory, Factory, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
+from tunnelpass import connlog
+from tunnelpass.block import FirstBytesGate
 from tunnelpass.fdbudget import ran_out
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyaccept import ProxyHeaderProtocol
@@ -85,6 +87,7 @@ class OutboundProtocol(RelayEnd):
         inbound = self.inbound
         inbound.transport.write(data)
         inbound.stats.bytes_out += len(data)
+        inbound.bytes_out += len(data)
         inbound.resetTimeout()
         if inbound.factory.limits.limiter is not None:
             throttle(self, inbound.factory, len(data))
@@ -131,6 +134,9 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
     _pending = None  # an IConnector or a Deferred while dialling
     _early: list | None = None  # bytes read before the remote answered
     original = None  # (source, destination) from a trusted PROXY header
+    gate: FirstBytesGate | None = None  # --block: judging the user's first bytes
+    trace: connlog.Trace | None = None  # --log debug: this connection's trace
+    bytes_in = bytes_out = 0  # this connection's payload, for its trace
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -145,6 +151,11 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
         self.stats.accepted += 1
         self.stats.active += 1
         self.callLater = factory.clock.callLater
+        connlog.accepted(self)
+        if factory.limits.block:
+            self.gate = FirstBytesGate(self)
+            if self.gate.start():  # it dials once the first bytes pass, or after a short wait
+                return
         self.transport.pauseProducing()
         self._pending = factory.dial(self)
 
@@ -159,12 +170,24 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
         if self.closed:
             outbound.reset(flush=False)
             return
+        connlog.connected(self)
         self.outbound = outbound
         self.setTimeout(self.factory.limits.idle or None)
+        if self.gate is not None:  # --block: the user has not spoken yet
+            if outbound.greeting:
+                outbound.transport.write(outbound.greeting)
+                outbound.greeting = b""
+            self.gate.hold(outbound)
+            return
+        self.start_relay(outbound)
+
+    def start_relay(self, outbound: OutboundProtocol, splice: bool = True) -> None:
+        """Relay between the user and *outbound*: zero-copy when both are
+        plain sockets (and *splice*), else copying with flow control."""
         early = b"".join(self._early) if self._early else b""
         self._early = None
         greeting = outbound.greeting
-        if self.factory.zero_copy and can_splice(self.transport, outbound.transport):
+        if splice and self.factory.zero_copy and can_splice(self.transport, outbound.transport):
             splice = SpliceRelay(
                 self.factory.reactor, self.transport, outbound.transport,
                 self.resetTimeout, self._count_in, self._count_out, limiter=self.factory.limits.limiter,
@@ -172,10 +195,12 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
             if splice.start(to_outbound=greeting + early):
                 self.splice = splice
                 self.stats.bytes_in -= len(greeting)  # protocol, not payload
+                self.bytes_in -= len(greeting)
                 return
         if greeting or early:
             outbound.transport.write(greeting + early)
             self.stats.bytes_in += len(early)
+            self.bytes_in += len(early)
         if self._read_closed:  # the FIN came with the early bytes
             outbound.half_close()
         self.transport.registerProducer(LegProducer(outbound.transport), True)
@@ -185,9 +210,11 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
 
     def _count_in(self, n: int) -> None:
         self.stats.bytes_in += n
+        self.bytes_in += n
 
     def _count_out(self, n: int) -> None:
         self.stats.bytes_out += n
+        self.bytes_out += n
 
     def connect_failed(self, reason) -> None:
         self._pending = None
@@ -211,6 +238,9 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
         self.close_cleanly()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.gate is not None:
+            self.gate.data(data)
+            return
         outbound = self.outbound
         if outbound is None:
             # Reading is paused until the remote answers, but bytes can come
@@ -221,9 +251,15 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
             return
         outbound.transport.write(data)
         self.stats.bytes_in += len(data)
+        self.bytes_in += len(data)
         self.resetTimeout()
         if self.factory.limits.limiter is not None:
             throttle(self, self.factory, len(data))
+
+    def readConnectionLost(self) -> None:
+        if self.gate is not None:
+            self.gate.ended()  # what came is not a blocked start: the relay goes on
+        super().readConnectionLost()
 
     def peer_end(self):
         return self.outbound if self.splice is None else None  # the splice relay closes both itself
@@ -233,11 +269,13 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.stats.idle_timeouts += 1
+        connlog.ending(self, "timeout")
         self.abort()
 
     def abort(self) -> None:
         """Reset both sides now (idle timeout, end of a shutdown drain).
         Never raises: its callers are timers and the shutdown drain."""
+        connlog.ending(self, "aborted")
         try:
             if self.splice is not None:
                 self.splice.abort()
@@ -257,6 +295,9 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
         try:
             self.setTimeout(None)
             self.stats.active -= 1
+            if self.gate is not None:
+                self.gate.cancel()
+            connlog.closed(self, reason)
             if self.outbound is None and self._pending is not None:
                 pending, self._pending = self._pending, None
                 if isinstance(pending, Deferred):
@@ -312,7 +353,7 @@ class TCPForwardFactory(ServerFactory):
         the single remote."""
         self.remote_host, self.remote_port, self.limits = remote_host, remote_port, limits
         targets = list(remotes) if remotes else [(remote_host, remote_port)]
-        self.group = TargetGroup(targets, self.clock)
+        self.group = TargetGroup(targets, self.clock, strategy=limits.lbs, fallback=limits.fallback)
         # Decided once here, not per connection: literals skip the resolver.
         self._literal = [is_ip_literal(host) for host, _ in targets]
         self.remote = ",".join(format_address(host, port) for host, port in targets)
@@ -321,9 +362,11 @@ class TCPForwardFactory(ServerFactory):
         """Start connecting *inbound*'s remote; return something cancellable.
 
         IP literals go straight to ``connectTCP`` (no resolver round trip on
-        the hot path); names are resolved on every connection through
-        ``HostnameEndpoint`` so DNS changes take effect, IPv4 and IPv6.  In
-        a target group a failed attempt moves on to the next target.
+        the hot path); names are resolved through the instance's name cache
+        (``limits.dialer``, ``--dns``; without one, on every connection) and
+        dialled with ``HostnameEndpoint``, IPv4 and IPv6, from the
+        ``--dial`` source address.  In a target group a failed attempt moves
+        on to the next target.
         """
         greeting = proxy_header(self.limits.proxy, inbound)
         return self._dial_at(inbound, greeting, self.group, self._literal, self.group.order(), 0)
@@ -340,6 +383,7 @@ class TCPForwardFactory(ServerFactory):
                 inbound.connect_failed(reason)
                 return
             group.failed(index)
+            connlog.dial_failed(inbound, reason)
             self.target_warnings.failed(self.name, host, port, reason)
             if attempt + 1 < len(order) and not inbound.closed:
                 inbound._pending = self._dial_at(inbound, greeting, group, literal, order, attempt + 1)
@@ -351,10 +395,12 @@ class TCPForwardFactory(ServerFactory):
 
         if self.descriptors is not None:
             self.descriptors.spend(1)  # the leg's socket, until the next recount
-        if literal[index]:
+        connlog.dialling(inbound, host, port)
+        dialer = self.limits.dialer  # --dial / --dns (None: kernel's source, a lookup per connection)
+        if literal[index] and (dialer is None or dialer.fits(host)):
             factory = _OutboundFactory(inbound, greeting, failed, succeeded)
-            return self.reactor.connectTCP(host, port, factory, timeout=timeout)
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
+            return self.reactor.connectTCP(host, port, factory, timeout=timeout,
+                                           bindAddress=dialer.bind_address if dialer else None)
 
         def build():
             succeeded()
@@ -362,7 +408,10 @@ class TCPForwardFactory(ServerFactory):
 
         outbound_factory = Factory.forProtocol(build)
         outbound_factory.noisy = False  # no "Starting factory" line per connection
-        d = endpoint.connect(outbound_factory)
+        if dialer is not None:  # names through the cache; a literal of the other family fails here
+            d = dialer.connect_tcp(host, port, outbound_factory, timeout)
+        else:
+            d = HostnameEndpoint(self.reactor, host, port, timeout=timeout).connect(outbound_factory)
         d.addTimeout(timeout, self.clock)
         d.addErrback(lambda reason: None if reason.check(CancelledError) and inbound.closed else failed(reason))
         return d

@@ -73,6 +73,10 @@ class RuleOptions:
     proxy: str | None = None
     accept_proxy: tuple | None = None  # global only (--accept-proxy)
     limiter: object = None  # global only (--rate)
+    dialer: object = None  # global only (--dial, --dns)
+    block: str | None = None  # global only (--block)
+    lbs: int | None = None  # global only (--lbs; a rule has one remote)
+    fallback: float | None = None  # global only (--fallback-interval)
 
 
     def resolve(self, defaults: "Limits") -> "Limits":
@@ -95,6 +99,12 @@ class Limits:
     proxy: str = "off"  # PROXY protocol header sent to the remote: off | v1 | v2
     accept_proxy: tuple = ()  # networks whose PROXY headers a TCP listener reads (--accept-proxy)
     limiter: object = field(default=None, compare=False)  # the instance's --rate budget, shared
+    #: The instance's :class:`~tunnelpass.dialsource.Dialer` (--dial, --dns); None: the
+    #: kernel's source address and a fresh lookup per connection.
+    dialer: object = field(default=None, compare=False)
+    block: str = ""  # --block: digits of the first bytes refused at accept (tunnelpass.block)
+    lbs: int = 0  # --lbs: a target group's strategy (tunnelpass.targets)
+    fallback: float = 300.0  # --fallback-interval: lbs=2's time on a backup before trying the primary
 
 
 _OPTION_PARSERS = {

@@ -502,7 +502,9 @@ class TunnelServer(Service):
                                           s.tunnel_host, self.descriptors, name="tunnel")
         except CannotListenError as e:
             raise SystemExit(f"tunnelpass: {listen_error('--tunnel', s.tunnel_host, s.tunnel_port, e)}") from None
-        relay_args = (self.reactor, "target", s.target_host, s.target_port, s.limits, self.stats)
+        # --block judges users where they connect, not the tunnel connections this side dials for.
+        dial_limits = dataclasses.replace(s.limits, block="")
+        relay_args = (self.reactor, "target", s.target_host, s.target_port, dial_limits, self.stats)
         if self.flow == "auto" and len(s.targets) > 1:
             self.flow = "send"  # a group is dialled, never listened on
         if self.flow in ("auto", "receive"):

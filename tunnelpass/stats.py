@@ -29,6 +29,7 @@ class ListenerStats:
         "udp_drops",
         "udp_refused",
         "udp_evictions",
+        "blocked",
     )
 
     def __init__(self) -> None:
@@ -69,7 +70,7 @@ class StatsReporter:
                         "udp_drops={udp_drops} udp_evictions={udp_evictions}{final_mark}")
             else:
                 text = ("stats {listener} -> {remote}: active={active} accepted={accepted} "
-                        "refused={refused} connect_failures={connect_failures} "
+                        "refused={refused} connect_failures={connect_failures} blocked={blocked} "
                         "bytes_in={bytes_in} bytes_out={bytes_out}{final_mark}")
             self.log.info(
                 text,

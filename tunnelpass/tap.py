@@ -15,9 +15,10 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from tunnelpass import __version__
-from tunnelpass.logs import make_observer
+from tunnelpass import connlog
+from tunnelpass.logs import make_observer, twistd_options
 from tunnelpass.metrics import parse_metrics_address
-from tunnelpass.rules import Limits, RulesError
+from tunnelpass.rules import MAX_FILE_BYTES as RULES_FILE_BYTES, Limits, RulesError
 from tunnelpass.settings import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -25,12 +26,20 @@ from tunnelpass.settings import (
     parse_count,
     parse_duration,
     parse_host,
+    parse_log_level,
     parse_positive_duration,
+    _show,
 )
+from tunnelpass.dialsource import Dialer, check_target, parse_dial
 from tunnelpass.proxyaccept import parse_networks
+from tunnelpass.block import parse_block
 from tunnelpass.ratelimit import RateLimiter, parse_rate
+from tunnelpass.startup import StartupError, StartupWatch, check_files, guard_start, read_file
 from tunnelpass.tls import parse_pin
-from tunnelpass.urls import KEY_ADVICE, KEY_RULE, check_key, key_weakness, parse_address, parse_token, parse_url
+from tunnelpass.hostaddrs import parse_public_address
+from tunnelpass.urls import (
+    KEY_ADVICE, KEY_RULE, MAX_TARGETS, check_key, key_weakness, parse_address, parse_targets, parse_token, parse_url,
+)
 
 MODES = ("server", "client", "forward", "master")
 AVAILABLE_MODES = ("server", "client", "forward")
@@ -51,14 +60,16 @@ _PARSERS = {
     "reload-interval": _duration_or_off,
     "shutdown-timeout": parse_duration,
     "report-interval": _duration_or_off,
+    "heartbeat": lambda v: _heartbeat(v),
     "zero-copy": lambda v: parse_choice(v, ("on", "off")) == "on",
-    "log": lambda v: parse_choice(v, LOG_LEVELS),
+    "log": parse_log_level,
     "log-format": lambda v: parse_choice(v, LOG_FORMATS),
     # server and client
     "tunnel": lambda v: parse_address(v, "--tunnel"),
     "target": lambda v: parse_targets(v),
     "key": lambda v: check_key(v, weak_ok=True),  # strength: Options._check_key_strength
     "token": parse_token,
+    "public-address": lambda v: parse_public_address(v),
     "flow": lambda v: parse_choice(v, FLOW_CHOICES),
     "tls": lambda v: int(parse_choice(v, ("0", "1", "2"))),
     "cert": str,
@@ -80,9 +91,22 @@ _PARSERS = {
     "accept-proxy": parse_networks,
     "metrics": parse_metrics_address,
     "rate": parse_rate,
+    "dial": parse_dial,
+    "dns": parse_duration,
+    "lbs": lambda v: int(parse_choice(v, ("0", "1", "2"))),
+    "fallback-interval": parse_positive_duration,
+    "block": parse_block,
 }
 
 FLOW_CHOICES = ("auto", "receive", "send", "local", "tunnel")
+
+
+def _heartbeat(text: str) -> float:
+    """The server's ping interval: 100 ms to 10 min (what the handshake carries)."""
+    seconds = parse_duration(text)
+    if not 0.1 <= seconds <= 600:
+        raise ValueError(f"{text!r} is out of range: 100ms to 10m")
+    return seconds
 
 #: Flags (no value) that the environment may set: TUNNELPASS_WEAK_KEY=1.
 _FLAG_VALUES = {"0": False, "1": True, "false": False, "true": True}
@@ -97,6 +121,7 @@ NP_ALIASES = {
     "NP_RELOAD_INTERVAL": "reload-interval",
     "NP_TCP_DIAL_TIMEOUT": "connect-timeout",
     "NP_HANDSHAKE_TIMEOUT": "handshake-timeout",
+    "NP_FALLBACK_INTERVAL": "fallback-interval",
 }
 
 
@@ -127,11 +152,13 @@ class Options(usage.Options):
         ["reload-interval", None, "0", "forward: re-read the rules file when it changes, checked this often (0 = off; SIGHUP always reloads)."],
         ["zero-copy", None, "on", "forward: relay plain TCP with splice(2) in the kernel (Linux); off = copy through Python."],
         ["shutdown-timeout", None, "5s", "Time live connections get to finish on SIGTERM/SIGINT before they are aborted."],
-        ["report-interval", None, None, "Emit a structured stats/health event this often (0 = only at shutdown; default 60s for forward, 5s for server/client, which is also the heartbeat)."],
+        ["report-interval", None, "60s", "Log a stats/health line (event stats / health) this often (0 = only at shutdown)."],
+        ["heartbeat", None, "5s", "server: ping the client this often on the control channel (100ms..10m); a side silent for three heartbeats is dropped."],
         ["tunnel", None, None, "server: address to listen on for clients; client: the server's address (flow local: the local listen address)."],
         ["target", None, None, "server: where users connect (receive flow) or what to dial (send flow); client: what to dial (receive) or where to listen (send)."],
         ["key", "k", None, f"Tunnel key: {KEY_RULE} (else refused, see --weak-key).  A server without one generates a strong key and logs a client command and --token."],
-        ["token", None, None, "client: a tp1. token from the server's log (server address, key, certificate pin)."],
+        ["token", None, None, "client: a tp1. token from the server's log (server address, key, certificate pin); an explicit --tunnel overrides its address."],
+        ["public-address", None, None, "server: HOST[:PORT] the logged token and client command carry (URL public=; default: the bound address, or for a wildcard bind the host's first non-loopback address; PORT defaults to the tunnel port)."],
         ["flow", None, "auto", "server: auto | receive | send; client: auto (follow the server) | receive | send (refuse a server that runs the other flow) | local (forward --tunnel to --target, no server)."],
         ["tls", None, None, "server: 0 plain (default), 1 self-signed (pinned/channel-bound), 2 --cert/--private-key verified by clients; client: the server's level, if known (default: --pin means 1, --ca/--sni 2, a token says; else learned from the server, never fixed by what an unauthenticated peer says)."],
         ["cert", None, None, "server --tls 2: certificate chain (PEM)."],
@@ -151,10 +178,18 @@ class Options(usage.Options):
         ["udp-buffer", None, "65535", "server/client: largest UDP datagram carried, in bytes; larger ones are dropped and counted, never truncated."],
         ["proxy-protocol", None, "off", "server/client: off | v1 | v2: the side that dials --target first sends it a PROXY header with the user's address (URL proxy=1 is v1)."],
         ["rate", None, "0", "Bandwidth limit for the whole instance in Mbit/s, both directions together (0 = none)."],
+        ["dial", None, "auto", "Source IP for dials of --target / forward remotes (TCP and UDP), an address of this host of the target's family; auto = the kernel's choice (URL dial=)."],
+        ["lbs", None, "0", "server/client: how a target group (--target A,B,...) is dialled: 0 round robin with failover, 1 lowest TCP-connect latency (probed every --report-interval), 2 primary/backup (the first target while it works; URL lbs=)."],
+        ["fallback-interval", None, "5m", "--lbs 2: time on a backup target before the primary is tried again (NodePass's NP_FALLBACK_INTERVAL)."],
+        ["block", None, "0", "Refuse user connections that start as 1 SOCKS4/5, 2 HTTP, 3 TLS (digits combine: 123; 0 = none), judged on their first bytes where users connect (URL block=)."],
+        ["dns", None, "5m", "Cache target name lookups this long, per instance (0 = look up on every connection; IP literals never are; URL dns=)."],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on PORT (127.0.0.1), HOST:PORT, [IPV6]:PORT, :PORT (all IPv4 interfaces) or a Twisted endpoint (e.g. tcp:9100:interface=127.0.0.1)."],
         ["accept-proxy", None, "", "forward (TCP listeners) and server (public listener): CIDR[,CIDR] of trusted proxies whose PROXY v1/v2 header is read; other sources are refused."],
-        ["log", None, "info", "Log level: " + " | ".join(LOG_LEVELS) + "."],
-        ["log-format", None, "text", "Log format: text | json (one JSON object per line)."],
+        ["log", None, "info", "Log level: " + " | ".join(LOG_LEVELS) + " (debug also traces each connection: "
+                              "accept, pool claim, dial, close)."],
+        ["log-format", None, "text", "Log format: text | json (one flat JSON object per line: time, level, logger, "
+                                     "message, event and the event's fields).  Goes where twistd logs: stdout "
+                                     "with -n, --logfile, --syslog."],
     ]
 
     def opt_version(self):
@@ -163,13 +198,25 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def parseOptions(self, options=None):
+        """Parse, check and convert every option.
+
+        Under twistd (which sets ``parent``) a usage error ends the process
+        here, with one line and a hint, and exit status 2: twistd itself
+        would print the whole ``--help`` text first and exit 1.  Called
+        directly (tests, tools), it raises :class:`usage.UsageError`."""
         import sys
 
         argv = list(sys.argv[1:] if options is None else options)
-        hint = traffic_forwarder_hint(argv)
-        if hint:
-            raise usage.UsageError(hint)
-        super().parseOptions(environment_arguments(os.environ) + argv)
+        try:
+            hint = traffic_forwarder_hint(argv)
+            if hint:
+                raise usage.UsageError(hint)
+            super().parseOptions(environment_arguments(os.environ) + argv)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            print(usage_line(e), file=sys.stderr)
+            raise SystemExit(USAGE_ERROR) from None
 
     def postOptions(self):
         for name, parser in _PARSERS.items():
@@ -181,8 +228,6 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--{name}: {e}") from None
         mode = self["mode"]
-        if self["report-interval"] is None:
-            self["report-interval"] = 60.0 if mode == "forward" else 5.0
         if mode is None:
             raise usage.UsageError(
                 "choose a mode with --mode " + "|".join(AVAILABLE_MODES) + " (or give a server:// or client:// URL)"
@@ -197,12 +242,23 @@ class Options(usage.Options):
 
     def _check_tunnel_options(self, mode: str) -> None:
         token = self["token"]
+        self.dial_reason = "from --tunnel"
+        if self["public-address"] is not None and mode != "server":
+            raise usage.UsageError("--public-address is for --mode server (what its logged token carries)")
         if token is not None:
             if mode != "client":
                 raise usage.UsageError("--token is for --mode client")
             if self["key"] is not None:
                 raise usage.UsageError("give --token or --key, not both")
-            self["tunnel"] = parse_address(f"{_bracket(token['host'])}:{token['port']}")
+            token_address = parse_address(f"{_bracket(token['host'])}:{token['port']}")
+            if self["tunnel"] is None or self["tunnel"] == token_address:
+                self["tunnel"], self.dial_reason = token_address, "from the token"
+            else:
+                # An explicit --tunnel (flag, environment or URL) wins: the
+                # token's address is what the server guessed about itself.
+                self.dial_reason = f"--tunnel overrides the token's {token_address}"
+                if token["tls"] == 2 and self["sni"] is None and not _is_ip(token["host"]):
+                    self["sni"] = token["host"]  # the certificate still names the token's host
             self["key"] = token["key"]
             if token["pin"] is not None and self["pin"] is None:
                 self["pin"] = token["pin"]
@@ -217,7 +273,7 @@ class Options(usage.Options):
         if self["flow"] not in flows:
             raise usage.UsageError(f"--flow {self['flow']} is not a {mode} flow; use {' | '.join(flows)}")
         if mode == "client" and self["key"] is None and self["flow"] != "local":
-            raise usage.UsageError("--mode client needs --key (or --token)")
+            raise usage.UsageError(keyless_client_message(self["tunnel"], self["target"], self.url))
         if mode == "server" and self["tls"] == 2 and not (self["cert"] and self["private-key"]):
             raise usage.UsageError("--tls 2 needs --cert and --private-key")
         if mode == "server" and self["tls"] != 2 and (self["cert"] or self["private-key"]):
@@ -231,6 +287,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--tls {self['tls']} contradicts --pin (tls=1) or --ca/--sni (tls=2)")
         if mode == "client" and self["pin"] is not None and (self["ca"] or self["sni"]):
             raise usage.UsageError("--pin is for tls=1 servers, --ca/--sni for tls=2: give one kind")
+        for host, port in split_targets(self["target"]):
+            try:
+                check_target(self["dial"], host, port)
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         self._check_key_strength()
 
     def _check_key_strength(self) -> None:
@@ -247,11 +308,12 @@ class Options(usage.Options):
 
     def parseArgs(self, *args):
         if len(args) > 1:
-            raise usage.UsageError(f"unexpected argument {args[1]!r} (give one URL at most)")
+            raise usage.UsageError(f"unexpected argument {_show(args[1])} (give one URL at most)")
         if args:
             if "://" not in args[0]:
-                raise usage.UsageError(f"unexpected argument {args[0]!r} (options start with --; "
+                raise usage.UsageError(f"unexpected argument {_show(args[0])} (options start with --; "
                                        "a URL looks like server://KEY@HOST:PORT/HOST:PORT)")
+            self.url = args[0]
             try:
                 url_options = parse_url(args[0])
             except ValueError as e:
@@ -285,6 +347,37 @@ def traffic_forwarder_hint(argv) -> str | None:
         if hint:
             return hint
     return None
+
+
+#: Exit status of an option error (as argparse and getopt tools use).
+USAGE_ERROR = 2
+
+
+def usage_line(error: usage.UsageError) -> str:
+    """The one line an option error prints: the error and where help is."""
+    import sys
+
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    program = "twist" if program == "twist" else "twistd -n --pidfile="  # runs as given, as printed commands do
+    text = " ".join(str(error).split())  # one line, whatever the message held
+    return f"tunnelpass: {text} (see: {program} tunnelpass --help)"
+
+
+def keyless_client_message(tunnel: str, target: str, url: str | None) -> str:
+    """Why a client without a key is refused, and how to get a key.
+
+    NodePass derives a missing key from the port, which anyone can guess;
+    tunnelpass never does.  The fix is a server started without a key: it
+    generates a strong one and logs a token for the client."""
+    port = tunnel.rpartition(":")[2]
+    server = (f"twistd -n --pidfile= tunnelpass --mode server --tunnel 0.0.0.0:{port} --target HOST:PORT"
+              if url is None else f"twistd -n --pidfile= tunnelpass server://0.0.0.0:{port}/HOST:PORT")
+    what = f"client://{tunnel}/{target} has no key" if url is not None else \
+        "--mode client needs the server's key (--token, or --key)"
+    return (f"{what}: NodePass would derive one from the port, which anyone can guess, so "
+            f"tunnelpass does not. Start the server without a key ({server}): it generates a strong key and "
+            f"logs a token to paste here: twistd -n --pidfile= tunnelpass --mode client --token TOKEN "
+            f"--target {target}")
 
 
 def environment_arguments(environ) -> list[str]:
@@ -324,17 +417,46 @@ def environment_arguments(environ) -> list[str]:
 
 
 class TunnelpassService(MultiService):
-    """The root service; it also gives twistd tunnelpass's log observer."""
+    """The root service; it also gives twistd tunnelpass's log observer.
 
-    def __init__(self, observer):
+    twistd uses an application's ``ILogObserver`` component instead of the
+    observer it would build from ``--logfile``/``--syslog``/``-n``, so the
+    observer given here is built from those same options
+    (:func:`tunnelpass.logs.make_observer`): the destination stays
+    twistd's, the level filter and the format are tunnelpass's."""
+
+    def __init__(self, observer, reactor=None):
         super().__init__()
         self.observer = observer
+        self.reactor = reactor
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
         set_component = getattr(parent, "setComponent", None)
         if set_component is not None:  # a twistd Application
             set_component(ILogObserver, self.observer)
+
+    # A failed start ends the process with one line and status 1
+    # (tunnelpass.startup): twistd would print a traceback, or, for a
+    # failure once the reactor runs, log it and keep running.
+
+    def privilegedStartService(self):
+        guard_start(super().privilegedStartService, "privilegedStartService")
+
+    def startService(self):
+        guard_start(super().startService, "startService")
+        if self.reactor is not None:
+            StartupWatch(self.reactor).start()  # after the children's callWhenRunning
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _bracket(host: str) -> str:
@@ -346,20 +468,6 @@ def split_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-MAX_TARGETS = 64
-
-
-def parse_targets(text: str) -> str:
-    """``HOST:PORT[,HOST:PORT...]`` (a target group) -> normalized text."""
-    parts = [part.strip() for part in text.split(",")]
-    if len(parts) > MAX_TARGETS:
-        raise ValueError(f"at most {MAX_TARGETS} targets in a group")
-    addresses = [parse_address(part, "--target") for part in parts]
-    if len(set(addresses)) != len(addresses):
-        raise ValueError("a target is listed twice")
-    return ",".join(addresses)
-
-
 def split_targets(text: str) -> list[tuple[str, int]]:
     return [split_address(part) for part in text.split(",")]
 
@@ -367,7 +475,13 @@ def split_targets(text: str) -> list[tuple[str, int]]:
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    root = TunnelpassService(make_observer(options["log"], options["log-format"]))
+    try:
+        check_files(options)  # before twistd logs: the one line goes to stderr as it is
+    except StartupError as e:
+        raise SystemExit(f"tunnelpass: {e}") from None
+    connlog.TRACING.enabled = options["log"] == "debug"
+    root = TunnelpassService(make_observer(options["log"], options["log-format"], twistd=twistd_options(options)),
+                             reactor)
     if options["mode"] in ("server", "client"):
         make = _server_service if options["mode"] == "server" else _client_service
         service = make(options, reactor)
@@ -387,6 +501,8 @@ def makeService(options, reactor=None):
             max_sessions=options["max-sessions"],
             accept_proxy=options["accept-proxy"],
             limiter=_limiter(options, reactor),
+            dialer=_dialer(options, reactor),
+            block=options["block"],
         ),
         reload_interval=options["reload-interval"],
         shutdown_timeout=options["shutdown-timeout"],
@@ -394,9 +510,17 @@ def makeService(options, reactor=None):
         zero_copy=options["zero-copy"],
     )
     try:
+        read_file("--config", settings.config, limit=RULES_FILE_BYTES)  # missing, unreadable, not a file
         rules = load_rules(settings.config)
+    except StartupError as e:
+        raise SystemExit(f"tunnelpass: {e}") from None
     except RulesError as e:
-        raise SystemExit(f"tunnelpass: invalid rules file: {e}") from None
+        raise SystemExit(f"tunnelpass: --config {e}") from None
+    for rule in rules:
+        try:
+            check_target(options["dial"], rule.remote_host, rule.remote_port)
+        except ValueError as e:
+            raise SystemExit(f"tunnelpass: {settings.config}:{rule.line}: {e}") from None
     forwarder = ForwarderService(settings, rules, reactor)
     forwarder.setServiceParent(root)
     _metrics(options, forwarder, reactor, root)
@@ -436,10 +560,17 @@ def _limiter(options, reactor):
     return RateLimiter(reactor, options["rate"]) if options["rate"] else None
 
 
+def _dialer(options, reactor) -> Dialer:
+    """The instance's one dialer: --dial source, --dns name cache."""
+    return Dialer.create(reactor, options["dial"], options["dns"])
+
+
 def _tunnel_limits(options, reactor) -> Limits:
     return Limits(max_conns=options["slot"], connect_timeout=options["connect-timeout"], idle=options["read"],
                   limiter=_limiter(options, reactor), proxy=options["proxy-protocol"],
-                  udp_idle=options["udp-idle"], max_sessions=options["max-sessions"])
+                  udp_idle=options["udp-idle"], max_sessions=options["max-sessions"],
+                  dialer=_dialer(options, reactor), block=options["block"], lbs=options["lbs"],
+                  fallback=options["fallback-interval"])
 
 
 def _carried(options) -> dict:
@@ -460,10 +591,11 @@ def _server_service(options, reactor):
         key=key or generate_key(), key_generated=key is None, flow=options["flow"], tls=options["tls"] or 0,
         cert=options["cert"], private_key=options["private-key"], state_dir=options["state-dir"],
         max_pool=options["max-pool"], pool_timeout=options["pool-timeout"],
-        handshake_timeout=options["handshake-timeout"], heartbeat=options["report-interval"] or 5.0,
+        handshake_timeout=options["handshake-timeout"], heartbeat=options["heartbeat"],
         report_interval=options["report-interval"], reload_interval=options["reload-interval"] or 3600.0,
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options, reactor),
         zero_copy=options["zero-copy"], accept_proxy=options["accept-proxy"], targets=tuple(targets),
+        public_address=options["public-address"],
         **_carried(options),
     )
     return TunnelServer(settings, reactor)
@@ -483,5 +615,6 @@ def _client_service(options, reactor):
         connect_timeout=options["connect-timeout"], report_interval=options["report-interval"],
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options, reactor),
         zero_copy=options["zero-copy"], targets=tuple(targets), **_carried(options),
+        dial_reason=getattr(options, "dial_reason", "from --tunnel"),
     )
     return TunnelClient(settings, reactor)

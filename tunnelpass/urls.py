@@ -38,7 +38,28 @@ QUERY_OPTIONS = {
     "noudp": "no-udp",
     "proxy": "proxy-protocol",
     "weakkey": "weak-key",
+    "rate": "rate",
+    "public": "public-address",  # tunnelpass's own: what the server's logged token carries
+    "dial": "dial",
+    "dns": "dns",
+    "lbs": "lbs",
+    "block": "block",
 }
+
+#: NodePass URL parts tunnelpass does not have yet (they are planned): a
+#: clear "not available" instead of "unknown key".
+PLANNED_SCHEMES = {"master": "master:// (NodePass's API master that runs instances)"}
+PLANNED_POOL_TYPES = {"1": "the QUIC pool (type=1)", "2": "the WebSocket pool (type=2)",
+                      "3": "the HTTP/2 pool (type=3)"}
+
+#: An empty host (``server://:10101/...``, NodePass's "all interfaces"):
+#: listened on, it is every IPv4 interface; dialled, Linux connects to
+#: this host, as Go's dialer does for an empty host.  ``[::]`` listens
+#: on IPv6 (and IPv4) instead.
+EMPTY_HOST = "0.0.0.0"
+
+#: At most this many addresses in a target group.
+MAX_TARGETS = 64
 
 #: NodePass ``mode=`` numbers per scheme -> ``--flow``.
 _FLOWS = {
@@ -60,13 +81,17 @@ def parse_url(text: str) -> dict[str, str]:
     except ValueError as e:
         raise ValueError(f"malformed URL: {e}") from None
     scheme = parts.scheme.lower()
+    if scheme in PLANNED_SCHEMES:
+        raise ValueError(f"{PLANNED_SCHEMES[scheme]} is not available in this version of tunnelpass (planned); "
+                         "run each instance as server:// or client://")
     if scheme not in _FLOWS:
         raise ValueError(f"URL scheme {_show(parts.scheme)}: use server:// or client://")
     if parts.fragment:
         raise ValueError("URL must not have a #fragment")
-    if not parts.hostname or port is None:
+    if port is None or (parts.hostname is None and not parts.netloc.rpartition("@")[2].startswith(":")):
         raise ValueError("URL needs the tunnel address as HOST:PORT after the key, e.g. server://KEY@0.0.0.0:10101/...")
-    options = {"mode": scheme, "tunnel": parse_address(format_address(parts.hostname, port), "tunnel address")}
+    host = parts.hostname or EMPTY_HOST  # server://:10101/...: all interfaces, as in NodePass
+    options = {"mode": scheme, "tunnel": parse_address(format_address(host, port), "tunnel address")}
     if parts.password is not None:
         raise ValueError("put only the key before '@' (no ':' in it; percent-encode it)")
     if parts.username is not None:
@@ -74,7 +99,8 @@ def parse_url(text: str) -> dict[str, str]:
     target = parts.path[1:] if parts.path.startswith("/") else parts.path
     if not target:
         raise ValueError("URL needs the target address as /HOST:PORT")
-    options["target"] = parse_address(_decoded(unquote(target, errors="strict"), "target"), "target")
+    options["target"] = parse_targets(_decoded(unquote(target, errors="strict"), "target"), "target",
+                                      empty_host=EMPTY_HOST)
     try:
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except (ValueError, UnicodeDecodeError) as e:
@@ -85,10 +111,24 @@ def parse_url(text: str) -> dict[str, str]:
         if name in seen:
             raise ValueError(f"URL query key {_show(name)} given twice")
         seen.add(name)
+        if name == "type":
+            _check_pool_type(value)
+            continue
         if name not in QUERY_OPTIONS:
-            raise ValueError(f"unknown URL query key {_show(name)}; known: {', '.join(QUERY_OPTIONS)}")
+            raise ValueError(f"unknown URL query key {_show(name)}; known: {', '.join(QUERY_OPTIONS)}, type")
         options[QUERY_OPTIONS[name]] = _query_value(scheme, name, value)
     return options
+
+
+def _check_pool_type(value: str) -> None:
+    """NodePass's ``type=``: 0 is the TCP pool, the one tunnelpass runs."""
+    if value == "0":
+        return
+    if value in PLANNED_POOL_TYPES:
+        raise ValueError(f"URL query type={value}: {PLANNED_POOL_TYPES[value]} is not available in this "
+                         "version of tunnelpass (planned); type=0, the TCP pool, is what it runs")
+    raise ValueError(f"URL query type={_show(value)}: NodePass's pool types are 0 (TCP, what tunnelpass runs), "
+                     "1 (QUIC), 2 (WebSocket) and 3 (HTTP/2)")
 
 
 def _decoded(text: str, what: str) -> str:
@@ -102,7 +142,7 @@ def _query_value(scheme: str, name: str, value: str) -> str:
     table = {"mode": _FLOWS[scheme], "notcp": _BOOLEAN, "noudp": _BOOLEAN, "proxy": _PROXY,
              "weakkey": _BOOLEAN}.get(name)
     if table is None:
-        if not value:
+        if not value and name != "dial":  # dial= (empty) is NodePass's auto
             raise ValueError(f"URL query key {name} needs a value")
         return value
     if value.lower() not in table:
@@ -126,6 +166,22 @@ def parse_address(text: str, what: str = "address") -> str:
             raise ValueError(f"{what} {_show(text)}: expected HOST:PORT")
         host = parse_host(host, what)
     return format_address(host, parse_port(port))
+
+
+def parse_targets(text: str, what: str = "--target", empty_host: str | None = None) -> str:
+    """``HOST:PORT[,HOST:PORT...]`` (a target group) -> normalized text.
+
+    With *empty_host* (URLs), ``:PORT`` means that host (NodePass's "all
+    interfaces"); elsewhere a host is required."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > MAX_TARGETS:
+        raise ValueError(f"at most {MAX_TARGETS} targets in a group")
+    if empty_host is not None:
+        parts = [empty_host + part if part.startswith(":") else part for part in parts]
+    addresses = [parse_address(part, what) for part in parts]
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("a target is listed twice")
+    return ",".join(addresses)
 
 
 # Keys
