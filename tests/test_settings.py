@@ -3,7 +3,15 @@
 from hypothesis import given, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.settings import format_duration, parse_choice, parse_count, parse_duration, parse_port
+from tunnelpass.settings import (
+    LOG_LEVELS,
+    format_duration,
+    parse_choice,
+    parse_count,
+    parse_duration,
+    parse_log_level,
+    parse_port,
+)
 
 
 class DurationTests(unittest.TestCase):
@@ -62,3 +70,26 @@ class CountAndPortTests(unittest.TestCase):
         with self.assertRaises(ValueError) as cm:
             parse_choice("xml", ("text", "json"))
         self.assertIn("text, json", str(cm.exception))
+
+
+class LogLevelTests(unittest.TestCase):
+    def test_levels_and_nodepass_aliases(self):
+        for level in LOG_LEVELS:
+            self.assertEqual(parse_log_level(level.upper()), level)
+        # NodePass's none (nothing) keeps fatal lines, so an exit says why; event -> warn (operator events).
+        self.assertEqual(parse_log_level("none"), "fatal")
+        self.assertEqual(parse_log_level(" Event "), "warn")
+
+    def test_garbage(self):
+        for bad in ["", "loud", "\udcff", "x" * 10_000, None, "nonee"]:
+            with self.assertRaises(ValueError) as cm:
+                parse_log_level(bad)
+            self.assertIn("debug, info, warn, error, fatal", str(cm.exception))
+            self.assertLess(len(str(cm.exception)), 200)
+
+    @given(st.text(max_size=30))
+    def test_never_raises_anything_but_valueerror(self, text):
+        try:
+            self.assertIn(parse_log_level(text), LOG_LEVELS)
+        except ValueError:
+            pass

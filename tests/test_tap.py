@@ -159,7 +159,13 @@ class TunnelOptionTests(unittest.TestCase):
         options = parse(["--mode", "server", "--tunnel", "0.0.0.0:10101", "--target", "[::]:8080",
                          "--key", KEY, "--tls", "1", "--flow", "receive", "--max-pool", "512"])
         self.assertEqual((options["tunnel"], options["target"], options["tls"]), ("0.0.0.0:10101", "[::]:8080", 1))
-        self.assertEqual((options["flow"], options["max-pool"], options["report-interval"]), ("receive", 512, 5.0))
+        # Health lines every 60 s in every mode; the heartbeat is its own setting.
+        self.assertEqual((options["flow"], options["max-pool"], options["report-interval"], options["heartbeat"]),
+                         ("receive", 512, 60.0, 5.0))
+        self.assertEqual(parse(["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--heartbeat", "500ms",
+                                "--report-interval", "0"])["heartbeat"], 0.5)
+        self.assertUsageError(["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--heartbeat", "50ms"],
+                              "--heartbeat", "100ms to 10m")
 
     def test_url_maps_to_options(self):
         options = parse([f"server://{KEY}@0.0.0.0:10101/0.0.0.0:8080?tls=1&log=debug&max=512&mode=2"])
@@ -194,7 +200,8 @@ class TunnelOptionTests(unittest.TestCase):
 
     def test_required_and_conflicting(self):
         self.assertUsageError(["--mode", "server", "--target", "127.0.0.1:1"], "needs --tunnel")
-        self.assertUsageError(["--mode", "client", "--tunnel", "h:1", "--target", "127.0.0.1:1"], "needs --key")
+        self.assertUsageError(["--mode", "client", "--tunnel", "h:1", "--target", "127.0.0.1:1"],
+                              "needs the server's key (--token, or --key)")
         self.assertUsageError(["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--key", ""], "empty")
         self.assertUsageError(["--mode", "server", "--tunnel", "h:1", "--target", "h:2", "--tls", "2"],
                               "--cert and --private-key")
@@ -338,3 +345,120 @@ class ClientLevelAndFlowOptionTests(unittest.TestCase):
     def test_client_may_insist_on_a_flow(self):
         for flow in ("receive", "send"):
             self.assertEqual(self.settings("--key", KEY, "--flow", flow).flow, flow)
+
+
+class NodePassHabitTests(unittest.TestCase):
+    """URLs and options as NodePass users write them (issue 10, item 4)."""
+
+    assertUsageError = OptionTests.assertUsageError
+
+    def test_keyless_client_is_refused_with_the_way_to_a_key(self):
+        for args in (["client://127.0.0.1:10101/127.0.0.1:8080"],
+                     ["--mode", "client", "--tunnel", "127.0.0.1:10101", "--target", "127.0.0.1:8080"]):
+            with self.assertRaises(usage.UsageError) as cm:
+                parse(args)
+            text = str(cm.exception)
+            self.assertIn("derive one from the port, which anyone can guess", text)
+            self.assertIn("twistd -n --pidfile= tunnelpass", text)  # the server command
+            self.assertIn("--mode client --token TOKEN --target 127.0.0.1:8080", text)  # what to paste it into
+            self.assertNotIn("\n", text)
+        self.assertUsageError(["client://127.0.0.1:10101/127.0.0.1:8080"],
+                              "client://127.0.0.1:10101/127.0.0.1:8080 has no key",
+                              "server://0.0.0.0:10101/HOST:PORT")
+        # Single-end forwarding has no server and needs no key; a keyless server generates one.
+        self.assertEqual(parse(["client://127.0.0.1:10101/127.0.0.1:8080?mode=1"])["flow"], "local")
+        self.assertIsNone(parse(["server://:10101/127.0.0.1:8080"])["key"])
+
+    def test_empty_host_is_all_interfaces(self):
+        options = parse([f"server://{KEY}@:10101/:8080"])
+        self.assertEqual((options["tunnel"], options["target"]), ("0.0.0.0:10101", "0.0.0.0:8080"))
+        self.assertEqual(parse(["server://:10101/127.0.0.1:8080"])["tunnel"], "0.0.0.0:10101")
+        self.assertUsageError(["--mode", "server", "--tunnel", ":10101", "--target", "h:1"], "--tunnel")
+
+    def test_rate_and_log_keys(self):
+        options = parse([f"server://{KEY}@h:1/h:2?rate=100&log=event"])
+        self.assertEqual(options["rate"], 100 * 125_000)  # Mbit/s, as NodePass (value * 125000 bytes/s)
+        self.assertEqual(options["log"], "warn")
+        self.assertEqual(parse([f"server://{KEY}@h:1/h:2?log=none"])["log"], "fatal")
+        self.assertEqual(parse(["-m", "forward", "--log", "NONE"])["log"], "fatal")
+        self.assertUsageError([f"server://{KEY}@h:1/h:2?rate=fast"], "--rate")
+
+    def test_planned_parts_say_so(self):
+        self.assertUsageError([f"server://{KEY}@h:1/h:2?type=2"], "WebSocket pool (type=2) is not available in this "
+                              "version of tunnelpass (planned)")
+        self.assertUsageError([f"master://{KEY}@h:1/api"], "not available in this version of tunnelpass (planned)")
+        self.assertEqual(parse([f"server://{KEY}@h:1/h:2?type=0"])["tunnel"], "h:1")  # the TCP pool: ours
+
+
+class OptionErrorOutputTests(unittest.TestCase):
+    """Under twistd (``parent`` set), an option error is one line on stderr
+    and exit status 2, not twistd's usage text (issue 10, item 2)."""
+
+    def run_as_subcommand(self, args):
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from twisted.scripts.twistd import ServerOptions
+
+        out, err = io.StringIO(), io.StringIO()
+        old = os.environ.copy()
+        os.environ.clear()
+        try:  # twistd's own option parser, as twistd's app.run calls it
+            with redirect_stdout(out), redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+                ServerOptions().parseOptions(["-n", "--pidfile=", "tunnelpass", *args])
+        finally:
+            os.environ.update(old)
+        return cm.exception.code, out.getvalue(), err.getvalue()
+
+    def test_one_line_and_a_hint(self):
+        code, out, err = self.run_as_subcommand(["--mode", "server", "--tunnel", "h:1", "--target", "h:2",
+                                                 "--tls", "3"])
+        self.assertEqual(code, 2)
+        self.assertEqual(out, "")
+        self.assertEqual(err, "tunnelpass: --tls: invalid value '3': choose one of 0, 1, 2 "
+                              "(see: twistd -n --pidfile= tunnelpass --help)\n")
+
+    def test_hostile_arguments_stay_one_short_line(self):
+        for args in (["-m", "forward", "x" * 100_000], ["-m", "forward", "a\nb"], ["-m", "forward", "\udcff"],
+                     ["--mode", "forward", "--idle", "\udcff" * 1000]):
+            code, out, err = self.run_as_subcommand(args)
+            self.assertEqual((code, out), (2, ""))
+            self.assertEqual(err.count("\n"), 1, err)
+            self.assertLess(len(err), 300)
+
+    def test_help_still_prints_everything(self):
+        code, out, err = self.run_as_subcommand(["--help"])
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("--max-conns", out)
+        self.assertIn("--state-dir", out)
+
+    def test_direct_callers_still_get_usage_error(self):
+        self.assertRaises(usage.UsageError, parse, ["--tls", "3"])
+
+
+class StartupFileTests(unittest.TestCase):
+    """makeService checks the files the options name before anything runs."""
+
+    def make(self, args):
+        from twisted.internet.testing import MemoryReactorClock
+
+        with self.assertRaises(SystemExit) as cm:
+            tap.makeService(parse(args), MemoryReactorClock())
+        return cm.exception.code
+
+    def test_one_line_per_file(self):
+        missing = os.path.join(self.mktemp(), "ca.pem")
+        base = ["--tunnel", "127.0.0.1:10101", "--target", "127.0.0.1:8080"]
+        self.assertEqual(self.make(["--mode", "client", *base, "--key", KEY, "--ca", missing]),
+                         f"tunnelpass: --ca {missing}: No such file or directory")
+        self.assertEqual(self.make(["--mode", "server", *base, "--tls", "2", "--cert", missing,
+                                    "--private-key", missing]),
+                         f"tunnelpass: --cert {missing}: No such file or directory")
+        self.assertEqual(self.make(["--mode", "server", *base, "--tls", "1", "--state-dir", __file__]),
+                         f"tunnelpass: --state-dir {__file__}: not a directory")
+        self.assertEqual(self.make(["--mode", "forward", "--config", missing]),
+                         f"tunnelpass: --config {missing}: No such file or directory")
+        rules = self.mktemp()
+        with open(rules, "w") as f:
+            f.write("8080 | 127.0.0.1\n")
+        self.assertIn(f"tunnelpass: --config {rules}:1: expected", self.make(["--mode", "forward", "--config", rules]))

@@ -16,6 +16,7 @@ from tunnelpass.urls import (
     key_weakness,
     make_token,
     parse_address,
+    parse_targets,
     parse_token,
     parse_url,
 )
@@ -92,6 +93,56 @@ class URLTests(unittest.TestCase):
             parse_url("server://" + text)
         except ValueError:
             pass
+
+    def test_empty_host_means_all_interfaces(self):
+        # NodePass's server://:10101/... (Go's ":port"): listened on, every interface.
+        self.assertEqual(parse_url("server://:10101/:8080"),
+                         {"mode": "server", "tunnel": "0.0.0.0:10101", "target": "0.0.0.0:8080"})
+        self.assertEqual(parse_url(f"client://{K}@:10101/127.0.0.1:8080")["tunnel"], "0.0.0.0:10101")
+        self.assertEqual(parse_url(f"server://{K}@[::]:10101/[::]:8080")["tunnel"], "[::]:10101")
+        self.assertBad("server://:/h:2", "tunnel address")
+        self.assertBad("server:///h:2", "tunnel address")
+        self.assertBad("server://[]:10101/h:2", "")
+        self.assertBad("server://:10101/:", "expected 1..65535")
+
+    def test_target_group_in_the_path(self):
+        self.assertEqual(parse_url(f"server://{K}@:1/a.example:1,:2,[::1]:3")["target"],
+                         "a.example:1,0.0.0.0:2,[::1]:3")
+        self.assertBad(f"server://{K}@:1/h:1,h:1", "listed twice")
+        self.assertBad(f"server://{K}@:1/" + ",".join(f"h:{p}" for p in range(1, 70)), "at most 64")
+        self.assertBad(f"server://{K}@:1/h:1,,h:2", "HOST:PORT")
+        self.assertRaises(ValueError, parse_targets, ":80")  # a flag still needs a host
+
+    def test_nodepass_keys(self):
+        self.assertEqual(parse_url(f"server://{K}@h:1/h:2?rate=100")["rate"], "100")
+        self.assertEqual(parse_url(f"server://{K}@h:1/h:2?log=none")["log"], "none")  # tap: fatal
+        self.assertNotIn("type", parse_url(f"server://{K}@h:1/h:2?type=0"))
+        for number, name in (("1", "QUIC"), ("2", "WebSocket"), ("3", "HTTP/2")):
+            self.assertBad(f"server://{K}@h:1/h:2?type={number}",
+                           f"the {name} pool (type={number}) is not available in this version of tunnelpass (planned)")
+        self.assertBad(f"server://{K}@h:1/h:2?type=9", "pool types are 0 (TCP")
+        self.assertBad(f"server://{K}@h:1/h:2?type=" + "9" * 5000, "longer than")
+        self.assertBad(f"server://{K}@h:1/h:2?type=" + "9" * 100, "'99999")
+        self.assertBad(f"master://{K}@:9090/api?log=info", "master:// (NodePass's API master that runs instances) "
+                                                          "is not available in this version of tunnelpass (planned)")
+        self.assertBad(f"MASTER://{K}@:9090/api", "planned")
+
+    def test_non_utf8_argument(self):
+        # argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape).
+        for url in ("server://:1/h\udcff:2", "server://k\udcffkkkkkkkkkkkkkkkkk@:1/h:2",
+                    "server://:1/h:2?log=\udcff", "server://\udcff:1/h:2"):
+            with self.assertRaises(ValueError) as cm:
+                parse_url(url)
+            self.assertLess(len(str(cm.exception)), 300)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=100), st.text(max_size=100))
+    def test_any_path_and_query_parse_or_raise_valueerror(self, path, query):
+        for url in (f"server://:10101/{path}", f"client://{K}@:1/h:2?{query}", f"server://:1/{path}?type={query}"):
+            try:
+                parse_url(url)
+            except ValueError:
+                pass
 
     def test_addresses(self):
         self.assertEqual(parse_address("example.com:80"), "example.com:80")

@@ -23,6 +23,13 @@ _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 LOG_FORMATS = ("text", "json")
 
+#: NodePass's log levels that tunnelpass has no level of its own for.
+#: ``none`` still lets fatal lines through (a startup failure, a forced
+#: shutdown), so a process that exits always says why; ``event`` (NodePass:
+#: important operational events) is warn, the level every operator event
+#: (``event=...``: connect_failed, session_replaced, ban, ...) is logged at.
+LOG_LEVEL_ALIASES = {"none": "fatal", "event": "warn"}
+
 
 def parse_duration(text: str) -> float:
     """Parse ``500ms``, ``30s``, ``10m``, ``1h`` (or bare seconds) into seconds.
@@ -80,6 +87,17 @@ def parse_host(text: str, what: str = "host") -> str:
     if name.replace(".", "").isdigit():
         raise ValueError(f"{what} {_show(text)} is not a valid IPv4 address")
     return name
+
+
+def parse_log_level(text: str) -> str:
+    """``--log``: one of :data:`LOG_LEVELS`, or a NodePass alias of one."""
+    value = text.strip().lower() if isinstance(text, str) else ""
+    value = LOG_LEVEL_ALIASES.get(value, value)
+    if value not in LOG_LEVELS:
+        raise ValueError(f"invalid value {_show(text)}: choose one of {', '.join(LOG_LEVELS)} "
+                         f"(NodePass's {' and '.join(LOG_LEVEL_ALIASES)} are read as "
+                         f"{' and '.join(LOG_LEVEL_ALIASES.values())})")
+    return value
 
 
 def parse_choice(text: str, choices: tuple[str, ...]) -> str:
