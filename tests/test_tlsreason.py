@@ -1,0 +1,112 @@
+"""Each TLS failure a client can meet says which it is: real handshakes
+(OpenSSL over iosim) with throwaway certificates, read through the
+client's control protocol as :func:`tunnelpass.reachlog.handshake_failure`
+sees them."""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial import unittest
+
+from tests.certs import ca_signed, write_pem
+from tunnelpass import tls as tlsmod
+from tunnelpass.client import ClientSettings
+from tunnelpass.control import ClientControlProtocol
+from tunnelpass.reachlog import handshake_failure
+from tunnelpass.tlshalf import HalfCloseTLSFactory
+from tunnelpass.tlslevel import TLSLevel
+
+KEY = b"tlsreason-test-key-0123456789abcdef"
+
+
+class _Handler:
+    """The client side's handler: keeps what the client would log."""
+
+    def __init__(self, level, settings):
+        self.level, self.settings, self.reason = level, settings, None
+
+    def control_lost(self, control):
+        verdict = handshake_failure(control, self.level, TLSLevel(self.level), self.settings)
+        self.reason = verdict.reason
+
+    def session_started(self, control):
+        raise AssertionError("no session was expected")
+
+
+class _Abort(Protocol):
+    """Something that closes on the first byte (a --tls 0 tunnelpass server
+    does this to a TLS hello)."""
+
+    def dataReceived(self, data):
+        self.transport.abortConnection()
+
+
+class _Plain(Protocol):
+    """Something that answers in plain text."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+class TLSReasonTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        ca, key, cert = ca_signed("localhost")
+        self.ca_path, _, _ = write_pem(self.dir, ca, key, cert)
+        self.signed = TLSMemoryBIOFactory(tlsmod.server_options(key, [cert]), False, Factory.forProtocol(Protocol))
+        self_key, self.self_cert = tlsmod.self_signed()
+        self.self_signed = TLSMemoryBIOFactory(tlsmod.server_options(self_key, [self.self_cert]), False,
+                                               Factory.forProtocol(Protocol))
+
+    def failure(self, level, creator, server_factory, **settings):
+        settings = ClientSettings("127.0.0.1", 10101, "127.0.0.1", 8080, key=KEY.decode(), **settings)
+        handler = _Handler(level, settings)
+        control_factory = Factory.forProtocol(lambda: ClientControlProtocol(KEY, tlsmod.peer_fingerprint,
+                                                                            handler, Clock()))
+        client_factory = HalfCloseTLSFactory(creator, True, control_factory)
+        connectedServerAndClient(lambda: server_factory.buildProtocol(None),
+                                 lambda: client_factory.buildProtocol(None))
+        self.assertIsNotNone(handler.reason, "the connection failed")
+        self.assertNotIn(" object at 0x", handler.reason, "never a repr")
+        self.assertTrue(handler.reason.startswith("TLS handshake with the server failed: "))
+        return handler.reason
+
+    def test_wrong_ca_names_the_issuer(self):
+        other_ca, _, _ = ca_signed("localhost")
+        other = os.path.join(self.dir, "other-ca.pem")
+        with open(other, "wb") as f:
+            f.write(other_ca.public_bytes(serialization.Encoding.PEM))
+        reason = self.failure(2, tlsmod.verified_client_creator("localhost", other), self.signed, ca=other,
+                              sni="localhost")
+        self.assertIn("certificate not signed by a trusted CA", reason)
+        self.assertIn("issued by CN=tunnelpass test CA", reason)
+        self.assertIn(f"--ca {other}", reason)
+
+    def test_hostname_mismatch_names_both(self):
+        reason = self.failure(2, tlsmod.verified_client_creator("tunnel.example.net", self.ca_path), self.signed,
+                              ca=self.ca_path, sni="tunnel.example.net")
+        self.assertIn("certificate name mismatch: expected 'tunnel.example.net', the certificate is for localhost",
+                      reason)
+
+    def test_pin_mismatch_shows_both_fingerprints(self):
+        pin = b"\xab" * 32
+        reason = self.failure(1, tlsmod.PinnedClientCreator(pin), self.self_signed, pin=pin)
+        seen = tlsmod.format_pin(tlsmod.fingerprint(self.self_cert))
+        self.assertIn(f"certificate pin mismatch: expected sha256:{'ab' * 32}, the server presented {seen}",
+                      reason)
+
+    def test_server_that_closes_on_the_tls_hello(self):
+        reason = self.failure(1, tlsmod.PinnedClientCreator(None), Factory.forProtocol(_Abort))
+        self.assertIn("closed the connection during the TLS handshake, before sending a certificate", reason)
+        self.assertIn("does not speak TLS", reason)
+
+    def test_server_that_answers_in_plain_text(self):
+        reason = self.failure(1, tlsmod.PinnedClientCreator(None), Factory.forProtocol(_Plain))
+        self.assertIn("the server does not speak TLS: it answered our TLS hello in plain text", reason)

@@ -1,0 +1,181 @@
+# -*- test-case-name: tests.test_reachlog -*-
+"""Why the client cannot reach its server, how often it tries, and when it
+is back.
+
+* :func:`retry_delay`: the reconnect policy.  Capped exponential backoff
+  with jitter in the upper half of the step: the delay never exceeds
+  :data:`RETRY_CAP` seconds, so a client is back within about that long of
+  the server's return after an outage of any length, and never falls under
+  half the step, so the attempt rate stays bounded (at most one attempt
+  per ``RETRY_CAP / 2`` seconds once the cap is reached) and a fleet of
+  clients spreads out instead of arriving in step.
+* :class:`Reachability`: logs the reason an attempt failed at warn level,
+  once per change of reason (not every attempt), with the attempt count
+  and the next retry's delay; then one info line when a session starts
+  again, with the outage's length and the attempt count.
+* :func:`connect_failure`: a failed TCP connect (refused, timed out, name
+  not resolved, unreachable) in words; :func:`handshake_failure` does the
+  same for an attempt that connected but never got a session.
+* :class:`ReconnectingService`: ``ClientService`` whose per-attempt
+  "Scheduling retry" line (which renders the endpoint object) goes to
+  debug: :class:`Reachability` says what an operator needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+from dataclasses import dataclass
+
+from twisted.application.internet import ClientService
+from twisted.internet import error as neterror
+from twisted.logger import Logger
+
+from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, TLS_REQUIRED
+from tunnelpass.tlsreason import Expected, describe_tls_failure
+
+RETRY_INITIAL = 0.5
+RETRY_CAP = 3.0
+_LEVEL_BY_CODE = {code: level for level, code in TLS_REQUIRED.items()}
+
+
+def retry_delay(attempt: int, rng=random.random, initial: float = RETRY_INITIAL, cap: float = RETRY_CAP) -> float:
+    """Seconds before reconnect attempt *attempt* (1, 2, ...): a step of
+    ``initial * 2**(attempt-1)`` capped at *cap*, jittered within its upper
+    half."""
+    step = min(cap, initial * 2.0 ** min(max(attempt - 1, 0), 32))
+    return step / 2 + rng() * step / 2
+
+
+def _errno_of(value: BaseException) -> int | None:
+    number = getattr(value, "osError", None)
+    number = getattr(value, "errno", None) if number is None else number
+    if isinstance(number, int):
+        return number
+    if value.args and isinstance(value.args[0], int):
+        return value.args[0]
+    return None
+
+
+def connect_failure(value: BaseException) -> str:
+    """A failed TCP connect to the server, in words."""
+    if isinstance(value, neterror.ConnectionRefusedError):
+        return "connection refused (nothing listens on that port, or a firewall rejects it)"
+    if isinstance(value, (neterror.TCPTimedOutError, neterror.TimeoutError)):
+        return "connection timed out (no answer: a firewall dropping packets, or the host is down)"
+    if isinstance(value, neterror.DNSLookupError):
+        return "name not resolved (check the host name in --tunnel or the token)"
+    number = _errno_of(value)
+    if number == errno.ENETUNREACH or isinstance(value, neterror.NoRouteError) and number is None:
+        return "network unreachable (no route to that address from this host)"
+    if number == errno.EHOSTUNREACH:
+        return "host unreachable (no route to that host)"
+    if number is not None:
+        return f"cannot connect: {errno.errorcode.get(number, number)} ({_message(value)})"
+    return f"cannot connect: {_message(value)}"
+
+
+def _message(value: BaseException) -> str:
+    text = str(value).strip()
+    return text or type(value).__name__
+
+
+@dataclass
+class Verdict:
+    """What one failed attempt (connected, no session) means."""
+
+    reason: str | None = None  # why it failed: logged at warn, once per change
+    note: str | None = None  # an info line (the level learnt from the server)
+    back_off: bool = False  # will not change by itself: count it towards the backoff
+    retry_now: bool = False  # retry at once (a plain HELLO answered by a TLS server)
+
+
+def handshake_failure(control, attempt_level: int, levels, settings) -> Verdict:
+    """Why a control connection ended before its session started.  Calls
+    ``levels.hint`` for a "TLS required" answer (a hint for the next
+    attempt only, see :mod:`tunnelpass.tlslevel`)."""
+    code = control.close_code
+    if code in _LEVEL_BY_CODE:
+        level = _LEVEL_BY_CODE[code]
+        if levels.hint(level):
+            note = f"the server says it requires TLS level {level}; trying that next"
+            if attempt_level == 0:
+                return Verdict(note=note, retry_now=True)  # a TLS server's answer to a plain HELLO
+            return Verdict(note=note, back_off=True)  # no real server says this inside TLS
+        if level == 1 and (settings.ca or settings.sni):
+            text = ("the server says it uses a self-signed certificate (tls=1) but --ca/--sni ask for a "
+                    "verified one; use --pin (or nothing) instead")
+        elif level == 2 and settings.pin:
+            text = "the server says it has a CA-signed certificate (tls=2); --pin is for tls=1 servers"
+        else:
+            text = (f"the server says it requires TLS level {level}, but this client uses level {attempt_level} "
+                    "(--tls, --pin, --ca or the token): check both ends")
+        return Verdict(reason=text, back_off=True)
+    if code == AUTH_FAILED:
+        return Verdict(reason="authentication failed: the server refused our key, or a man in the middle "
+                              f"presented another certificate ({control.close_reason})", back_off=True)
+    if code == BAD_VERSION:
+        return Verdict(reason=f"protocol version mismatch: {control.close_reason}", back_off=True)
+    if control.close_reason is not None:
+        return Verdict(reason=f"handshake with the server failed: {control.close_reason}", back_off=True)
+    lost = getattr(getattr(control, "lost_reason", None), "value", None)
+    if attempt_level:
+        handle = control.transport.getHandle() if control.transport is not None else None
+        expected = Expected(attempt_level, settings.pin, settings.sni or settings.server_host, settings.ca)
+        return Verdict(reason="TLS handshake with the server failed: " + describe_tls_failure(lost, handle, expected),
+                       back_off=True)
+    text = _message(lost) if lost is not None else "connection closed"
+    return Verdict(reason=f"the server closed the connection during the handshake ({text})", back_off=True)
+
+
+class Reachability:
+    """The client's log of its attempts to reach the server (sans-IO: the
+    clock and the logger are passed in)."""
+
+    def __init__(self, clock, log: Logger, server: str):
+        self.clock, self.log, self.server = clock, log, server
+        self.attempts = 0  # failed attempts since the last session (or the start)
+        self.since: float | None = None  # when the outage began
+        self._pending: str | None = None  # the last attempt's reason, not yet logged
+        self._logged: str | None = None  # the reason last logged
+
+    def lost(self) -> None:
+        """The session with the server ended: an outage begins."""
+        if self.since is None:
+            self.since = self.clock.seconds()
+
+    def failed(self, reason: str) -> None:
+        """An attempt failed for *reason* (logged by :meth:`retrying`)."""
+        self.lost()
+        self.attempts += 1
+        self._pending = reason
+
+    def retrying(self, delay: float) -> None:
+        """The next attempt starts in *delay* seconds: log the last failure
+        if its reason differs from the one logged before."""
+        reason, self._pending = self._pending, None
+        if reason is None or reason == self._logged:
+            return
+        self._logged = reason
+        self.log.warn("cannot reach the server at {server}: {reason} (attempt {attempt}, next retry in "
+                      "{retry_in:.1f}s)", server=self.server, reason=reason, attempt=self.attempts,
+                      retry_in=delay, event="server_unreachable")
+
+    def connected(self) -> None:
+        """A session started: say so if attempts had failed."""
+        if self.attempts:
+            self.log.info("reached the server at {server} again after {outage:.1f}s and {attempts} failed "
+                          "attempt(s)", server=self.server, outage=self.clock.seconds() - self.since,
+                          attempts=self.attempts, event="server_reachable")
+        self.attempts, self.since, self._pending, self._logged = 0, None, None, None
+
+
+class _DebugLogger(Logger):
+    """A Logger whose info events are debug events."""
+
+    def info(self, format=None, **kwargs):
+        self.debug(format, **kwargs)
+
+
+class ReconnectingService(ClientService):
+    _log = _DebugLogger(namespace="tunnelpass.client.reconnect")
