@@ -280,6 +280,7 @@ class ClientControlProtocol(_ControlProtocol):
 
     def connectionLost(self, reason=None) -> None:
         super().connectionLost(reason)
+        self.lost_reason = reason  # why, for the client's log (a TLS failure, a reset)
         self.handler.control_lost(self)
 
 
