@@ -290,7 +290,7 @@ class LifecycleTests(unittest.TestCase):
     def test_missing_rules_file_is_fatal(self):
         fwd = Forwarder(self, "", "--config", "/nonexistent/rules.conf", wait=False)
         self.assertNotEqual(fwd.wait_exit(), 0)
-        self.assertIn("/nonexistent/rules.conf: cannot read rules file: No such file or directory", fwd.log())
+        self.assertIn("tunnelpass: --config /nonexistent/rules.conf: No such file or directory", fwd.log())
 
     def test_unknown_option_is_fatal(self):
         result = subprocess.run([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "forward", "--bogus"],
