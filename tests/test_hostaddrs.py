@@ -11,7 +11,14 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
-from tunnelpass.hostaddrs import choose_public, host_addresses, parse_if_inet6, parse_public_address
+from tunnelpass.hostaddrs import (
+    _ipv4_ifconf,
+    _ipv4_per_interface,
+    choose_public,
+    host_addresses,
+    parse_if_inet6,
+    parse_public_address,
+)
 from tunnelpass.server import ServerSettings, TunnelServer
 from tunnelpass.tap import Options
 from tunnelpass.urls import parse_token
@@ -62,6 +69,13 @@ class ReadTests(unittest.TestCase):
         lines = ["fd000000000000000000000000000002 04 40 00 82     eth0",
                  "00000000000000000000000000000001 01 80 10 80       lo", "garbage"]
         self.assertEqual(parse_if_inet6(lines), ["::1", "fd00::2"], "interface order, bad lines skipped")
+
+    def test_ipv4_without_netlink_matches_per_interface(self):
+        """SIOCGIFCONF (no netlink socket: works under systemd's
+        RestrictAddressFamilies) finds what if_nameindex + SIOCGIFADDR finds."""
+        found = _ipv4_ifconf()
+        self.assertIn("127.0.0.1", found)
+        self.assertLessEqual(set(_ipv4_per_interface()), set(found))
 
     def test_this_hosts_addresses_include_loopback(self):
         addresses = host_addresses()

@@ -10,21 +10,26 @@ a loopback address unless the host has nothing else.  ``--public-address``
 
 :func:`choose_public` is sans-IO (the addresses are passed in);
 :func:`host_addresses` reads them from the kernel without any route or
-packet: IPv4 from ``SIOCGIFADDR`` on each interface of
-``socket.if_nameindex()`` (an interface's primary address), IPv6 from
-``/proc/net/if_inet6``.  Both are Linux interfaces; elsewhere the list is
+packet: IPv4 from the ``SIOCGIFCONF`` ioctl on an ``AF_INET`` socket (every
+interface address, aliases included; it needs no netlink socket, which a
+systemd unit's ``RestrictAddressFamilies`` forbids and glibc's
+``if_nameindex`` uses), else ``SIOCGIFADDR`` per ``socket.if_nameindex()``
+entry; IPv6 from ``/proc/net/if_inet6``.  Both are Linux interfaces; elsewhere the list is
 whatever could be read (possibly empty, which means loopback).
 """
 
 from __future__ import annotations
 
+import array
 import fcntl
 import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
 
+SIOCGIFCONF = 0x8912
 SIOCGIFADDR = 0x8915
+_IFREQ = 40 if struct.calcsize("P") == 8 else 32  # sizeof(struct ifreq) on Linux
 WILDCARDS = ("0.0.0.0", "::", "")
 
 
@@ -82,6 +87,24 @@ def host_addresses() -> list[str]:
 
 
 def _ipv4_addresses() -> list[str]:
+    try:
+        return _ipv4_ifconf()
+    except OSError:
+        return _ipv4_per_interface()
+
+
+def _ipv4_ifconf(slots: int = 256) -> list[str]:
+    """Every IPv4 interface address, from one ``SIOCGIFCONF``."""
+    buffer = array.array("B", bytes(_IFREQ * slots))
+    address, _ = buffer.buffer_info()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        answer = fcntl.ioctl(probe.fileno(), SIOCGIFCONF, struct.pack("iP", _IFREQ * slots, address))
+    length = struct.unpack("iP", answer)[0]
+    data = buffer.tobytes()[:length]
+    return [socket.inet_ntoa(data[i + 20:i + 24]) for i in range(0, length - _IFREQ + 1, _IFREQ)]
+
+
+def _ipv4_per_interface() -> list[str]:
     try:
         interfaces = socket.if_nameindex()
     except OSError:
