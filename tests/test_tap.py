@@ -394,7 +394,7 @@ class OptionErrorOutputTests(unittest.TestCase):
     """Under twistd (``parent`` set), an option error is one line on stderr
     and exit status 2, not twistd's usage text (issue 10, item 2)."""
 
-    def run_as_subcommand(self, args):
+    def run_as_subcommand(self, args, environ=None):
         import io
         from contextlib import redirect_stderr, redirect_stdout
 
@@ -403,6 +403,7 @@ class OptionErrorOutputTests(unittest.TestCase):
         out, err = io.StringIO(), io.StringIO()
         old = os.environ.copy()
         os.environ.clear()
+        os.environ.update(environ or {})
         try:  # twistd's own option parser, as twistd's app.run calls it
             with redirect_stdout(out), redirect_stderr(err), self.assertRaises(SystemExit) as cm:
                 ServerOptions().parseOptions(["-n", "--pidfile=", "tunnelpass", *args])
@@ -425,6 +426,15 @@ class OptionErrorOutputTests(unittest.TestCase):
             self.assertEqual((code, out), (2, ""))
             self.assertEqual(err.count("\n"), 1, err)
             self.assertLess(len(err), 300)
+        code, _, err = self.run_as_subcommand(["-m", "forward", "--\x1b[31mred\udcff"])  # getopt echoes it raw
+        self.assertEqual(code, 2)
+        self.assertNotIn("\x1b", err)
+        self.assertNotIn("\udcff", err)
+        self.assertIn("\\x1b[31mred\\udcff", err)
+        code, _, err = self.run_as_subcommand(["-m", "forward"], {"TUNNELPASS_IDLE": "\udcff" * 5000})
+        self.assertEqual((code, err.count("\n")), (2, 1))
+        self.assertIn("environment variable TUNNELPASS_IDLE", err)
+        self.assertLess(len(err), 300)
 
     def test_help_still_prints_everything(self):
         code, out, err = self.run_as_subcommand(["--help"])

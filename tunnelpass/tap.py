@@ -360,6 +360,7 @@ def usage_line(error: usage.UsageError) -> str:
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     program = "twist" if program == "twist" else "twistd -n --pidfile="  # runs as given, as printed commands do
     text = " ".join(str(error).split())  # one line, whatever the message held
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # no terminal escapes, no surrogates
     return f"tunnelpass: {text} (see: {program} tunnelpass --help)"
 
 
