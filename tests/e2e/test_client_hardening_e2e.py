@@ -134,7 +134,7 @@ class PoolBurstTests(unittest.TestCase):
     def test_burst_of_64_users_leaves_a_bounded_pool(self):
         """Issue 9 item 5: 64 concurrent users used to take the client's pool
         target from 8 to 1,024 (doubling per shortage)."""
-        tunnel = Tunnel(self, client_args=["--metrics", "tcp:0:interface=127.0.0.1"])
+        tunnel = Tunnel(self, client_args=["--metrics", "tcp:0:interface=127.0.0.1", "--report-interval", "1s"])
         barrier = threading.Barrier(64)
         results = []
 

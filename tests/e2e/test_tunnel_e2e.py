@@ -219,7 +219,7 @@ class ResilienceTests(unittest.TestCase):
         self.assertEqual(tcp_round_trip(tunnel.entry, b"after"), b"after")
 
     def test_blackholed_control_channel_is_replaced(self):
-        tunnel = Tunnel(self, connect=False, server_args=["--report-interval", "500ms"])
+        tunnel = Tunnel(self, connect=False, server_args=["--heartbeat", "500ms"])
         proxy = Proxy(self, tunnel.tunnel_port)
         tunnel.start_client(proxy.port)
         proxy.blackhole.set()
