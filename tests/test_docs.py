@@ -35,3 +35,26 @@ class DocsTests(unittest.TestCase):
         readme = read("README.rst")
         for long_name, *_ in Options.optParameters + Options.optFlags:
             self.assertIn(f"--{long_name}", readme)
+
+    def test_every_twistd_command_runs_twice_in_one_directory(self):
+        """``twistd`` writes ``twistd.pid`` in the working directory and will
+        not start a second instance there: every printed command that starts
+        tunnelpass under twistd says ``--pidfile`` (or uses ``twist``)."""
+        import glob
+        import re
+
+        names = ["README.rst", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.rst"))),
+                 *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "etc", "*.service")))]
+        command = re.compile(r"\btwistd((?:\s+-[^\s`']*)*)\s+tunnelpass\b")
+        found = 0
+        for name in names:
+            for number, line in enumerate(read(name).splitlines(), 1):
+                for match in command.finditer(line):
+                    found += 1
+                    self.assertIn("--pidfile", match.group(1), f"{name}:{number}: {line.strip()}")
+        self.assertGreater(found, 10)
+        from tunnelpass import server
+
+        with open(server.__file__, encoding="utf-8") as f:
+            logged = [m.group(1) for m in command.finditer(f.read())]
+        self.assertTrue(logged and all("--pidfile" in options for options in logged), "the server's client command")
