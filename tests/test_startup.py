@@ -224,6 +224,41 @@ class GuardTests(unittest.TestCase):
         self.assertEqual(self.critical()[0]["reason"], "Address already in use")
 
 
+class _Recording(Service):
+    def __init__(self, calls):
+        self.calls = calls
+
+    def privilegedStartService(self):
+        self.calls.append("privileged")
+        super().privilegedStartService()
+
+    def startService(self):
+        self.calls.append("start")
+        super().startService()
+
+
+class RunnerTests(unittest.TestCase):
+    """twistd calls privilegedStartService then startService; twist only
+    startService: the services bind in the first, so the root runs it."""
+
+    def started(self, privileged_first):
+        from tunnelpass.tap import TunnelpassService
+
+        calls = []
+        root = TunnelpassService(lambda event: None)
+        _Recording(calls).setServiceParent(root)
+        if privileged_first:
+            root.privilegedStartService()
+        root.startService()
+        return calls
+
+    def test_twistd(self):
+        self.assertEqual(self.started(privileged_first=True), ["privileged", "start"])
+
+    def test_twist(self):
+        self.assertEqual(self.started(privileged_first=False), ["privileged", "start"])
+
+
 class WatchTests(unittest.TestCase):
     """What runs once the reactor starts (callWhenRunning) and fails would
     be logged by Twisted and ignored: the watch ends the process."""

@@ -441,10 +441,19 @@ class TunnelpassService(MultiService):
     # (tunnelpass.startup): twistd would print a traceback, or, for a
     # failure once the reactor runs, log it and keep running.
 
+    #
+    # ``twist`` (unlike twistd) never calls privilegedStartService, where
+    # the services bind their ports: startService does it first then.
+
+    _privileged = False
+
     def privilegedStartService(self):
+        self._privileged = True
         guard_start(super().privilegedStartService, "privilegedStartService")
 
     def startService(self):
+        if not self._privileged:
+            self.privilegedStartService()
         guard_start(super().startService, "startService")
         if self.reactor is not None:
             StartupWatch(self.reactor).start()  # after the children's callWhenRunning
