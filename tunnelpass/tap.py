@@ -34,6 +34,7 @@ from tunnelpass.dialsource import Dialer, check_target, parse_dial
 from tunnelpass.proxyaccept import parse_networks
 from tunnelpass.block import parse_block
 from tunnelpass.ratelimit import RateLimiter, parse_rate
+from tunnelpass.optionerrors import USAGE_ERROR, keyless_client_message, usage_line
 from tunnelpass.startup import StartupError, StartupWatch, check_files, guard_start, read_file
 from tunnelpass.tls import parse_pin
 from tunnelpass.hostaddrs import parse_public_address
@@ -347,38 +348,6 @@ def traffic_forwarder_hint(argv) -> str | None:
         if hint:
             return hint
     return None
-
-
-#: Exit status of an option error (as argparse and getopt tools use).
-USAGE_ERROR = 2
-
-
-def usage_line(error: usage.UsageError) -> str:
-    """The one line an option error prints: the error and where help is."""
-    import sys
-
-    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    program = "twist" if program == "twist" else "twistd -n --pidfile="  # runs as given, as printed commands do
-    text = " ".join(str(error).split())  # one line, whatever the message held
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # no terminal escapes, no surrogates
-    return f"tunnelpass: {text} (see: {program} tunnelpass --help)"
-
-
-def keyless_client_message(tunnel: str, target: str, url: str | None) -> str:
-    """Why a client without a key is refused, and how to get a key.
-
-    NodePass derives a missing key from the port, which anyone can guess;
-    tunnelpass never does.  The fix is a server started without a key: it
-    generates a strong one and logs a token for the client."""
-    port = tunnel.rpartition(":")[2]
-    server = (f"twistd -n --pidfile= tunnelpass --mode server --tunnel 0.0.0.0:{port} --target HOST:PORT"
-              if url is None else f"twistd -n --pidfile= tunnelpass server://0.0.0.0:{port}/HOST:PORT")
-    what = f"client://{tunnel}/{target} has no key" if url is not None else \
-        "--mode client needs the server's key (--token, or --key)"
-    return (f"{what}: NodePass would derive one from the port, which anyone can guess, so "
-            f"tunnelpass does not. Start the server without a key ({server}): it generates a strong key and "
-            f"logs a token to paste here: twistd -n --pidfile= tunnelpass --mode client --token TOKEN "
-            f"--target {target}")
 
 
 def environment_arguments(environ) -> list[str]:
