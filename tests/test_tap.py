@@ -408,6 +408,7 @@ class OptionErrorOutputTests(unittest.TestCase):
             with redirect_stdout(out), redirect_stderr(err), self.assertRaises(SystemExit) as cm:
                 ServerOptions().parseOptions(["-n", "--pidfile=", "tunnelpass", *args])
         finally:
+            os.environ.clear()
             os.environ.update(old)
         return cm.exception.code, out.getvalue(), err.getvalue()
 
