@@ -77,6 +77,21 @@ _WORKER_SLOT = _worker_slot()
 _HANDED_OUT: set[int] = set()
 
 
+#: ``make test`` runs the suite in two phases: ``trial -j2`` over everything
+#: with this variable set to ``parallel``, then the load tests alone.
+PHASE_VARIABLE = "TUNNELPASS_TEST_PHASE"
+
+
+def load_test(cls):
+    """Marks a test class that loads the whole machine (thousands of
+    connections or datagrams a second, measured against a bound): it runs
+    alone in ``make test``'s second phase, since a parallel worker's load
+    would make its bound a measure of the neighbour, not of tunnelpass."""
+    if os.environ.get(PHASE_VARIABLE) == "parallel":
+        cls.skip = "load test: runs alone in make test's serial phase"
+    return cls
+
+
 def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -20,7 +20,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import free_port, scrape, tcp_round_trip, wait_until
+from tests.e2e.harness import load_test, free_port, scrape, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 from tunnelpass.codec import FrameDecoder, Type, decode_text
 from tunnelpass.handshake import AUTH_FAILED, ClientHandshake
@@ -150,6 +150,7 @@ def metric(port: int, name: str, labels: tuple = ()) -> float:
     return scrape(port)[(name, labels)]
 
 
+@load_test
 class AdmissionTests(unittest.TestCase):
     def test_flood_from_eight_addresses_does_not_starve_the_client(self):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

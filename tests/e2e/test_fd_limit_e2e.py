@@ -17,7 +17,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import Forwarder, TCPServer, free_port, scrape, wait_until
+from tests.e2e.harness import load_test, Forwarder, TCPServer, free_port, scrape, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 
 USERS = 500
@@ -82,6 +82,7 @@ def _interesting(samples: dict) -> dict:
             if any(k in name for k in keep) and value}
 
 
+@load_test
 class FdLimitTests(unittest.TestCase):
     def setUp(self):
         if shutil.which("prlimit") is None:

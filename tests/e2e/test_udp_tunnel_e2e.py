@@ -13,7 +13,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import echo_backends, scrape, TCPServer, can_connect, free_port, tcp_round_trip, wait_until
+from tests.e2e.harness import echo_backends, load_test, scrape, TCPServer, can_connect, free_port, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 from tests.e2e.udp_churn import churn
 from tunnelpass.proxyproto import parse
@@ -236,6 +236,7 @@ class MetricsSampler:
         return self.samples[role][-1]
 
 
+@load_test
 class SessionChurnTests(unittest.TestCase):
     """Issue item 8: DNS clients use a fresh source port per query, so every
     query is a new session; a full table must make room, not refuse."""
