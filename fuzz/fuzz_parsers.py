@@ -21,7 +21,8 @@ with atheris.instrument_imports():
     from tunnelpass.handshake import HandshakeError, ServerHandshake, SessionConfig
     from tunnelpass.rules import RulesError, parse_rules
     from tunnelpass.urls import check_key, key_weakness, parse_token, parse_url
-    from tunnelpass.server import ServerSettings, TunnelServer, _GateFactory
+    from tunnelpass.gate import _GateFactory
+    from tunnelpass.server import ServerSettings, TunnelServer
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport

@@ -11,7 +11,7 @@ from tests.test_server import KEY, make_server
 from tunnelpass.codec import FrameDecoder
 from tunnelpass.handshake import ClientHandshake
 from tunnelpass.replacement import FightDetector, SessionReplacements
-from tunnelpass.server import _GateFactory
+from tunnelpass.gate import _GateFactory
 
 A, B = ("192.0.2.1", 40001), ("198.51.100.7", 50002)
 

@@ -14,7 +14,8 @@ from twisted.logger import Logger, LogLevel
 
 from tunnelpass.codec import FrameDecoder, Type, decode_text, encode, encode_open
 from tunnelpass.handshake import AUTH_FAILED, ClientHandshake, SessionConfig, pool_auth_frame
-from tunnelpass.server import ServerSettings, TunnelServer, _GateFactory
+from tunnelpass.gate import _GateFactory
+from tunnelpass.server import ServerSettings, TunnelServer
 
 TRY_LATER = 8  # the ERROR code for a control connection turned away (docs/protocol.rst)
 

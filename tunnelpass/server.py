@@ -8,7 +8,10 @@ channel, POOL_AUTH files an idle data connection.  Until then the
 connection is unauthenticated: it counts against the handshake guard (caps
 per source and overall, with fair eviction when the overall cap is reached;
 a ban on control connections after repeated wrong keys) and one deadline
-covers TLS and the tunnel handshake together.
+covers TLS and the tunnel handshake together.  That gate is
+:mod:`tunnelpass.gate`; the certificate is :mod:`tunnelpass.servertls`, the
+health line and metrics :mod:`tunnelpass.serverreport`.  This module is the
+service: its listeners, the current client session and the stop.
 
 Flows: *receive* (reverse tunnel) listens on ``--target`` for users and
 hands each one an idle pool connection; *send* (forward tunnel) dials
@@ -19,63 +22,38 @@ session at a time: a newly authenticated one replaces the old at once.
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import os
 import signal
 from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory, ServerFactory
 from twisted.internet.task import LoopingCall
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
-from OpenSSL import SSL
-from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open, encode_text
 from tunnelpass.control import ServerControlProtocol
-from tunnelpass.guard import Ban, HandshakeGuard, Refused
-from tunnelpass.keepalive import enable_keepalive
-from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
-from tunnelpass.handshake import (
-    AUTH_FAILED,
-    FLOWS,
-    ID,
-    TLS_REQUIRED,
-    HandshakeError,
-    PoolAuthenticator,
-    SessionConfig,
-)
+from tunnelpass.guard import Ban, HandshakeGuard
+from tunnelpass.handshake import FLOWS, PoolAuthenticator, SessionConfig
 from tunnelpass.pool import IdlePool
 from tunnelpass.probe import start_probe
-from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
+from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.replacement import SessionReplacements
-from tunnelpass.gatelog import PlainClients, tls_error_text, tls_failed
+from tunnelpass.gatelog import PlainClients
 from tunnelpass.rules import Limits
-from tunnelpass.stats import ListenerStats, tunnel_fields
+from tunnelpass.stats import ListenerStats
 from tunnelpass.fdbudget import Descriptors
 from tunnelpass.fdport import listen_tcp
-from tunnelpass.forward import cannot_listen, file_stamp, raise_fd_limit
+from tunnelpass.gate import FAILURE_REASONS, _GateFactory
+from tunnelpass.forward import cannot_listen, raise_fd_limit
+from tunnelpass.serverreport import ServerReporting
+from tunnelpass.servertls import ServerCertificate
 from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
 from tunnelpass.pooldial import PoolDialFactory
-from tunnelpass.switch import SwitchingProtocol
-from tunnelpass.tlshalf import HalfCloseTLSFactory, HalfCloseTLSProtocol
 from tunnelpass.udp import MAX_DATAGRAM
 from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
 
-TLS_RECORD = 0x16
-#: Why tunnel handshakes fail, for ``handshake_failures{reason}``: a fixed
-#: set, so a hostile peer cannot grow the metric's label space.
-FAILURE_REASONS = ("timeout", "protocol", "auth", "pool_auth", "tls", "no_tls", "closed")
-#: ERROR code for a control connection the guard turns away (its address
-#: has had too many wrong keys): the client logs the reason and backs off.
-TRY_LATER = 8
-POOL_OK = encode(Type.POOL_OK)
-POOL_AUTH_SIZE = 2 * ID + 8 + 32
 LISTEN_BACKLOG = 1024
 
 
@@ -138,294 +116,6 @@ class ServerSession:
             connection.transport.abortConnection()
 
 
-class TunnelConnection(SwitchingProtocol):
-    """A connection on the tunnel port after TLS (if any): reads the first
-    frame and becomes a control channel or an idle pool connection."""
-
-    conn_id: bytes | None = None
-    session: ServerSession | None = None
-
-    def __init__(self, server: "TunnelServer", gate: "TunnelGate"):
-        self.server = server
-        self.gate = gate
-        self.decoder = FrameDecoder(allowed=frozenset({Type.HELLO, Type.POOL_AUTH}))
-
-    def header_received(self, data: bytes) -> None:
-        if self.conn_id is not None:
-            self._idle_data(data)
-            return
-        try:
-            frames = self.decoder.feed(data, max_frames=1)
-        except ProtocolError as e:
-            self.gate.refuse(str(e))
-            return
-        if not frames:
-            return
-        frame, rest = frames[0], self.decoder.take_rest()
-        if frame.type is Type.HELLO:
-            try:
-                self.server.guard.may_try_key(self.gate.host)  # answer a banned source before CHALLENGE
-            except Refused as e:
-                self.gate.turn_away(self.transport, e)
-                return
-            control = self.gate.control = ServerControlProtocol(
-                self.server.key, tlsmod.local_fingerprint(self.transport), self.server.session_config,
-                self.server.clock,
-                on_session=self._control_authenticated, on_lost=self.server.control_lost,
-                handshake_timeout=self.server.settings.handshake_timeout,
-                may_try_key=self.gate.may_try_key, key_failed=self.gate.key_failed,
-            )
-            self.switch_to(control, encode(frame.type, frame.payload) + rest)
-            return
-        session = self.server.session
-        if len(frame.payload) != POOL_AUTH_SIZE:
-            self.gate.refuse("malformed POOL_AUTH")
-            return
-        if session is None or not hmac.compare_digest(frame.payload[:ID], session.session.session_id):
-            # A client whose session just ended (server restart, replaced,
-            # declared dead) still dials for it: refuse, but do not count it
-            # against the address -- a forger cannot get past the MAC below.
-            self.gate.refuse("pool connection for no current session", penalize=False)
-            return
-        try:
-            conn_id = session.authenticator.verify(frame, tlsmod.local_fingerprint(self.transport))
-        except HandshakeError as e:
-            # A guess at the session's 256-bit key (or a replay): counted,
-            # never a ban -- that would let anyone who saw a session id lock
-            # the session's own pool connections out.
-            self.gate.refuse(e.reason, kind="pool_auth")
-            return
-        self.gate.passed()
-        if rest or not session.pool.has_room(conn_id) or not self.server.room_for_idle(session.pool):
-            # The client waits for POOL_OK before it sends anything more; a
-            # full pool, a reused id or no descriptor to spare gets no
-            # POOL_OK, so no user uses it.
-            self.transport.abortConnection()
-            return
-        # State and POOL_OK first: add() may hand this connection to a
-        # waiting user at once, and POOL_OK must precede the user's bytes.
-        self.conn_id, self.session = conn_id, session
-        self.transport.write(POOL_OK)
-        session.pool.add(conn_id, self)
-
-    def _control_authenticated(self, control: ServerControlProtocol) -> None:
-        self.gate.passed()
-        self.server.control_authenticated(control)
-
-    def _idle_data(self, data: bytes) -> None:
-        """Bytes on an idle pool connection: in the send flow, the client
-        starts a connection with OPEN(own id, addresses); anything else is
-        a violation."""
-        if self.server.flow != "send":
-            self.server.log.debug("unexpected data on an idle pool connection; closing it")
-            self._drop_idle()
-            return
-        # The start frame may arrive with the user's first bytes; the
-        # decoder holds at most one read beyond a (tiny) TCP frame.
-        self.decoder.allowed = OPENS
-        try:
-            frames = self.decoder.feed(data, max_frames=1)
-            if not frames:
-                return
-            conn_id, addresses = decode_open(frames[0].payload)
-        except ProtocolError:
-            self._drop_idle()
-            return
-        if conn_id != self.conn_id:
-            self._drop_idle()
-            return
-        rest = self.decoder.take_rest()
-        if frames[0].type is Type.OPEN_UDP:
-            stream = self.server.udp_egress.open(addresses)
-            if stream is None:
-                self._drop_idle()
-                return
-            self.session.pool.remove(self.conn_id)
-            self.hand_over(stream, rest)
-            return
-        if not self.server.settings.tcp:
-            self.server.log.debug("TCP is disabled here (--no-tcp); closing a TCP pool connection")
-            self._drop_idle()
-            return
-        self.session.pool.remove(self.conn_id)
-        inbound = self.server.target_factory.buildProtocol(None)
-        inbound.original = addresses  # the user's, for --proxy-protocol
-        self.hand_over(inbound, rest)
-
-    def _drop_idle(self) -> None:
-        self.session.pool.remove(self.conn_id)
-        self.conn_id = None
-        self.transport.abortConnection()
-
-    def claim_for(self, inbound) -> None:
-        """Receive flow: relay user connection *inbound* over this connection,
-        which starts with OPEN(its id, the user's addresses)."""
-        source, destination = user_addresses(inbound)
-        greeting = encode_open(self.conn_id, source, destination)
-        self.hand_over(OutboundProtocol(inbound, greeting=greeting))
-
-    def hand_over(self, protocol, data: bytes = b"") -> None:
-        """This pool connection stops being idle: *protocol* owns it now."""
-        self.conn_id = None
-        self.switch_to(protocol, data)
-
-    def header_lost(self, reason) -> None:
-        if self.conn_id is not None:
-            self.session.pool.remove(self.conn_id)
-        self.gate.lost(reason)
-
-
-class TunnelGate(SwitchingProtocol):
-    """The raw accepted socket: guard, deadline, TLS detection."""
-
-    admitted = False
-    _passed = False
-    _turned_away = False
-    ticket = None  # the guard's, while admitted
-    control = None  # the control protocol, once the first frame was HELLO
-
-    def __init__(self, server: "TunnelServer"):
-        self.server = server
-
-    def connectionMade(self) -> None:
-        self.host = self.transport.getPeer().host
-        try:
-            self.ticket = self.server.guard.admit(self.host, self._evicted)
-        except Refused as e:
-            self.server.log.debug("tunnel connection from {host} refused: {reason}", host=self.host, reason=e.text)
-            self.transport.abortConnection()
-            return
-        self.admitted = True
-        enable_keepalive(self.transport)
-        self.deadline = self.server.clock.callLater(self.server.settings.handshake_timeout, self._expired)
-
-    def _evicted(self) -> None:
-        """The guard gave this connection's slot to a newcomer from a source
-        holding fewer: close it; our own doing, not the peer's failure."""
-        self._passed = True
-        if self.deadline.active():
-            self.deadline.cancel()
-        self.server.log.debug("tunnel connection from {host} evicted: the handshake cap is full and its "
-                              "address holds the most pending handshakes", host=self.host)
-        self.transport.abortConnection()
-
-    def _expired(self) -> None:
-        if self._turned_away or self.control is not None and self.control.close_reason is not None:
-            # Refused and told why, but the peer never finished the close
-            # (a TLS close waits for its close_notify): end it now.
-            self.lost()
-            self.transport.abortConnection()
-            return
-        self.refuse("handshake timed out", kind="timeout")
-
-    def may_try_key(self) -> None:
-        """The control channel is about to evaluate a key."""
-        try:
-            self.server.guard.may_try_key(self.host)
-        except Refused as e:
-            raise HandshakeError(TRY_LATER, e.text) from None
-
-    def key_failed(self) -> None:
-        """The key just evaluated was wrong: counted now, not at the close."""
-        ban = self.server.guard.key_failed(self.host)
-        if ban is not None:
-            self.server.banned(ban)
-
-    def header_received(self, data: bytes) -> None:
-        if not self.admitted:
-            return
-        inner = TunnelConnection(self.server, self)
-        level = self.server.settings.tls
-        if data[0] == TLS_RECORD:
-            if not level:
-                self.refuse("TLS offered but this server runs --tls 0", kind="tls")
-                return
-            wrapped = HalfCloseTLSProtocol(self.server.tls_factory, inner)
-            self.switch_to(wrapped, data)
-        elif level:
-            code = TLS_REQUIRED[level]
-            self.transport.write(encode(Type.ERROR, encode_text(code, f"this server requires TLS (level {level})")))
-            self.transport.loseConnection()
-            self.server.plain_clients.plain(self.host, self.transport.getPeer().port)
-            self._finish(False, "no_tls")  # counted by reason; never a penalty (a learning client does it once)
-        else:
-            self.switch_to(inner, data)
-
-    def passed(self) -> None:
-        """The tunnel handshake (control or pool) succeeded."""
-        self._finish(True)
-
-    def refuse(self, reason: str, penalize: bool = True, kind: str = "protocol") -> None:
-        self.server.log.debug("tunnel connection from {host} refused: {reason}", host=self.host, reason=reason)
-        self._finish(False if penalize else None, kind)
-        self.transport.abortConnection()
-
-    def turn_away(self, transport, refusal: Refused) -> None:
-        """A control connection (HELLO) its source may not make now: tell
-        the peer why (a client behind the same address as a guesser learns
-        it must wait), then close."""
-        self.server.log.debug("control connection from {host} refused: {reason}", host=self.host,
-                              reason=refusal.text)
-        transport.write(encode(Type.ERROR, encode_text(TRY_LATER, refusal.text)))
-        transport.loseConnection()
-        # The slot and the deadline stay until the connection is gone: under
-        # TLS the close waits for the peer's close_notify, which it may
-        # never send.
-        self._turned_away = True
-
-    def lost(self, reason=None) -> None:
-        """The connection ended before its handshake passed: the control
-        channel says why it refused, if it got that far; a failed TLS
-        handshake (*reason*) is ``tls``."""
-        control, kind = self.control, "closed"
-        if control is None and tls_failed(reason):
-            kind = "tls"
-            self.server.log.debug("TLS handshake with {host} failed: {reason}", host=self.host,
-                                  reason=tls_error_text(reason))
-        if self._turned_away or control is not None and control.close_code == TRY_LATER:
-            self._finish(None)  # refused by the guard: already counted there, says nothing new
-            return
-        if control is not None:
-            if control.close_code == AUTH_FAILED:
-                kind = "auth"  # a key was tried, and it was wrong
-            elif control.close_reason == "handshake timed out":
-                kind = "timeout"
-            elif control.close_reason is not None:
-                kind = "protocol"
-        self._finish(False, kind)
-
-    def _finish(self, succeeded: bool | None, kind: str = "closed") -> None:
-        """Release the guard once: True passed, False failed (counted by
-        *kind*; only a wrong key, ``auth``, counts towards a ban), None
-        neither (a refusal that says nothing about the peer)."""
-        if self.admitted and not self._passed:
-            self._passed = True
-            deadline = self.deadline
-            if deadline.active():
-                deadline.cancel()
-            self.server.guard.release(self.ticket)
-            if succeeded is False:
-                self.server.handshake_failures += 1
-                self.server.failures_by_reason[kind] += 1
-
-    def header_lost(self, reason) -> None:
-        self.lost()
-
-    def connectionLost(self, reason=None) -> None:
-        super().connectionLost(reason)
-        self.lost()
-
-
-class _GateFactory(ServerFactory):
-    noisy = False
-
-    def __init__(self, server: "TunnelServer"):
-        self.server = server
-
-    def buildProtocol(self, addr):
-        return TunnelGate(self.server)
-
-
 class PoolRelayFactory(PoolDialFactory):
     """Receive flow: each accepted user connection takes an idle pool
     connection instead of dialling a remote."""
@@ -447,7 +137,7 @@ class PoolRelayFactory(PoolDialFactory):
         connection.claim_for(inbound)
 
 
-class TunnelServer(Service):
+class TunnelServer(ServerReporting, ServerCertificate, Service):
     """The whole server: tunnel listener, target listener or dialler,
     current session, TLS material, periodic health events."""
 
@@ -558,35 +248,6 @@ class TunnelServer(Service):
 
     def _claim_for_datagrams(self, conn_id: bytes, connection, stream) -> None:
         connection.hand_over(stream)
-
-    def _load_tls(self) -> None:
-        s = self.settings
-        if s.tls == 0:
-            return
-        if s.tls == 1:
-            saved = s.state_dir and (os.path.exists(os.path.join(s.state_dir, "tunnelpass.crt"))
-                                     or os.path.exists(os.path.join(s.state_dir, "tunnelpass.crt.bak")))
-            if saved:
-                pair = tlsmod.load_saved_pair(s.state_dir)
-            else:
-                key, certificate = tlsmod.self_signed()
-                if s.state_dir:
-                    os.makedirs(s.state_dir, mode=0o700, exist_ok=True)
-                    tlsmod.save_pair(s.state_dir, key, certificate)
-                pair = (key, [certificate])
-        else:
-            pair = tlsmod.load_pair(s.cert, s.private_key)
-            self._cert_stamp = _stamp(s.cert, s.private_key)
-        self._install_pair(*pair)
-
-    def _install_pair(self, key, chain) -> None:
-        options = tlsmod.server_options(key, chain)
-        self.fingerprint = tlsmod.fingerprint(chain[0])
-        if self.tls_factory is None:
-            self._current_options = _CurrentOptions(options)
-            self.tls_factory = HalfCloseTLSFactory(self._current_options, False, Factory())
-        else:
-            self._current_options.current = options
 
     def startService(self) -> None:
         super().startService()
@@ -699,79 +360,6 @@ class TunnelServer(Service):
             self.log.info("client disconnected: {reason}", reason=control.close_reason or "connection closed",
                           event="client_disconnected")
 
-    # Operations
-
-    def report(self, final: bool = False) -> None:
-        session = self.session
-        fields = tunnel_fields(self.stats, self.udp_stats)
-        self.log.info(
-            "health: client={client} pool_idle={pool_idle} active={active} connect_failures={connect_failures} "
-            "blocked={blocked} session_replacements={session_replacements} bytes_in={bytes_in} "
-            "bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
-            "udp_evictions={udp_evictions} rtt_ms={rtt_ms} "
-            "handshake_failures={handshake_failures} handshakes_pending={handshakes_pending} "
-            "handshake_evictions={handshake_evictions} bans={bans}",
-            event="health", client=session is not None, session_replacements=self.replacements.count,
-            pool_idle=len(session.pool.idle) if session else 0,
-            rtt_ms=round(session.control.rtt * 1000, 3) if session and session.control.rtt is not None else None,
-            handshake_failures=self.handshake_failures, handshake_refused=sum(self.guard.refused.values()),
-            handshake_refused_by_reason=dict(self.guard.refused), handshakes_pending=self.guard.pending,
-            handshake_evictions=self.guard.evictions, bans=self.guard.bans,
-            pool_timeouts=session.pool.timeouts if session else 0, final=final,
-            handshake_failures_by_reason=dict(self.failures_by_reason), **fields,
-        )
-
-    def metrics(self) -> list:
-        """What ``--metrics`` exposes."""
-        session = self.session
-        rtt = session.control.rtt if session is not None else None
-        return tunnel_samples(self.stats, self.udp_stats, "server") + [
-            Sample("client_connected", "gauge", "1 while a client session is up", int(session is not None)),
-            Sample("session_replacements", "counter", "sessions replaced by a newer one with the same key",
-                   self.replacements.count),
-            Sample("pool_idle", "gauge", "idle pool connections", len(session.pool.idle) if session else 0),
-            Sample("pool_waiting", "gauge", "user connections waiting for a pool connection",
-                   sum(1 for w in session.pool.waiters if not w.called) if session else 0),
-        ] + [
-            Sample("handshake_failures", "counter", "failed tunnel handshakes, by reason", count, {"reason": reason})
-            for reason, count in self.failures_by_reason.items()
-        ] + [
-            Sample("handshake_refused", "counter", "connections refused by the handshake guard, by reason", count,
-                   {"reason": reason})
-            for reason, count in self.guard.refused.items()
-        ] + [
-            Sample("handshakes_pending", "gauge", "unauthenticated connections (handshakes in progress)",
-                   self.guard.pending),
-            Sample("handshakes_pending_top_source", "gauge",
-                   "handshakes in progress held by the source (address, IPv6 /64) holding the most",
-                   self.guard.top_source_pending),
-            Sample("handshake_evictions", "counter",
-                   "pending handshakes closed to admit a source holding fewer (the overall cap was full)",
-                   self.guard.evictions),
-            Sample("bans", "counter", "sources banned from control connections after repeated wrong keys",
-                   self.guard.bans),
-            Sample("rtt_seconds", "gauge", "control channel round-trip time (NaN before the first PONG)",
-                   rtt if rtt is not None else float("nan")),
-        ] + self.descriptors.samples(pool=self.pool_bound) + rate_samples(self.settings.limits.limiter)
-
-    def reload_certificate(self) -> bool:
-        """tls=2: adopt the cert/key files if they changed and are a valid pair."""
-        s = self.settings
-        if s.tls != 2:
-            return False
-        stamp = _stamp(s.cert, s.private_key)
-        if stamp == self._cert_stamp:
-            return False
-        try:
-            key, chain = tlsmod.load_pair(s.cert, s.private_key)
-        except tlsmod.CertificateError as e:
-            self.log.error("certificate reload failed, keeping the current one: {error}", error=str(e))
-            return False
-        self._cert_stamp = stamp
-        self._install_pair(key, chain)
-        self.log.info("certificate reloaded: {pin}", pin=tlsmod.format_pin(self.fingerprint), event="cert_reloaded")
-        return True
-
     def stopService(self) -> Deferred:
         self.signals.bound_stop(self.settings.shutdown_timeout)
         super().stopService()
@@ -797,24 +385,5 @@ class TunnelServer(Service):
         return d
 
 
-@implementer(IOpenSSLServerConnectionCreator)
-class _CurrentOptions:
-    """TLS connections from whichever options are current, so a reloaded
-    certificate applies to new connections and live ones keep theirs."""
-
-    def __init__(self, options):
-        self.current = options
-
-    def serverConnectionForTLS(self, tls_protocol):
-        connection = SSL.Connection(self.current.getContext(), None)
-        connection.set_app_data(tls_protocol)
-        connection.set_accept_state()
-        return connection
-
-
 def listen_error(what: str, host: str, port: int, error: CannotListenError) -> str:
     return f"{what}: {cannot_listen(format_address(host, port), error)}"
-
-
-def _stamp(*paths):
-    return tuple(file_stamp(path) for path in paths)
