@@ -209,7 +209,7 @@ class GateTests(unittest.TestCase):
 class WhereTests(unittest.TestCase):
     def test_only_where_users_connect(self):
         """A client judges users only on its own listener (send flow:
-        tunnelpass.client.SendFlowFactory; local flow: the target factory),
+        tunnelpass.clientpool.SendFlowFactory; local flow: the target factory),
         never the tunnel connections it dials targets for."""
         from tunnelpass.client import ClientSettings, TunnelClient
 

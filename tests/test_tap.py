@@ -315,7 +315,7 @@ class ClientLevelAndFlowOptionTests(unittest.TestCase):
         return tap._client_service(parse(self.base + list(args)), MemoryReactorClock()).settings
 
     def test_level_unknown_by_default(self):
-        from tunnelpass.client import known_level
+        from tunnelpass.clientconnect import known_level
 
         self.assertIsNone(known_level(self.settings("--key", KEY)))
         self.assertEqual(known_level(self.settings("--key", KEY, "--tls", "0")), 0)
@@ -323,7 +323,7 @@ class ClientLevelAndFlowOptionTests(unittest.TestCase):
         self.assertEqual(known_level(self.settings("--key", KEY, "--sni", "example.com")), 2)
 
     def test_token_carries_the_level(self):
-        from tunnelpass.client import known_level
+        from tunnelpass.clientconnect import known_level
         from tunnelpass.urls import make_token
 
         token = make_token("h", 1, KEY, tls=2)

@@ -20,55 +20,49 @@ next attempt (at once) uses TLS -- pinned for level 1 (channel binding
 protects it without a pin), chain and hostname verified for level 2.  What
 an unauthenticated peer says only steers the next attempt
 (:mod:`tunnelpass.tlslevel`), so a forged answer cannot lock a client out.
+
+This module is the service (session, listeners, stop); reaching the server
+is :mod:`tunnelpass.clientconnect`, the pool connections and their refill
+:mod:`tunnelpass.clientpool`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet.defer import DeferredList, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
-from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open
+from tunnelpass.clientconnect import ServerConnecting, _ServerEndpoint, known_level
+from tunnelpass.clientpool import PoolKeeping, SendFlowFactory
 from tunnelpass.control import ClientControlProtocol
-from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
-from tunnelpass.handshake import FLOWS, ID, pool_auth_frame
+from tunnelpass.handshake import FLOWS
 from tunnelpass.pool import IdlePool
 from tunnelpass.probe import start_probe
-from tunnelpass.reachlog import Reachability, ReconnectingService, handshake_failure, retry_delay
-from tunnelpass.reachlog import connect_failure as reachlog_connect_failure
+from tunnelpass.reachlog import Reachability, ReconnectingService, handshake_failure
 from tunnelpass.poolpolicy import PoolPolicy
-from tunnelpass.relay import OutboundProtocol, TCPForwardFactory, user_addresses
+from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats, tunnel_fields
-from tunnelpass.fdbudget import Descriptors, ran_out
+from tunnelpass.fdbudget import Descriptors
 from tunnelpass.fdport import listen_tcp
 from tunnelpass.forward import raise_fd_limit
 from tunnelpass.server import listen_error
 from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
-from tunnelpass.pooldial import PoolDialFactory
-from tunnelpass.switch import SwitchingProtocol
-from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
 from tunnelpass.tlslevel import TLSLevel
 from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
 from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
 
 LISTEN_BACKLOG = 1024
-POOL_OK = encode(Type.POOL_OK)
 _FLOW_NAMES = {number: name for name, number in FLOWS.items()}
 
 
@@ -100,158 +94,7 @@ class ClientSettings:
     dial_reason: str = "from --tunnel"  # why server_host:server_port (a token's, or --tunnel over it)
 
 
-@implementer(IHandshakeListener)
-class PoolConnection(SwitchingProtocol):
-    """One client pool connection: authenticates, idles, then relays."""
-
-    ready = False  # the server filed it (POOL_OK received)
-    authenticated = False  # POOL_AUTH sent
-
-    def __init__(self, client: "TunnelClient", session, counter: int, conn_id: bytes):
-        self.client, self.session = client, session
-        self.counter, self.conn_id = counter, conn_id
-        self._ack = b""
-        self._open_decoder = FrameDecoder(allowed=OPENS)
-
-    def connectionMade(self) -> None:
-        enable_keepalive(self.transport)
-        if not isinstance(self.transport, TLSMemoryBIOProtocol):
-            self._authenticate()
-
-    def handshakeCompleted(self) -> None:
-        self._authenticate()
-
-    def _authenticate(self) -> None:
-        if self.session is not self.client.session:
-            self.transport.loseConnection()  # dialled for a session that has ended
-            return
-        fp = tlsmod.peer_fingerprint(self.transport)
-        self.transport.write(pool_auth_frame(self.session, self.counter, self.conn_id, fp))
-        self.authenticated = True
-
-    def header_received(self, data: bytes) -> None:
-        if not self.ready:
-            # Only a connection the server has filed goes to the idle pool:
-            # one it refused (full, busy) never carries a user's bytes.
-            needed = len(POOL_OK) - len(self._ack)
-            self._ack += data[:needed]
-            data = data[needed:]
-            if not POOL_OK.startswith(self._ack) or not self.authenticated:
-                self.transport.abortConnection()
-                return
-            if len(self._ack) < len(POOL_OK):
-                return
-            self.ready = True
-            self.client.pool_connected(self)
-            if not data or not self.transport.connected:
-                return
-            if self.delegate is not None:  # a waiting user took it at once
-                self.delegate.dataReceived(data)
-                return
-        # Receive flow: the server claimed this connection; it starts with
-        # OPEN(own id, the user's addresses), then the user's bytes -- or
-        # OPEN_UDP, then the user's datagrams.
-        client = self.client
-        try:
-            frames = self._open_decoder.feed(data, max_frames=1)
-            if not frames:
-                return
-            conn_id, addresses = decode_open(frames[0].payload)
-        except ProtocolError:
-            self.transport.abortConnection()
-            return
-        if (conn_id != self.conn_id or client.flow != "receive" or client.pool is None
-                or client.pool.claim(self.conn_id) is not self):
-            self.transport.abortConnection()
-            return
-        rest = self._open_decoder.take_rest()
-        if frames[0].type is Type.OPEN_UDP:
-            protocol = client.udp_egress.open(addresses)
-        elif client.settings.tcp:
-            protocol = client.target_factory.buildProtocol(None)
-            protocol.original = addresses  # the user's, for --proxy-protocol
-        else:
-            client.log.debug("TCP is disabled here (--no-tcp); closing a TCP pool connection")
-            protocol = None
-        if protocol is None:
-            client.retiring.discard(self.conn_id)
-            self.transport.abortConnection()
-            return
-        self.start_relay(protocol, rest)
-
-    def start_relay(self, protocol, data: bytes = b"") -> None:
-        client = self.client
-        client.retiring.discard(self.conn_id)
-        self.switch_to(protocol, data)
-        client.policy_used()  # refill after the user's target dial is under way
-
-    def header_lost(self, reason) -> None:
-        self.client.pool_lost(self)
-
-
-class _PoolConnectionFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, client, session, counter, conn_id):
-        self.args = (client, session, counter, conn_id)
-
-    def buildProtocol(self, addr):
-        return PoolConnection(*self.args)
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        self.args[0].pool_dial_failed(self.args[3], reason)
-
-
-class SendFlowFactory(PoolDialFactory):
-    """Send flow: each local user connection takes an idle pool connection,
-    which starts with OPEN (its id, the user's addresses)."""
-
-    unavailable = "not connected to the server"
-
-    def __init__(self, client: "TunnelClient", *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.client = client
-
-    def current_pool(self):
-        return self.client.pool
-
-    def use(self, conn_id: bytes, connection, inbound) -> None:
-        self.client.policy_used()
-        source, destination = user_addresses(inbound)
-        connection.switch_to(OutboundProtocol(inbound, greeting=encode_open(conn_id, source, destination)))
-
-
-@implementer(IStreamClientEndpoint)
-class _ServerEndpoint:
-    """The server's address with whatever TLS level is current, rebuilt per
-    attempt (the level can change after a "TLS required" answer, and
-    ``HostnameEndpoint`` re-resolves the name every time)."""
-
-    def __init__(self, client: "TunnelClient"):
-        self.client = client
-
-    def connect(self, factory):
-        d = self.client.endpoint().connect(factory)
-        d.addErrback(self.client.connect_failed)
-        return d
-
-    def __repr__(self) -> str:
-        s = self.client.settings
-        return f"tunnelpass server {format_address(s.server_host, s.server_port)}"
-
-
-def known_level(settings: ClientSettings) -> int | None:
-    """The server's TLS level as the user told it, if they did."""
-    if settings.tls is not None:
-        return settings.tls
-    if settings.pin:
-        return 1
-    if settings.ca or settings.sni:
-        return 2
-    return None
-
-
-class TunnelClient(Service):
+class TunnelClient(ServerConnecting, PoolKeeping, Service):
     log = Logger(namespace="tunnelpass.client")
     probe = None  # --lbs: the target group's latency probe (tunnelpass.probe)
 
@@ -297,55 +140,6 @@ class TunnelClient(Service):
         self.service = None
         self.signals = Signals(reactor)
         self.reach = Reachability(self.clock, self.log, format_address(settings.server_host, settings.server_port))
-
-    # Connecting
-
-    def endpoint(self):
-        s = self.settings
-        endpoint = HostnameEndpoint(self.reactor, s.server_host, s.server_port, timeout=s.connect_timeout)
-        level = self.levels.current
-        if level == 0:
-            return endpoint
-        return HalfCloseTLSEndpoint(self._creator(level), endpoint)
-
-    def _creator(self, level: int):
-        """The TLS client side for *level*: pinned (or channel-bound) for 1,
-        chain and name verified for 2; made once per level."""
-        creator = self._creators.get(level)
-        if creator is None:
-            s = self.settings
-            if level == 1:
-                creator = tlsmod.PinnedClientCreator(s.pin)
-            else:
-                creator = tlsmod.verified_client_creator(s.sni or s.server_host, s.ca)
-            self._creators[level] = creator
-        return creator
-
-    def reload(self) -> None:
-        """SIGHUP: re-read ``--ca`` (new connections use it; a bad file keeps
-        the current one).  Nothing else a client uses is read from a file."""
-        s = self.settings
-        if not s.ca:
-            self.log.info("SIGHUP: nothing to reload (no --ca; key, pin and addresses are read at start only)")
-            return
-        try:
-            creator = tlsmod.verified_client_creator(s.sni or s.server_host, s.ca)
-        except tlsmod.CertificateError as e:
-            self.log.error("SIGHUP: --ca reload failed, keeping the current CA certificates: {error}", error=str(e))
-            return
-        self._creators[2] = creator
-        self.log.info("SIGHUP: reloaded --ca {path}", path=s.ca, event="ca_reloaded")
-
-    def _retry_delay(self, attempts: int) -> float:
-        delay = 0.0 if self._retry_now else retry_delay(attempts + self.failures)
-        self._retry_now = False
-        self.reach.retrying(delay)
-        return delay
-
-    def connect_failed(self, failure):
-        """A TCP connect to the server failed (ClientService retries)."""
-        self.reach.failed(reachlog_connect_failure(failure.value))
-        return failure
 
     def privilegedStartService(self) -> None:
         self.descriptors.set_limit(raise_fd_limit())
@@ -538,86 +332,6 @@ class TunnelClient(Service):
             self.control = self.session = None
             self.flush_pool()
             self.pool = None
-
-    # Pool
-
-    def _want_more(self, count: int) -> None:
-        if self.policy is not None:
-            self.policy.requested(count)
-            self.fill_soon()
-
-    def policy_used(self) -> None:
-        if self.policy is not None and self.pool is not None:
-            self.policy.used()
-            self.fill_soon()
-
-    def fill_soon(self) -> None:
-        """Refill on the next reactor turn: user connections in flight go
-        first, and claims that arrive together share one refill."""
-        if self._fill_call is None:
-            self._fill_call = self.clock.callLater(0, self._scheduled_fill)
-
-    def _scheduled_fill(self) -> None:
-        self._fill_call = None
-        self.fill()
-
-    def fill(self) -> None:
-        if self.session is None or self.policy is None:
-            return
-        idle = len(self.pool.idle)
-        surplus = min(self.policy.surplus(idle + self.dialing), idle)
-        if surplus and self.flow == "send":
-            # This side claims pool connections in the send flow: closing
-            # an idle one cannot race a user connection.
-            for _ in range(surplus):
-                _, connection = self.pool.idle.popitem(last=False)
-                connection.transport.loseConnection()
-        elif surplus and self.control is not None:
-            # Receive flow: the server claims; ask it to retire the oldest.
-            for conn_id in list(self.pool.idle)[:surplus]:
-                if conn_id not in self.retiring:
-                    self.retiring.add(conn_id)
-                    self.control.retire(conn_id)
-        # Each pool connection, and the leg it will need once a user takes
-        # it, must fit in the open-files limit next to the users' own.
-        room = self.descriptors.dial_allowance(len(self.pool.idle) + self.dialing)
-        for _ in range(self.policy.to_dial(len(self.pool.idle), self.dialing, room)):
-            self._dial_one()
-
-    def _dial_one(self) -> None:
-        self.counter += 1
-        self.dialing += 1
-        self.descriptors.spend(1)
-        conn_id = os.urandom(ID)
-        # Straight to the address the control connection reached (no name
-        # lookup per pool connection, and the same server behind a DNS
-        # round robin); TLS as the control connection has it.
-        factory = _PoolConnectionFactory(self, self.session, self.counter, conn_id)
-        if self.session_level:
-            factory = HalfCloseTLSFactory(self._creator(self.session_level), True, factory)
-        host, port = self.server_address
-        self.reactor.connectTCP(host, port, factory, timeout=self.settings.connect_timeout)
-
-    def pool_dial_failed(self, conn_id: bytes, reason) -> None:
-        self.dialing -= 1
-        code = ran_out(reason)
-        if code is not None:
-            self.descriptors.ran_out("dial", code, listener="pool")
-        self.log.debug("pool connection failed: {error}", error=reason.getErrorMessage())
-
-    def pool_connected(self, connection: PoolConnection) -> None:
-        self.dialing -= 1
-        if self.pool is None or connection.session is not self.session:
-            connection.transport.loseConnection()  # dialled for a session that has ended
-        elif not self.pool.add(connection.conn_id, connection):
-            connection.transport.loseConnection()
-
-    def pool_lost(self, connection: PoolConnection) -> None:
-        if not connection.ready:
-            self.dialing -= 1  # connected but never authenticated (TLS failure, ...)
-        elif self.pool is not None:
-            self.pool.remove(connection.conn_id)
-            self.retiring.discard(connection.conn_id)
 
     # Operations
 
