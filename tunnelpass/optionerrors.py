@@ -3,8 +3,9 @@
 
 twistd answers a :class:`~twisted.python.usage.UsageError` with its whole
 usage text and exit status 1; :meth:`tunnelpass.tap.Options.parseOptions`
-prints :func:`usage_line` instead and exits :data:`USAGE_ERROR`.  Pure
-functions: text in, text out.
+prints :func:`usage_line` instead and exits :data:`USAGE_ERROR`.  A
+traffic-forwarder flag gets the line that names tunnelpass's own
+(:func:`traffic_forwarder_hint`).  Pure functions: text in, text out.
 """
 
 from __future__ import annotations
@@ -43,3 +44,30 @@ def keyless_client_message(tunnel: str, target: str, url: str | None) -> str:
             f"tunnelpass does not. Start the server without a key ({server}): it generates a strong key and "
             f"logs a token to paste here: twistd -n --pidfile= tunnelpass --mode client --token TOKEN "
             f"--target {target}")
+
+
+#: traffic-forwarder's flags (Go's flag package takes them with one dash or
+#: two) -> the line that tells its users what to write here instead.  Caught
+#: before getopt, which reads ``-conf`` as ``-c onf`` (--config onf) and
+#: ``-max-conns`` as ``-m ax-conns`` (--mode ax-conns).
+TRAFFIC_FORWARDER_HINTS = {
+    "-conf": "-conf is traffic-forwarder's flag: use --config FILE "
+             "(the same 'local_port | remote_host | remote_port' file works)",
+    "-timeout": "-timeout is traffic-forwarder's flag: use --connect-timeout DURATION (time to reach the remote) "
+                "and --idle DURATION (close connections quiet that long)",
+    "--timeout": "--timeout is traffic-forwarder's flag: use --connect-timeout DURATION (time to reach the remote) "
+                 "and --idle DURATION (close connections quiet that long)",
+    "-max-conns": "-max-conns is traffic-forwarder's flag: use --max-conns N (concurrent connections per rule)",
+}
+
+
+def traffic_forwarder_hint(argv) -> str | None:
+    """The hint for the first traffic-forwarder flag in *argv* (``-conf FILE``
+    or ``-conf=FILE``), if any; arguments after ``--`` are not options."""
+    for argument in argv:
+        if argument == "--":
+            break
+        hint = TRAFFIC_FORWARDER_HINTS.get(argument.split("=", 1)[0])
+        if hint:
+            return hint
+    return None
