@@ -22,7 +22,7 @@ from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass.udp import UDPForwardProtocol
-from tunnelpass.udptunnel import UDPEgress
+from tunnelpass.udpegress import UDPEgress
 from tunnelpass.urls import parse_url
 
 KEY = "dial-test-key-0123456789abcdef"

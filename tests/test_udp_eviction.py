@@ -17,7 +17,8 @@ from tunnelpass.rules import Limits
 from tunnelpass.sessiontable import ACTIVE_WINDOW, ALL_ACTIVE, REPLY_WAIT
 from tunnelpass.stats import ListenerStats, StatsReporter, tunnel_fields
 from tunnelpass.udp import UDPForwardProtocol
-from tunnelpass.udptunnel import UDPEgress, UDPIngress
+from tunnelpass.udpegress import UDPEgress
+from tunnelpass.udptunnel import UDPIngress
 
 QUIET = REPLY_WAIT + 0.1  # long enough for any session to be evictable
 

@@ -13,8 +13,9 @@ from tunnelpass.proxyproto import parse
 from tunnelpass.ratelimit import RateLimiter
 from tunnelpass.rules import Limits
 from tunnelpass.stats import ListenerStats
-from tunnelpass import udptunnel
-from tunnelpass.udptunnel import UDPEgress, UDPIngress
+from tunnelpass import udpegress, udptunnel
+from tunnelpass.udpegress import UDPEgress
+from tunnelpass.udptunnel import UDPIngress
 
 USER = ("127.0.0.9", 5353)
 
@@ -376,7 +377,7 @@ class EgressTests(unittest.TestCase):
         self.assertEqual(self.stats.udp_drops, 1)
 
     def test_nothing_after_close_and_accounting_stays_put(self):
-        self.patch(udptunnel, "resolve_udp", lambda reactor, host, port: Deferred())
+        self.patch(udpegress, "resolve_udp", lambda reactor, host, port: Deferred())
         egress = self.egress(targets=(("name.invalid", 53),))
         stream, transport = self.start(egress)  # the name is being resolved: datagrams wait
         stream.dataReceived(frame(b"a" * 1000))

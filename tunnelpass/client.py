@@ -60,7 +60,8 @@ from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
 from tunnelpass.tlslevel import TLSLevel
 from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
-from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
+from tunnelpass.udpegress import UDPEgress
+from tunnelpass.udptunnel import UDPIngress, listen_udp
 
 LISTEN_BACKLOG = 1024
 _FLOW_NAMES = {number: name for name, number in FLOWS.items()}

@@ -52,7 +52,8 @@ from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.udp import MAX_DATAGRAM
-from tunnelpass.udptunnel import UDPEgress, UDPIngress, listen_udp
+from tunnelpass.udpegress import UDPEgress
+from tunnelpass.udptunnel import UDPIngress, listen_udp
 
 LISTEN_BACKLOG = 1024
 
