@@ -30,7 +30,7 @@ from tunnelpass.fdbudget import ran_out
 from tunnelpass.handshake import ID, pool_auth_frame
 from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.pooldial import PoolDialFactory
-from tunnelpass.relay import OutboundProtocol, user_addresses
+from tunnelpass.outbound import OutboundProtocol, user_addresses
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSFactory
 
@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 POOL_OK = encode(Type.POOL_OK)
 
 
-
 @implementer(IHandshakeListener)
+
+
 class PoolConnection(SwitchingProtocol):
     """One client pool connection: authenticates, idles, then relays."""
 

@@ -28,7 +28,7 @@ from tunnelpass.gatelog import tls_error_text, tls_failed
 from tunnelpass.guard import Refused
 from tunnelpass.handshake import AUTH_FAILED, ID, TLS_REQUIRED, HandshakeError
 from tunnelpass.keepalive import enable_keepalive
-from tunnelpass.relay import OutboundProtocol, user_addresses
+from tunnelpass.outbound import OutboundProtocol, user_addresses
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSProtocol
 

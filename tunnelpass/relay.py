@@ -6,16 +6,19 @@ producer of the other, so a slow side pauses reading on the fast side and no
 hop buffers more than one socket's worth of data.  Reading from the accepted
 side stays paused until the remote is connected, half-close (FIN) is passed
 through, and one idle timer covers both directions.
+
+This module is the accepted side (:class:`InboundProtocol`) and the
+listener's factory (limits, refusals, the shutdown drain); the dialled side
+and the dial path are :mod:`tunnelpass.outbound`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import NotConnectingError
-from twisted.internet.protocol import ClientFactory, Factory, ServerFactory
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
@@ -23,10 +26,10 @@ from tunnelpass import connlog
 from tunnelpass.block import FirstBytesGate
 from tunnelpass.fdbudget import ran_out
 from tunnelpass.logs import Throttle
+from tunnelpass.outbound import OutboundDialing, OutboundProtocol
 from tunnelpass.proxyaccept import ProxyHeaderProtocol
 from tunnelpass.relayend import LegProducer, RelayEnd, cancel_resume, throttle
 from tunnelpass.targets import TargetGroup
-from tunnelpass.proxyproto import encode_v1, encode_v2
 from tunnelpass.rules import Limits
 from tunnelpass.settings import format_address
 from tunnelpass.splice import SpliceRelay, can_splice
@@ -46,81 +49,6 @@ def is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def user_addresses(inbound) -> tuple:
-    """``(source, destination)`` of the user behind *inbound*: as a trusted
-    proxy or the tunnel's OPEN frame told it, else its own peer and host."""
-    if inbound.original is not None:
-        return inbound.original
-    peer, local = inbound.transport.getPeer(), inbound.transport.getHost()
-    return (getattr(peer, "host", None), getattr(peer, "port", 0)), (getattr(local, "host", None),
-                                                                     getattr(local, "port", 0))
-
-
-def proxy_header(version: str, inbound, protocol: str = "tcp") -> bytes:
-    """The PROXY protocol header (``v1``/``v2``; ``off``: none) telling the
-    remote who the user behind *inbound* really is."""
-    if version == "off":
-        return b""
-    source, destination = user_addresses(inbound)
-    if version == "v1":
-        return encode_v1(source, destination)
-    return encode_v2(source, destination, protocol)
-
-
-class OutboundProtocol(RelayEnd):
-    """The dialled side: everything it reads goes to the accepted side.
-
-    *greeting* is written to it before any relayed byte (a tunnel's start
-    frame when the "dialled" side is a pool connection).
-    """
-
-    def __init__(self, inbound: "InboundProtocol", greeting: bytes = b""):
-        self.inbound = inbound
-        self.greeting = greeting
-
-    def connectionMade(self) -> None:
-        self.inbound.outbound_connected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        inbound = self.inbound
-        inbound.transport.write(data)
-        inbound.stats.bytes_out += len(data)
-        inbound.bytes_out += len(data)
-        inbound.resetTimeout()
-        if inbound.factory.limits.limiter is not None:
-            throttle(self, inbound.factory, len(data))
-
-    def peer_end(self):
-        inbound = self.inbound
-        return inbound if inbound.outbound is self and inbound.splice is None else None
-
-    def relay_factory(self):
-        return self.inbound.factory
-
-    def connectionLost(self, reason=None) -> None:
-        self._end_partner(reason)
-
-
-class _OutboundFactory(ClientFactory):
-    """Builds the one outbound protocol of one relay and reports failures."""
-
-    noisy = False
-
-    def __init__(self, inbound: "InboundProtocol", greeting: bytes = b"", on_failure=None, on_success=None):
-        self.inbound = inbound
-        self.greeting = greeting
-        self.on_failure = on_failure or inbound.connect_failed
-        self.on_success = on_success
-
-    def buildProtocol(self, addr):
-        if self.on_success is not None:
-            self.on_success()
-        return OutboundProtocol(self.inbound, self.greeting)
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        self.on_failure(reason)
 
 
 class InboundProtocol(RelayEnd, TimeoutMixin):
@@ -312,7 +240,7 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
             self.factory.relay_closed(self)
 
 
-class TCPForwardFactory(ServerFactory):
+class TCPForwardFactory(OutboundDialing, ServerFactory):
     """Accepts connections for one listening endpoint and relays each one.
 
     The remote and the limits may be swapped by :meth:`update` (a reload that
@@ -357,64 +285,6 @@ class TCPForwardFactory(ServerFactory):
         # Decided once here, not per connection: literals skip the resolver.
         self._literal = [is_ip_literal(host) for host, _ in targets]
         self.remote = ",".join(format_address(host, port) for host, port in targets)
-
-    def dial(self, inbound: InboundProtocol):
-        """Start connecting *inbound*'s remote; return something cancellable.
-
-        IP literals go straight to ``connectTCP`` (no resolver round trip on
-        the hot path); names are resolved through the instance's name cache
-        (``limits.dialer``, ``--dns``; without one, on every connection) and
-        dialled with ``HostnameEndpoint``, IPv4 and IPv6, from the
-        ``--dial`` source address.  In a target group a failed attempt moves
-        on to the next target.
-        """
-        greeting = proxy_header(self.limits.proxy, inbound)
-        return self._dial_at(inbound, greeting, self.group, self._literal, self.group.order(), 0)
-
-    def _dial_at(self, inbound, greeting, group, literal, order, attempt):
-        index = order[attempt]
-        host, port = group.targets[index]
-        timeout = self.limits.connect_timeout
-
-        def failed(reason):
-            if inbound.closed or ran_out(reason) is not None:
-                # The user hung up, or this process is out of descriptors:
-                # says nothing about the target.
-                inbound.connect_failed(reason)
-                return
-            group.failed(index)
-            connlog.dial_failed(inbound, reason)
-            self.target_warnings.failed(self.name, host, port, reason)
-            if attempt + 1 < len(order) and not inbound.closed:
-                inbound._pending = self._dial_at(inbound, greeting, group, literal, order, attempt + 1)
-            else:
-                inbound.connect_failed(reason)
-
-        def succeeded():
-            group.succeeded(index)
-
-        if self.descriptors is not None:
-            self.descriptors.spend(1)  # the leg's socket, until the next recount
-        connlog.dialling(inbound, host, port)
-        dialer = self.limits.dialer  # --dial / --dns (None: kernel's source, a lookup per connection)
-        if literal[index] and (dialer is None or dialer.fits(host)):
-            factory = _OutboundFactory(inbound, greeting, failed, succeeded)
-            return self.reactor.connectTCP(host, port, factory, timeout=timeout,
-                                           bindAddress=dialer.bind_address if dialer else None)
-
-        def build():
-            succeeded()
-            return OutboundProtocol(inbound, greeting)
-
-        outbound_factory = Factory.forProtocol(build)
-        outbound_factory.noisy = False  # no "Starting factory" line per connection
-        if dialer is not None:  # names through the cache; a literal of the other family fails here
-            d = dialer.connect_tcp(host, port, outbound_factory, timeout)
-        else:
-            d = HostnameEndpoint(self.reactor, host, port, timeout=timeout).connect(outbound_factory)
-        d.addTimeout(timeout, self.clock)
-        d.addErrback(lambda reason: None if reason.check(CancelledError) and inbound.closed else failed(reason))
-        return d
 
     def buildProtocol(self, addr):
         if self.limits.accept_proxy:
