@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from tunnelpass.client import ClientSettings, TunnelClient
 
 
-
 @implementer(IStreamClientEndpoint)
+
+
 class _ServerEndpoint:
     """The server's address with whatever TLS level is current, rebuilt per
     attempt (the level can change after a "TLS required" answer, and

@@ -81,6 +81,8 @@ class ServerCertificate:
 
 
 @implementer(IOpenSSLServerConnectionCreator)
+
+
 class _CurrentOptions:
     """TLS connections from whichever options are current, so a reloaded
     certificate applies to new connections and live ones keep theirs."""
@@ -93,7 +95,6 @@ class _CurrentOptions:
         connection.set_app_data(tls_protocol)
         connection.set_accept_state()
         return connection
-
 
 
 def _stamp(*paths):

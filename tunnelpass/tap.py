@@ -68,7 +68,6 @@ class TunnelpassService(MultiService):
             StartupWatch(self.reactor).start()  # after the children's callWhenRunning
 
 
-
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
