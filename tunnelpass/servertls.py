@@ -3,9 +3,9 @@
 
 ``--tls 1`` uses a self-signed certificate, generated at the first start
 and kept in ``--state-dir`` when one is given (so its fingerprint, which
-clients pin, survives restarts); ``--tls 2`` loads ``--cert`` and ``--key``
-and re-reads them on SIGHUP and every ``--reload-interval`` when the files
-changed.  A new pair applies to new connections only; a bad pair is logged
+clients pin, survives restarts); ``--tls 2`` loads ``--cert`` and
+``--private-key`` and re-reads them on SIGHUP and every
+``--reload-interval`` when the files changed.  A new pair applies to new connections only; a bad pair is logged
 and the current one kept.
 
 A mixin of :class:`tunnelpass.server.TunnelServer`, kept apart so the
