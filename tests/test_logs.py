@@ -244,12 +244,33 @@ class DestinationTests(unittest.TestCase):
             self.assertEqual(set(priorities[1:]), {2})
             if fmt == "text":
                 self.assertEqual(fake.sent[0][1], "[tunnelpass.client] cannot reach 192.0.2.1:10101: refused")
-                self.assertIn("builtins.ZeroDivisionError: division by zero", [line for _, line in fake.sent])
+                self.assertIn("[tunnelpass.client] | builtins.ZeroDivisionError: division by zero",
+                              [line for _, line in fake.sent])
             else:
                 self.assertEqual(len(fake.sent), 2)
                 first = json.loads(fake.sent[0][1])
                 self.assertEqual((first["event"], first["server"]), ("connect_failed", "192.0.2.1:10101"))
                 self.assertIn("ZeroDivisionError", json.loads(fake.sent[1][1])["traceback"])
+
+
+class SyslogInjectionTests(unittest.TestCase):
+    """A peer's words inside a message (a certificate name, an error text)
+    cannot start a syslog record of their own."""
+
+    def test_line_breaks_in_a_message_stay_in_one_record(self):
+        import syslog
+
+        fake = FakeSyslog()
+        self.patch(syslog, "openlog", fake.openlog)
+        self.patch(syslog, "syslog", fake.syslog)
+        observer = make_observer("info", "text", twistd={"syslog": True, "prefix": "tp-test"})
+        log = Logger(namespace="tunnelpass.client", observer=observer)
+        forged = "a.example\n2030-01-01 [tunnelpass.server] client 1.2.3.4 connected\r\x0b\u2028x"
+        log.warn("certificate is for {names}", names=forged)
+        self.assertEqual(len(fake.sent), 1, fake.sent)
+        line = fake.sent[0][1]
+        self.assertTrue(line.isprintable(), line)
+        self.assertIn("a.example\\n2030-01-01", line)
 
 
 class TraceTests(unittest.TestCase):

@@ -110,3 +110,41 @@ class TLSReasonTests(unittest.TestCase):
     def test_server_that_answers_in_plain_text(self):
         reason = self.failure(1, tlsmod.PinnedClientCreator(None), Factory.forProtocol(_Plain))
         self.assertIn("the server does not speak TLS: it answered our TLS hello in plain text", reason)
+
+
+class HostileCertificateTests(unittest.TestCase):
+    """Certificate fields are the peer's words: what the client logs of them
+    is one printable line of bounded length."""
+
+    def certificate(self, names, issuer):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leaf")]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(key.public_key()).serial_number(1)
+                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+                .sign(key, hashes.SHA256()))
+
+    def test_control_characters_and_floods_are_neutralised(self):
+        from tunnelpass.tlsreason import _issuer, names_in
+
+        forged = "a.example\n2030-01-01 [tunnelpass.server] forged\r\x1b[2J"
+        names = [forged] + [f"n{i}.example" for i in range(500)] + ["x" * 5000]
+        cert = self.certificate(names, "evil\nCN=forged line")
+        shown = names_in(cert)
+        self.assertTrue(all(name.isprintable() for name in shown), shown)
+        self.assertLessEqual(len(shown), 9)
+        self.assertEqual(shown[-1], f"and {len(names) - 8} more")
+        self.assertTrue(shown[0].startswith("a.example?2030-01-01"), shown[0])
+        issuer = _issuer(cert)
+        self.assertTrue(issuer.isprintable(), issuer)
+        self.assertLessEqual(sum(len(n) for n in shown), 8 * 103 + 20)

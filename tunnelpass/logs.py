@@ -120,6 +120,12 @@ def _rotate_on_sigusr1(logfile: LogFile) -> None:
 _SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warn": 4, "error": 3, "critical": 2}
 
 
+def one_line(text: str) -> str:
+    """*text* with its line breaks and other control characters escaped
+    (``\\n``, ``\\x1b``): one syslog record stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class SyslogObserver:
     """``--syslog``: each event as one syslog message at its level's
     priority (text: the message, then the traceback's lines; json: the
@@ -137,10 +143,13 @@ class SyslogObserver:
         if self.fmt == "json":
             lines = [json_line(event).rstrip("\n")]
         else:
-            text = f"[{fields['logger']}] {fields['message']}"
+            # One record per event: a line break inside the message (a
+            # peer's words can end up there) must not start a record of its
+            # own, which would read as a separate, forged event.
+            lines = [f"[{fields['logger']}] {one_line(fields['message'])}"]
             if "traceback" in fields:
-                text += "\n" + fields["traceback"]
-            lines = [line for line in text.splitlines() if line]
+                lines += [f"[{fields['logger']}] | {one_line(line)}"
+                          for line in fields["traceback"].splitlines() if line]
         for line in lines:
             self.syslog.syslog(priority, line)
 

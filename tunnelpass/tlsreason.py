@@ -42,9 +42,26 @@ class Expected:
     ca: str | None = None  # --ca file (None: the system's roots)
 
 
+#: At most this many of a certificate's names are quoted, each at most
+#: ``_NAME_LIMIT`` characters: the server (or whoever answers in its place)
+#: chooses them, and they go into a log line.
+_NAMES_SHOWN = 8
+_NAME_LIMIT = 100
+
+
+def printable(text: str, limit: int = _NAME_LIMIT) -> str:
+    """*text* as one log-safe line: control and other non-printable
+    characters (line breaks included) become ``?``, and it is cut to
+    *limit* characters.  Certificate fields are the peer's words."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit + 1])
+    return cleaned if len(cleaned) <= limit else cleaned[:limit] + "..."
+
+
 def names_in(certificate: x509.Certificate) -> list[str]:
     """The DNS names and IP addresses a certificate is valid for (its
-    subjectAltName; its common name only when it has none)."""
+    subjectAltName; its common name only when it has none), made safe to
+    log (:func:`printable`) and at most ``_NAMES_SHOWN`` of them (then a
+    count of the others)."""
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = san.get_values_for_type(x509.DNSName) + [str(a) for a in san.get_values_for_type(x509.IPAddress)]
@@ -52,7 +69,10 @@ def names_in(certificate: x509.Certificate) -> list[str]:
         names = []
     if not names:
         names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return names
+    shown = [printable(name) for name in names[:_NAMES_SHOWN]]
+    if len(names) > _NAMES_SHOWN:
+        shown.append(f"and {len(names) - _NAMES_SHOWN} more")
+    return shown
 
 
 def _chain_of(connection) -> list[x509.Certificate]:
@@ -93,7 +113,7 @@ def _untrusted_reason(chain: list[x509.Certificate], ca: str | None) -> str | No
 
 
 def _issuer(certificate: x509.Certificate) -> str:
-    return certificate.issuer.rfc4514_string() or "an empty issuer name"
+    return printable(certificate.issuer.rfc4514_string(), 200) or "an empty issuer name"
 
 
 def describe_tls_failure(reason: BaseException | None, connection, expected: Expected, now=None) -> str:
