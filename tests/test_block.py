@@ -127,6 +127,16 @@ class GateTests(unittest.TestCase):
         [event] = self.blocked_events()
         self.assertEqual((event["protocol"], event["count"]), ("http", 1))
 
+    def test_debug_trace_says_blocked(self):
+        from tunnelpass import connlog
+
+        self.patch(connlog.TRACING, "enabled", True)
+        inbound = self.accept()
+        inbound.dataReceived(HTTP)
+        inbound.connectionLost(None)
+        [close] = [e for e in self.events if e.get("event") == "conn_close"]
+        self.assertEqual((close["reason"], close["detail"]), ("blocked", "http"))
+
     def test_refusals_are_logged_throttled_and_counted(self):
         for _ in range(3):
             self.accept().dataReceived(client_hello())

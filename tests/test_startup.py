@@ -111,6 +111,14 @@ class StateDirTests(unittest.TestCase):
         check_state_dir(self.dir)
         check_state_dir(os.path.join(self.dir, "a", "b"))  # created at startup
 
+    def test_a_place_nothing_can_be_written_to(self):
+        """os.access says yes to root in /proc: the check writes for real."""
+        for path in ("/proc/tunnelpass-state", "/proc/self"):
+            with self.assertRaises(StartupError) as cm:
+                check_state_dir(path)
+            self.assertEqual(cm.exception.option, "--state-dir")
+            self.assertRegex(str(cm.exception), r"(cannot be created|not writable)")
+
     def test_not_a_directory(self):
         path = os.path.join(self.dir, "file")
         open(path, "w").close()

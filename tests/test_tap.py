@@ -473,3 +473,35 @@ class StartupFileTests(unittest.TestCase):
         with open(rules, "w") as f:
             f.write("8080 | 127.0.0.1\n")
         self.assertIn(f"tunnelpass: --config {rules}:1: expected", self.make(["--mode", "forward", "--config", rules]))
+
+
+class OtherModesOptionsTests(unittest.TestCase):
+    """An option only another mode, flow or TLS level reads is refused, not
+    silently ignored (a missing --ca must stop the process where it is read)."""
+
+    def refused(self, args, text):
+        with self.assertRaises(usage.UsageError) as cm:
+            parse(args)
+        self.assertIn(text, str(cm.exception))
+
+    def test_each_side_refuses_the_others_options(self):
+        server = ["--mode", "server", "--tunnel", "127.0.0.1:1", "--target", "127.0.0.1:2"]
+        client = ["--mode", "client", "--tunnel", "127.0.0.1:1", "--target", "127.0.0.1:2",
+                  "--key", "Zx8-kq2Lm9PvT4rW"]
+        for option in ("--ca", "--sni"):
+            self.refused(server + [option, "x"], f"{option} is for --mode client")
+        self.refused(server + ["--pin", "sha256:" + "ab" * 32], "--pin is for --mode client")
+        self.refused(client + ["--cert", "x"], "--cert is for --mode server")
+        self.refused(client + ["--state-dir", "x"], "--state-dir is for --mode server")
+        self.refused(server + ["--state-dir", "x"], "--state-dir keeps a --tls 1 server's certificate")
+        self.refused(server + ["--tls", "2", "--cert", "c", "--private-key", "k", "--state-dir", "x"],
+                     "this server runs --tls 2")
+        self.refused(client + ["--flow", "local", "--ca", "x"], "a --flow local client talks to no server")
+        self.refused(["--mode", "forward", "--ca", "x"], "--ca is for --mode server/client, not --mode forward")
+        self.refused(["--mode", "forward", "--target", "127.0.0.1:2"], "--target is for --mode server/client")
+
+    def test_what_each_side_reads_is_accepted(self):
+        parse(["--mode", "server", "--tunnel", "127.0.0.1:1", "--target", "127.0.0.1:2", "--tls", "1",
+               "--state-dir", "x"])
+        parse(["--mode", "client", "--tunnel", "127.0.0.1:1", "--target", "127.0.0.1:2",
+               "--key", "Zx8-kq2Lm9PvT4rW", "--ca", "x"])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from tunnelpass import connlog
 from tunnelpass.logs import Throttle
 
 #: Digit -> what it blocks (NodePass's numbering).
@@ -226,6 +227,7 @@ class FirstBytesGate:
                      "(--block {block}); the latest from {peer}",
                      listener=factory.name, count=throttle.take_count(), protocol=kind,
                      block=describe(self.digits), peer=getattr(peer, "host", str(peer)), event="blocked")
+        connlog.ending(inbound, "blocked", kind)
         inbound.transport.abortConnection()
 
     def cancel(self) -> None:

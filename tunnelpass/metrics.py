@@ -207,11 +207,11 @@ class MetricsService(Service):
         try:
             endpoint = serverFromString(self.reactor, self.description)
         except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"tunnelpass: --metrics {self.description!r}: {e}") from None
+            raise SystemExit(f"tunnelpass: --metrics {self.description}: {e}") from None
         failures = []
         endpoint.listen(site).addCallbacks(lambda port: setattr(self, "port", port), failures.append)
         if failures:
-            raise SystemExit(f"tunnelpass: --metrics {self.description!r}: {failures[0].getErrorMessage()}")
+            raise SystemExit(f"tunnelpass: --metrics {self.description}: {failures[0].getErrorMessage()}")
         super().privilegedStartService()
 
     def stopService(self):

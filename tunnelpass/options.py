@@ -97,6 +97,12 @@ _PARSERS = {
     "block": parse_block,
 }
 
+#: Options only one side of a tunnel reads (refused on the other side).
+_CLIENT_ONLY = ("ca", "pin", "sni", "token")
+_SERVER_ONLY = ("cert", "private-key", "state-dir", "public-address")
+_TUNNEL_ONLY = ("tunnel", "target", "key", "token", "cert", "private-key", "state-dir", "ca", "pin", "sni",
+                "public-address")
+
 FLOW_CHOICES = ("auto", "receive", "send", "local", "tunnel")
 
 
@@ -236,8 +242,31 @@ class Options(usage.Options):
                 f"--mode {mode} is not available yet in tunnelpass {__version__}; "
                 f"available: {', '.join(AVAILABLE_MODES)}"
             )
+        self._check_options_of_other_modes(mode)
         if mode in ("server", "client"):
             self._check_tunnel_options(mode)
+
+    def _check_options_of_other_modes(self, mode: str) -> None:
+        """An option that only another mode, flow or TLS level reads is
+        refused, not ignored: an operator who passes ``--ca`` expects it to
+        be read, and a missing file must then stop the process."""
+        if mode == "forward":
+            for name in _TUNNEL_ONLY:
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} is for --mode server/client, not --mode forward")
+            return
+        other = "client" if mode == "server" else "server"
+        for name in _CLIENT_ONLY if mode == "server" else _SERVER_ONLY:
+            if self[name] is not None:
+                raise usage.UsageError(f"--{name} is for --mode {other}, not --mode {mode}")
+        if mode == "client" and self["flow"] == "local":
+            for name in ("ca", "pin", "sni"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} checks a server's certificate; a --flow local client "
+                                           "talks to no server")
+        if mode == "server" and self["state-dir"] is not None and self["tls"] != 1:
+            raise usage.UsageError(f"--state-dir keeps a --tls 1 server's certificate; this server runs "
+                                   f"--tls {self['tls'] or 0}")
 
     def _check_tunnel_options(self, mode: str) -> None:
         token = self["token"]

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
+from tunnelpass.startup import os_reason
 from tunnelpass.forward import file_stamp
 from tunnelpass.tlshalf import HalfCloseTLSFactory
 
@@ -44,8 +45,12 @@ class ServerCertificate:
             else:
                 key, certificate = tlsmod.self_signed()
                 if s.state_dir:
-                    os.makedirs(s.state_dir, mode=0o700, exist_ok=True)
-                    tlsmod.save_pair(s.state_dir, key, certificate)
+                    try:
+                        os.makedirs(s.state_dir, mode=0o700, exist_ok=True)
+                        tlsmod.save_pair(s.state_dir, key, certificate)
+                    except OSError as e:
+                        raise SystemExit(f"tunnelpass: --state-dir {s.state_dir}: cannot save the certificate: "
+                                         f"{os_reason(e)}") from None
                 pair = (key, [certificate])
         else:
             pair = tlsmod.load_pair(s.cert, s.private_key)

@@ -30,6 +30,7 @@ import errno
 import os
 import stat
 import sys
+import tempfile
 
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
@@ -152,6 +153,7 @@ def check_state_dir(path: str, name: str = "tunnelpass") -> None:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         _check_creatable(path)
+        _try_writing(path, create=True)
         return
     except OSError as e:
         raise StartupError(option, path, os_reason(e)) from None
@@ -161,6 +163,7 @@ def check_state_dir(path: str, name: str = "tunnelpass") -> None:
         raise StartupError(option, path, "not readable (" + os.strerror(errno.EACCES) + ")")
     if not os.access(path, os.W_OK):
         raise StartupError(option, path, "not writable (" + os.strerror(errno.EACCES) + ")")
+    _try_writing(path)
     cert, key = os.path.join(path, name + ".crt"), os.path.join(path, name + ".key")
     if not (os.path.lexists(cert) or os.path.lexists(cert + ".bak")):
         return
@@ -174,6 +177,20 @@ def check_state_dir(path: str, name: str = "tunnelpass") -> None:
             raise StartupError(option, path, reason.replace(os.path.dirname(first.path) + os.sep, "")
                                + "; no usable .bak either (move the files away to generate a new "
                                  "certificate: its pin changes)") from None
+
+
+def _try_writing(path: str, create: bool = False) -> None:
+    """Create (if asked) and write a file in the state directory for real:
+    ``os.access`` says yes to root on a read-only filesystem or in /proc,
+    and the certificate would then fail to save after startup."""
+    try:
+        if create:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise StartupError("--state-dir", path, ("cannot be created: " if create else "not writable: ")
+                           + os_reason(e)) from None
 
 
 def _check_creatable(path: str) -> None:
