@@ -115,9 +115,9 @@ class OptionTests(unittest.TestCase):
 
 
 class LoggedCommandTests(unittest.TestCase):
-    def command(self, bind: str, addresses, public=None):
+    def command(self, bind: str, addresses, public=None, generated=True):
         reactor = MemoryReactorClock()
-        server = TunnelServer(ServerSettings(bind, 10101, "127.0.0.1", 8080, KEY, key_generated=True,
+        server = TunnelServer(ServerSettings(bind, 10101, "127.0.0.1", 8080, KEY, key_generated=generated,
                                              public_address=public), reactor)
         server.tunnel_port = reactor.listenTCP(10101, Factory(), interface=bind)
         with capturedLogs() as events:
@@ -145,6 +145,16 @@ class LoggedCommandTests(unittest.TestCase):
         token = self.token_of(lines)
         self.assertEqual((token["host"], token["port"]), ("127.0.0.2", 20202))
         self.assertEqual(len(lines), 1, "nothing more to say")
+
+    def test_a_chosen_key_stays_out_of_the_log(self):
+        """A server given --key logs the client command with the address
+        (and, at tls=1, the pin) but never the key, nor a token."""
+        lines = self.command("0.0.0.0", ["127.0.0.1", "10.1.2.3"], generated=False)
+        level, text, event = lines[0]
+        self.assertEqual((level, event["event"]), (LogLevel.info, "client_command"))
+        self.assertIn("--mode client --tunnel 10.1.2.3:10101 --key \"$KEY\" --target HOST:PORT", text)
+        self.assertTrue(all(KEY not in line and "tp1." not in line for _, line, _ in lines), lines)
+        self.assertIn("the client command carries 10.1.2.3", lines[1][1])
 
     def test_loopback_only_host_says_so_at_warn(self):
         lines = self.command("0.0.0.0", ["127.0.0.1"])

@@ -275,8 +275,7 @@ class TunnelServer(ServerReporting, ServerCertificate, Service):
             event="server_running",
         )
         self.descriptors.log_pool_bound(s.max_pool)
-        if s.key_generated:
-            self._log_client_command()
+        self._log_client_command()
 
     def _log_client_command(self, addresses=None) -> None:
         """The client command with a token another machine can use: see
@@ -288,21 +287,32 @@ class TunnelServer(ServerReporting, ServerCertificate, Service):
         port = self.tunnel_port.getHost().port
         choice = choose_public(s.tunnel_host, port, host_addresses() if addresses is None else addresses,
                                s.public_address)
-        token = make_token(choice.host, choice.port, s.key, self.fingerprint if s.tls == 1 else None, tls=s.tls)
-        self.log.warn(
-            "no --key given: generated one. Start the client with: "
-            "twistd -n --pidfile= tunnelpass --mode client --token {token} --target HOST:PORT",
-            token=token, event="client_command", address=format_address(choice.host, choice.port),
-        )
+        address = format_address(choice.host, choice.port)
+        what = "the token" if s.key_generated else "the client command"
+        if s.key_generated:
+            token = make_token(choice.host, choice.port, s.key, self.fingerprint if s.tls == 1 else None, tls=s.tls)
+            self.log.warn(
+                "no --key given: generated one. Start the client with: "
+                "twistd -n --pidfile= tunnelpass --mode client --token {token} --target HOST:PORT",
+                token=token, event="client_command", address=address,
+            )
+        else:
+            # The operator chose the key: it stays out of the log; the
+            # command says where the key goes.
+            verify = {0: "", 1: f" --pin {tlsmod.format_pin(self.fingerprint)}", 2: " --tls 2"}[s.tls]
+            self.log.info(
+                "start the client with: twistd -n --pidfile= tunnelpass --mode client --tunnel {address} "
+                "--key \"$KEY\"{verify} --target HOST:PORT (the server's key; a token is logged only for a "
+                "generated key)", address=address, verify=verify, event="client_command")
         if choice.loopback_only:
-            self.log.warn("the token carries {address}: this host has only loopback addresses, so only a client "
+            self.log.warn("{what} carries {address}: this host has only loopback addresses, so only a client "
                           "on this host can use it; give --public-address HOST[:PORT] for another machine",
-                          address=choice.host, event="token_address")
+                          what=what, address=choice.host, event="token_address")
         elif s.public_address is None and s.tunnel_host in ("0.0.0.0", "::", ""):
-            self.log.info("the token carries {address} ({why}); other addresses of this host: {others}. "
+            self.log.info("{what} carries {address} ({why}); other addresses of this host: {others}. "
                           "Choose with --public-address HOST[:PORT] (a NAT's public address, a DNS name)",
-                          address=choice.host, why=choice.why, others=", ".join(choice.others) or "none",
-                          event="token_address")
+                          what=what, address=choice.host, why=choice.why,
+                          others=", ".join(choice.others) or "none", event="token_address")
 
     def _every(self, interval: float, function) -> None:
         loop = LoopingCall(function)
