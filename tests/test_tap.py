@@ -505,3 +505,21 @@ class OtherModesOptionsTests(unittest.TestCase):
                "--state-dir", "x"])
         parse(["--mode", "client", "--tunnel", "127.0.0.1:1", "--target", "127.0.0.1:2",
                "--key", "Zx8-kq2Lm9PvT4rW", "--ca", "x"])
+
+
+class URLPlacementTests(unittest.TestCase):
+    """NodePass users put flags after the URL; getopt alone would stop at it."""
+
+    def test_options_after_the_url(self):
+        url = "client://Zx8-kq2Lm9PvT4rW@127.0.0.1:10101/127.0.0.1:8080"
+        options = parse([url, "--log", "debug", "-m", "client", "--read", "30s"])
+        self.assertEqual((options["log"], options["read"], options["tunnel"]), ("debug", 30.0, "127.0.0.1:10101"))
+
+    def test_a_value_that_looks_like_a_url_stays_with_its_option(self):
+        options = parse(["--config", "x://y", "server://:1/:2", "--read", "30s"])
+        self.assertEqual((options["config"], options["mode"], options["read"]), ("x://y", "server", 30.0))
+
+    def test_two_urls_are_still_refused(self):
+        with self.assertRaises(usage.UsageError) as cm:
+            parse(["server://:1/:2", "--log", "debug", "server://:3/:4"])
+        self.assertIn("one URL at most", str(cm.exception))

@@ -216,12 +216,34 @@ class Options(usage.Options):
             hint = traffic_forwarder_hint(argv)
             if hint:
                 raise usage.UsageError(hint)
-            super().parseOptions(environment_arguments(os.environ) + argv)
+            super().parseOptions(environment_arguments(os.environ) + self._url_last(argv))
         except usage.UsageError as e:
             if getattr(self, "parent", None) is None:
                 raise
             print(usage_line(e), file=sys.stderr)
             raise SystemExit(USAGE_ERROR) from None
+
+    def _url_last(self, argv: list[str]) -> list[str]:
+        """Options may follow the URL (``tunnelpass 'server://...' --log
+        debug``, as NodePass users write them): getopt stops at the first
+        argument that is not an option, so the URL moves to the end."""
+        takes_value = {"--" + name[:-1] for name in self.longOpt if name.endswith("=")}
+        takes_value |= {"-" + letter for letter, after in zip(self.shortOpt, self.shortOpt[1:] + " ")
+                        if letter != ":" and after == ":"}
+        options, urls, value_next = [], [], False
+        for index, arg in enumerate(argv):
+            if arg == "--":
+                options += argv[index:]
+                break
+            if value_next:
+                options.append(arg)
+                value_next = False
+            elif not arg.startswith("-") and "://" in arg:
+                urls.append(arg)
+            else:
+                options.append(arg)
+                value_next = arg in takes_value
+        return options + urls
 
     def postOptions(self):
         for name, parser in _PARSERS.items():
