@@ -86,6 +86,25 @@ class TwoMachinesTests(unittest.TestCase):
                          b"overridden")
 
 
+    def test_a_wildcard_bind_without_public_address_tokens_a_host_address(self):
+        """No --public-address: the token carries one of this host's own
+        non-loopback addresses (loopback only on a host that has nothing
+        else, with a warning), and the log names the option."""
+        from tunnelpass.hostaddrs import host_addresses
+
+        server = Twistd(self, ["--mode", "server", "--tunnel", f"0.0.0.0:{free_port()}",
+                               "--target", f"127.0.0.1:{free_port()}"], ready="carries ")
+        line = next(line for line in server.log().splitlines() if "--token " in line)
+        host = token_body(line.split("--token ", 1)[1].split()[0])["h"]
+        others = [a for a in host_addresses() if ":" not in a and not a.startswith("127.")]
+        if others:
+            self.assertIn(host, others)
+            self.assertIn("Choose with --public-address", server.log())
+        else:
+            self.assertEqual(host, "127.0.0.1")
+            self.assertIn("only loopback addresses", server.log())
+
+
 def _try(host: str, port: int, payload: bytes, timeout: float = 2.0):
     try:
         return round_trip(host, port, payload, timeout) or None
