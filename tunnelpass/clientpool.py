@@ -143,6 +143,14 @@ class _PoolConnectionFactory(ClientFactory):
     def clientConnectionFailed(self, connector, reason) -> None:
         self.args[0].pool_dial_failed(self.args[3], reason)
 
+    def clientConnectionLost(self, connector, reason) -> None:
+        # Twisted's connector and its transport refer to each other for
+        # good; a pool connection per UDP session (a DNS query) would leave
+        # the pair, and this factory, for the cyclic garbage collector,
+        # whose full collections pause the client.  A lost connector is
+        # never used again (it is not reconnected).
+        connector.transport = None
+
 
 class SendFlowFactory(PoolDialFactory):
     """Send flow: each local user connection takes an idle pool connection,

@@ -127,6 +127,7 @@ class IdleExpiry:
         self._expiry = self.owner.clock.callLater(max(delay, 0.001), self._check_idle)
 
     def _check_idle(self) -> None:
+        self._expiry = None  # (fired: it holds this session through its callable)
         remaining = self.last_activity + self.owner.limits.udp_idle - self.owner.clock.seconds()
         if remaining > 0:
             self._schedule_expiry(remaining)
@@ -134,8 +135,9 @@ class IdleExpiry:
             self.close()
 
     def _cancel_expiry(self) -> None:
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None and expiry.active():
+            expiry.cancel()
 
 
 class UDPSession(DatagramProtocol, IdleExpiry):

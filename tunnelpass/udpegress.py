@@ -21,7 +21,8 @@ from tunnelpass.dialsource import DialSourceError
 from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
 from tunnelpass.proxyproto import encode_v2
-from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
+from tunnelpass.namecache import literal
+from tunnelpass.relay import REFUSAL_LOG_INTERVAL
 from tunnelpass.sessiontable import SessionTable
 from tunnelpass.targetlog import TargetWarnings
 from tunnelpass.targets import TargetGroup
@@ -57,10 +58,16 @@ class EgressSession(_Session):
 
     _refused = False  # the last write met ICMP port unreachable
 
+    @property
+    def key(self) -> "EgressSession":
+        """No address: the session is its own key in the table (a property,
+        not an attribute: ``self.key = self`` would be a reference cycle,
+        leaving every closed session to the garbage collector)."""
+        return self
+
     def __init__(self, egress: "UDPEgress", addresses):
         super().__init__(egress)
         self.egress = egress
-        self.key = self  # no address: the session is its own key
         self.socket = None
         self.pending: PendingDatagrams | None = PendingDatagrams(egress)
         self.header = b""
@@ -72,11 +79,15 @@ class EgressSession(_Session):
     def stream_ready(self, stream: DatagramStream) -> None:
         self.stream = stream
         host, port = self.egress.group.targets[self.index]
+        ip = self.egress.literal[self.index]
         dialer = self.egress.limits.dialer  # --dial / --dns
-        if dialer is not None:
+        if ip is not None:
+            # An IP literal needs no lookup, so no Deferred chain per session
+            # (a DNS query through the tunnel is a session); its family was
+            # checked against --dial at startup.
+            self._open((ip, port))
+        elif dialer is not None:
             dialer.resolve_udp(host, port).addCallbacks(self._open, self._resolve_failed)
-        elif self.egress.literal[self.index]:
-            self._open((host, port))
         else:
             resolve_udp(self.egress.reactor, host, port).addCallbacks(self._open, self._resolve_failed)
 
@@ -165,7 +176,7 @@ class UDPEgress:
         self.name, self.limits, self.stats, self.udp_buffer = name, limits, stats, udp_buffer
         self.enabled = enabled
         self.group = TargetGroup(targets, self.clock, strategy=limits.lbs, fallback=limits.fallback)
-        self.literal = [is_ip_literal(host) for host, _ in targets]
+        self.literal = [literal(host) for host, _ in targets]  # normalized IP, or None for a name
         self.tcp_factory = tcp_factory
         self.sessions = SessionTable(name, self.clock, stats)
         self.pending_bytes = 0
