@@ -253,6 +253,27 @@ class DestinationTests(unittest.TestCase):
                 self.assertIn("ZeroDivisionError", json.loads(fake.sent[1][1])["traceback"])
 
 
+class SocketChatterTests(unittest.TestCase):
+    """twisted.internet.udp announces each session socket it opens and
+    closes (log.msg, info): below debug those lines are dropped."""
+
+    def legacy(self, text):
+        from twisted.logger import LogLevel as Level
+
+        return {"log_namespace": "log_legacy", "log_level": Level.info, "message": (text,), "isError": 0,
+                "system": "-", "log_format": "{log_text}", "log_text": text, "log_time": 0.0}
+
+    def test_dropped_below_debug_only(self):
+        chatter = ["tunnelpass-udp-session (UDP) starting on 40001", "(UDP Port 40001 Closed)"]
+        for level, expected in (("info", ["kept"]), ("debug", chatter + ["kept"])):
+            stream = io.StringIO()
+            observer = make_observer(level, "text", stream)
+            for text in chatter + ["kept"]:
+                observer(self.legacy(text))
+            lines = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
+            self.assertEqual(lines, expected, level)
+
+
 class SyslogInjectionTests(unittest.TestCase):
     """A peer's words inside a message (a certificate name, an error text)
     cannot start a syslog record of their own."""

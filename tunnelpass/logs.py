@@ -46,7 +46,8 @@ _UDP_SOCKET_CHATTER = re.compile(r"^(tunnelpass-udp-session \(UDP\) starting on 
 def _demote_socket_chatter(level: LogLevel):
     def predicate(event) -> PredicateResult:
         if level > LogLevel.debug and event.get("log_namespace") == "log_legacy":
-            text = formatEvent(event)
+            message = event.get("message")  # log.msg's arguments: cheaper than formatting the event
+            text = " ".join(map(str, message)) if message else formatEvent(event)
             if _UDP_SOCKET_CHATTER.match(text) or text.startswith("tunnelpass-udp-session starting on"):
                 return PredicateResult.no
         return PredicateResult.maybe
