@@ -142,3 +142,25 @@ class LiteralTargetTests(unittest.TestCase):
         self.assertEqual(dialer.resolved, 0)
         self.assertEqual(reactor.ports[0].connected_to, ("::1", 53))
         self.assertEqual(interfaces, ["::1"])
+
+
+class GateTests(CollectorOff):
+    def test_closed_tunnel_port_connection_freed(self):
+        """A connection to the tunnel port that ends before its first
+        frame: the gate and its admission ticket go with the last
+        reference; after a first frame, the gate lets go of its delegate."""
+        from tests.test_server import connect, make_server
+
+        server = make_server()
+        gate, transport = connect(server)
+        self.assertIsNotNone(gate.ticket)
+        freed = weakref.ref(gate)
+        gate.connectionLost(Failure(ConnectionError("gone")))
+        del gate
+        transport.protocol = None
+        self.assertIsNone(freed(), "the gate is freed by reference counting")
+
+        gate, transport = connect(server)
+        gate.dataReceived(b"\x00\x05bogus")
+        gate.connectionLost(Failure(ConnectionError("gone")))
+        self.assertEqual((gate.delegate, gate.ticket), (None, None))
