@@ -32,7 +32,7 @@ LOAD_TESTS := tests.e2e.test_udp_tunnel_e2e.SessionChurnTests tests.e2e.test_adm
 
 test: $(STAMP)
 	@status=0; \
-	TUNNELPASS_TEST_PHASE=parallel $(PY) -m twisted.trial -j$(JOBS) tests || status=1; \
+	TP_TEST_PHASE=parallel $(PY) -m twisted.trial -j$(JOBS) tests || status=1; \
 	$(PY) -m twisted.trial $(LOAD_TESTS) || status=1; \
 	exit $$status
 

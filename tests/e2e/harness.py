@@ -78,8 +78,10 @@ _HANDED_OUT: set[int] = set()
 
 
 #: ``make test`` runs the suite in two phases: ``trial -j2`` over everything
-#: with this variable set to ``parallel``, then the load tests alone.
-PHASE_VARIABLE = "TUNNELPASS_TEST_PHASE"
+#: with this variable set to ``parallel``, then the load tests alone.  (Not
+#: ``TUNNELPASS_*``: twistd subprocesses inherit it, and tunnelpass refuses
+#: an unknown ``TUNNELPASS_`` variable.)
+PHASE_VARIABLE = "TP_TEST_PHASE"
 
 
 def load_test(cls):
