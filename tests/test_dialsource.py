@@ -133,6 +133,24 @@ class RelayDialTests(unittest.TestCase):
         self.accept(factory)
         self.assertEqual(len(self.lookups.queries), 2)
 
+    def test_a_name_none_of_whose_addresses_answer_is_looked_up_again(self):
+        """A connect that fails at every cached address drops the entry, so
+        a name moved by DNS failover is not dialled at its old address for
+        the rest of the TTL."""
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.python.failure import Failure
+
+        factory = self.factory("db.example")
+        self.accept(factory)
+        self.lookups.answer(["127.0.0.3"])
+        self.reactor.advance(0.5)
+        host, port, client_factory, _, _ = self.reactor.tcpClients[0]
+        client_factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.reactor.advance(0.5)
+        self.assertEqual(factory.stats.connect_failures, 1)
+        self.accept(factory)
+        self.assertEqual(len(self.lookups.queries), 2, "asked again at once, within the TTL")
+
     def test_name_of_the_other_family_is_a_connect_failure(self):
         factory = self.factory("v6only.example", "127.0.0.2")
         inbound, transport = self.accept(factory)

@@ -187,6 +187,10 @@ class Dialer:
         def connect(addresses):
             endpoint = HostnameEndpoint(_Resolved(self.reactor, addresses), host, port, timeout=timeout,
                                         bindAddress=self.bind_address)
-            return endpoint.connect(factory)
+            return endpoint.connect(factory).addErrback(unreachable)
+
+        def unreachable(reason):
+            self.cache.forget(host)  # every cached address failed: ask again next time
+            return reason
 
         return self.addresses(host).addCallback(connect)

@@ -101,6 +101,12 @@ class NameCache:
                                                       callbackArgs=(key,), errbackArgs=(key,))
         return waiter
 
+    def forget(self, host: str) -> None:
+        """Drop *host*'s cached answer: none of its addresses answered, and
+        a name that moved (DNS failover) must not be dialled at its old
+        address until the TTL runs out."""
+        self._entries.pop(host.lower().rstrip("."), None)
+
     def _answered(self, addresses, key: str) -> None:
         addresses = list(addresses)
         if not addresses:
