@@ -9,7 +9,8 @@ from values that are already valid.
 
 Every option may also come from the environment as ``TUNNELPASS_<OPTION>``
 (``--max-conns`` -> ``TUNNELPASS_MAX_CONNS``), and some as NodePass's
-``NP_*`` names; a flag on the command line wins over the environment.
+``NP_*`` names (:mod:`tunnelpass.envoptions`); a flag on the command line
+wins over the environment.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tunnelpass.dialsource import check_target, parse_dial
 from tunnelpass.proxyaccept import parse_networks
 from tunnelpass.block import parse_block
 from tunnelpass.ratelimit import parse_rate
+from tunnelpass.envoptions import environment_arguments
 from tunnelpass.optionerrors import USAGE_ERROR, keyless_client_message, traffic_forwarder_hint, usage_line
 from tunnelpass.tls import parse_pin
 from tunnelpass.hostaddrs import parse_public_address
@@ -42,7 +44,6 @@ from tunnelpass.urls import KEY_RULE, check_key, parse_address, parse_targets, p
 
 MODES = ("server", "client", "forward", "master")
 AVAILABLE_MODES = ("server", "client", "forward")
-ENV_PREFIX = "TUNNELPASS_"
 
 _count = lambda v: parse_count(v, 1, 1_000_000)  # noqa: E731
 _duration_or_off = parse_duration  # 0 means "off" where documented
@@ -114,20 +115,8 @@ def _heartbeat(text: str) -> float:
     return seconds
 
 #: Flags (no value) that the environment may set: TUNNELPASS_WEAK_KEY=1.
-_FLAG_VALUES = {"0": False, "1": True, "false": False, "true": True}
 _FLAGS = ("weak-key",)
 
-#: NodePass environment variables -> options (NodePass users keep their setup).
-NP_ALIASES = {
-    "NP_SEMAPHORE_LIMIT": "slot",
-    "NP_POOL_GET_TIMEOUT": "pool-timeout",
-    "NP_REPORT_INTERVAL": "report-interval",
-    "NP_SHUTDOWN_TIMEOUT": "shutdown-timeout",
-    "NP_RELOAD_INTERVAL": "reload-interval",
-    "NP_TCP_DIAL_TIMEOUT": "connect-timeout",
-    "NP_HANDSHAKE_TIMEOUT": "handshake-timeout",
-    "NP_FALLBACK_INTERVAL": "fallback-interval",
-}
 
 
 class Options(usage.Options):
@@ -216,7 +205,7 @@ class Options(usage.Options):
             hint = traffic_forwarder_hint(argv)
             if hint:
                 raise usage.UsageError(hint)
-            super().parseOptions(environment_arguments(os.environ) + self._url_last(argv))
+            super().parseOptions(environment_arguments(os.environ, _PARSERS, _FLAGS) + self._url_last(argv))
         except usage.UsageError as e:
             if getattr(self, "parent", None) is None:
                 raise
@@ -370,42 +359,6 @@ class Options(usage.Options):
                 raise usage.UsageError(f"URL: {e}") from None
             for name, value in url_options.items():
                 self[name] = value
-
-
-def environment_arguments(environ) -> list[str]:
-    """``TUNNELPASS_*`` variables as command-line arguments (placed first, so
-    flags given on the command line override them)."""
-    known = {ENV_PREFIX + name.upper().replace("-", "_"): name for name in (*_PARSERS, *_FLAGS)}
-    arguments = []
-    for variable in sorted(environ):
-        if variable in NP_ALIASES:
-            name = NP_ALIASES[variable]
-            value = environ[variable]
-            try:
-                _PARSERS[name](value)
-            except ValueError as e:
-                raise usage.UsageError(f"environment variable {variable} (--{name}): {e}") from None
-            arguments.append(f"--{name}={value}")
-            continue
-        if not variable.startswith(ENV_PREFIX):
-            continue
-        name = known.get(variable)
-        if name is None:
-            raise usage.UsageError(
-                f"unknown environment variable {variable}; known: {', '.join(sorted(known))}"
-            )
-        value = environ[variable]
-        if name in _FLAGS:
-            if value.lower() not in _FLAG_VALUES:
-                raise usage.UsageError(f"environment variable {variable}: use 1 or 0")
-            arguments += [f"--{name}"] if _FLAG_VALUES[value.lower()] else []
-            continue
-        try:
-            _PARSERS[name](value)
-        except ValueError as e:
-            raise usage.UsageError(f"environment variable {variable}: {e}") from None
-        arguments.append(f"--{name}={value}")
-    return arguments
 
 
 def _is_ip(host: str) -> bool:
