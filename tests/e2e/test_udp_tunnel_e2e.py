@@ -253,6 +253,10 @@ class SessionChurnTests(unittest.TestCase):
                         server_args=["--metrics", f"tcp:{ports['server']}:interface=127.0.0.1"],
                         client_args=["--min-pool", "64",  # the default (the harness asks for 8)
                                      "--metrics", f"tcp:{ports['client']}:interface=127.0.0.1"])
+        # The burst starts on a filled pool (--min-pool 64, as an instance
+        # that has been up for a few seconds has): what is measured is how
+        # the session tables absorb churn, not how fast a cold pool grows.
+        tunnel.wait_pool(at_least=64)
         sampler = MetricsSampler(ports)
         # The load and the echo backend run in this (trial) process, which by
         # now holds the whole suite's objects: a full collection mid-burst
