@@ -89,6 +89,26 @@ class TLSReasonTests(unittest.TestCase):
         self.assertIn("issued by CN=tunnelpass test CA", reason)
         self.assertIn(f"--ca {other}", reason)
 
+    def test_private_ca_against_the_system_roots(self):
+        """No --ca (the system's roots, the documented default) and a
+        server certificate from a private CA: a reason, not a crash."""
+        reason = self.failure(2, tlsmod.verified_client_creator("localhost", None), self.signed, ca=None,
+                              sni="localhost")
+        self.assertIn("certificate not signed by a trusted CA: issued by", reason)
+
+    def test_a_failure_to_explain_is_still_a_reason(self):
+        """Explaining runs inside the client's connection-lost path: if it
+        ever raises, the client still logs a reason and backs off."""
+        from tunnelpass import reachlog
+
+        def broken(*args):
+            raise AttributeError("no such thing")
+
+        self.patch(reachlog, "describe_tls_failure", broken)
+        reason = self.failure(1, tlsmod.PinnedClientCreator(b"\xab" * 32), self.self_signed, pin=b"\xab" * 32)
+        self.assertIn("TLS handshake with the server failed:", reason)
+        self.assertIn("(not explained: AttributeError)", reason)
+
     def test_hostname_mismatch_names_both(self):
         reason = self.failure(2, tlsmod.verified_client_creator("tunnel.example.net", self.ca_path), self.signed,
                               ca=self.ca_path, sni="tunnel.example.net")

@@ -122,8 +122,11 @@ def handshake_failure(control, attempt_level: int, levels, settings) -> Verdict:
     if attempt_level:
         handle = control.transport.getHandle() if control.transport is not None else None
         expected = Expected(attempt_level, settings.pin, settings.sni or settings.server_host, settings.ca)
-        return Verdict(reason="TLS handshake with the server failed: " + describe_tls_failure(lost, handle, expected),
-                       back_off=True)
+        try:
+            why = describe_tls_failure(lost, handle, expected)
+        except Exception as e:  # explaining must never break the retry loop
+            why = f"{_message(lost) if lost is not None else 'connection closed'} (not explained: {type(e).__name__})"
+        return Verdict(reason="TLS handshake with the server failed: " + why, back_off=True)
     text = _message(lost) if lost is not None else "connection closed"
     return Verdict(reason=f"the server closed the connection during the handshake ({text})", back_off=True)
 

@@ -18,6 +18,7 @@ reason.  Pure apart from reading the ``--ca`` file: no network, no clock.
 from __future__ import annotations
 
 import datetime
+import ssl
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -95,7 +96,11 @@ def _untrusted_reason(chain: list[x509.Certificate], ca: str | None) -> str | No
     or None if it verifies now."""
     store = crypto.X509Store()
     if ca is None:
-        store.set_default_paths()
+        paths = ssl.get_default_verify_paths()  # what the handshake trusted: the system's roots
+        try:
+            store.load_locations(paths.cafile, paths.capath)
+        except crypto.Error:
+            return "not trusted by the system's CA certificates (give --ca with the issuing CA)"
     else:
         try:
             with open(ca, "rb") as f:
