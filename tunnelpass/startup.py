@@ -274,7 +274,40 @@ class StartupWatch:
         self.fail()
 
 
-def guard_start(start, what: str) -> None:
+class Launcher:
+    """The ``twistd`` that forked this daemon (no ``-n``) waits on a status
+    pipe until its child reports: it exits 0 on ``"0"``, 1 with the message
+    otherwise, and waits forever if nothing comes (it keeps the pipe's
+    write end).  twistd reports only for an ``Exception`` out of the start;
+    a failed start ends with ``SystemExit``, so it is reported here, and the
+    pid file twistd would have removed goes too.  *config*: twistd's options
+    (``statusPipe`` appears there once it has forked), or None."""
+
+    def __init__(self, config=None):
+        self.config = config
+
+    def failed(self, message: str) -> None:
+        config = self.config
+        if config is None:
+            return
+        pipe = config.get("statusPipe")
+        if pipe is not None:
+            config["statusPipe"] = None
+            try:
+                # twistd's own format: "1 " and the message, 100 bytes at most.
+                os.write(pipe, b"1 " + message.encode("utf-8", "replace")[:98])
+                os.close(pipe)
+            except OSError:
+                pass
+        pidfile = config.get("pidfile")
+        if pipe is not None and pidfile:
+            try:
+                os.remove(pidfile)
+            except OSError:
+                pass
+
+
+def guard_start(start, what: str, launcher: Launcher | None = None) -> None:
     """Run a root service's *start* step; a failure becomes one critical
     ``startup_failed`` line and ``SystemExit(1)`` (twistd lets a
     SystemExit end the process quietly; anything else prints a traceback).
@@ -289,10 +322,13 @@ def guard_start(start, what: str) -> None:
         if isinstance(e.code, str):
             reason = e.code[len("tunnelpass: "):] if e.code.startswith("tunnelpass: ") else e.code
             log.critical("tunnelpass: {reason}", reason=reason, event="startup_failed", stage=what)
+            (launcher or Launcher()).failed(f"tunnelpass: {reason}")
             raise SystemExit(STARTUP_FAILED) from None
+        (launcher or Launcher()).failed(f"tunnelpass: startup failed (exit status {e.code})")
         raise
     except Exception as e:
         log.failure("startup failed in {stage}", level=LogLevel.debug, stage=what)
         log.critical("tunnelpass: startup failed: {reason}", reason=describe(e), event="startup_failed",
                      stage=what)
+        (launcher or Launcher()).failed(f"tunnelpass: startup failed: {describe(e)}")
         raise SystemExit(STARTUP_FAILED) from None

@@ -20,7 +20,7 @@ from tunnelpass.options import Options, split_address, split_targets
 from tunnelpass.rules import MAX_FILE_BYTES as RULES_FILE_BYTES, Limits, RulesError
 from tunnelpass.dialsource import Dialer, check_target
 from tunnelpass.ratelimit import RateLimiter
-from tunnelpass.startup import StartupError, StartupWatch, check_files, guard_start, read_file
+from tunnelpass.startup import Launcher, StartupError, StartupWatch, check_files, guard_start, read_file
 from tunnelpass.urls import KEY_ADVICE, key_weakness
 
 __all__ = ["Options", "makeService"]  # what twistd's ServiceMaker("tunnelpass", "tunnelpass.tap") uses
@@ -35,10 +35,11 @@ class TunnelpassService(MultiService):
     (:func:`tunnelpass.logs.make_observer`): the destination stays
     twistd's, the level filter and the format are tunnelpass's."""
 
-    def __init__(self, observer, reactor=None):
+    def __init__(self, observer, reactor=None, launcher=None):
         super().__init__()
         self.observer = observer
         self.reactor = reactor
+        self.launcher = launcher or Launcher()
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
@@ -58,12 +59,12 @@ class TunnelpassService(MultiService):
 
     def privilegedStartService(self):
         self._privileged = True
-        guard_start(super().privilegedStartService, "privilegedStartService")
+        guard_start(super().privilegedStartService, "privilegedStartService", self.launcher)
 
     def startService(self):
         if not self._privileged:
             self.privilegedStartService()
-        guard_start(super().startService, "startService")
+        guard_start(super().startService, "startService", self.launcher)
         if self.reactor is not None:
             StartupWatch(self.reactor).start()  # after the children's callWhenRunning
 
@@ -76,8 +77,9 @@ def makeService(options, reactor=None):
     except StartupError as e:
         raise SystemExit(f"tunnelpass: {e}") from None
     connlog.TRACING.enabled = options["log"] == "debug"
-    root = TunnelpassService(make_observer(options["log"], options["log-format"], twistd=twistd_options(options)),
-                             reactor)
+    twistd = twistd_options(options)
+    root = TunnelpassService(make_observer(options["log"], options["log-format"], twistd=twistd), reactor,
+                             Launcher(twistd))
     if options["mode"] in ("server", "client"):
         make = _server_service if options["mode"] == "server" else _client_service
         service = make(options, reactor)

@@ -120,6 +120,24 @@ class LogDestinationTests(unittest.TestCase):
         self.assertNotIn("listening on", read(os.path.join(self.dir, "stdout")))
 
 
+    def test_daemon_that_cannot_start_tells_its_launcher(self):
+        """A daemon whose start fails after the fork (a port in use) makes
+        the launching twistd exit 1 with the line, and removes its pid file;
+        twistd's launcher would otherwise wait on its status pipe forever."""
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", self.port))
+        blocker.listen()
+        log, pidfile = os.path.join(self.dir, "daemon.log"), os.path.join(self.dir, "daemon.pid")
+        launcher = self.twistd("--pidfile", pidfile, "--logfile", log)
+        self.addCleanup(_kill_from_pidfile, pidfile)
+        self.assertEqual(launcher.wait(15), 1)
+        said = read(os.path.join(self.dir, "stdout"))
+        self.assertIn(f"tunnelpass: cannot listen on 127.0.0.1:{self.port}/tcp: Address already in use", said)
+        self.assertIn("cannot listen on", read(log))
+        wait_until(lambda: not os.path.exists(pidfile), 5, what="the pid file to go")
+
+
 class TunnelTraceTests(unittest.TestCase):
     def test_both_sides_trace_a_connection(self):
         """Receive flow at --log debug: the server logs the user's accept, its
