@@ -40,6 +40,69 @@ class RetryPolicyTests(unittest.TestCase):
         self.assertTrue(all(client._retry_delay(n) <= RETRY_CAP for n in range(1, 60)))
 
 
+    def test_a_refused_key_or_a_ban_backs_off_to_the_slow_cap(self):
+        """The server refused the key, or turned the client away: retrying
+        every few seconds cannot help and keeps a ban alive."""
+        from tunnelpass.reachlog import SLOW_RETRY_CAP
+
+        client = TunnelClient(ClientSettings("127.0.0.1", 1, "127.0.0.1", 2, key=KEY), MemoryReactorClock())
+        client._slow = True
+        delays = [client._retry_delay(n) for n in range(1, 12)]
+        self.assertTrue(all(d <= SLOW_RETRY_CAP for d in delays))
+        self.assertGreater(max(delays), RETRY_CAP * 4, delays)
+
+    def test_a_replaced_session_pauses_before_reconnecting(self):
+        from tunnelpass.reachlog import REPLACED_PAUSE
+
+        client = TunnelClient(ClientSettings("127.0.0.1", 1, "127.0.0.1", 2, key=KEY), MemoryReactorClock())
+        client._pause_next = REPLACED_PAUSE
+        self.assertGreaterEqual(client._retry_delay(1), REPLACED_PAUSE * 0.8)
+        self.assertLessEqual(client._retry_delay(1), RETRY_CAP, "once")
+
+
+class SessionEndTests(unittest.TestCase):
+    def lost(self, running: bool, reason=None):
+        client = TunnelClient(ClientSettings("127.0.0.1", 1, "127.0.0.1", 2, key=KEY), MemoryReactorClock())
+
+        class Control:
+            session = object()
+            close_reason = reason
+
+        client.running = running
+        client.control = control = Control()
+        with capturedLogs() as events:
+            client.control_lost(control)
+        [event] = [e for e in events if e.get("event") == "client_disconnected"]
+        return event["log_level"], formatEvent(event), client
+
+    def test_a_stop_is_not_a_warning(self):
+        self.assertEqual(self.lost(running=False)[0], LogLevel.info)
+        self.assertEqual(self.lost(running=True)[0], LogLevel.warn)
+
+    def test_replaced_by_another_client_pauses_and_says_why(self):
+        level, text, client = self.lost(True, "peer closed: replaced by a newer session")
+        self.assertEqual(level, LogLevel.warn)
+        self.assertIn("another client uses this key", text)
+        self.assertGreater(client._pause_next, 0)
+
+
+class VerdictKindTests(unittest.TestCase):
+    def test_refused_key_and_turned_away_are_slow(self):
+        from tunnelpass.handshake import AUTH_FAILED
+        from tunnelpass.reachlog import TRY_LATER, handshake_failure
+
+        class Control:
+            close_reason = "peer refused: too many wrong keys from this address; try again in 59 s"
+            lost_reason = None
+            transport = None
+
+        for code in (AUTH_FAILED, TRY_LATER):
+            control = Control()
+            control.close_code = code
+            verdict = handshake_failure(control, 0, None, None)
+            self.assertTrue(verdict.slow and verdict.back_off, code)
+
+
 class ConnectFailureTests(unittest.TestCase):
     def test_each_reason_in_words(self):
         cases = [
@@ -90,6 +153,14 @@ class ReachabilityTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.reach = Reachability(self.clock, Logger(namespace="test"), "127.0.0.2:10101")
+
+    def test_a_countdown_in_the_reason_is_the_same_reason(self):
+        with capturedLogs() as events:
+            for left in (59, 37, 12):
+                self.reach.failed(f"handshake with the server failed: peer refused: too many wrong keys; "
+                                  f"try again in {left} s")
+                self.reach.retrying(1.0)
+        self.assertEqual(len(events), 1, [formatEvent(e) for e in events])
 
     def test_once_per_change_of_reason_then_one_line_when_back(self):
         with capturedLogs() as events:

@@ -47,7 +47,7 @@ from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
 from tunnelpass.handshake import FLOWS
 from tunnelpass.pool import IdlePool
 from tunnelpass.probe import start_probe
-from tunnelpass.reachlog import Reachability, ReconnectingService, handshake_failure
+from tunnelpass.reachlog import REPLACED_PAUSE, Reachability, ReconnectingService, handshake_failure
 from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.rules import Limits
@@ -242,6 +242,7 @@ class TunnelClient(ServerConnecting, PoolKeeping, Service):
         self.levels.succeeded(level)
         self.session_level = level
         self.failures = 0
+        self._slow = False
         self.reach.connected()
         self.control, self.session = control, control.session
         peer = control.transport.getPeer()
@@ -325,10 +326,17 @@ class TunnelClient(ServerConnecting, PoolKeeping, Service):
             if verdict.reason:
                 self.reach.failed(verdict.reason)
             self.failures += verdict.back_off
+            self._slow = verdict.slow
             self._retry_now = self._retry_now or verdict.retry_now
         if control is self.control:
-            self.log.warn("lost the server: {reason}", reason=control.close_reason or "connection closed",
-                          event="client_disconnected")
+            reason = control.close_reason or "connection closed"
+            if "replaced" in reason:
+                # Another client holds this key: do not take the session
+                # straight back (the server reports the fight either way).
+                self._pause_next = REPLACED_PAUSE
+                reason += f"; another client uses this key (reconnecting in about {REPLACED_PAUSE:g} s)"
+            log = self.log.warn if self.running else self.log.info  # a stop is not a failure
+            log("lost the server: {reason}", reason=reason, event="client_disconnected")
             self.reach.lost()
             self.control = self.session = None
             self.flush_pool()

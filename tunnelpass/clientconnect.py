@@ -16,6 +16,7 @@ service module holds the session, the listeners and the stop.
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
 from twisted.internet.endpoints import HostnameEndpoint
@@ -23,7 +24,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.reachlog import retry_delay
+from tunnelpass.reachlog import RETRY_CAP, SLOW_RETRY_CAP, retry_delay
 from tunnelpass.reachlog import connect_failure as reachlog_connect_failure
 from tunnelpass.settings import format_address
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint
@@ -103,8 +104,20 @@ class ServerConnecting:
         self._creators[2] = creator
         self.log.info("SIGHUP: reloaded --ca {path}", path=s.ca, event="ca_reloaded")
 
+    #: Set by the client: the last attempt's key was refused or its source
+    #: turned away (back off up to SLOW_RETRY_CAP), and a pause to keep
+    #: before the next attempt (after another client took the session).
+    _slow = False
+    _pause_next = 0.0
+
     def _retry_delay(self, attempts: int) -> float:
-        delay = 0.0 if self._retry_now else retry_delay(attempts + self.failures)
+        if self._retry_now:
+            delay = 0.0
+        else:
+            delay = retry_delay(attempts + self.failures, cap=SLOW_RETRY_CAP if self._slow else RETRY_CAP)
+        if self._pause_next:
+            delay = max(delay, self._pause_next * (0.8 + 0.4 * random.random()))
+            self._pause_next = 0.0
         self._retry_now = False
         self.reach.retrying(delay)
         return delay

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import random
+import re
 from dataclasses import dataclass
 
 from twisted.application.internet import ClientService
@@ -36,6 +37,14 @@ from tunnelpass.tlsreason import Expected, describe_tls_failure
 
 RETRY_INITIAL = 0.5
 RETRY_CAP = 3.0
+#: After the server refused the key or turned the client away (a ban):
+#: retrying every few seconds cannot help and keeps the ban alive.
+SLOW_RETRY_CAP = 30.0
+#: After another client with the same key took the session over: a pause,
+#: so that two clients fighting over one key do not swap it every second.
+REPLACED_PAUSE = 5.0
+#: ERROR code of a server turning a control connection away (docs/protocol.rst).
+TRY_LATER = 8
 _LEVEL_BY_CODE = {code: level for level, code in TLS_REQUIRED.items()}
 
 
@@ -88,6 +97,7 @@ class Verdict:
     note: str | None = None  # an info line (the level learnt from the server)
     back_off: bool = False  # will not change by itself: count it towards the backoff
     retry_now: bool = False  # retry at once (a plain HELLO answered by a TLS server)
+    slow: bool = False  # the key was refused (or its source banned): back off up to SLOW_RETRY_CAP
 
 
 def handshake_failure(control, attempt_level: int, levels, settings) -> Verdict:
@@ -113,7 +123,10 @@ def handshake_failure(control, attempt_level: int, levels, settings) -> Verdict:
         return Verdict(reason=text, back_off=True)
     if code == AUTH_FAILED:
         return Verdict(reason="authentication failed: the server refused our key, or a man in the middle "
-                              f"presented another certificate ({control.close_reason})", back_off=True)
+                              f"presented another certificate ({control.close_reason})", back_off=True, slow=True)
+    if code == TRY_LATER:  # turned away: banned after wrong keys, or the server's handshake cap is full
+        return Verdict(reason=f"handshake with the server failed: {control.close_reason}", back_off=True,
+                       slow=True)
     if code == BAD_VERSION:
         return Verdict(reason=f"protocol version mismatch: {control.close_reason}", back_off=True)
     if control.close_reason is not None:
@@ -129,6 +142,10 @@ def handshake_failure(control, attempt_level: int, levels, settings) -> Verdict:
         return Verdict(reason="TLS handshake with the server failed: " + why, back_off=True)
     text = _message(lost) if lost is not None else "connection closed"
     return Verdict(reason=f"the server closed the connection during the handshake ({text})", back_off=True)
+
+
+def _same_words(reason: str) -> str:
+    return re.sub(r"\d+(\.\d+)?", "#", reason)
 
 
 class Reachability:
@@ -155,11 +172,12 @@ class Reachability:
 
     def retrying(self, delay: float) -> None:
         """The next attempt starts in *delay* seconds: log the last failure
-        if its reason differs from the one logged before."""
+        if its reason differs from the one logged before (numbers aside: a
+        ban's "try again in 59 s" is the same reason as "... 37 s")."""
         reason, self._pending = self._pending, None
-        if reason is None or reason == self._logged:
+        if reason is None or _same_words(reason) == self._logged:
             return
-        self._logged = reason
+        self._logged = _same_words(reason)
         self.log.warn("cannot reach the server at {server}: {reason} (attempt {attempt}, next retry in "
                       "{retry_in:.1f}s)", server=self.server, reason=reason, attempt=self.attempts,
                       retry_in=delay, event="server_unreachable")
