@@ -523,3 +523,14 @@ class URLPlacementTests(unittest.TestCase):
         with self.assertRaises(usage.UsageError) as cm:
             parse(["server://:1/:2", "--log", "debug", "server://:3/:4"])
         self.assertIn("one URL at most", str(cm.exception))
+
+
+class NodePassSNITests(unittest.TestCase):
+    def test_url_sni(self):
+        options = parse(["client://Zx8-kq2Lm9PvT4rW@127.0.0.1:10101/127.0.0.1:8080?tls=2&sni=tunnel.example"])
+        self.assertEqual(options["sni"], "tunnel.example")
+
+    def test_url_errors_say_url_once(self):
+        with self.assertRaises(usage.UsageError) as cm:
+            parse(["server://:1/:2?type=3"])
+        self.assertTrue(str(cm.exception).startswith("URL query type=3:"), str(cm.exception))

@@ -356,7 +356,8 @@ class Options(usage.Options):
             try:
                 url_options = parse_url(args[0])
             except ValueError as e:
-                raise usage.UsageError(f"URL: {e}") from None
+                text = str(e)
+                raise usage.UsageError(text if text.startswith("URL") else f"URL: {text}") from None
             for name, value in url_options.items():
                 self[name] = value
 

@@ -44,6 +44,7 @@ QUERY_OPTIONS = {
     "dns": "dns",
     "lbs": "lbs",
     "block": "block",
+    "sni": "sni",
 }
 
 #: NodePass URL parts tunnelpass does not have yet (they are planned): a
