@@ -204,6 +204,7 @@ class MetricsService(Service):
         root.putChild(b"metrics", _MetricsPage(registry))
         site = Site(root)
         site.noisy = False
+        site.log = lambda request: None  # no access-log line per scrape (one every 15 s is noise)
         try:
             endpoint = serverFromString(self.reactor, self.description)
         except (ValueError, KeyError, TypeError) as e:

@@ -12,8 +12,8 @@ class MetricsTests(unittest.TestCase):
     def test_forwarder_metrics(self):
         echo = TCPServer(self)
         port, metrics = free_port(), free_port()
-        Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {echo.port}\n",
-                  "--metrics", f"tcp:{metrics}:interface=127.0.0.1")
+        forwarder = Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {echo.port}\n",
+                              "--metrics", f"tcp:{metrics}:interface=127.0.0.1")
         self.assertEqual(tcp_round_trip(port, b"12345"), b"12345")
         labels = (("listener", f"127.0.0.1:{port}/tcp"), ("remote", f"127.0.0.1:{echo.port}"))
         wait_until(lambda: scrape(metrics).get(("tunnelpass_bytes_out_total", labels)) == 5, 10,
@@ -23,6 +23,7 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(samples[("tunnelpass_connections_accepted_total", labels)], 1)
         self.assertEqual(samples[("tunnelpass_reloads_total", ())], 0)
         self.assertNotIn(("tunnelpass_rate_limited_total", ()), samples, "no --rate, no rate metrics")
+        self.assertNotIn("GET /metrics", forwarder.log(), "no access-log line per scrape")
 
     def test_tunnel_metrics(self):
         server_metrics, client_metrics = free_port(), free_port()
