@@ -204,7 +204,8 @@ class TunnelClient(ServerConnecting, PoolKeeping, Service):
         self._every(1.0, self.fill)
         self.log.info("client running: server {server} ({dial_reason}), target {target}", event="client_running",
                       server=format_address(s.server_host, s.server_port), dial_reason=s.dial_reason,
-                      target=format_address(s.target_host, s.target_port))
+                      target=",".join(format_address(host, port) for host, port in s.targets)
+                      or format_address(s.target_host, s.target_port))
         self.descriptors.log_pool_bound(s.max_pool)
 
     def _every(self, interval, function) -> None:
