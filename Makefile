@@ -33,7 +33,7 @@ LOAD_TESTS := tests.e2e.test_udp_tunnel_e2e.SessionChurnTests tests.e2e.test_adm
 test: $(STAMP)
 	@status=0; \
 	TP_TEST_PHASE=parallel $(PY) -m twisted.trial -j$(JOBS) tests || status=1; \
-	$(PY) -m twisted.trial $(LOAD_TESTS) || status=1; \
+	$(PY) -m twisted.trial --temp-directory=_trial_temp_load $(LOAD_TESTS) || status=1; \
 	exit $$status
 
 bench: bench-forward bench-tunnel bench-udp
@@ -54,4 +54,4 @@ fuzz: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) _trial_temp build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) _trial_temp _trial_temp_load build *.egg-info twisted/plugins/dropin.cache
