@@ -112,6 +112,20 @@ def can_connect(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def udp_bound(port: int) -> bool:
+    """Whether some socket on this host is bound to UDP *port* (from /proc:
+    a UDP listener cannot be probed without starting a session)."""
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as f:
+                rows = f.readlines()[1:]
+        except OSError:
+            continue
+        if any(int(row.split()[1].rsplit(":", 1)[1], 16) == port for row in rows):
+            return True
+    return False
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

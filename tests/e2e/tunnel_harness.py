@@ -10,7 +10,7 @@ import ssl
 import threading
 
 from tests.certs import ca_signed, write_pem
-from tests.e2e.harness import TCPServer, Twistd, can_connect, free_port, wait_until
+from tests.e2e.harness import TCPServer, Twistd, can_connect, free_port, udp_bound, wait_until
 
 KEY = "e2e-tunnel-key-0123456789abcdef"
 
@@ -90,8 +90,13 @@ class Tunnel:
         self.client = Twistd(self.testcase, self.client_argv(tunnel_port), ready=ready, directory=self.dir,
                              prefix=self.prefix)
         if ready == "connected to":
-            if "--no-tcp" not in self.server_args + self.client_args:
+            carried = self.server_args + self.client_args
+            if "--no-tcp" not in carried:
                 wait_until(lambda: can_connect(self.entry), 10, what="the tunnel entry port")
+            if "--no-udp" not in carried:
+                # The UDP entry is bound just after the TCP one: a datagram
+                # sent in between (a loaded machine) would be lost.
+                wait_until(lambda: udp_bound(self.entry), 10, what="the tunnel's UDP entry port")
             self.wait_pool()
         return self.client
 
