@@ -314,7 +314,7 @@ class WatchTests(unittest.TestCase):
         self.reactor.running = True
         startup.exit_after_stop(self.reactor)
         self.assertTrue(self.reactor.hasStopped)
-        self.assertEqual(registered, [(startup._exit_now, 1)])
+        self.assertEqual(registered, [(startup.exit_now, 1)])
 
 
 class FailureDescriptionTests(unittest.TestCase):

@@ -16,6 +16,8 @@ from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from tunnelpass.settings import is_ip_literal
+
 PREFIX = "tunnelpass_"
 
 #: ListenerStats field -> (metric name, kind, help).  Counters are exposed
@@ -100,7 +102,7 @@ def parse_metrics_address(text: str) -> str:
             raise ValueError(f"{text!r}: {host} in brackets is not an IPv6 address")
         return f"tcp6:{_port(port)}:interface={str(address).replace(':', chr(92) + ':')}"
     host, sep, port = text.rpartition(":")
-    if sep and port.isdigit() and (not host or host.lower() == "localhost" or _is_ip(host)):
+    if sep and port.isdigit() and (not host or host.lower() == "localhost" or is_ip_literal(host)):
         if not host:
             return f"tcp:{_port(port)}"
         if host.lower() == "localhost":
@@ -132,14 +134,6 @@ def _ip_literal(text: str):
         return ipaddress.ip_address(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address") from None
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class _Collector:

@@ -24,6 +24,7 @@ from tunnelpass.metrics import parse_metrics_address
 from tunnelpass.settings import (
     LOG_FORMATS,
     LOG_LEVELS,
+    is_ip_literal,
     parse_choice,
     parse_count,
     parse_duration,
@@ -296,7 +297,7 @@ class Options(usage.Options):
                 # An explicit --tunnel (flag, environment or URL) wins: the
                 # token's address is what the server guessed about itself.
                 self.dial_reason = f"--tunnel overrides the token's {token_address}"
-                if token["tls"] == 2 and self["sni"] is None and not _is_ip(token["host"]):
+                if token["tls"] == 2 and self["sni"] is None and not is_ip_literal(token["host"]):
                     self["sni"] = token["host"]  # the certificate still names the token's host
             self["key"] = token["key"]
             if token["pin"] is not None and self["pin"] is None:
@@ -360,16 +361,6 @@ class Options(usage.Options):
                 raise usage.UsageError(text if text.startswith("URL") else f"URL: {text}") from None
             for name, value in url_options.items():
                 self[name] = value
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _bracket(host: str) -> str:

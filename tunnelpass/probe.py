@@ -18,7 +18,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from tunnelpass.settings import format_address
+from tunnelpass.settings import format_address, is_ip_literal
 from tunnelpass.targets import STRATEGIES
 
 #: Probe every this many seconds when the report interval is 0 (off).
@@ -98,7 +98,7 @@ class LatencyProbe:
             self.result(index, self.clock.seconds() - started if connected else None)
 
         dialer = self.dialer
-        if _literal(host) and (dialer is None or dialer.fits(host)):
+        if is_ip_literal(host) and (dialer is None or dialer.fits(host)):
             self.in_flight[index] = self.reactor.connectTCP(
                 host, port, _ProbeFactory(done), timeout=self.timeout,
                 bindAddress=dialer.bind_address if dialer else None)
@@ -146,10 +146,6 @@ class LatencyProbe:
         return format_address(*self.group.targets[index])
 
 
-def _literal(host: str) -> bool:
-    from tunnelpass.relay import is_ip_literal
-
-    return is_ip_literal(host)
 
 
 def start_probe(reactor, groups: list, name: str, interval: float, timeout: float, clock=None, dialer=None):

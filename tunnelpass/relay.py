@@ -14,7 +14,6 @@ and the dial path are :mod:`tunnelpass.outbound`.
 
 from __future__ import annotations
 
-import ipaddress
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import NotConnectingError
@@ -31,7 +30,7 @@ from tunnelpass.proxyaccept import ProxyHeaderProtocol
 from tunnelpass.relayend import LegProducer, RelayEnd, cancel_resume, throttle
 from tunnelpass.targets import TargetGroup
 from tunnelpass.rules import Limits
-from tunnelpass.settings import format_address
+from tunnelpass.settings import format_address, is_ip_literal
 from tunnelpass.splice import SpliceRelay, can_splice
 from tunnelpass.stats import ListenerStats
 from tunnelpass.targetlog import TargetWarnings
@@ -41,14 +40,6 @@ REFUSAL_LOG_INTERVAL = 10.0
 #: Seconds a shutdown drain waits, after aborting what is left, for the
 #: aborts to run (so the RSTs go out) before it ends regardless.
 ABORT_GRACE = 0.5
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class InboundProtocol(RelayEnd, TimeoutMixin):

@@ -127,6 +127,15 @@ def _show(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_ip_literal(host: str) -> bool:
+    """Whether *host* is an IPv4 or IPv6 address (not a name to resolve)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def format_address(host: str, port: int) -> str:
     """``HOST:PORT``, with an IPv6 literal in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -58,6 +58,12 @@ def force_exit(reactor, status: int = 0) -> None:
             pass
         finally:
             sock.detach()  # the descriptor stays open (and is reset at exit)
+    exit_now(status)
+
+
+def exit_now(status: int) -> None:
+    """Flush standard output and error (the log) and end the process with
+    *status* at once, without Python's exit handlers."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

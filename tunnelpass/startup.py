@@ -29,10 +29,11 @@ import atexit
 import errno
 import os
 import stat
-import sys
 import tempfile
 
 from twisted.logger import Logger, LogLevel, globalLogPublisher
+
+from tunnelpass.signals import exit_now
 
 log = Logger(namespace="tunnelpass.startup")
 
@@ -222,17 +223,8 @@ def exit_after_stop(reactor, status: int = STARTUP_FAILED) -> None:
     """Stop the reactor (services stop in order, twistd removes its pid
     file and closes the log) and make the process exit with *status*:
     twistd itself would exit 0 after a plain ``reactor.stop()``."""
-    atexit.register(_exit_now, status)
+    atexit.register(exit_now, status)
     reactor.stop()
-
-
-def _exit_now(status: int) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(status)
 
 
 class StartupWatch:

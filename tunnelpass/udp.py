@@ -26,9 +26,10 @@ from tunnelpass.proxyproto import encode_v2
 from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
 from tunnelpass.targetlog import TargetWarnings
-from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
+from tunnelpass.relay import REFUSAL_LOG_INTERVAL
 from tunnelpass.rules import Limits
 from tunnelpass.sessiontable import ALL_ACTIVE, SessionTable
+from tunnelpass.settings import is_ip_literal
 from tunnelpass.stats import ListenerStats
 
 #: Largest datagram read from any socket (IPv4 payloads top out at 65507).

@@ -40,8 +40,9 @@ from twisted.internet.error import CannotListenError, InvalidAddressError
 from tunnelpass.codec import Type, encode_open
 from tunnelpass.datagrams import frame
 from tunnelpass.logs import Throttle
-from tunnelpass.relay import REFUSAL_LOG_INTERVAL, is_ip_literal
+from tunnelpass.relay import REFUSAL_LOG_INTERVAL
 from tunnelpass.sessiontable import SessionTable
+from tunnelpass.settings import is_ip_literal
 from tunnelpass.udp import MAX_DATAGRAM, PendingDatagrams, SessionListener
 from tunnelpass.udpstream import DatagramStream, _make_room, _note_refusal, _Session, log
 

@@ -336,9 +336,9 @@ def scrape(port: int) -> dict:
     return samples
 
 
-def tcp_round_trip(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+def tcp_round_trip(port: int, payload: bytes, timeout: float = 5.0, host: str = "127.0.0.1") -> bytes:
     """Send *payload*, half-close, read until EOF."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         chunks = []

@@ -9,13 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import threading
 import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import Twistd, _EchoHandler, _ThreadingTCP, free_port, wait_until
+from tests.e2e.harness import Twistd, _EchoHandler, _ThreadingTCP, free_port, tcp_round_trip, wait_until
 
 SERVER_HOST = "127.0.0.2"
 CLIENT_HOST = "127.0.0.3"
@@ -29,18 +28,6 @@ def echo_on(testcase, host: str) -> int:
     testcase.addCleanup(server.server_close)
     testcase.addCleanup(server.shutdown)
     return server.server_address[1]
-
-
-def round_trip(host: str, port: int, payload: bytes, timeout: float = 5.0) -> bytes:
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
 
 
 def token_body(token: str) -> dict:
@@ -107,7 +94,7 @@ class TwoMachinesTests(unittest.TestCase):
 
 def _try(host: str, port: int, payload: bytes, timeout: float = 2.0):
     try:
-        return round_trip(host, port, payload, timeout) or None
+        return tcp_round_trip(port, payload, timeout, host) or None
     except OSError:
         return None
 
