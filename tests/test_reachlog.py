@@ -61,12 +61,13 @@ class RetryPolicyTests(unittest.TestCase):
 
 
 class SessionEndTests(unittest.TestCase):
-    def lost(self, running: bool, reason=None):
+    def lost(self, running: bool, reason=None, code=None):
         client = TunnelClient(ClientSettings("127.0.0.1", 1, "127.0.0.1", 2, key=KEY), MemoryReactorClock())
 
         class Control:
             session = object()
             close_reason = reason
+            close_code = code
 
         client.running = running
         client.control = control = Control()
@@ -80,7 +81,9 @@ class SessionEndTests(unittest.TestCase):
         self.assertEqual(self.lost(running=True)[0], LogLevel.warn)
 
     def test_replaced_by_another_client_pauses_and_says_why(self):
-        level, text, client = self.lost(True, "peer closed: replaced by a newer session")
+        from tunnelpass.handshake import REPLACED
+
+        level, text, client = self.lost(True, "peer closed: replaced by a newer session", REPLACED)
         self.assertEqual(level, LogLevel.warn)
         self.assertIn("another client uses this key", text)
         self.assertGreater(client._pause_next, 0)
@@ -89,7 +92,8 @@ class SessionEndTests(unittest.TestCase):
 class VerdictKindTests(unittest.TestCase):
     def test_refused_key_and_turned_away_are_slow(self):
         from tunnelpass.handshake import AUTH_FAILED
-        from tunnelpass.reachlog import TRY_LATER, handshake_failure
+        from tunnelpass.handshake import TRY_LATER
+        from tunnelpass.reachlog import handshake_failure
 
         class Control:
             close_reason = "peer refused: too many wrong keys from this address; try again in 59 s"

@@ -44,7 +44,7 @@ from tunnelpass.clientconnect import ServerConnecting, _ServerEndpoint, known_le
 from tunnelpass.clientpool import PoolKeeping, SendFlowFactory
 from tunnelpass.control import ClientControlProtocol
 from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
-from tunnelpass.handshake import FLOWS
+from tunnelpass.handshake import FLOWS, REPLACED
 from tunnelpass.pool import IdlePool
 from tunnelpass.probe import start_probe
 from tunnelpass.reachlog import REPLACED_PAUSE, Reachability, ReconnectingService, handshake_failure
@@ -331,7 +331,7 @@ class TunnelClient(ServerConnecting, PoolKeeping, Service):
             self._retry_now = self._retry_now or verdict.retry_now
         if control is self.control:
             reason = control.close_reason or "connection closed"
-            if "replaced" in reason:
+            if control.close_code == REPLACED:
                 # Another client holds this key: do not take the session
                 # straight back (the server reports the fight either way).
                 self._pause_next = REPLACED_PAUSE

@@ -26,7 +26,7 @@ from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_op
 from tunnelpass.control import ServerControlProtocol
 from tunnelpass.gatelog import tls_error_text, tls_failed
 from tunnelpass.guard import Refused
-from tunnelpass.handshake import AUTH_FAILED, ID, TLS_REQUIRED, HandshakeError
+from tunnelpass.handshake import AUTH_FAILED, ID, TLS_REQUIRED, TRY_LATER, HandshakeError
 from tunnelpass.keepalive import enable_keepalive
 from tunnelpass.outbound import OutboundProtocol, user_addresses
 from tunnelpass.switch import SwitchingProtocol
@@ -39,9 +39,6 @@ TLS_RECORD = 0x16
 #: Why tunnel handshakes fail, for ``handshake_failures{reason}``: a fixed
 #: set, so a hostile peer cannot grow the metric's label space.
 FAILURE_REASONS = ("timeout", "protocol", "auth", "pool_auth", "tls", "no_tls", "closed")
-#: ERROR code for a control connection the guard turns away (its address
-#: has had too many wrong keys): the client logs the reason and backs off.
-TRY_LATER = 8
 POOL_OK = encode(Type.POOL_OK)
 POOL_AUTH_SIZE = 2 * ID + 8 + 32
 

@@ -66,6 +66,9 @@ SHUTDOWN = 5
 #: The server speaks TLS at this level; sent in plain text to a client that
 #: connected without TLS (it retries with TLS; the level is MAC'd later).
 TLS_REQUIRED = {1: 6, 2: 7}
+#: A control connection the server turns away (its address has had too
+#: many wrong keys, or the pending-handshake cap is full): try again later.
+TRY_LATER = 8
 
 FLOWS = {"receive": 1, "send": 2}
 

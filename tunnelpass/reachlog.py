@@ -32,7 +32,7 @@ from twisted.application.internet import ClientService
 from twisted.internet import error as neterror
 from twisted.logger import Logger
 
-from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, TLS_REQUIRED
+from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, TLS_REQUIRED, TRY_LATER
 from tunnelpass.tlsreason import Expected, describe_tls_failure
 
 RETRY_INITIAL = 0.5
@@ -43,8 +43,6 @@ SLOW_RETRY_CAP = 30.0
 #: After another client with the same key took the session over: a pause,
 #: so that two clients fighting over one key do not swap it every second.
 REPLACED_PAUSE = 5.0
-#: ERROR code of a server turning a control connection away (docs/protocol.rst).
-TRY_LATER = 8
 _LEVEL_BY_CODE = {code: level for level, code in TLS_REQUIRED.items()}
 
 

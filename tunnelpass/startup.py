@@ -307,20 +307,22 @@ def guard_start(start, what: str, launcher: Launcher | None = None) -> None:
     A ``SystemExit`` with a message (``"tunnelpass: --tunnel: cannot
     listen on ..."``) is logged as that line; any other exception as
     ``tunnelpass: startup failed: TYPE: message``, with the traceback at
-    debug level for a bug report."""
+    debug level for a bug report.  *launcher*: the twistd waiting for this
+    daemon's start, told of the failure (:class:`Launcher`)."""
+    launcher = launcher or Launcher()
     try:
         start()
     except SystemExit as e:
         if isinstance(e.code, str):
             reason = e.code[len("tunnelpass: "):] if e.code.startswith("tunnelpass: ") else e.code
             log.critical("tunnelpass: {reason}", reason=reason, event="startup_failed", stage=what)
-            (launcher or Launcher()).failed(f"tunnelpass: {reason}")
+            launcher.failed(f"tunnelpass: {reason}")
             raise SystemExit(STARTUP_FAILED) from None
-        (launcher or Launcher()).failed(f"tunnelpass: startup failed (exit status {e.code})")
+        launcher.failed(f"tunnelpass: startup failed (exit status {e.code})")
         raise
     except Exception as e:
         log.failure("startup failed in {stage}", level=LogLevel.debug, stage=what)
         log.critical("tunnelpass: startup failed: {reason}", reason=describe(e), event="startup_failed",
                      stage=what)
-        (launcher or Launcher()).failed(f"tunnelpass: startup failed: {describe(e)}")
+        launcher.failed(f"tunnelpass: startup failed: {describe(e)}")
         raise SystemExit(STARTUP_FAILED) from None
