@@ -29,10 +29,10 @@ import re
 from dataclasses import dataclass
 
 from twisted.application.internet import ClientService
-from twisted.internet import error as neterror
 from twisted.logger import Logger
 
 from tunnelpass.handshake import AUTH_FAILED, BAD_VERSION, TLS_REQUIRED, TRY_LATER
+from tunnelpass.targetlog import why_unreachable
 from tunnelpass.tlsreason import Expected, describe_tls_failure
 
 RETRY_INITIAL = 0.5
@@ -64,19 +64,24 @@ def _errno_of(value: BaseException) -> int | None:
     return None
 
 
+#: What a failed connect to the *server* means for an operator: the kind
+#: (:func:`tunnelpass.targetlog.why_unreachable`, shared with target dials)
+#: with where to look.
+_SERVER_HINTS = {
+    "connection refused": "connection refused (nothing listens on that port, or a firewall rejects it)",
+    "timed out": "connection timed out (no answer: a firewall dropping packets, or the host is down)",
+    "name not resolved": "name not resolved (check the host name in --tunnel or the token)",
+    "network unreachable": "network unreachable (no route to that address from this host)",
+    "no route to host": "host unreachable (no route to that host)",
+}
+
+
 def connect_failure(value: BaseException) -> str:
     """A failed TCP connect to the server, in words."""
-    if isinstance(value, neterror.ConnectionRefusedError):
-        return "connection refused (nothing listens on that port, or a firewall rejects it)"
-    if isinstance(value, (neterror.TCPTimedOutError, neterror.TimeoutError)):
-        return "connection timed out (no answer: a firewall dropping packets, or the host is down)"
-    if isinstance(value, neterror.DNSLookupError):
-        return "name not resolved (check the host name in --tunnel or the token)"
+    hinted = _SERVER_HINTS.get(why_unreachable(value))
+    if hinted is not None:
+        return hinted
     number = _errno_of(value)
-    if number == errno.ENETUNREACH or isinstance(value, neterror.NoRouteError) and number is None:
-        return "network unreachable (no route to that address from this host)"
-    if number == errno.EHOSTUNREACH:
-        return "host unreachable (no route to that host)"
     if number is not None:
         return f"cannot connect: {errno.errorcode.get(number, number)} ({_message(value)})"
     return f"cannot connect: {_message(value)}"
