@@ -24,7 +24,7 @@ from zope.interface import implementer
 from tests.helpers import RelayTransport, until
 from tunnelpass import closing, splice, tls
 from tunnelpass.relay import ABORT_GRACE, TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
 
 
@@ -33,9 +33,6 @@ class LegTransport(RelayTransport):
     yet sent (what :func:`tunnelpass.closing.unsent` reads on a TCP
     transport)."""
 
-    dataBuffer = b""
-    offset = 0
-    _tempDataLen = 0
     fail_on: tuple = ()  # method names that raise, as Twisted's TLS did on a dead connection
 
     def __init__(self):

@@ -19,21 +19,15 @@ from ``connectionLost``, timers and shutdown, often a leg that is already
 closing or gone, and an exception there would skip the relay's own
 bookkeeping (a shutdown drain then never ends).  Failures are logged.
 
-This is the one module that reads Twisted transport internals to do so
-(write buffers, the TLS layer's lower transport), checked against
-Twisted 26.10: everything else talks to transports through their
-interfaces.
+What a leg holds unsent and whether it can half-close are asked of the
+stream (:mod:`tunnelpass.stream`), never read from transport internals.
 """
 
 from __future__ import annotations
 
-import fcntl
-import struct
-import termios
-
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+from tunnelpass.stream import socket_unsent, stream_of  # noqa: F401 (socket_unsent: re-exported)
 
 log = Logger(namespace="tunnelpass.relay")
 
@@ -52,33 +46,10 @@ def quietly(what: str, function, *args):
         return None
 
 
-def socket_unsent(sock) -> int:
-    """Bytes in *sock*'s kernel send queue the peer has not acknowledged
-    (``SIOCOUTQ``); 0 for a closed socket or where it cannot be told."""
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return 0
-    return struct.unpack("i", raw)[0]
-
-
 def unsent(transport) -> int:
     """Bytes written to *transport* that its peer has not acknowledged yet:
-    a TLS layer's buffers, Twisted's write buffer, the kernel's send queue."""
-    total = 0
-    while isinstance(transport, ProtocolWrapper):
-        aggregator = getattr(transport, "_aggregator", None)
-        total += sum(len(chunk) for chunk in getattr(aggregator, "_buffer", ()))
-        total += sum(len(chunk) for chunk in getattr(transport, "_appSendBuffer", ()))
-        transport = transport.transport
-    if transport is None:
-        return total
-    buffered = getattr(transport, "dataBuffer", b"")
-    total += len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
-    sock = getattr(transport, "socket", None)
-    if sock is not None:
-        total += socket_unsent(sock)
-    return total
+    every buffer on the way and the kernel's send queue."""
+    return stream_of(transport).unsent()
 
 
 def close_after_flush(transport, unregister: bool = True) -> None:
@@ -98,12 +69,10 @@ def half_close_after_flush(transport, unregister: bool = True) -> bool:
     """Send FIN on *transport* once its buffer is written (see above);
     ``False`` if that had to be a full close.
 
-    Twisted's TLS transport cannot half-close (it proxies attribute lookups
-    to the TCP transport beneath, so ``loseWriteConnection`` would cut the
-    TLS stream): there the FIN becomes a full close after the flush, unless
-    it is a :class:`~tunnelpass.tlshalf.HalfCloseTLSProtocol`.
+    A stream that cannot end one direction alone (``half_closes`` false)
+    is closed after the flush instead.
     """
-    if isinstance(transport, TLSMemoryBIOProtocol) and not getattr(type(transport), "half_closes", False):
+    if not stream_of(transport).half_closes:
         close_after_flush(transport, unregister)
         return False
     if unregister:

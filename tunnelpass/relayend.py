@@ -11,6 +11,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from tunnelpass import closing
+from tunnelpass.stream import stream_of
 
 
 def throttle(end, factory, count: int) -> None:
@@ -33,14 +34,13 @@ def _resume_if_open(end) -> None:
     """The debt is paid: read *end* again -- unless it is closing, its read
     side has ended, or its peer (the consumer) still wants it paused: the
     consumer resumes it itself when its buffer drains, and resuming behind
-    its back (a TLS consumer's producer membrane would not notice) would
-    let its buffer grow without bound."""
+    its back would let its buffer grow without bound."""
     end._resume_call = None
     transport = end.transport
     if not transport.connected or getattr(transport, "disconnecting", False) or end._read_closed or end._closing:
         return
     peer = end.peer_transport()
-    if peer is not None and getattr(peer, "producerPaused", False):
+    if peer is not None and stream_of(peer).consumer_paused():
         return
     transport.resumeProducing()
 

@@ -30,9 +30,12 @@ from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
+from zope.interface.interface import adapter_hooks
+
+from tunnelpass.stream import IStream, attach, stream_of
 
 
 class HalfCloseTLSProtocol(BufferingTLSTransport):
@@ -135,3 +138,66 @@ class HalfCloseTLSEndpoint:
         d = self.endpoint.connect(HalfCloseTLSFactory(self.creator, True, factory))
         d.addCallback(lambda tls_protocol: tls_protocol.wrappedProtocol)
         return d
+
+
+@implementer(IStream)
+class TwistedTLSStream:
+    """:class:`~tunnelpass.stream.IStream` for a connection on Twisted's
+    memory-BIO TLS (the client's control connection)."""
+
+    __slots__ = ("transport",)
+    secured = True
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+    @property
+    def half_closes(self) -> bool:
+        return bool(getattr(type(self.transport), "half_closes", False))
+
+    def attach(self, protocol, data=b""):
+        attach(self.transport, protocol, data)
+
+    def consumer_paused(self) -> bool:
+        return bool(getattr(self.transport, "producerPaused", False))
+
+    def unsent(self) -> int:
+        transport, total = self.transport, 0
+        aggregator = getattr(transport, "_aggregator", None)
+        total += sum(len(chunk) for chunk in getattr(aggregator, "_buffer", ()))
+        total += sum(len(chunk) for chunk in getattr(transport, "_appSendBuffer", ()))
+        lower = transport.transport
+        return total + (stream_of(lower).unsent() if lower is not None else 0)
+
+    def native_end(self):
+        return None  # the TLS state lives in memory BIOs: no engine can take the socket
+
+    def set_write_buffer(self, size: int) -> None:
+        lower = self.transport.transport
+        if lower is not None:
+            stream_of(lower).set_write_buffer(size)
+
+    def local_fingerprint(self) -> bytes:
+        from tunnelpass.tls import local_fingerprint
+        return local_fingerprint(self.transport)
+
+    def peer_fingerprint(self) -> bytes:
+        from tunnelpass.tls import peer_fingerprint
+        return peer_fingerprint(self.transport)
+
+    def peer_certificates(self) -> list:
+        handle = self.transport.getHandle()
+        chain = handle.get_peer_cert_chain() if handle is not None else None
+        return [c.to_cryptography() for c in chain or ()]
+
+
+def _adapt(interface, transport):
+    if interface is IStream and isinstance(transport, TLSMemoryBIOProtocol) and not IStream.providedBy(transport):
+        return TwistedTLSStream(transport)
+    return None
+
+
+adapter_hooks.append(_adapt)
