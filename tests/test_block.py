@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from tests.helpers import RelayTransport
 from tunnelpass.block import FIRST_BYTES_WAIT, MAX_PEEK, classify, parse_block
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 
 SOCKS4 = b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00"
 SOCKS5 = b"\x05\x02\x00\x02"

@@ -19,7 +19,7 @@ from tunnelpass import tap
 from tunnelpass.dialsource import Dialer, DialSourceError, check_target, parse_dial
 from tunnelpass.namecache import NameCache
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass.udp import UDPForwardProtocol
 from tunnelpass.udpegress import UDPEgress

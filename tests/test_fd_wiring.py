@@ -18,7 +18,7 @@ from tunnelpass.fdbudget import Descriptors
 from tunnelpass.pool import IdlePool
 from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.server import ServerSettings, TunnelServer
 
 

@@ -8,7 +8,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules, raise_fd_limit
+from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules
+from tunnelpass.osutil import raise_fd_limit
 from tunnelpass.rules import RulesError, parse_rules
 
 

@@ -23,7 +23,7 @@ from tunnelpass.logs import log_stream, make_observer, twistd_options
 from tunnelpass.pool import IdlePool
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}[+-]\d\d:\d\d$")
 

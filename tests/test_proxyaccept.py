@@ -7,7 +7,7 @@ from twisted.trial import unittest
 from tunnelpass.proxyaccept import HEADER_TIMEOUT, ProxyHeaderProtocol, parse_networks, trusted
 from tunnelpass.proxyproto import encode_v1, encode_v2
 from tunnelpass.relay import InboundProtocol, TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 
 
 def make_factory(networks="127.0.0.1/32, 10.0.0.0/8"):

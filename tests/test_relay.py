@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 
 
 class RelayTests(unittest.TestCase):

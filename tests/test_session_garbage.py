@@ -25,7 +25,7 @@ from tunnelpass.datagrams import frame
 from tunnelpass.dialsource import Dialer
 from tunnelpass.namecache import NameCache
 from tunnelpass.pool import IdlePool
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass.udpegress import UDPEgress
 from tunnelpass.udptunnel import UDPIngress

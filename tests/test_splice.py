@@ -17,7 +17,7 @@ from zope.interface import implementer
 from tests.helpers import until
 from tunnelpass import splice
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 
 if not splice.AVAILABLE:
     skip = "os.splice is Linux-only"

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.targetlog import TargetWarnings, why_unreachable
 
 

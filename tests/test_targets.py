@@ -6,7 +6,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.probe import LatencyProbe, start_probe
 from tunnelpass.targets import COOL_DOWN, TargetGroup
 

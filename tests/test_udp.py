@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from tests.helpers import until
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass import udp
 from tunnelpass.udp import UDPForwardProtocol
 

@@ -13,7 +13,7 @@ from tunnelpass import udptunnel
 from tunnelpass.datagrams import DatagramDecoder, frame
 from tunnelpass.metrics import listener_samples, tunnel_samples
 from tunnelpass.pool import IdlePool
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.sessiontable import ACTIVE_WINDOW, ALL_ACTIVE, REPLY_WAIT
 from tunnelpass.stats import ListenerStats, StatsReporter, tunnel_fields
 from tunnelpass.udp import UDPForwardProtocol

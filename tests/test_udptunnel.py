@@ -11,7 +11,7 @@ from tunnelpass.datagrams import DatagramDecoder, frame
 from tunnelpass.pool import IdlePool
 from tunnelpass.proxyproto import parse
 from tunnelpass.ratelimit import RateLimiter
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass import udpegress, udptunnel
 from tunnelpass.udpegress import UDPEgress

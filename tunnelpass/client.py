@@ -50,12 +50,11 @@ from tunnelpass.probe import start_probe
 from tunnelpass.reachlog import REPLACED_PAUSE, Reachability, ReconnectingService, handshake_failure
 from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.stats import ListenerStats, tunnel_fields
 from tunnelpass.fdbudget import Descriptors
 from tunnelpass.fdport import listen_tcp
-from tunnelpass.forward import raise_fd_limit
-from tunnelpass.server import listen_error
+from tunnelpass.osutil import listen_error, raise_fd_limit
 from tunnelpass.settings import format_address
 from tunnelpass.signals import Signals
 from tunnelpass.tlslevel import TLSLevel

@@ -15,8 +15,6 @@ removed rule is logged at warning level, by name.
 
 from __future__ import annotations
 
-import os
-import resource
 import signal
 from dataclasses import dataclass
 
@@ -31,7 +29,9 @@ from tunnelpass.fdport import listen_tcp
 from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.signals import Signals
-from tunnelpass.rules import EMPTY_MARKER, MAX_FILE_BYTES, Endpoint, Limits, Rule, RulesError, parse_rules
+from tunnelpass.limits import Limits
+from tunnelpass.osutil import cannot_listen, file_stamp, raise_fd_limit
+from tunnelpass.rules import EMPTY_MARKER, MAX_FILE_BYTES, Endpoint, Rule, RulesError, parse_rules
 from tunnelpass.stats import ListenerStats, StatsReporter
 from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
 
@@ -61,41 +61,8 @@ def load_rules(path: str) -> list[Rule]:
     return parse_rules(data, path)
 
 
-def raise_fd_limit() -> int:
-    """Lift the soft open-files limit to the hard one; return the soft limit
-    now in force (what :class:`~tunnelpass.fdbudget.Descriptors` budgets).
-
-    Each relayed TCP connection needs two descriptors (and a UDP session
-    one); the common soft default of 1024 would cap a forwarder at ~500
-    connections, far below --max-conns, with accept() failing on EMFILE.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft
-        log.debug("open-files limit raised from {soft} to {hard}", soft=soft, hard=hard)
-        return hard
-    return soft
-
-
-def cannot_listen(where: str, error: CannotListenError) -> str:
-    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
-    return f"cannot listen on {where}: {reason}"
-
-
 def bind_error_message(endpoint: Endpoint, error: CannotListenError) -> str:
     return cannot_listen(str(endpoint), error)
-
-
-def file_stamp(path: str):
-    """What tells a changed file apart (mtime, size, inode); None if unreadable."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class ListenerService(Service):

@@ -29,7 +29,7 @@ from tunnelpass.outbound import OutboundDialing, OutboundProtocol
 from tunnelpass.proxyaccept import ProxyHeaderProtocol
 from tunnelpass.relayend import LegProducer, RelayEnd, cancel_resume, throttle
 from tunnelpass.targets import TargetGroup
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.settings import format_address, is_ip_literal
 from tunnelpass.splice import SpliceRelay, can_splice
 from tunnelpass.stats import ListenerStats

@@ -33,6 +33,7 @@ from tunnelpass.settings import (
     parse_port,
     parse_positive_duration,
 )
+from tunnelpass.limits import Limits
 
 #: Limits that keep a hostile or corrupt file from costing much to reject.
 MAX_FILE_BYTES = 1 << 20
@@ -85,26 +86,6 @@ class RuleOptions:
             name: getattr(defaults, name) if getattr(self, name) is None else getattr(self, name)
             for name in Limits.__dataclass_fields__
         })
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Effective limits of one rule (global flags overridden by rule options)."""
-
-    max_conns: int = 1000
-    connect_timeout: float = 5.0
-    idle: float = 600.0
-    udp_idle: float = 60.0
-    max_sessions: int = 1000
-    proxy: str = "off"  # PROXY protocol header sent to the remote: off | v1 | v2
-    accept_proxy: tuple = ()  # networks whose PROXY headers a TCP listener reads (--accept-proxy)
-    limiter: object = field(default=None, compare=False)  # the instance's --rate budget, shared
-    #: The instance's :class:`~tunnelpass.dialsource.Dialer` (--dial, --dns); None: the
-    #: kernel's source address and a fresh lookup per connection.
-    dialer: object = field(default=None, compare=False)
-    block: str = ""  # --block: digits of the first bytes refused at accept (tunnelpass.block)
-    lbs: int = 0  # --lbs: a target group's strategy (tunnelpass.targets)
-    fallback: float = 300.0  # --fallback-interval: lbs=2's time on a backup before trying the primary
 
 
 _OPTION_PARSERS = {

@@ -40,12 +40,12 @@ from tunnelpass.probe import start_probe
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.replacement import SessionReplacements
 from tunnelpass.gatelog import PlainClients
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.stats import ListenerStats
 from tunnelpass.fdbudget import Descriptors
 from tunnelpass.fdport import listen_tcp
 from tunnelpass.gate import FAILURE_REASONS, _GateFactory
-from tunnelpass.forward import cannot_listen, raise_fd_limit
+from tunnelpass.osutil import listen_error, raise_fd_limit
 from tunnelpass.serverreport import ServerReporting
 from tunnelpass.servertls import ServerCertificate
 from tunnelpass.settings import format_address
@@ -394,7 +394,3 @@ class TunnelServer(ServerReporting, ServerCertificate, Service):
         d.addCallback(lambda _: self.report(final=True))
         d.addBoth(lambda result: (self.signals.restore(), result)[1])
         return d
-
-
-def listen_error(what: str, host: str, port: int, error: CannotListenError) -> str:
-    return f"{what}: {cannot_listen(format_address(host, port), error)}"

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
 from tunnelpass.startup import os_reason
-from tunnelpass.forward import file_stamp
+from tunnelpass.osutil import file_stamp
 from tunnelpass.tlshalf import HalfCloseTLSFactory
 
 

@@ -17,7 +17,8 @@ from twisted.logger import ILogObserver, Logger
 from tunnelpass import connlog
 from tunnelpass.logs import make_observer, twistd_options
 from tunnelpass.options import Options, split_address, split_targets
-from tunnelpass.rules import MAX_FILE_BYTES as RULES_FILE_BYTES, Limits, RulesError
+from tunnelpass.limits import Limits
+from tunnelpass.rules import MAX_FILE_BYTES as RULES_FILE_BYTES, RulesError
 from tunnelpass.dialsource import Dialer, check_target
 from tunnelpass.ratelimit import RateLimiter
 from tunnelpass.startup import Launcher, StartupError, StartupWatch, check_files, guard_start, read_file

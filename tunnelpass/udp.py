@@ -27,7 +27,7 @@ from tunnelpass.fdbudget import udp_socket_failed
 from tunnelpass.logs import Throttle
 from tunnelpass.targetlog import TargetWarnings
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL
-from tunnelpass.rules import Limits
+from tunnelpass.limits import Limits
 from tunnelpass.sessiontable import ALL_ACTIVE, SessionTable
 from tunnelpass.settings import is_ip_literal
 from tunnelpass.stats import ListenerStats
