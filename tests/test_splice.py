@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from tests.helpers import until
 from tunnelpass import splice
+from tunnelpass.nativeend import SocketEnd
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.limits import Limits
 
@@ -247,7 +248,8 @@ class FailureDrainBoundTests(unittest.TestCase):
         for pair in pairs:
             self.addCleanup(lambda p=pair: [s.close() for s in p])
         broken, alive = _SocketOnly(pairs[0][0]), _SocketOnly(pairs[1][0])
-        relay = splice.SpliceRelay(clock, broken, alive, lambda: None, lambda n: None, lambda n: None)
+        relay = splice.SpliceRelay(clock, SocketEnd(broken), SocketEnd(alive),
+                                   lambda: None, lambda n: None, lambda n: None)
         relay.a.outgoing.pending = 10  # bytes from the broken side still in the pipe for the other
         relay._fail(relay.a, OSError("connection reset"))
         self.assertFalse(relay.finished, "first, the pipe is delivered")
