@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
 from tests.test_server import KEY, authenticate
-from tunnelpass import server as servermod
+from tunnelpass import tunnelend
 from tunnelpass.client import ClientSettings, TunnelClient
 from tunnelpass.fdbudget import Descriptors
 from tunnelpass.pool import IdlePool
@@ -95,12 +95,11 @@ class ClientPoolTests(unittest.TestCase):
 
 class ServerPoolTests(unittest.TestCase):
     def start(self, limit, max_pool=1024):
-        self.patch(servermod, "raise_fd_limit", lambda: limit)
+        self.patch(tunnelend, "raise_fd_limit", lambda: limit)
         settings = ServerSettings(tunnel_host="127.0.0.1", tunnel_port=0, target_host="127.0.0.1", target_port=0,
                                   key=KEY, max_pool=max_pool, udp=False, report_interval=0)
         server = TunnelServer(settings, MemoryReactorClock())
         server.privilegedStartService()
-        self.addCleanup(server.signals.restore)
         return server
 
     def test_idle_pool_bounded_by_the_open_files_limit(self):

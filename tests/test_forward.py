@@ -2,6 +2,7 @@
 memory reactor (no sockets)."""
 
 import resource
+import signal
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
@@ -10,6 +11,7 @@ from twisted.trial import unittest
 
 from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules
 from tunnelpass.osutil import raise_fd_limit
+from tunnelpass.starterror import StartupError
 from tunnelpass.rules import RulesError, parse_rules
 
 
@@ -62,7 +64,6 @@ class ForwarderTests(unittest.TestCase):
                                         load_rules(self.path), self.reactor)
         self.service.privilegedStartService()
         self.service.startService()
-        self.addCleanup(self.service.signals.restore)
         return self.service
 
     def listening(self):
@@ -139,10 +140,18 @@ class ForwarderTests(unittest.TestCase):
         self.write("127.0.0.1:1 | a | 2\n127.0.0.1:7 | b | 3\n")
         self.reactor.busy.add(7)
         service = ForwarderService(ForwardSettings(config=self.path), load_rules(self.path), self.reactor)
-        with self.assertRaises(SystemExit) as cm:
+        with self.assertRaises(StartupError) as cm:
             service.privilegedStartService()
-        self.assertEqual(str(cm.exception), "tunnelpass: cannot listen on 127.0.0.1:7/tcp: Address already in use")
+        self.assertEqual(str(cm.exception), "cannot listen on 127.0.0.1:7/tcp: Address already in use")
         self.assertEqual(self.listening(), [])
+
+    def test_installs_no_signal_handler(self):
+        """Signals belong to the root of the service tree (tunnelpass.tap):
+        the forwarder only offers reload()."""
+        before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        self.start("127.0.0.1:1 | a | 2\n")
+        self.reactor.advance(0)
+        self.assertEqual({n: signal.getsignal(n) for n in before}, before)
 
     def test_reload_interval_notices_file_changes(self):
         self.write("127.0.0.1:1 | a | 2\n")
@@ -150,7 +159,6 @@ class ForwarderTests(unittest.TestCase):
                                    load_rules(self.path), self.reactor)
         service.privilegedStartService()
         service.startService()
-        self.addCleanup(service.signals.restore)
         self.reactor.advance(1)
         self.assertEqual(self.messages("reloaded"), [], "no change, no reload")
         self.write("127.0.0.1:1 | a | 2\n127.0.0.1:2 | b | 3\n")
@@ -163,7 +171,6 @@ class ForwarderTests(unittest.TestCase):
                                    load_rules(self.path), self.reactor)
         service.privilegedStartService()
         service.startService()
-        self.addCleanup(service.signals.restore)
         self.reactor.advance(5)
         self.reactor.advance(5)
         stats = [e for e in self.events if e.get("event") == "stats"]

@@ -15,7 +15,6 @@ removed rule is logged at warning level, by name.
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
 
 from twisted.application.service import MultiService, Service
@@ -28,7 +27,7 @@ from tunnelpass.fdbudget import Descriptors
 from tunnelpass.fdport import listen_tcp
 from tunnelpass.metrics import Sample, listener_samples, rate_samples
 from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.signals import Signals
+from tunnelpass.starterror import StartupError
 from tunnelpass.limits import Limits
 from tunnelpass.osutil import cannot_listen, file_stamp, raise_fd_limit
 from tunnelpass.rules import EMPTY_MARKER, MAX_FILE_BYTES, Endpoint, Rule, RulesError, parse_rules
@@ -145,7 +144,6 @@ class ForwarderService(MultiService):
         self._reload_again = False
         self._config_stamp = self._stamp()
         self._timers: list[LoopingCall] = []
-        self.signals = Signals(reactor)
         self.descriptors = Descriptors(reactor)
         self.reloads = 0
         for endpoint, rule in _endpoints(rules):
@@ -169,11 +167,6 @@ class ForwarderService(MultiService):
 
     def privilegedStartService(self) -> None:
         self.descriptors.set_limit(raise_fd_limit())
-        # Before anything is bound: a SIGTERM that arrives while starting up
-        # (before the reactor runs) must still mean an orderly exit 0.  The
-        # reactor installs its own handlers when it starts; ours go back on
-        # once it runs (``_running``).
-        self.signals.install_stop()
         try:
             super().privilegedStartService()
         except CannotListenError as e:
@@ -181,11 +174,10 @@ class ForwarderService(MultiService):
                 if listener.port is not None:
                     listener.port.stopListening()
             failed = next(l.endpoint for l in self if l.port is None)
-            raise SystemExit(f"tunnelpass: {bind_error_message(failed, e)}") from None
+            raise StartupError(bind_error_message(failed, e)) from None
 
     def startService(self) -> None:
         super().startService()
-        self.signals.install(signal.SIGHUP, self.reload)
         if self.settings.report_interval:
             self._start_timer(self._report, self.settings.report_interval)
         if self.settings.reload_interval:
@@ -193,10 +185,8 @@ class ForwarderService(MultiService):
         self.reactor.callWhenRunning(self._running)
 
     def _running(self) -> None:
-        # Only once the reactor runs can its own SIGTERM/SIGINT handlers be
-        # replaced; "forwarder running" is logged after that, so whoever waits
-        # for it may signal us at once.
-        self.signals.install_stop()
+        # The root's SIGTERM/SIGINT handlers go back on before this runs
+        # (tunnelpass.tap), so whoever waits for this line may signal at once.
         count = len(list(self))
         if count:
             log.info("forwarder running: {count} listener(s) from {config}",
@@ -206,7 +196,6 @@ class ForwarderService(MultiService):
                      config=self.settings.config)
 
     async def _stop(self) -> None:
-        self.signals.bound_stop(self.settings.shutdown_timeout)
         for timer in self._timers:
             if timer.running:
                 timer.stop()
@@ -220,7 +209,6 @@ class ForwarderService(MultiService):
             )
         await DeferredList([l.drain(self.settings.shutdown_timeout) for l in draining])
         self.reporter.report(draining, final=True)
-        self.signals.restore()
         log.info("forwarder stopped")
 
     def stopService(self):

@@ -16,6 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from tunnelpass.starterror import StartupError
 from tunnelpass.settings import is_ip_literal
 
 PREFIX = "tunnelpass_"
@@ -202,11 +203,11 @@ class MetricsService(Service):
         try:
             endpoint = serverFromString(self.reactor, self.description)
         except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"tunnelpass: --metrics {self.description}: {e}") from None
+            raise StartupError(f"--metrics {self.description}: {e}") from None
         failures = []
         endpoint.listen(site).addCallbacks(lambda port: setattr(self, "port", port), failures.append)
         if failures:
-            raise SystemExit(f"tunnelpass: --metrics {self.description}: {failures[0].getErrorMessage()}")
+            raise StartupError(f"--metrics {self.description}: {failures[0].getErrorMessage()}")
         super().privilegedStartService()
 
     def stopService(self):

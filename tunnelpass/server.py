@@ -22,13 +22,9 @@ session at a time: a newly authenticated one replaces the old at once.
 from __future__ import annotations
 
 import dataclasses
-import signal
 from dataclasses import dataclass
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tunnelpass import tls as tlsmod
@@ -36,26 +32,24 @@ from tunnelpass.control import ServerControlProtocol
 from tunnelpass.guard import Ban, HandshakeGuard
 from tunnelpass.handshake import FLOWS, PoolAuthenticator, SessionConfig
 from tunnelpass.pool import IdlePool
-from tunnelpass.probe import start_probe
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.replacement import SessionReplacements
 from tunnelpass.gatelog import PlainClients
 from tunnelpass.limits import Limits
-from tunnelpass.stats import ListenerStats
-from tunnelpass.fdbudget import Descriptors
 from tunnelpass.fdport import listen_tcp
 from tunnelpass.gate import FAILURE_REASONS, _GateFactory
-from tunnelpass.osutil import listen_error, raise_fd_limit
+from tunnelpass.osutil import listen_error
 from tunnelpass.serverreport import ServerReporting
 from tunnelpass.servertls import ServerCertificate
 from tunnelpass.settings import format_address
-from tunnelpass.signals import Signals
+from tunnelpass.starterror import StartupError
+from tunnelpass.dispatch import OpenDispatcher
+from tunnelpass.opener import PoolOpener
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.udp import MAX_DATAGRAM
 from tunnelpass.udpegress import UDPEgress
-from tunnelpass.udptunnel import UDPIngress, listen_udp
-
-LISTEN_BACKLOG = 1024
+from tunnelpass.tunnelend import LISTEN_BACKLOG, TunnelEnd
+from tunnelpass.udptunnel import UDPIngress
 
 
 @dataclass(frozen=True)
@@ -109,48 +103,23 @@ class ServerSession:
     def retire(self, conn_id: bytes) -> None:
         connection = self.pool.claim_quietly(conn_id)
         if connection is not None:
-            connection.conn_id = None
-            connection.transport.loseConnection()
+            connection.close()
 
     def close_idle(self) -> None:
         for connection in self.pool.flush():
             connection.transport.abortConnection()
 
 
-class PoolRelayFactory(PoolDialFactory):
-    """Receive flow: each accepted user connection takes an idle pool
-    connection instead of dialling a remote."""
-
-    unavailable = "no client is connected"
-
-    def __init__(self, server: "TunnelServer", *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.server = server
-
-    def current_pool(self):
-        session = self.server.session
-        return session.pool if session is not None else None
-
-    def use(self, conn_id: bytes, connection, inbound) -> None:
-        current = self.server.session
-        if current is not None and current.control.close_reason is None:
-            current.control.send_tcp(conn_id)  # advisory: OPEN on the connection is what counts
-        connection.claim_for(inbound)
-
-
-class TunnelServer(ServerReporting, ServerCertificate, Service):
+class TunnelServer(ServerReporting, ServerCertificate, TunnelEnd):
     """The whole server: tunnel listener, target listener or dialler,
     current session, TLS material, periodic health events."""
 
     log = Logger(namespace="tunnelpass.server")
-    probe = None  # --lbs: the target group's latency probe (tunnelpass.probe)
 
     def __init__(self, settings: ServerSettings, reactor, clock=None):
-        self.settings = settings
-        self.reactor = reactor
-        self.clock = clock or reactor
-        self.key = settings.key.encode()
-        self.stats = ListenerStats()
+        super().__init__(settings, reactor, clock)
+        if settings.tls == 2 and settings.reload_interval:
+            self.every(settings.reload_interval, self.reload_certificate, "certificate")
         self.guard = HandshakeGuard(self.clock, settings.max_handshakes, settings.max_handshakes_per_source)
         self.session: ServerSession | None = None
         self.replacements = SessionReplacements(self.clock)
@@ -163,36 +132,25 @@ class TunnelServer(ServerReporting, ServerCertificate, Service):
         self.udp_port = None
         self.udp_ingress: UDPIngress | None = None
         self.udp_egress: UDPEgress | None = None
-        self.udp_stats = ListenerStats()
         self.handshake_failures = 0
         self.failures_by_reason = dict.fromkeys(FAILURE_REASONS, 0)
         self._cert_stamp = None
-        self._loops: list[LoopingCall] = []
         self._orphans: list = []  # users waiting for a pool while no session is up
-        self.signals = Signals(reactor)
-        self.descriptors = Descriptors(self.clock)
-        self.pool_bound = settings.max_pool  # --max-pool within the open-files budget (set at startup)
 
     # Startup
 
-    def privilegedStartService(self) -> None:
-        self.descriptors.set_limit(raise_fd_limit())
-        self.pool_bound = self.descriptors.pool_bound(self.settings.max_pool)
-        # Before anything is bound: a SIGTERM that arrives while starting up
-        # (before the reactor runs) must still mean an orderly exit 0.  The
-        # reactor installs its own handlers when it starts; ours go back on
-        # once it runs (``_running``).
-        self.signals.install_stop()
+    def bind(self) -> None:
         try:
             self._load_tls()
         except (tlsmod.CertificateError, OSError) as e:
-            raise SystemExit(f"tunnelpass: {e}") from None
+            raise StartupError(str(e)) from None
         s = self.settings
         try:
             self.tunnel_port = listen_tcp(self.reactor, s.tunnel_port, _GateFactory(self), LISTEN_BACKLOG,
-                                          s.tunnel_host, self.descriptors, name="tunnel")
+                                          s.tunnel_host, self.descriptors, name="tunnel",
+                                          tls_context=self.tls_context if s.tls else None)
         except CannotListenError as e:
-            raise SystemExit(f"tunnelpass: {listen_error('--tunnel', s.tunnel_host, s.tunnel_port, e)}") from None
+            raise StartupError(listen_error("--tunnel", s.tunnel_host, s.tunnel_port, e)) from None
         # --block judges users where they connect, not the tunnel connections this side dials for.
         dial_limits = dataclasses.replace(s.limits, block="")
         relay_args = (self.reactor, "target", s.target_host, s.target_port, dial_limits, self.stats)
@@ -203,14 +161,10 @@ class TunnelServer(ServerReporting, ServerCertificate, Service):
                 self._listen_public()
                 self.flow = "receive"
             except CannotListenError as e:
-                for port in (self.target_port, self.udp_port):
-                    if port is not None:
-                        port.stopListening()
                 self.target_port = self.udp_port = self.udp_ingress = None
                 if self.flow == "receive":
                     self.tunnel_port.stopListening()
-                    raise SystemExit(
-                        f"tunnelpass: {listen_error('--target', s.target_host, s.target_port, e)}") from None
+                    raise StartupError(listen_error("--target", s.target_host, s.target_port, e)) from None
                 self.log.info("flow auto: {reason}; so the send flow (dial --target)",
                               reason=listen_error("--target", s.target_host, s.target_port, e))
                 self.flow = "send"
@@ -222,50 +176,43 @@ class TunnelServer(ServerReporting, ServerCertificate, Service):
             self.udp_egress = UDPEgress(self.reactor, "target", targets, s.limits, self.udp_stats, s.udp_buffer,
                                         clock=self.clock, tcp_factory=self.target_factory, enabled=s.udp)
             self.udp_egress.descriptors = self.descriptors
+            self.acceptor = OpenDispatcher(self.target_factory, self.udp_egress, s.tcp)
         self.target_factory.descriptors = self.descriptors
         self.session_config = SessionConfig(
             flow=FLOWS[self.flow], tls=s.tls, max_pool=min(self.pool_bound, 0xFFFF),
             heartbeat_ms=max(100, min(600_000, int(s.heartbeat * 1000))),
         )
-        super().privilegedStartService()
 
     def _listen_public(self) -> None:
         """Receive flow: users connect to --target, over TCP and UDP (each
         unless disabled); CannotListenError if either cannot be bound."""
         s = self.settings
         public_limits = dataclasses.replace(s.limits, accept_proxy=s.accept_proxy)
-        factory = self.target_factory = PoolRelayFactory(
-            self, self.reactor, "target", s.target_host, s.target_port, public_limits, self.stats,
+        factory = self.target_factory = PoolDialFactory(
+            self.reactor, "target", s.target_host, s.target_port, public_limits, self.stats,
             clock=self.clock, zero_copy=s.zero_copy)
-        if s.tcp:
-            self.target_port = listen_tcp(self.reactor, s.target_port, factory, LISTEN_BACKLOG, s.target_host,
-                                          self.descriptors, self.stats, "target")
-        if s.udp:
-            self.udp_ingress = UDPIngress(
-                "target", self.clock, s.limits, self.udp_stats, s.udp_buffer, factory.current_pool,
-                self._claim_for_datagrams, unavailable=factory.unavailable, tcp_factory=factory)
-            self.udp_port = listen_udp(self.reactor, s.target_host, s.target_port, self.udp_ingress,
-                                       beside=self.target_port)
+        factory.opener = PoolOpener(self._current_pool, "no client is connected")
+        ingress = UDPIngress(
+            "target", self.clock, s.limits, self.udp_stats, s.udp_buffer, factory.opener,
+            tcp_factory=factory) if s.udp else None
+        self.target_port, self.udp_port = self.listen_pair(s.target_host, s.target_port, factory, ingress,
+                                                           "target", self.stats)
+        self.udp_ingress = ingress
 
-    def _claim_for_datagrams(self, conn_id: bytes, connection, stream) -> None:
-        connection.hand_over(stream)
+    def _current_pool(self):
+        session = self.session
+        return session.pool if session is not None else None
 
-    def startService(self) -> None:
-        super().startService()
-        s = self.settings
-        if s.report_interval:
-            self._every(s.report_interval, self.report)
-        self.probe = start_probe(  # --lbs 1/2 over a target group (send flow)
-            self.reactor, [self.target_factory.group] + ([self.udp_egress.group] if self.udp_egress else []),
-            "target", s.report_interval, s.limits.connect_timeout, clock=self.clock, dialer=s.limits.dialer)
-        if s.tls == 2 and s.reload_interval:
-            self._every(s.reload_interval, self.reload_certificate)
-        self.signals.install(signal.SIGHUP, self.reload_certificate)
-        self.reactor.callWhenRunning(self._running)
+    def probed_groups(self) -> list:
+        """--lbs 1/2 probes the target group of the send flow."""
+        return [self.target_factory.group] + ([self.udp_egress.group] if self.udp_egress else [])
 
-    def _running(self) -> None:
-        # "server running" comes once our SIGTERM handler is in place.
-        self.signals.install_stop()
+    def reload(self) -> None:
+        """SIGHUP: re-read the certificate (tls=2)."""
+        self.reload_certificate()
+
+    def announce(self) -> None:
+        # The root's SIGTERM handler is in place before this line (tunnelpass.tap).
         s = self.settings
         self.log.info(
             "server running: tunnel {tunnel}, flow {flow}, target {target}, tls {tls}{pin}",
@@ -313,12 +260,6 @@ class TunnelServer(ServerReporting, ServerCertificate, Service):
                           "Choose with --public-address HOST[:PORT] (a NAT's public address, a DNS name)",
                           what=what, address=choice.host, why=choice.why,
                           others=", ".join(choice.others) or "none", event="token_address")
-
-    def _every(self, interval: float, function) -> None:
-        loop = LoopingCall(function)
-        loop.clock = self.clock
-        loop.start(interval, now=False)
-        self._loops.append(loop)
 
     # Sessions
 
@@ -371,26 +312,18 @@ class TunnelServer(ServerReporting, ServerCertificate, Service):
             self.log.info("client disconnected: {reason}", reason=control.close_reason or "connection closed",
                           event="client_disconnected")
 
-    def stopService(self) -> Deferred:
-        self.signals.bound_stop(self.settings.shutdown_timeout)
-        super().stopService()
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        if self.probe is not None:
-            self.probe.stop()
-        waits = [self.tunnel_port.stopListening()]
-        for port in (self.target_port, self.udp_port):
-            if port is not None:
-                waits.append(port.stopListening())
+    # Stop (tunnelpass.tunnelend.TunnelEnd.stopService)
+
+    def listening_ports(self) -> list:
+        return [self.tunnel_port, self.target_port, self.udp_port]
+
+    def close_session(self) -> None:
         if self.udp_egress is not None:
             self.udp_egress.close_all()
         session = self.session
         if session is not None:
             session.close_idle()
             session.control.shutdown()
-        d = DeferredList([w or succeed(None) for w in waits])
-        d.addCallback(lambda _: self.target_factory.drain(self.settings.shutdown_timeout))
-        d.addCallback(lambda _: self.report(final=True))
-        d.addBoth(lambda result: (self.signals.restore(), result)[1])
-        return d
+
+    def drained_factories(self) -> list:
+        return [self.target_factory]

@@ -24,13 +24,16 @@ from zope.interface import implementer
 from tunnelpass import tls as tlsmod
 from tunnelpass.startup import os_reason
 from tunnelpass.osutil import file_stamp
+from tunnelpass.starterror import StartupError
 from tunnelpass.tlshalf import HalfCloseTLSFactory
 
 
 class ServerCertificate:
     """The certificate part of :class:`~tunnelpass.server.TunnelServer`:
-    sets ``fingerprint`` and ``tls_factory`` (the server's attributes, read
-    by the gate and the logged client command)."""
+    sets ``fingerprint``, ``tls_context`` (TLS on the tunnel listener's
+    sockets) and ``tls_factory`` (Twisted's TLS, for a reactor without
+    sockets: in-memory tests) -- read by the listener, the gate and the
+    logged client command."""
 
 
     def _load_tls(self) -> None:
@@ -49,8 +52,8 @@ class ServerCertificate:
                         os.makedirs(s.state_dir, mode=0o700, exist_ok=True)
                         tlsmod.save_pair(s.state_dir, key, certificate)
                     except OSError as e:
-                        raise SystemExit(f"tunnelpass: --state-dir {s.state_dir}: cannot save the certificate: "
-                                         f"{os_reason(e)}") from None
+                        raise StartupError(f"--state-dir {s.state_dir}: cannot save the certificate: "
+                                           f"{os_reason(e)}") from None
                 pair = (key, [certificate])
         else:
             pair = tlsmod.load_pair(s.cert, s.private_key)
@@ -65,6 +68,12 @@ class ServerCertificate:
             self.tls_factory = HalfCloseTLSFactory(self._current_options, False, Factory())
         else:
             self._current_options.current = options
+
+    def tls_context(self):
+        """The current ``SSL.Context`` for TLS on the tunnel listener's
+        sockets (:class:`tunnelpass.tlssocket.TLSServer` asks it per
+        accepted connection, so a reload applies to new ones only)."""
+        return self._current_options.current.getContext()
 
     def reload_certificate(self) -> bool:
         """tls=2: adopt the cert/key files if they changed and are a valid pair."""

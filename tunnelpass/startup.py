@@ -12,8 +12,8 @@ never a process that keeps running, disconnected.  Three layers:
   logging, so a :class:`StartupError` reaches the terminal (or the journal)
   as a plain line;
 * :func:`guard_start` wraps the root service's ``privilegedStartService``
-  and ``startService``: a ``SystemExit("tunnelpass: ...")`` raised there
-  (a port in use) becomes one critical ``startup_failed`` log line and exit
+  and ``startService``: a :class:`~tunnelpass.starterror.StartupError`
+  raised there (a port in use) becomes one critical ``startup_failed`` log line and exit
   status 1; any other exception becomes the same, its traceback at debug;
 * :class:`StartupWatch` covers what runs once the reactor starts
   (``callWhenRunning``): Twisted logs an exception there and carries on, so
@@ -34,6 +34,7 @@ import tempfile
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from tunnelpass.signals import exit_now
+from tunnelpass.starterror import StartupError
 
 log = Logger(namespace="tunnelpass.startup")
 
@@ -44,7 +45,7 @@ MAX_PEM_BYTES = 1 << 20
 STARTUP_FAILED = 1
 
 
-class StartupError(Exception):
+class FileError(StartupError):
     """A file named by an option cannot be used; ``str()`` is the one line
     shown to the operator: ``--ca /x/ca.pem: No such file or directory``."""
 
@@ -83,21 +84,21 @@ def read_file(option: str, path: str, limit: int = MAX_PEM_BYTES) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise StartupError(option, path, os_reason(e)) from None
+        raise FileError(option, path, os_reason(e)) from None
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
-            raise StartupError(option, path, "is a directory, not a file")
+            raise FileError(option, path, "is a directory, not a file")
         if not stat.S_ISREG(mode):
-            raise StartupError(option, path, "not a regular file")
+            raise FileError(option, path, "not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(limit + 1)
     except OSError as e:
-        raise StartupError(option, path, os_reason(e)) from None
+        raise FileError(option, path, os_reason(e)) from None
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise StartupError(option, path, f"larger than {limit} bytes")
+        raise FileError(option, path, f"larger than {limit} bytes")
     return data
 
 
@@ -110,7 +111,7 @@ def load_certificates(option: str, path: str, what: str = "certificate") -> list
         return x509.load_pem_x509_certificates(data)
     except ValueError:
         hint = " (it holds a private key)" if b"PRIVATE KEY-----" in data else ""
-        raise StartupError(option, path, f"not a PEM {what}{hint}") from None
+        raise FileError(option, path, f"not a PEM {what}{hint}") from None
 
 
 def load_private_key(option: str, path: str):
@@ -121,11 +122,11 @@ def load_private_key(option: str, path: str):
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise StartupError(option, path, "the private key is encrypted; give an unencrypted key "
+        raise FileError(option, path, "the private key is encrypted; give an unencrypted key "
                                          "(openssl pkey -in KEY -out KEY.plain)") from None
     except (ValueError, UnsupportedAlgorithm):
         hint = " (it holds a certificate)" if b"BEGIN CERTIFICATE" in data else ""
-        raise StartupError(option, path, f"not a PEM private key{hint}") from None
+        raise FileError(option, path, f"not a PEM private key{hint}") from None
 
 
 def _public_der(key) -> bytes:
@@ -139,7 +140,7 @@ def check_pair(cert_path: str, key_path: str, cert_option: str = "--cert", key_o
     chain = load_certificates(cert_option, cert_path)
     key = load_private_key(key_option, key_path)
     if _public_der(key.public_key()) != _public_der(chain[0].public_key()):
-        raise StartupError(key_option, key_path, f"is not the private key of the certificate in {cert_option} "
+        raise FileError(key_option, key_path, f"is not the private key of the certificate in {cert_option} "
                                                  f"{show_path(cert_path)}")
     return key, chain
 
@@ -157,25 +158,25 @@ def check_state_dir(path: str, name: str = "tunnelpass") -> None:
         _try_writing(path, create=True)
         return
     except OSError as e:
-        raise StartupError(option, path, os_reason(e)) from None
+        raise FileError(option, path, os_reason(e)) from None
     if not stat.S_ISDIR(mode):
-        raise StartupError(option, path, "not a directory")
+        raise FileError(option, path, "not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
-        raise StartupError(option, path, "not readable (" + os.strerror(errno.EACCES) + ")")
+        raise FileError(option, path, "not readable (" + os.strerror(errno.EACCES) + ")")
     if not os.access(path, os.W_OK):
-        raise StartupError(option, path, "not writable (" + os.strerror(errno.EACCES) + ")")
+        raise FileError(option, path, "not writable (" + os.strerror(errno.EACCES) + ")")
     _try_writing(path)
     cert, key = os.path.join(path, name + ".crt"), os.path.join(path, name + ".key")
     if not (os.path.lexists(cert) or os.path.lexists(cert + ".bak")):
         return
     try:
         check_pair(cert, key, "certificate", "key")
-    except StartupError as first:
+    except FileError as first:
         try:
             check_pair(cert + ".bak", key + ".bak", "certificate", "key")
-        except StartupError:
+        except FileError:
             reason = f"saved {first.option} {os.path.basename(first.path)}: {first.reason}"
-            raise StartupError(option, path, reason.replace(os.path.dirname(first.path) + os.sep, "")
+            raise FileError(option, path, reason.replace(os.path.dirname(first.path) + os.sep, "")
                                + "; no usable .bak either (move the files away to generate a new "
                                  "certificate: its pin changes)") from None
 
@@ -190,7 +191,7 @@ def _try_writing(path: str, create: bool = False) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise StartupError("--state-dir", path, ("cannot be created: " if create else "not writable: ")
+        raise FileError("--state-dir", path, ("cannot be created: " if create else "not writable: ")
                            + os_reason(e)) from None
 
 
@@ -199,9 +200,9 @@ def _check_creatable(path: str) -> None:
     while not os.path.lexists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        raise StartupError("--state-dir", path, f"cannot be created: {show_path(ancestor)} is not a directory")
+        raise FileError("--state-dir", path, f"cannot be created: {show_path(ancestor)} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise StartupError("--state-dir", path, f"cannot be created: {show_path(ancestor)} is not writable")
+        raise FileError("--state-dir", path, f"cannot be created: {show_path(ancestor)} is not writable")
 
 
 def check_files(options) -> None:
@@ -304,14 +305,19 @@ def guard_start(start, what: str, launcher: Launcher | None = None) -> None:
     ``startup_failed`` line and ``SystemExit(1)`` (twistd lets a
     SystemExit end the process quietly; anything else prints a traceback).
 
-    A ``SystemExit`` with a message (``"tunnelpass: --tunnel: cannot
-    listen on ..."``) is logged as that line; any other exception as
+    A :class:`~tunnelpass.starterror.StartupError` (``--tunnel: cannot
+    listen on ...``), or a ``SystemExit`` with a ``"tunnelpass: ..."``
+    message, is logged as that line; any other exception as
     ``tunnelpass: startup failed: TYPE: message``, with the traceback at
     debug level for a bug report.  *launcher*: the twistd waiting for this
     daemon's start, told of the failure (:class:`Launcher`)."""
     launcher = launcher or Launcher()
     try:
         start()
+    except StartupError as e:
+        log.critical("tunnelpass: {reason}", reason=str(e), event="startup_failed", stage=what)
+        launcher.failed(f"tunnelpass: {e}")
+        raise SystemExit(STARTUP_FAILED) from None
     except SystemExit as e:
         if isinstance(e.code, str):
             reason = e.code[len("tunnelpass: "):] if e.code.startswith("tunnelpass: ") else e.code

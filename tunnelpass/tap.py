@@ -5,11 +5,18 @@ twistd's ``ServiceMaker("tunnelpass", "tunnelpass.tap", ...)`` takes
 ``Options`` and ``makeService`` from here.  The options themselves (parsing,
 checks, the environment) are :mod:`tunnelpass.options`, re-exported; this
 module turns checked options into settings and services: the root service
-(tunnelpass's log observer, start failures as one line), the server, the
-client or the forwarder, the metrics endpoint and startup warnings.
+(tunnelpass's log observer, start failures as one line, the process's
+signals), the server, the client or the forwarder, the metrics endpoint
+and startup warnings.
+
+The root is the only place that installs signal handlers or ends the
+process: services raise :class:`~tunnelpass.starterror.StartupError` and
+offer ``reload()``; SIGHUP reaches every child that has one.
 """
 
 from __future__ import annotations
+
+import signal
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import ILogObserver, Logger
@@ -21,6 +28,7 @@ from tunnelpass.limits import Limits
 from tunnelpass.rules import MAX_FILE_BYTES as RULES_FILE_BYTES, RulesError
 from tunnelpass.dialsource import Dialer, check_target
 from tunnelpass.ratelimit import RateLimiter
+from tunnelpass.signals import Signals
 from tunnelpass.startup import Launcher, StartupError, StartupWatch, check_files, guard_start, read_file
 from tunnelpass.urls import KEY_ADVICE, key_weakness
 
@@ -34,13 +42,24 @@ class TunnelpassService(MultiService):
     observer it would build from ``--logfile``/``--syslog``/``-n``, so the
     observer given here is built from those same options
     (:func:`tunnelpass.logs.make_observer`): the destination stays
-    twistd's, the level filter and the format are tunnelpass's."""
+    twistd's, the level filter and the format are tunnelpass's.
 
-    def __init__(self, observer, reactor=None, launcher=None):
+    It owns the process's signals (:mod:`tunnelpass.signals`): SIGTERM and
+    SIGINT stop the reactor for an orderly exit 0 (installed before the
+    children bind anything, and again once the reactor runs, since the
+    reactor installs its own at start), SIGHUP calls ``reload()`` on each
+    child that has one, and a stop is bounded by *shutdown_timeout* plus a
+    margin.  *signals*: injected in tests."""
+
+    log = Logger(namespace="tunnelpass")
+
+    def __init__(self, observer, reactor=None, launcher=None, shutdown_timeout: float = 5.0, signals=None):
         super().__init__()
         self.observer = observer
         self.reactor = reactor
         self.launcher = launcher or Launcher()
+        self.shutdown_timeout = shutdown_timeout
+        self.signals = signals if signals is not None else (Signals(reactor) if reactor is not None else None)
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
@@ -60,14 +79,41 @@ class TunnelpassService(MultiService):
 
     def privilegedStartService(self):
         self._privileged = True
+        if self.signals is not None:
+            # Before anything is bound: a SIGTERM while starting up (before
+            # the reactor runs) must still mean an orderly exit 0.
+            self.signals.install_stop()
         guard_start(super().privilegedStartService, "privilegedStartService", self.launcher)
 
     def startService(self):
         if not self._privileged:
             self.privilegedStartService()
+        if self.signals is not None:
+            # Ours go back on once the reactor runs (it installs its own as
+            # it starts), before any child's "running" line.
+            self.reactor.callWhenRunning(self.signals.install_stop)
+            self.signals.install(signal.SIGHUP, self.reload)
         guard_start(super().startService, "startService", self.launcher)
         if self.reactor is not None:
             StartupWatch(self.reactor).start()  # after the children's callWhenRunning
+
+    def reload(self) -> None:
+        """SIGHUP: every child that can reload does (each logs what it did)."""
+        for child in list(self):
+            reload = getattr(child, "reload", None)
+            if reload is not None:
+                try:
+                    reload()
+                except Exception:
+                    self.log.failure("reload failed in {service}", service=getattr(child, "name", None) or child)
+
+    def stopService(self):
+        if self.signals is not None:
+            self.signals.bound_stop(self.shutdown_timeout)
+        d = super().stopService()
+        if self.signals is not None:
+            d.addBoth(lambda result: (self.signals.restore(), result)[1])
+        return d
 
 
 def makeService(options, reactor=None):
@@ -80,7 +126,7 @@ def makeService(options, reactor=None):
     connlog.TRACING.enabled = options["log"] == "debug"
     twistd = twistd_options(options)
     root = TunnelpassService(make_observer(options["log"], options["log-format"], twistd=twistd), reactor,
-                             Launcher(twistd))
+                             Launcher(twistd), shutdown_timeout=options["shutdown-timeout"])
     if options["mode"] in ("server", "client"):
         make = _server_service if options["mode"] == "server" else _client_service
         service = make(options, reactor)
