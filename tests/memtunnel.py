@@ -265,8 +265,11 @@ class MemNet:
             left -= now
             self.settle()
 
-    def logged(self, event: str) -> list[dict]:
-        return [e for e in self.events if e.get("event") == event]
+    def logged(self, event: str, side: str | None = None) -> list[dict]:
+        """Log events with the ``event`` field *event*; from one *side*
+        (``"client"``, ``"server"``) only, if given."""
+        return [e for e in self.events if e.get("event") == event
+                and (side is None or f".{side}" in e.get("log_namespace", ""))]
 
     def texts(self) -> list[str]:
         from twisted.logger import formatEvent
