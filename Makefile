@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-forward test bench bench-forward bench-tunnel bench-udp fuzz clean
+.PHONY: demo demo-forward test coverage bench bench-forward bench-tunnel bench-udp fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,20 @@ test: $(STAMP)
 	$(PY) -m twisted.trial --temp-directory=_trial_temp_load $(LOAD_TESTS) || status=1; \
 	exit $$status
 
+# Unit-test coverage (tests/test_*.py, not the e2e layer: subprocesses are
+# not measured) of the tunnel ends.  coverage is installed here, on first
+# use, so that `make test` and the venv stamp do not depend on it.
+COVERAGE_DIR     := _trial_temp_coverage
+COVERAGE_INCLUDE ?= tunnelpass/client*.py,tunnelpass/server*.py,tunnelpass/gate.py,tunnelpass/clientpool.py,tunnelpass/clientconnect.py
+UNIT_TESTS        = $(patsubst %.py,%,$(subst /,.,$(wildcard tests/test_*.py)))
+
+coverage: $(STAMP)
+	@$(PY) -c 'import coverage' 2>/dev/null || $(PY) -m pip install -q 'coverage>=7'
+	@mkdir -p $(COVERAGE_DIR)
+	$(PY) -m coverage run --data-file=$(COVERAGE_DIR)/.coverage --source=tunnelpass \
+	  -m twisted.trial --temp-directory=$(COVERAGE_DIR)/trial $(UNIT_TESTS)
+	$(PY) -m coverage report --data-file=$(COVERAGE_DIR)/.coverage --include='$(COVERAGE_INCLUDE)' --show-missing
+
 bench: bench-forward bench-tunnel bench-udp
 
 bench-forward: $(STAMP)
@@ -54,4 +68,4 @@ fuzz: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) _trial_temp _trial_temp_load build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) _trial_temp _trial_temp_load _trial_temp_coverage build *.egg-info twisted/plugins/dropin.cache
