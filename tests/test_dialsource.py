@@ -8,7 +8,7 @@ import socket
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -204,9 +204,9 @@ class UDPDialTests(unittest.TestCase):
         d, lookups = dialer(fake, "127.0.0.2")
         egress = UDPEgress(fake, "target", [("dns.example", 53)], Limits(udp_idle=30.0, dialer=d),
                            ListenerStats(), 65535)
-        egress.open(None).makeConnection(StringTransport())
+        egress.open(None).makeConnection(RelayTransport())
         lookups.answer(["127.0.0.3"])
-        egress.open(None).makeConnection(StringTransport())
+        egress.open(None).makeConnection(RelayTransport())
         self.assertEqual(len(lookups.queries), 1, "the second session's lookup came from the cache")
         self.assertEqual([p.connected_to for p in fake.ports], [("127.0.0.3", 53)] * 2)
         self.assertEqual(fake.interfaces, ["127.0.0.2"] * 2)

@@ -20,7 +20,9 @@ from tests.helpers import RelayTransport
 from tunnelpass import connlog
 from tunnelpass.jsonlog import json_line, record
 from tunnelpass.logs import log_stream, make_observer, twistd_options
+from tests.poolfakes import PoolMember
 from tunnelpass.pool import IdlePool
+from tunnelpass.opener import PoolOpener
 from tunnelpass.pooldial import PoolDialFactory
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.limits import Limits
@@ -369,19 +371,13 @@ class TraceTests(unittest.TestCase):
         clock = Clock()
         pool = IdlePool(clock, 10, lambda count: None)
 
-        class Factory(PoolDialFactory):
-            def current_pool(self):
-                return pool
-
-            def use(self, conn_id, connection, inbound):
-                connection.used_by = inbound
-
-        factory = Factory(self.reactor, "target", "127.0.0.1", 8080, Limits(max_conns=10), clock=clock)
+        factory = PoolDialFactory(self.reactor, "target", "127.0.0.1", 8080, Limits(max_conns=10), clock=clock)
+        factory.opener = PoolOpener(lambda: pool)
         inbound, _ = self.accept(factory)
         clock.advance(0.25)
-        connection = _PoolConnection()
-        pool.add(b"id", connection)
-        self.assertIs(connection.used_by, inbound)
+        connection = PoolMember()
+        pool.add(b"i" * 16, connection)
+        self.assertIs(connection.protocol.inbound, inbound)
         accept, claim = self.trace()
         self.assertEqual(claim, {"listener": "target", "conn": accept["conn"], "wait_ms": 250.0,
                                  "event": "conn_pool_claim"})
@@ -416,10 +412,3 @@ class TraceTests(unittest.TestCase):
 class _Address:
     def __init__(self, host, port):
         self.host, self.port = host, port
-
-
-class _PoolConnection:
-    used_by = None
-
-    class transport:
-        connected = True

@@ -15,7 +15,7 @@ import gc
 import weakref
 
 from twisted.internet.base import BaseConnector
-from twisted.internet.testing import StringTransport
+from tests.helpers import RelayTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -24,6 +24,7 @@ from tunnelpass.clientpool import _PoolConnectionFactory
 from tunnelpass.datagrams import frame
 from tunnelpass.dialsource import Dialer
 from tunnelpass.namecache import NameCache
+from tunnelpass.opener import PoolOpener
 from tunnelpass.pool import IdlePool
 from tunnelpass.limits import Limits
 from tunnelpass.stats import ListenerStats
@@ -47,7 +48,7 @@ class SessionTests(CollectorOff):
         egress = UDPEgress(reactor, "target", [("127.0.0.1", 53)], Limits(udp_idle=30.0), ListenerStats(), 65535)
         for end in ("far side closed", "evicted"):
             stream = egress.open(None)
-            stream.makeConnection(StringTransport())
+            stream.makeConnection(RelayTransport())
             stream.dataReceived(frame(b"query"))
             reactor.ports[0].protocol.datagramReceived(b"answer", ("127.0.0.1", 53))
             session = weakref.ref(stream.session)
@@ -71,8 +72,7 @@ class SessionTests(CollectorOff):
         clock = FakeReactor()
         pool = IdlePool(clock, 16, lambda n: None, timeout=2.0)
         listener = UDPIngress("target", clock, Limits(udp_idle=30.0, max_sessions=1, max_conns=100),
-                              ListenerStats(), 65535, lambda: pool,
-                              lambda conn_id, connection, stream: connection.hand_over(stream))
+                              ListenerStats(), 65535, PoolOpener(lambda: pool))
         listener.transport = FakeUDPPort()
         connections = [PoolConnection() for _ in range(3)]
         for i, connection in enumerate(connections):
@@ -107,7 +107,11 @@ class PoolConnectionTests(CollectorOff):
             def getDestination(self):
                 return None
 
-        client = object()
+        class Client:
+            def pool_state_changed(self, old, new):
+                pass
+
+        client = Client()
         connector = Connector(_PoolConnectionFactory(client, None, 1, b"\0" * 16), None, FakeReactor())
         connector.connect()
         transport = weakref.ref(connector.transport)
@@ -138,7 +142,7 @@ class LiteralTargetTests(unittest.TestCase):
         dialer = CountingDialer(reactor, "::1", NameCache(lambda host: None, reactor))
         egress = UDPEgress(reactor, "target", [("0:0::1", 53)],
                            Limits(udp_idle=30.0, dialer=dialer), ListenerStats(), 65535)
-        egress.open(None).makeConnection(StringTransport())
+        egress.open(None).makeConnection(RelayTransport())
         self.assertEqual(dialer.resolved, 0)
         self.assertEqual(reactor.ports[0].connected_to, ("::1", 53))
         self.assertEqual(interfaces, ["::1"])

@@ -142,13 +142,11 @@ class UDPTargetTests(unittest.TestCase):
 
 class PoolRefusalTests(unittest.TestCase):
     def test_refused_for_no_pool_is_a_structured_warning(self):
+        from tunnelpass.opener import PoolOpener
         from tunnelpass.pooldial import PoolDialFactory
 
-        class NoPool(PoolDialFactory):
-            def current_pool(self):
-                return None
-
-        factory = NoPool(MemoryReactorClock(), "target", "127.0.0.1", 1, Limits())
+        factory = PoolDialFactory(MemoryReactorClock(), "target", "127.0.0.1", 1, Limits())
+        factory.opener = PoolOpener(lambda: None)
         events = []
         factory.log = Logger(observer=events.append)
         inbound = factory.buildProtocol(None)

@@ -8,10 +8,12 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
+from tests.helpers import RelayTransport
 from tests.test_udptunnel import FakeReactor, FakeUDPPort, PoolConnection
 from tunnelpass import udptunnel
 from tunnelpass.datagrams import DatagramDecoder, frame
 from tunnelpass.metrics import listener_samples, tunnel_samples
+from tunnelpass.opener import PoolOpener
 from tunnelpass.pool import IdlePool
 from tunnelpass.limits import Limits
 from tunnelpass.sessiontable import ACTIVE_WINDOW, ALL_ACTIVE, REPLY_WAIT
@@ -36,8 +38,7 @@ class IngressEvictionTests(unittest.TestCase):
         self.connections = []
 
     def listener(self, limits, tcp_factory=None):
-        listener = UDPIngress("target", self.clock, limits, self.stats, 65535, lambda: self.pool,
-                              lambda conn_id, connection, stream: connection.hand_over(stream),
+        listener = UDPIngress("target", self.clock, limits, self.stats, 65535, PoolOpener(lambda: self.pool),
                               tcp_factory=tcp_factory)
         listener.transport = FakeUDPPort()
         return listener
@@ -183,12 +184,10 @@ class EgressEvictionTests(unittest.TestCase):
                                 Limits(udp_idle=60.0, max_sessions=2, max_conns=100), self.stats, 65535)
 
     def open(self):
-        from twisted.internet.testing import StringTransport
-
         stream = self.egress.open(None)
         if stream is None:
             return None, None
-        transport = StringTransport()
+        transport = RelayTransport()
         stream.makeConnection(transport)
         return stream, transport
 

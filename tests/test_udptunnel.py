@@ -3,11 +3,13 @@ ports and a fake clock drive both sides (the e2e tests use real ones)."""
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from tests.helpers import RelayTransport
 from twisted.trial import unittest
 
-from tunnelpass.codec import FrameDecoder, Type, decode_open
+from tunnelpass.codec import Type, decode_open
 from tunnelpass.datagrams import DatagramDecoder, frame
+from tests.poolfakes import PoolMember
+from tunnelpass.opener import PoolOpener
 from tunnelpass.pool import IdlePool
 from tunnelpass.proxyproto import parse
 from tunnelpass.ratelimit import RateLimiter
@@ -61,23 +63,7 @@ class FakeReactor(Clock):
         return udp
 
 
-class PoolConnection:
-    """Stands in for an idle pool connection: hand_over makes the stream
-    its protocol, on a string transport."""
-
-    def __init__(self):
-        self.transport = StringTransport()
-        self.protocol = None
-
-    def hand_over(self, protocol):
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-
-    def sent_frames(self):
-        data = self.transport.value()
-        decoder = FrameDecoder()
-        (open_frame,) = decoder.feed(data, max_frames=1)
-        return open_frame, DatagramDecoder().feed(decoder.take_rest())
+PoolConnection = PoolMember  # (the name other test modules import)
 
 
 class IngressTests(unittest.TestCase):
@@ -90,8 +76,7 @@ class IngressTests(unittest.TestCase):
 
     def listener(self, limits=None, udp_buffer=65535, pool=True, tcp_factory=None):
         listener = UDPIngress("target", self.clock, limits or self.limits, self.stats, udp_buffer,
-                              (lambda: self.pool) if pool else (lambda: None),
-                              lambda conn_id, connection, stream: connection.hand_over(stream),
+                              PoolOpener((lambda: self.pool) if pool else (lambda: None)),
                               tcp_factory=tcp_factory)
         listener.transport = FakeUDPPort()
         return listener
@@ -318,7 +303,7 @@ class EgressTests(unittest.TestCase):
 
     def start(self, egress, addresses=((("192.0.2.7", 4000), ("127.0.0.1", 8053)))):
         stream = egress.open(addresses)
-        transport = StringTransport()
+        transport = RelayTransport()
         stream.makeConnection(transport)
         return stream, transport
 

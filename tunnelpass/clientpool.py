@@ -6,7 +6,9 @@ reached, authenticates itself (POOL_AUTH, bound to the session and, under
 TLS, to the certificate it sees), waits for the server's POOL_OK and only
 then joins the idle pool.  Receive flow: the server claims it by sending
 OPEN (or OPEN_UDP) and this side dials its target; send flow: a local
-user's connection claims it (:class:`SendFlowFactory`).  :class:`PoolKeeping`
+user's connection claims it (the client's
+:class:`~tunnelpass.opener.PoolOpener`).  Each connection's life is a
+:class:`~tunnelpass.poolstate.ClientPoolLife`.  :class:`PoolKeeping`
 keeps the pool at the size :class:`~tunnelpass.poolpolicy.PoolPolicy`
 wants, within the open-files budget.
 
@@ -21,18 +23,20 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.internet.posixbase import PosixReactorBase
 from zope.interface import implementer
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open
+from tunnelpass.codec import ProtocolError, Type, encode
+from tunnelpass.dispatch import OpenReader
 from tunnelpass.fdbudget import ran_out
 from tunnelpass.handshake import ID, pool_auth_frame
 from tunnelpass.keepalive import enable_keepalive
-from tunnelpass.pooldial import PoolDialFactory
-from tunnelpass.outbound import OutboundProtocol, user_addresses
+from tunnelpass.poolstate import AUTHENTICATING, CLAIMED, DIALLING, IDLE, LOST, ClientPoolLife
+from tunnelpass.stream import stream_of
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSFactory
+from tunnelpass.tlssocket import connect_tls
 
 if TYPE_CHECKING:
     from tunnelpass.client import TunnelClient
@@ -41,24 +45,23 @@ POOL_OK = encode(Type.POOL_OK)
 
 
 @implementer(IHandshakeListener)
-
-
 class PoolConnection(SwitchingProtocol):
-    """One client pool connection: authenticates, idles, then relays."""
+    """One client pool connection: authenticates, idles, then relays.
 
-    ready = False  # the server filed it (POOL_OK received)
-    authenticated = False  # POOL_AUTH sent
+    A pool member (:mod:`tunnelpass.opener`): :meth:`claim` hands out its
+    stream once, while it is idle."""
 
-    def __init__(self, client: "TunnelClient", session, counter: int, conn_id: bytes):
+    def __init__(self, client: "TunnelClient", session, counter: int, conn_id: bytes, life: ClientPoolLife):
         self.client, self.session = client, session
         self.counter, self.conn_id = counter, conn_id
+        self.life = life
         self._ack = b""
-        self._open_decoder = FrameDecoder(allowed=OPENS)
+        self._open = OpenReader(conn_id)
 
     def connectionMade(self) -> None:
         enable_keepalive(self.transport)
-        if not isinstance(self.transport, TLSMemoryBIOProtocol):
-            self._authenticate()
+        if stream_of(self.transport).secured is None:
+            self._authenticate()  # plain: no TLS handshake to wait for
 
     def handshakeCompleted(self) -> None:
         self._authenticate()
@@ -69,66 +72,74 @@ class PoolConnection(SwitchingProtocol):
             return
         fp = tlsmod.peer_fingerprint(self.transport)
         self.transport.write(pool_auth_frame(self.session, self.counter, self.conn_id, fp))
-        self.authenticated = True
+        self.life.fire("auth_sent")
 
     def header_received(self, data: bytes) -> None:
-        if not self.ready:
+        state = self.life.state
+        if state == DIALLING:
+            self.transport.abortConnection()  # the server spoke before POOL_AUTH
+            return
+        if state == AUTHENTICATING:
             # Only a connection the server has filed goes to the idle pool:
             # one it refused (full, busy) never carries a user's bytes.
             needed = len(POOL_OK) - len(self._ack)
             self._ack += data[:needed]
             data = data[needed:]
-            if not POOL_OK.startswith(self._ack) or not self.authenticated:
+            if not POOL_OK.startswith(self._ack):
                 self.transport.abortConnection()
                 return
             if len(self._ack) < len(POOL_OK):
                 return
-            self.ready = True
+            self.life.fire("pool_ok")
             self.client.pool_connected(self)
             if not data or not self.transport.connected:
                 return
             if self.delegate is not None:  # a waiting user took it at once
                 self.delegate.dataReceived(data)
                 return
+        if self.life.state != IDLE:
+            return  # closed by the client (a session that ended): nothing more is read
         # Receive flow: the server claimed this connection; it starts with
         # OPEN(own id, the user's addresses), then the user's bytes -- or
         # OPEN_UDP, then the user's datagrams.
         client = self.client
         try:
-            frames = self._open_decoder.feed(data, max_frames=1)
-            if not frames:
-                return
-            conn_id, addresses = decode_open(frames[0].payload)
+            opened = self._open.feed(data)
         except ProtocolError:
             self.transport.abortConnection()
             return
-        if (conn_id != self.conn_id or client.flow != "receive" or client.pool is None
-                or client.pool.claim(self.conn_id) is not self):
+        if opened is None:
+            return
+        if client.flow != "receive" or client.pool is None or client.pool.claim(self.conn_id) is not self:
             self.transport.abortConnection()
             return
-        rest = self._open_decoder.take_rest()
-        if frames[0].type is Type.OPEN_UDP:
-            protocol = client.udp_egress.open(addresses)
-        elif client.settings.tcp:
-            protocol = client.target_factory.buildProtocol(None)
-            protocol.original = addresses  # the user's, for --proxy-protocol
-        else:
-            client.log.debug("TCP is disabled here (--no-tcp); closing a TCP pool connection")
-            protocol = None
-        if protocol is None:
-            client.retiring.discard(self.conn_id)
-            self.transport.abortConnection()
-            return
-        self.start_relay(protocol, rest)
-
-    def start_relay(self, protocol, data: bytes = b"") -> None:
-        client = self.client
+        kind, addresses, rest = opened
         client.retiring.discard(self.conn_id)
-        self.switch_to(protocol, data)
-        client.policy_used()  # refill after the user's target dial is under way
+        stream = self.claim()
+        if stream is not None and client.acceptor.stream_accepted(kind, addresses, stream, rest):
+            client.policy_used()  # refill after the user's target dial is under way
+
+    def claim(self):
+        """This connection's stream, taken out of the idle state; None if it
+        is not idle and open (closed while idle, or already claimed)."""
+        if self.life.state != IDLE or not self.transport.connected:
+            return None
+        self.life.fire("claimed")
+        return stream_of(self.transport)
+
+    def close(self) -> None:
+        """Close an idle connection (a surplus, a session that ended)."""
+        self.transport.loseConnection()
 
     def header_lost(self, reason) -> None:
-        self.client.pool_lost(self)
+        was = self.life.state
+        self.life.fire(LOST)
+        self.client.pool_lost(self, was)
+
+    def connectionLost(self, reason=None) -> None:
+        super().connectionLost(reason)
+        if self.life.state == CLAIMED:
+            self.life.fire(LOST)
 
 
 class _PoolConnectionFactory(ClientFactory):
@@ -136,11 +147,14 @@ class _PoolConnectionFactory(ClientFactory):
 
     def __init__(self, client, session, counter, conn_id):
         self.args = (client, session, counter, conn_id)
+        # The connection's life starts with the dial (counted as dialling).
+        self.life = ClientPoolLife(client.pool_state_changed)
 
     def buildProtocol(self, addr):
-        return PoolConnection(*self.args)
+        return PoolConnection(*self.args, self.life)
 
     def clientConnectionFailed(self, connector, reason) -> None:
+        self.life.fire(LOST)
         self.args[0].pool_dial_failed(self.args[3], reason)
 
     def clientConnectionLost(self, connector, reason) -> None:
@@ -150,25 +164,6 @@ class _PoolConnectionFactory(ClientFactory):
         # whose full collections pause the client.  A lost connector is
         # never used again (it is not reconnected).
         connector.transport = None
-
-
-class SendFlowFactory(PoolDialFactory):
-    """Send flow: each local user connection takes an idle pool connection,
-    which starts with OPEN (its id, the user's addresses)."""
-
-    unavailable = "not connected to the server"
-
-    def __init__(self, client: "TunnelClient", *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.client = client
-
-    def current_pool(self):
-        return self.client.pool
-
-    def use(self, conn_id: bytes, connection, inbound) -> None:
-        self.client.policy_used()
-        source, destination = user_addresses(inbound)
-        connection.switch_to(OutboundProtocol(inbound, greeting=encode_open(conn_id, source, destination)))
 
 
 class PoolKeeping:
@@ -205,7 +200,7 @@ class PoolKeeping:
             # an idle one cannot race a user connection.
             for _ in range(surplus):
                 _, connection = self.pool.idle.popitem(last=False)
-                connection.transport.loseConnection()
+                connection.close()
         elif surplus and self.control is not None:
             # Receive flow: the server claims; ask it to retire the oldest.
             for conn_id in list(self.pool.idle)[:surplus]:
@@ -220,35 +215,47 @@ class PoolKeeping:
 
     def _dial_one(self) -> None:
         self.counter += 1
-        self.dialing += 1
         self.descriptors.spend(1)
         conn_id = os.urandom(ID)
         # Straight to the address the control connection reached (no name
         # lookup per pool connection, and the same server behind a DNS
         # round robin); TLS as the control connection has it.
         factory = _PoolConnectionFactory(self, self.session, self.counter, conn_id)
-        if self.session_level:
-            factory = HalfCloseTLSFactory(self._creator(self.session_level), True, factory)
         host, port = self.server_address
+        if self.session_level and isinstance(self.reactor, PosixReactorBase):
+            # TLS on the socket itself (tunnelpass.tlssocket).
+            connect_tls(self.reactor, host, port, factory, self._creator(self.session_level),
+                        timeout=self.settings.connect_timeout)
+            return
+        if self.session_level:  # a reactor without sockets (in-memory tests): Twisted's TLS
+            factory = HalfCloseTLSFactory(self._creator(self.session_level), True, factory)
         self.reactor.connectTCP(host, port, factory, timeout=self.settings.connect_timeout)
 
+    @property
+    def dialing(self) -> int:
+        """Pool connections dialled and not yet filed by the server (their
+        machines are dialling or authenticating)."""
+        return self.pool_pending.count
+
+    def pool_state_changed(self, old, new) -> None:
+        """Every pool connection's every state change (the one place the
+        dialling count changes)."""
+        self.pool_pending(old, new)
+
     def pool_dial_failed(self, conn_id: bytes, reason) -> None:
-        self.dialing -= 1
         code = ran_out(reason)
         if code is not None:
             self.descriptors.ran_out("dial", code, listener="pool")
         self.log.debug("pool connection failed: {error}", error=reason.getErrorMessage())
 
     def pool_connected(self, connection: PoolConnection) -> None:
-        self.dialing -= 1
         if self.pool is None or connection.session is not self.session:
-            connection.transport.loseConnection()  # dialled for a session that has ended
+            connection.close()  # dialled for a session that has ended
         elif not self.pool.add(connection.conn_id, connection):
-            connection.transport.loseConnection()
+            connection.close()
 
-    def pool_lost(self, connection: PoolConnection) -> None:
-        if not connection.ready:
-            self.dialing -= 1  # connected but never authenticated (TLS failure, ...)
-        elif self.pool is not None:
+    def pool_lost(self, connection: PoolConnection, state: str) -> None:
+        """*connection* ended before a user took it; *state* is where it was."""
+        if state == IDLE and self.pool is not None:
             self.pool.remove(connection.conn_id)
             self.retiring.discard(connection.conn_id)

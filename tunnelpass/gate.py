@@ -22,13 +22,16 @@ from typing import TYPE_CHECKING
 from twisted.internet.protocol import ServerFactory
 
 from tunnelpass import tls as tlsmod
-from tunnelpass.codec import OPENS, FrameDecoder, ProtocolError, Type, decode_open, encode, encode_open, encode_text
+from tunnelpass.codec import FrameDecoder, ProtocolError, Type, encode, encode_text
 from tunnelpass.control import ServerControlProtocol
+from tunnelpass.dispatch import OpenReader
 from tunnelpass.gatelog import tls_error_text, tls_failed
 from tunnelpass.guard import Refused
 from tunnelpass.handshake import AUTH_FAILED, ID, TLS_REQUIRED, TRY_LATER, HandshakeError
 from tunnelpass.keepalive import enable_keepalive
-from tunnelpass.outbound import OutboundProtocol, user_addresses
+from tunnelpass.poolstate import HEADER, IDLE, LOST, ServerPoolLife
+from tunnelpass.stream import stream_of
+from tunnelpass.stream import IStream
 from tunnelpass.switch import SwitchingProtocol
 from tunnelpass.tlshalf import HalfCloseTLSProtocol
 
@@ -45,7 +48,11 @@ POOL_AUTH_SIZE = 2 * ID + 8 + 32
 
 class TunnelConnection(SwitchingProtocol):
     """A connection on the tunnel port after TLS (if any): reads the first
-    frame and becomes a control channel or an idle pool connection."""
+    frame and becomes a control channel or an idle pool connection.
+
+    As an idle pool connection it is a pool member (:mod:`tunnelpass.opener`):
+    :meth:`claim` hands out its stream once.  Its life is a
+    :class:`~tunnelpass.poolstate.ServerPoolLife`."""
 
     conn_id: bytes | None = None
     session: ServerSession | None = None
@@ -53,12 +60,16 @@ class TunnelConnection(SwitchingProtocol):
     def __init__(self, server: "TunnelServer", gate: "TunnelGate"):
         self.server = server
         self.gate = gate
+        self.life = ServerPoolLife()
         self.decoder = FrameDecoder(allowed=frozenset({Type.HELLO, Type.POOL_AUTH}))
 
     def header_received(self, data: bytes) -> None:
-        if self.conn_id is not None:
+        state = self.life.state
+        if state == IDLE:
             self._idle_data(data)
             return
+        if state != HEADER:
+            return  # claimed and refused, or closing: nothing more is read here
         try:
             frames = self.decoder.feed(data, max_frames=1)
         except ProtocolError as e:
@@ -73,6 +84,7 @@ class TunnelConnection(SwitchingProtocol):
             except Refused as e:
                 self.gate.turn_away(self.transport, e)
                 return
+            self.life.fire("hello")
             control = self.gate.control = ServerControlProtocol(
                 self.server.key, tlsmod.local_fingerprint(self.transport), self.server.session_config,
                 self.server.clock,
@@ -110,7 +122,9 @@ class TunnelConnection(SwitchingProtocol):
         # State and POOL_OK first: add() may hand this connection to a
         # waiting user at once, and POOL_OK must precede the user's bytes.
         self.conn_id, self.session = conn_id, session
+        self.life.fire("filed")
         self.transport.write(POOL_OK)
+        self._reader = OpenReader(conn_id)
         session.pool.add(conn_id, self)
 
     def _control_authenticated(self, control: ServerControlProtocol) -> None:
@@ -127,56 +141,39 @@ class TunnelConnection(SwitchingProtocol):
             return
         # The start frame may arrive with the user's first bytes; the
         # decoder holds at most one read beyond a (tiny) TCP frame.
-        self.decoder.allowed = OPENS
         try:
-            frames = self.decoder.feed(data, max_frames=1)
-            if not frames:
-                return
-            conn_id, addresses = decode_open(frames[0].payload)
+            opened = self._reader.feed(data)
         except ProtocolError:
             self._drop_idle()
             return
-        if conn_id != self.conn_id:
-            self._drop_idle()
+        if opened is None:
             return
-        rest = self.decoder.take_rest()
-        if frames[0].type is Type.OPEN_UDP:
-            stream = self.server.udp_egress.open(addresses)
-            if stream is None:
-                self._drop_idle()
-                return
-            self.session.pool.remove(self.conn_id)
-            self.hand_over(stream, rest)
-            return
-        if not self.server.settings.tcp:
-            self.server.log.debug("TCP is disabled here (--no-tcp); closing a TCP pool connection")
-            self._drop_idle()
-            return
+        kind, addresses, rest = opened
         self.session.pool.remove(self.conn_id)
-        inbound = self.server.target_factory.buildProtocol(None)
-        inbound.original = addresses  # the user's, for --proxy-protocol
-        self.hand_over(inbound, rest)
+        stream = self.claim()
+        if stream is not None:
+            self.server.acceptor.stream_accepted(kind, addresses, stream, rest)
 
     def _drop_idle(self) -> None:
         self.session.pool.remove(self.conn_id)
-        self.conn_id = None
         self.transport.abortConnection()
 
-    def claim_for(self, inbound) -> None:
-        """Receive flow: relay user connection *inbound* over this connection,
-        which starts with OPEN(its id, the user's addresses)."""
-        source, destination = user_addresses(inbound)
-        greeting = encode_open(self.conn_id, source, destination)
-        self.hand_over(OutboundProtocol(inbound, greeting=greeting))
+    def claim(self):
+        """This connection's stream, taken out of the idle state; None if it
+        is not idle and open (closed while idle, or already claimed)."""
+        if self.life.state != IDLE or not self.transport.connected:
+            return None
+        self.life.fire("claimed")
+        return stream_of(self.transport)
 
-    def hand_over(self, protocol, data: bytes = b"") -> None:
-        """This pool connection stops being idle: *protocol* owns it now."""
-        self.conn_id = None
-        self.switch_to(protocol, data)
+    def close(self) -> None:
+        """Close an idle connection (retired by the client)."""
+        self.transport.loseConnection()
 
     def header_lost(self, reason) -> None:
-        if self.conn_id is not None:
+        if self.life.state == IDLE:
             self.session.pool.remove(self.conn_id)
+        self.life.fire(LOST)
         self.gate.lost(reason)
 
 
@@ -241,10 +238,14 @@ class TunnelGate(SwitchingProtocol):
             return
         inner = TunnelConnection(self.server, self)
         level = self.server.settings.tls
-        if data[0] == TLS_RECORD:
+        stream = IStream(self.transport, None)
+        if stream is not None and stream.secured:  # TLS done on the socket (tunnelpass.tlssocket)
+            self.switch_to(inner, data)
+        elif data[0] == TLS_RECORD:
             if not level:
                 self.refuse("TLS offered but this server runs --tls 0", kind="tls")
                 return
+            # A reactor without sockets (in-memory tests): Twisted's TLS.
             wrapped = HalfCloseTLSProtocol(self.server.tls_factory, inner)
             self.switch_to(wrapped, data)
         elif level:
@@ -314,7 +315,7 @@ class TunnelGate(SwitchingProtocol):
                 self.server.failures_by_reason[kind] += 1
 
     def header_lost(self, reason) -> None:
-        self.lost()
+        self.lost(reason)  # a failed TLS handshake on the socket ends here
 
     def connectionLost(self, reason=None) -> None:
         super().connectionLost(reason)

@@ -1,12 +1,13 @@
-# -*- test-case-name: tests.test_server -*-
-"""A listener whose user connections take idle pool connections.
+# -*- test-case-name: tests.test_pooldial -*-
+"""A listener whose user connections ride on streams the far side serves.
 
 The server's public listener (receive flow) and the client's local listener
-(send flow) both relay each user over an idle, authenticated pool
-connection instead of dialling a remote.  This is that one "dial": take
-from the pool (waiting up to ``--pool-timeout`` when it is empty), skip a
-connection that closed while idle, and refuse the one user -- with a
-throttled log line -- when no connection comes.
+(send flow) relay each user over a stream instead of dialling a remote.
+This is that one "dial": ask the listener's
+:class:`~tunnelpass.stream.IStreamOpener` (:attr:`PoolDialFactory.opener`,
+the pool's :class:`~tunnelpass.opener.PoolOpener`) for a TCP stream
+carrying the user's addresses, attach the relay's outbound leg to it, and
+refuse the one user -- with a throttled log line -- when none comes.
 """
 
 from __future__ import annotations
@@ -14,48 +15,33 @@ from __future__ import annotations
 from twisted.internet.defer import CancelledError
 
 from tunnelpass import connlog
-from tunnelpass.pool import PoolFull, PoolTimeout
+from tunnelpass.outbound import OutboundProtocol, user_addresses
 from tunnelpass.relay import TCPForwardFactory
+from tunnelpass.stream import TCP, StreamUnavailable
 
 
 class PoolDialFactory(TCPForwardFactory):
     limit_name = "slot"
-    #: Why a user is refused when there is no pool at all.
-    unavailable = "not connected"
-
-    def current_pool(self):
-        """The idle pool to take from, or None."""
-        raise NotImplementedError
-
-    def use(self, conn_id: bytes, connection, inbound) -> None:
-        """Relay *inbound* over the pool *connection* just taken."""
-        raise NotImplementedError
+    #: The :class:`~tunnelpass.stream.IStreamOpener` users' streams come from
+    #: (set by the flow's wiring).
+    opener = None
 
     def dial(self, inbound):
-        pool = self.current_pool()
-        if pool is None:
-            self._refuse(inbound, self.unavailable)
-            return None
         started = self.clock.seconds()
-        d = pool.take()
+        d = self.opener.open(TCP, user_addresses(inbound))
 
-        def got(taken):
-            conn_id, connection = taken
-            if not connection.transport.connected:
-                # Closed while idle (its removal is underway): try the next
-                # one, chained so that a hang-up cancels the new wait.
-                return self.dial(inbound)
+        def got(stream):
             connlog.claimed(inbound, self.clock.seconds() - started)
-            self.use(conn_id, connection, inbound)
+            stream.attach(OutboundProtocol(inbound))
 
         def failed(failure):
             if failure.check(CancelledError):
                 return  # the user hung up while waiting
-            failure.trap(PoolTimeout, PoolFull)
+            failure.trap(StreamUnavailable)
             self._refuse(inbound, failure.getErrorMessage())
 
         d.addCallbacks(got, failed)
-        return d
+        return None if d.called else d
 
     def _refuse(self, inbound, why: str) -> None:
         if self._refusals.ready():

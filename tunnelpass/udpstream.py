@@ -15,7 +15,6 @@ The ingress side is :mod:`tunnelpass.udptunnel`, the egress side
 
 from __future__ import annotations
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -23,6 +22,7 @@ from zope.interface import implementer
 
 from tunnelpass.datagrams import DatagramDecoder, frame
 from tunnelpass.sessiontable import ALL_ACTIVE, SessionTable
+from tunnelpass.stream import stream_of
 from tunnelpass.udp import IdleExpiry
 
 #: Unsent bytes a session's pool connection may hold before its datagrams
@@ -33,19 +33,7 @@ STREAM_BUFFER = 256 * 1024
 log = Logger(namespace="tunnelpass.udp")
 
 
-def _raise_pause_threshold(transport) -> None:
-    """Let the socket under *transport* (maybe under TLS) hold
-    ``STREAM_BUFFER`` unsent bytes before it pauses its producer."""
-    for _ in range(4):
-        if isinstance(transport, FileDescriptor):
-            transport.bufferSize = STREAM_BUFFER
-            return
-        transport = getattr(transport, "transport", None)
-
-
 @implementer(IPushProducer, IHalfCloseableProtocol)
-
-
 class DatagramStream(Protocol):
     """A pool connection carrying one session's datagrams (either side).
 
@@ -57,13 +45,14 @@ class DatagramStream(Protocol):
 
     paused = False
     received = False  # any bytes from the far side yet
+
     def __init__(self, session, greeting: bytes = b""):
         self.session = session
         self.greeting = greeting
         self.decoder = DatagramDecoder()
 
     def connectionMade(self) -> None:
-        _raise_pause_threshold(self.transport)
+        stream_of(self.transport).set_write_buffer(STREAM_BUFFER)  # bursts are dropped past this, not paused
         self.transport.registerProducer(self, True)
         if self.greeting:
             self.transport.write(self.greeting)

@@ -4,9 +4,9 @@ connection per session.
 
 *Ingress* is the side users send datagrams to (the server's ``--target`` in
 the receive flow, the client's in the send flow).  Its listener keeps a
-session per user address; a new session takes an idle pool connection just
-as a TCP user does, starts it with OPEN_UDP (the user's addresses, for
-PROXY v2) and then writes every datagram length-prefixed
+session per user address; a new session opens a stream just as a TCP user
+does (the stream opener announces it with OPEN_UDP and the user's
+addresses, for PROXY v2) and then writes every datagram length-prefixed
 (:mod:`tunnelpass.datagrams`).  Replies come back the same way and leave
 the listening socket towards that user.
 
@@ -37,12 +37,12 @@ from __future__ import annotations
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import CannotListenError, InvalidAddressError
 
-from tunnelpass.codec import Type, encode_open
 from tunnelpass.datagrams import frame
 from tunnelpass.logs import Throttle
 from tunnelpass.relay import REFUSAL_LOG_INTERVAL
 from tunnelpass.sessiontable import SessionTable
 from tunnelpass.settings import is_ip_literal
+from tunnelpass.stream import UDP
 from tunnelpass.udp import MAX_DATAGRAM, PendingDatagrams, SessionListener
 from tunnelpass.udpstream import DatagramStream, _make_room, _note_refusal, _Session, log
 
@@ -93,27 +93,18 @@ class IngressSession(_Session):
         self._waiting = None
 
     def start(self) -> None:
-        pool = self.listener.pool_source()
-        if pool is None:
-            self.listener.note_problem("no pool connection: " + self.listener.unavailable)
-            self.close()
-            return
-        d = self._waiting = pool.take()
+        d = self.listener.opener.open(UDP, (self.client[:2], self.listener.local_address()))
+        if not d.called:
+            self._waiting = d
         d.addCallbacks(self._got, self._failed)
 
-    def _got(self, taken) -> None:
+    def _got(self, stream) -> None:
         self._waiting = None
-        conn_id, connection = taken
         if self.closed:
-            connection.transport.loseConnection()  # expired while waiting; the peer refills its pool
+            stream.loseConnection()  # ended while its stream was on the way
             return
-        if not connection.transport.connected:
-            self.start()  # it closed while idle: take the next one
-            return
-        greeting = encode_open(conn_id, self.client[:2], self.listener.local_address(), Type.OPEN_UDP)
         datagrams = self.pending.take()
-        greeting += b"".join(frame(datagram) for datagram in datagrams)
-        self.listener.claim(conn_id, connection, DatagramStream(self, greeting))
+        stream.attach(DatagramStream(self, b"".join(frame(datagram) for datagram in datagrams)))
         self.stats.udp_datagrams_in += len(datagrams)
         self.stats.bytes_in += sum(map(len, datagrams))
 
@@ -168,19 +159,19 @@ class IngressSession(_Session):
 class UDPIngress(SessionListener):
     """The public UDP listener and its session table.
 
-    *pool_source()* gives the idle pool to take from (or None), and
-    *claim(conn_id, connection, stream)* hands a taken pool connection to
-    *stream*.  *tcp_factory* is the TCP listener on the same address:
-    ``--slot`` counts its connections and these sessions together.
+    Each new session gets its stream from *opener* (an
+    :class:`~tunnelpass.stream.IStreamOpener`, the pool's
+    :class:`~tunnelpass.opener.PoolOpener`).  *tcp_factory* is the TCP
+    listener on the same address: ``--slot`` counts its connections and
+    these sessions together.
     """
 
     noisy = False
 
-    def __init__(self, name: str, clock, limits, stats, udp_buffer: int, pool_source, claim,
-                 unavailable: str = "not connected", tcp_factory=None):
+    def __init__(self, name: str, clock, limits, stats, udp_buffer: int, opener, tcp_factory=None):
         self.name, self.clock, self.limits, self.stats = name, clock, limits, stats
         self.udp_buffer = udp_buffer
-        self.pool_source, self.claim, self.unavailable = pool_source, claim, unavailable
+        self.opener = opener
         self.tcp_factory = tcp_factory
         self.sessions = SessionTable(name, clock, stats)
         self.cooling: dict[tuple, float] = {}  # user address -> no new session before this time
