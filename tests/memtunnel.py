@@ -77,9 +77,22 @@ class MemTransport(iosim.FakeTransport):
     factory = connector = None
     half_closes = False
     secured = None
+    closed_here = False  # this end closed the connection (not its peer)
+
+    def loseConnection(self):
+        self.closed_here = self.closed_here or not self.disconnecting
+        super().loseConnection()
+
+    def abortConnection(self):
+        self.closed_here = self.closed_here or not self.disconnecting
+        super().abortConnection()
 
     def attach(self, protocol, data=b""):
-        attach(self, protocol, data)
+        switch = getattr(self.protocol, "switch_to", None)
+        if switch is not None:  # a tunnel connection past its header phase (as TCPStream.attach)
+            switch(protocol, data)
+        else:
+            attach(self, protocol, data)
 
     def consumer_paused(self) -> bool:
         return False  # iosim never pauses a producer
@@ -232,6 +245,12 @@ class MemNet:
                 pump.clientIO.abortConnection()
         self.settle()
 
+    def closed_by(self, side: str, port: int = TUNNEL_PORT) -> int:
+        """Connections to *port* that the dialling side (``"client"``) or
+        the listening side (``"server"``) closed."""
+        return sum(1 for pump in self.pumps if pump.port == port
+                   and (pump.clientIO if side == "client" else pump.serverIO).closed_here)
+
     def live(self, port: int = TUNNEL_PORT) -> int:
         """Connections to *port* neither end has closed."""
         return sum(1 for pump in self.pumps
@@ -249,8 +268,6 @@ class MemNet:
                     pump.clientIO.getOutBuffer(), pump.serverIO.getOutBuffer()  # lost on the way
                 if pump.pump(advanceClock=False):
                     moved = True
-                elif pump.clientIO.disconnected and pump.serverIO.disconnected:
-                    self.pumps.remove(pump)
             if not moved:
                 return
         raise AssertionError("the tunnel never settled")

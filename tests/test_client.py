@@ -60,11 +60,14 @@ class PoolTests(unittest.TestCase):
         self.assertGreaterEqual(metric(client, "pool_idle"), 2 + 4)
         for user in users:
             user.transport.loseConnection()
+        net.settle()
+        closed_by_client = net.closed_by("client")
         net.advance(35)  # past the policy's 30-s memory of the demand
         self.assertEqual(metric(client, "pool_target"), 2)
         self.assertEqual(metric(client, "pool_idle"), 2)
         self.assertEqual(metric(server, "pool_idle"), 2)
         self.assertEqual(net.live(TUNNEL_PORT), 1 + 2)
+        self.assertEqual(net.closed_by("client"), closed_by_client)  # the server closed every one
         self.assertEqual(server.handshake_failures, 0)
 
     def test_server_closing_idle_connections_refills(self):
@@ -103,10 +106,13 @@ class SendFlowTests(unittest.TestCase):
         self.assertEqual(metric(client, "pool_idle"), 6)
         for user in users:
             user.transport.loseConnection()
+        net.settle()
+        closed_by_server = net.closed_by("server")
         net.advance(35)
         self.assertEqual(metric(client, "pool_idle"), 2)
         self.assertEqual(metric(server, "pool_idle"), 2)
         self.assertEqual(net.live(TUNNEL_PORT), 1 + 2)
+        self.assertEqual(net.closed_by("server"), closed_by_server)  # the client closed every one
 
     def test_send_flow_bind_failure_is_an_error_and_no_session(self):
         """The client's --target cannot be bound: a clear error naming the

@@ -112,6 +112,7 @@ class RefusedTests(unittest.TestCase):
         # The first does not take the session straight back: about 5 s.
         net.advance(3)
         self.assertEqual(metric(second, "server_connected"), 1)
+        self.assertEqual(metric(server, "session_replacements"), 1)  # no fight over the session
         self.assertEqual(metric(server, "pool_idle"), 2)
 
 
