@@ -1,0 +1,242 @@
+"""Processes for the tunnel benchmark: tunnelpass server + client pairs and the peer relays.
+
+Each scenario of ``tunnel_bench.py`` opens one :class:`Relays` (a context
+manager), starts its target and the relays in front of it, measures, and
+leaves the ``with`` block: every process it started is stopped there, on
+success, failure or Ctrl-C alike.
+
+Readiness is checked without connecting through a relay (a stray connection
+would disturb iperf3, which serves one client at a time): a relay is ready
+when its port is in LISTEN state in ``/proc/net/tcp``, and a tunnelpass pair
+when, in addition, the server's ``--metrics`` reports the client's idle pool
+filled (``tunnelpass_pool_idle``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from bench import HERE, TWISTD, free_port
+
+KEY = "bench-key-0123456789abcdefghij"
+MIN_POOL = 64  # tunnelpass's default --min-pool: what "pool filled" waits for
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:*port* (read from /proc, no connection made)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(fields[1] == want and fields[3] == "0A" for fields in map(str.split, f))
+
+
+def log_tail(proc: subprocess.Popen, lines: int = 15) -> str:
+    """The end of *proc*'s log (see Relays.spawn), for an error message."""
+    path = getattr(proc, "log_path", None)
+    if not path:
+        return ""
+    with open(path, errors="replace") as f:
+        return "\n" + "".join(f.readlines()[-lines:])
+
+
+def wait_listening(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(proc.args)} exited with {proc.returncode} before listening on {port}"
+                               f"{log_tail(proc)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def metric(port: int, name: str) -> float | None:
+    """One unlabelled sample from a tunnelpass ``--metrics`` endpoint (None if not there)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(None, 1)[1])
+    return None
+
+
+@dataclass
+class TunnelPair:
+    name: str
+    port: int  # the server's public port: where users connect
+    server: subprocess.Popen
+    client: subprocess.Popen
+    metrics: int  # the server's --metrics port
+
+
+class Relays:
+    """Starts relays in front of one target and stops everything it started."""
+
+    def __init__(self, workdir: str):
+        self.dir = workdir
+        self.procs: list[subprocess.Popen] = []
+        self.pairs: dict[str, TunnelPair] = {}
+        self.failed: dict[str, str] = {}  # relay -> why it was left out
+        self._sshd: int | None = None
+
+    def __enter__(self) -> "Relays":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def spawn(self, args, log: str | None = None) -> subprocess.Popen:
+        out = open(os.path.join(self.dir, log), "ab") if log else subprocess.DEVNULL
+        try:
+            p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir)
+        finally:
+            if log:
+                out.close()
+        p.log_path = os.path.join(self.dir, log) if log else None
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        """SIGTERM every process (newest first: clients before their servers), then reap; SIGKILL stragglers."""
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+    # -- relays ------------------------------------------------------------
+
+    def start(self, names: list[str], target: int) -> dict[str, int]:
+        """Start each named relay in front of 127.0.0.1:*target*; name -> port users connect to."""
+        starters = {"direct": lambda: target,
+                    "tunnelpass-tls0": lambda: self.tunnelpass(0, target).port,
+                    "tunnelpass-tls1": lambda: self.tunnelpass(1, target).port,
+                    "socat-2hop": lambda: self.socat_two_hop(target),
+                    "ssh-L-aes128gcm": lambda: self.ssh(target),
+                    "haproxy-1hop": lambda: self.haproxy(target)}
+        ports = {name: starters[name]() for name in names}
+        for port in ports.values():
+            wait_listening(port)
+        for pair in self.pairs.values():
+            if not self.wait_pool(pair):
+                del ports[pair.name]
+        return ports
+
+    def tunnelpass(self, level: int, target: int, extra: tuple[str, ...] = ()) -> TunnelPair:
+        """A server (receive flow, --tls *level*) and its client, as the README starts them."""
+        tunnel, public, metrics = free_port(), free_port(), free_port()
+        tag = f"tls{level}-{target}"
+        server = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "server",
+                             "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{public}",
+                             "--key", KEY, "--tls", str(level), "--log", "warn",
+                             "--metrics", f"127.0.0.1:{metrics}", *extra], f"server-{tag}.log")
+        wait_listening(tunnel, proc=server)
+        client = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "client",
+                             "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{target}",
+                             "--key", KEY, "--log", "warn", *extra], f"client-{tag}.log")
+        pair = TunnelPair(f"tunnelpass-tls{level}", public, server, client, metrics)
+        self.pairs[pair.name] = pair
+        return pair
+
+    def wait_pool(self, pair: TunnelPair, timeout: float = 30.0) -> bool:
+        """Until the client's idle pool is filled (measurements start from a settled tunnel).
+
+        False (and the reason in ``self.failed``) when not one pool connection
+        came up: such a relay is left out of the measurements, it would only
+        time out on every connection.  A partly filled pool is measured anyway.
+        """
+        deadline = time.monotonic() + timeout
+        while (idle := metric(pair.metrics, "tunnelpass_pool_idle") or 0) < MIN_POOL:
+            for p in (pair.server, pair.client):
+                if p.poll() is not None:
+                    return self._fail(pair.name, f"a tunnelpass process exited with {p.returncode}{log_tail(p)}")
+            if time.monotonic() > deadline:
+                if not idle:
+                    return self._fail(pair.name, f"no pool connection after {timeout:.0f} s; "
+                                                 f"client log:{log_tail(pair.client, 3)}")
+                print(f"bench: {pair.name}: pool {idle:.0f}/{MIN_POOL} after {timeout:.0f} s; measuring anyway",
+                      file=sys.stderr)
+                return True
+            time.sleep(0.1)
+        return True
+
+    def _fail(self, name: str, reason: str) -> bool:
+        self.failed[name] = reason
+        print(f"bench: {name} left out: {reason}", file=sys.stderr)
+        return False
+
+    def socat_two_hop(self, target: int) -> int:
+        """Two socat processes in a chain: the plain two-process analogue of tls=0."""
+        middle, front = free_port(), free_port()
+        for listen, to in ((middle, target), (front, middle)):
+            self.spawn(["socat", f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                        f"TCP:127.0.0.1:{to}"])
+        return front
+
+    def ssh(self, target: int) -> int:
+        """``ssh -L`` with aes128-gcm through a private sshd: the encrypted analogue of tls=1."""
+        client_key = os.path.join(self.dir, "ck")
+        if self._sshd is None:
+            host_key = os.path.join(self.dir, "hk")
+            for key in (host_key, client_key):
+                if not os.path.exists(key):
+                    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+            authorized = os.path.join(self.dir, "authorized_keys")
+            shutil.copy(client_key + ".pub", authorized)
+            os.chmod(authorized, 0o600)
+            os.makedirs("/run/sshd", exist_ok=True)
+            self._sshd = free_port()
+            sshd = self.spawn(["/usr/sbin/sshd", "-D", "-e", "-p", str(self._sshd), "-o", "ListenAddress=127.0.0.1",
+                               "-h", host_key, "-o", f"AuthorizedKeysFile={authorized}",
+                               "-o", "PermitRootLogin=yes", "-o", "StrictModes=no", "-o", "MaxStartups=100",
+                               "-o", "UsePAM=no"], "sshd.log")
+            wait_listening(self._sshd, proc=sshd)
+        port = free_port()
+        self.spawn(["ssh", "-N", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                    "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+                    "-o", "Ciphers=aes128-gcm@openssh.com", "-i", client_key, "-p", str(self._sshd),
+                    "-L", f"127.0.0.1:{port}:127.0.0.1:{target}",
+                    f"{pwd.getpwuid(os.getuid()).pw_name}@127.0.0.1"], "ssh.log")
+        return port
+
+    def haproxy(self, target: int) -> int:
+        """haproxy, mode tcp, one hop: a latency reference."""
+        port = free_port()
+        cfg = os.path.join(self.dir, f"haproxy-{port}.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n"
+                    f"  timeout client 60s\n  timeout server 60s\n"
+                    f"listen relay\n  bind 127.0.0.1:{port}\n  server s1 127.0.0.1:{target}\n")
+        self.spawn(["haproxy", "-f", cfg, "-db"], "haproxy.log")
+        return port
+
+    # -- targets -------------------------------------------------------------
+
+    def iperf3(self) -> int:
+        port = free_port()
+        self.spawn(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], "iperf3.log")
+        wait_listening(port)
+        return port
+
+    def echo(self) -> int:
+        port = free_port()
+        self.spawn([sys.executable, os.path.join(HERE, "echo.py"), str(port)], "echo.log")
+        wait_listening(port)
+        return port
