@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from zope.interface import implementer
+from zope.interface.interface import adapter_hooks
 
 from tunnelpass.client import ClientSettings, TunnelClient
 from tunnelpass.server import ServerSettings, TunnelServer
@@ -67,17 +68,22 @@ class MemReactor(MemoryReactorClock):
         return _FakePort(IPv4Address("UDP", interface or "0.0.0.0", port))
 
 
-@implementer(IStream)
 class MemTransport(iosim.FakeTransport):
     """iosim's transport, with what the tunnel asks of a TCP transport:
-    ``connected``, :class:`~tunnelpass.stream.IStream` (no half-close: a
-    relay closes both directions), and a connector told when the
-    connection ends (as Twisted's own client connections are)."""
+    ``connected``, a connector told when the connection ends (as Twisted's
+    own client connections are), and who closed it (``closed_here``).
+
+    Like Twisted's TCP transport it does not provide
+    :class:`~tunnelpass.stream.IStream` itself but is adapted to it
+    (:class:`MemStream`): a TLS wrapper copies the interfaces its transport
+    provides, and would then pass for a plain stream."""
 
     factory = connector = None
-    half_closes = False
-    secured = None
     closed_here = False  # this end closed the connection (not its peer)
+
+    @property
+    def connected(self) -> bool:
+        return not self.disconnected
 
     def loseConnection(self):
         self.closed_here = self.closed_here or not self.disconnecting
@@ -87,21 +93,42 @@ class MemTransport(iosim.FakeTransport):
         self.closed_here = self.closed_here or not self.disconnecting
         super().abortConnection()
 
+    def reportDisconnect(self):
+        super().reportDisconnect()
+        if self.factory is not None and hasattr(self.factory, "clientConnectionLost"):
+            self.factory.clientConnectionLost(self.connector, Failure(ConnectionDone()))
+
+
+@implementer(IStream)
+class MemStream:
+    """:class:`~tunnelpass.stream.IStream` for :class:`MemTransport`: no
+    half-close (a relay closes both directions), never paused (iosim does
+    not pause producers), no socket (the copy relay)."""
+
+    half_closes = False
+    secured = None
+
+    def __init__(self, transport: MemTransport):
+        self.transport = transport
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
     def attach(self, protocol, data=b""):
-        switch = getattr(self.protocol, "switch_to", None)
-        if switch is not None:  # a tunnel connection past its header phase (as TCPStream.attach)
+        switch = getattr(self.transport.protocol, "switch_to", None)
+        if switch is not None:  # a tunnel connection whose header phase is over
             switch(protocol, data)
         else:
-            attach(self, protocol, data)
+            attach(self.transport, protocol, data)
 
     def consumer_paused(self) -> bool:
-        return False  # iosim never pauses a producer
+        return False
 
     def unsent(self) -> int:
-        return sum(map(len, self.stream))
+        return sum(map(len, self.transport.stream))
 
     def native_end(self):
-        return None  # no socket: the copy relay
+        return None
 
     def set_write_buffer(self, size: int) -> None:
         pass
@@ -115,14 +142,14 @@ class MemTransport(iosim.FakeTransport):
     def peer_certificates(self) -> list:
         return []
 
-    @property
-    def connected(self) -> bool:
-        return not self.disconnected
 
-    def reportDisconnect(self):
-        super().reportDisconnect()
-        if self.factory is not None and hasattr(self.factory, "clientConnectionLost"):
-            self.factory.clientConnectionLost(self.connector, Failure(ConnectionDone()))
+def _adapt(interface, transport):
+    if interface is IStream and isinstance(transport, MemTransport):
+        return MemStream(transport)
+    return None
+
+
+adapter_hooks.append(_adapt)
 
 
 class Echo(Protocol):
