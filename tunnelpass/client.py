@@ -29,40 +29,37 @@ is :mod:`tunnelpass.clientconnect`, the pool connections and their refill
 from __future__ import annotations
 
 import dataclasses
-import signal
 from dataclasses import dataclass
 
-from twisted.application.service import Service
-from twisted.internet.defer import DeferredList, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tunnelpass import tls as tlsmod
 from tunnelpass.clientconnect import ServerConnecting, _ServerEndpoint, known_level
-from tunnelpass.clientpool import PoolKeeping, SendFlowFactory
+from tunnelpass.clientpool import PoolKeeping
+from tunnelpass.dispatch import OpenDispatcher
+from tunnelpass.opener import PoolOpener
+from tunnelpass.pooldial import PoolDialFactory
+from tunnelpass.poolstate import PendingCount
 from tunnelpass.control import ClientControlProtocol
 from tunnelpass.metrics import Sample, rate_samples, tunnel_samples
 from tunnelpass.handshake import FLOWS, REPLACED
 from tunnelpass.pool import IdlePool
-from tunnelpass.probe import start_probe
 from tunnelpass.reachlog import REPLACED_PAUSE, Reachability, ReconnectingService, handshake_failure
 from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import TCPForwardFactory
 from tunnelpass.limits import Limits
-from tunnelpass.stats import ListenerStats, tunnel_fields
-from tunnelpass.fdbudget import Descriptors
-from tunnelpass.fdport import listen_tcp
-from tunnelpass.osutil import listen_error, raise_fd_limit
+from tunnelpass.stats import tunnel_fields
+from tunnelpass.osutil import listen_error
 from tunnelpass.settings import format_address
-from tunnelpass.signals import Signals
+from tunnelpass.starterror import StartupError
 from tunnelpass.tlslevel import TLSLevel
 from tunnelpass.udp import MAX_DATAGRAM, UDPForwardProtocol
 from tunnelpass.udpegress import UDPEgress
-from tunnelpass.udptunnel import UDPIngress, listen_udp
+from tunnelpass.tunnelend import TunnelEnd
+from tunnelpass.udptunnel import UDPIngress
 
-LISTEN_BACKLOG = 1024
 _FLOW_NAMES = {number: name for name, number in FLOWS.items()}
 
 
@@ -94,23 +91,21 @@ class ClientSettings:
     dial_reason: str = "from --tunnel"  # why server_host:server_port (a token's, or --tunnel over it)
 
 
-class TunnelClient(ServerConnecting, PoolKeeping, Service):
+class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
+    """The whole client: the reconnecting control connection (a
+    ``ClientService`` child), the pool, the send-flow or local listener."""
+
     log = Logger(namespace="tunnelpass.client")
-    probe = None  # --lbs: the target group's latency probe (tunnelpass.probe)
 
     def __init__(self, settings: ClientSettings, reactor, clock=None):
-        self.settings = settings
-        self.reactor = reactor
-        self.clock = clock or reactor
-        self.key = settings.key.encode()
-        self.stats = ListenerStats()
+        super().__init__(settings, reactor, clock)
         self.levels = TLSLevel(known_level(settings))
         self.session_level = None  # the TLS level of the current session
         self.session = None
         self.control = None
         self.pool: IdlePool | None = None
         self.policy: PoolPolicy | None = None
-        self.dialing = 0
+        self.pool_pending = PendingCount()  # pool connections dialling or authenticating
         self.counter = 0
         self._fill_call = None
         self.flow = None  # the server's, once a session starts
@@ -121,7 +116,6 @@ class TunnelClient(ServerConnecting, PoolKeeping, Service):
         self.listening_port = None
         self.local_factory = None
         self.udp_port = None
-        self.udp_stats = ListenerStats()
         targets = list(settings.targets) or [(settings.target_host, settings.target_port)]
         # --block judges users where they connect: here only in the local flow (not tunnel connections).
         limits = settings.limits if settings.flow == "local" else dataclasses.replace(settings.limits, block="")
@@ -133,85 +127,56 @@ class TunnelClient(ServerConnecting, PoolKeeping, Service):
         self.udp_egress = UDPEgress(reactor, "target", targets, settings.limits, self.udp_stats,
                                     settings.udp_buffer, clock=self.clock, tcp_factory=self.target_factory,
                                     enabled=settings.udp)
-        self.descriptors = Descriptors(self.clock)
-        self.pool_bound = settings.max_pool  # --max-pool within the open-files budget (set at startup)
+        self.acceptor = OpenDispatcher(self.target_factory, self.udp_egress, settings.tcp)  # receive flow
         self.target_factory.descriptors = self.udp_egress.descriptors = self.descriptors
-        self._loops: list[LoopingCall] = []
-        self.service = None
-        self.signals = Signals(reactor)
         self.reach = Reachability(self.clock, self.log, format_address(settings.server_host, settings.server_port))
+        self.service = None
+        if settings.flow != "local":
+            factory = Factory.forProtocol(self._build_control)
+            factory.noisy = False
+            self.service = ReconnectingService(_ServerEndpoint(self), factory, retryPolicy=self._retry_delay,
+                                               clock=self.clock)
+            self.service.setName("server")
+            self.service.setServiceParent(self)
+            self.every(1.0, self.fill, "fill")
 
-    def privilegedStartService(self) -> None:
-        self.descriptors.set_limit(raise_fd_limit())
-        self.pool_bound = self.descriptors.pool_bound(self.settings.max_pool)
-        # Before anything is bound: a SIGTERM that arrives while starting up
-        # (before the reactor runs) must still mean an orderly exit 0.  The
-        # reactor installs its own handlers when it starts; ours go back on
-        # once it runs (``_running``).
-        self.signals.install_stop()
+    def bind(self) -> None:
         s = self.settings
         if self.levels.known == 2 and s.flow != "local":
             try:
                 self._creator(2)  # a bad --ca is a startup error, not a retry loop
             except tlsmod.CertificateError as e:
-                raise SystemExit(f"tunnelpass: --ca: {e}") from None
+                raise StartupError(f"--ca: {e}") from None
         if s.flow == "local":
             # Single-end forwarding: --tunnel is the local listener, no server.
             self.local_factory = self.target_factory
+            relay = None
+            if s.udp:
+                relay = UDPForwardProtocol(self.reactor, "local", s.target_host, s.target_port, s.limits,
+                                           self.udp_stats, clock=self.clock)
+                relay.descriptors = self.descriptors
             try:
-                if s.tcp:
-                    self.listening_port = listen_tcp(self.reactor, s.server_port, self.local_factory,
-                                                     LISTEN_BACKLOG, s.server_host, self.descriptors, self.stats,
-                                                     "local")
-                if s.udp:
-                    relay = UDPForwardProtocol(self.reactor, "local", s.target_host, s.target_port, s.limits,
-                                               self.udp_stats, clock=self.clock)
-                    relay.descriptors = self.descriptors
-                    self.udp_port = listen_udp(self.reactor, s.server_host, s.server_port, relay,
-                                               beside=self.listening_port)
+                self.listening_port, self.udp_port = self.listen_pair(s.server_host, s.server_port,
+                                                                      self.local_factory, relay, "local", self.stats)
             except CannotListenError as e:
-                if self.listening_port is not None:
-                    self.listening_port.stopListening()
-                raise SystemExit(
-                    f"tunnelpass: {listen_error('--tunnel', s.server_host, s.server_port, e)}") from None
-        super().privilegedStartService()
+                raise StartupError(listen_error("--tunnel", s.server_host, s.server_port, e)) from None
 
-    def startService(self) -> None:
-        super().startService()
-        s = self.settings
-        if s.report_interval:
-            self._every(s.report_interval, self.report)
-        self.probe = start_probe(  # --lbs 1/2 over a target group (receive flow)
-            self.reactor, [self.target_factory.group, self.udp_egress.group], "target", s.report_interval,
-            s.limits.connect_timeout, clock=self.clock, dialer=s.limits.dialer)
-        self.signals.install(signal.SIGHUP, self.reload)
-        self.reactor.callWhenRunning(self._running)
+    def probed_groups(self) -> list:
+        """--lbs 1/2 probes the target group of the receive flow."""
+        return [self.target_factory.group, self.udp_egress.group]
 
-    def _running(self) -> None:
-        self.signals.install_stop()
+    def announce(self) -> None:
         s = self.settings
         if s.flow == "local":
             self.log.info("client running (local forwarding): {listen} -> {target}",
                           listen=format_address(s.server_host, s.server_port),
                           target=format_address(s.target_host, s.target_port), event="client_running")
             return
-        factory = Factory.forProtocol(self._build_control)
-        factory.noisy = False
-        self.service = ReconnectingService(_ServerEndpoint(self), factory, retryPolicy=self._retry_delay,
-                                           clock=self.clock)
-        self.service.startService()
-        self._every(1.0, self.fill)
         self.log.info("client running: server {server} ({dial_reason}), target {target}", event="client_running",
                       server=format_address(s.server_host, s.server_port), dial_reason=s.dial_reason,
                       target=",".join(format_address(host, port) for host, port in s.targets)
                       or format_address(s.target_host, s.target_port))
         self.descriptors.log_pool_bound(s.max_pool)
-
-    def _every(self, interval, function) -> None:
-        loop = LoopingCall(function)
-        loop.clock = self.clock
-        loop.start(interval, now=False)
-        self._loops.append(loop)
 
     def _build_control(self):
         return ClientControlProtocol(self.key, tlsmod.peer_fingerprint, self, self.clock,
@@ -279,28 +244,15 @@ class TunnelClient(ServerConnecting, PoolKeeping, Service):
         """Send flow: users connect to this client's --target, over TCP and
         UDP (each unless disabled); both or neither."""
         s = self.settings
-        factory = SendFlowFactory(self, self.reactor, "listen", s.server_host, s.server_port, s.limits,
+        factory = PoolDialFactory(self.reactor, "listen", s.server_host, s.server_port, s.limits,
                                   self.stats, clock=self.clock, zero_copy=s.zero_copy)
-        try:
-            if s.tcp:
-                self.listening_port = listen_tcp(self.reactor, s.target_port, factory, LISTEN_BACKLOG, s.target_host,
-                                                 self.descriptors, self.stats, "listen")
-            if s.udp:
-                ingress = UDPIngress("listen", self.clock, s.limits, self.udp_stats, s.udp_buffer,
-                                     factory.current_pool, self._claim_for_datagrams,
-                                     unavailable=factory.unavailable, tcp_factory=factory)
-                self.udp_port = listen_udp(self.reactor, s.target_host, s.target_port, ingress,
-                                           beside=self.listening_port)
-        except CannotListenError:
-            if self.listening_port is not None:
-                self.listening_port.stopListening()
-            self.listening_port = None
-            raise
+        factory.opener = opener = PoolOpener(lambda: self.pool, "not connected to the server",
+                                             on_claim=lambda conn_id: self.policy_used())
+        ingress = UDPIngress("listen", self.clock, s.limits, self.udp_stats, s.udp_buffer,
+                             opener, tcp_factory=factory) if s.udp else None
+        self.listening_port, self.udp_port = self.listen_pair(s.target_host, s.target_port, factory, ingress,
+                                                              "listen", self.stats)
         self.local_factory = factory
-
-    def _claim_for_datagrams(self, conn_id: bytes, connection, stream) -> None:
-        self.policy_used()
-        connection.switch_to(stream)
 
     def open_tcp(self, conn_id: bytes) -> None:
         """The TCP signal is advisory since the OPEN frame travels on the
@@ -368,32 +320,21 @@ class TunnelClient(ServerConnecting, PoolKeeping, Service):
             pool_target=self.policy.target if self.policy else 0, final=final, **fields,
         )
 
-    def stopService(self):
-        self.signals.bound_stop(self.settings.shutdown_timeout)
-        super().stopService()
+    # Stop (tunnelpass.tunnelend.TunnelEnd.stopService; the ClientService child stops with the end)
+
+    def listening_ports(self) -> list:
+        return [self.listening_port, self.udp_port]
+
+    def close_session(self) -> None:
         if self._fill_call is not None and self._fill_call.active():
             self._fill_call.cancel()
         self._fill_call = None
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        if self.probe is not None:
-            self.probe.stop()
-        waits = []
-        for port in (self.listening_port, self.udp_port):
-            if port is not None:
-                waits.append(port.stopListening())
         self.udp_egress.close_all()
         if self.control is not None:
             # Do not wait for a TLS close_notify from a server that may be gone.
             self.control.transport.abortConnection()
-        if self.service is not None:
-            waits.append(self.service.stopService())
         self.flush_pool()
-        d = DeferredList([w or succeed(None) for w in waits])
-        factories = [self.target_factory] + ([self.local_factory] if self.local_factory not in
-                                              (None, self.target_factory) else [])
-        d.addCallback(lambda _: DeferredList([f.drain(self.settings.shutdown_timeout) for f in factories]))
-        d.addCallback(lambda _: self.report(final=True))
-        d.addBoth(lambda result: (self.signals.restore(), result)[1])
-        return d
+
+    def drained_factories(self) -> list:
+        return [self.target_factory] + ([self.local_factory] if self.local_factory not in
+                                        (None, self.target_factory) else [])
