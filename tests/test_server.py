@@ -6,8 +6,10 @@ import shutil
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
+
+from tests.helpers import RelayTransport
 
 from tests.certs import ca_signed, write_pem
 from twisted.logger import Logger, LogLevel
@@ -15,6 +17,7 @@ from twisted.logger import Logger, LogLevel
 from tunnelpass.codec import FrameDecoder, Type, decode_text, encode, encode_open
 from tunnelpass.handshake import AUTH_FAILED, ClientHandshake, SessionConfig, pool_auth_frame
 from tunnelpass.gate import _GateFactory
+from tunnelpass.dispatch import OpenDispatcher
 from tunnelpass.server import ServerSettings, TunnelServer
 
 TRY_LATER = 8  # the ERROR code for a control connection turned away (docs/protocol.rst)
@@ -33,7 +36,7 @@ def make_server(**overrides):
 
 def connect(server, host="192.0.2.1"):
     protocol = _GateFactory(server).buildProtocol(None)
-    transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+    transport = RelayTransport(peerAddress=IPv4Address("TCP", host, 40000))  # an IStream, as TCP is
     protocol.makeConnection(transport)
     return protocol, transport
 
@@ -439,6 +442,7 @@ class SendFlowTests(unittest.TestCase):
         factory = ServerFactory()
         factory.buildProtocol = lambda addr: Inbound()
         server.target_factory = factory
+        server.acceptor = OpenDispatcher(factory, None)
         session, _, _ = authenticate(server)
         protocol, transport = connect(server)
         protocol.dataReceived(pool_auth_frame(session, 1, b"i" * 16, b""))

@@ -159,7 +159,11 @@ class TwistedTLSStream:
         return bool(getattr(type(self.transport), "half_closes", False))
 
     def attach(self, protocol, data=b""):
-        attach(self.transport, protocol, data)
+        switch = getattr(self.transport.wrappedProtocol, "switch_to", None)
+        if switch is not None:  # a tunnel connection whose header phase is over (as TCPStream)
+            switch(protocol, data)
+        else:
+            attach(self.transport, protocol, data)
 
     def consumer_paused(self) -> bool:
         return bool(getattr(self.transport, "producerPaused", False))
