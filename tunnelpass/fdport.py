@@ -28,6 +28,7 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 
 from tunnelpass.fdbudget import Descriptors
+from tunnelpass.tlssocket import TLSPort, TLSServer
 
 #: Seconds to stop accepting when nothing can be freed to accept-and-close.
 PAUSE = 0.1
@@ -74,11 +75,13 @@ class BudgetPort(tcp.Port):
 
     _log = Logger(namespace="tunnelpass.fd")
     _pause_call = None
+    transport = TLSServer  # plain TCP unless tls_context is given (see tunnelpass.tlssocket)
 
     def __init__(self, port, factory, backlog, interface, reactor, descriptors: Descriptors,
-                 stats=None, name: str = "", spare: SpareDescriptor = SPARE):
+                 stats=None, name: str = "", spare: SpareDescriptor = SPARE, tls_context=None):
         super().__init__(port, factory, backlog, interface, reactor)
         self.descriptors, self.stats, self.name, self.spare = descriptors, stats, name, spare
+        self.tls_context = tls_context
 
     def startListening(self) -> None:
         super().startListening()
@@ -172,13 +175,23 @@ class BudgetPort(tcp.Port):
 
 
 def listen_tcp(reactor, port: int, factory, backlog: int, interface: str, descriptors: Descriptors | None,
-               stats=None, name: str = ""):
+               stats=None, name: str = "", tls_context=None):
     """``reactor.listenTCP`` with a :class:`BudgetPort` (a real POSIX
-    reactor and a budget given), else the reactor's own port."""
+    reactor and a budget given), else the reactor's own port.  With
+    *tls_context* (a callable returning the current ``SSL.Context``) a
+    connection that starts with a TLS record gets TLS on its socket
+    (:class:`tunnelpass.tlssocket.TLSServer`); a reactor without sockets
+    gets its own port, and Twisted's TLS is the gate's business then."""
     from twisted.internet.posixbase import PosixReactorBase
 
-    if descriptors is None or not isinstance(reactor, PosixReactorBase):
+    if not isinstance(reactor, PosixReactorBase):
         return reactor.listenTCP(port, factory, backlog, interface)
-    listening = BudgetPort(port, factory, backlog, interface, reactor, descriptors, stats, name)
+    if descriptors is None:
+        if tls_context is None:
+            return reactor.listenTCP(port, factory, backlog, interface)
+        listening = TLSPort(port, factory, backlog, interface, reactor, tls_context)
+    else:
+        listening = BudgetPort(port, factory, backlog, interface, reactor, descriptors, stats, name,
+                               tls_context=tls_context)
     listening.startListening()
     return listening

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_tls -*-
-"""Certificates for the tunnel's TLS modes (groundwork for ``--tls 1|2``).
+"""Certificates and TLS contexts for the tunnel's TLS levels (``--tls 1|2``).
 
 * :func:`self_signed` makes the EC P-256 certificate of ``--tls 1``;
 * :func:`fingerprint` is the SHA-256 of a certificate's DER form, the value
@@ -23,7 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     Certificate,
@@ -34,6 +36,9 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from zope.interface import implementer
+
+from tunnelpass.settings import is_ip_literal
+from tunnelpass.stream import IStream
 
 
 class CertificateError(ValueError):
@@ -162,12 +167,36 @@ def _fsync_directory(directory: str) -> None:
 
 # Twisted TLS contexts for the three modes
 
+#: TLS 1.3 suites, AES-128-GCM first (AES-NI; what ``ssh -L`` with
+#: aes128-gcm is compared with); the others stay for old peers.
+TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+#: TLS 1.2 ciphers (forward secret AEAD only), AES-128-GCM first.
+TLS12_CIPHERS = (b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+                 b"ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
+
+
+def tune_context(context: SSL.Context) -> SSL.Context:
+    """What every tunnel TLS context gets: TLS 1.2 or newer, no
+    renegotiation, OpenSSL's buffers released while a connection is idle
+    (memory per idle connection), partial writes from a buffer that may
+    move between retries (Twisted's write buffer), AES-128-GCM preferred."""
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS | _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+                     | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
+    context.set_tls13_ciphersuites(TLS13_SUITES)
+    context.set_cipher_list(TLS12_CIPHERS)
+    return context
+
+
 def server_options(key, chain) -> CertificateOptions:
     """The server side of ``--tls 1`` and ``--tls 2``: TLS 1.2 or newer."""
-    return CertificateOptions(
+    options = CertificateOptions(
         privateKey=key, certificate=chain[0], extraCertChain=list(chain[1:]) or None,
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
+    tune_context(options.getContext())  # built once and cached by the options
+    return options
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -181,8 +210,7 @@ class PinnedClientCreator:
 
     def __init__(self, pin: bytes | None = None):
         self.pin = pin
-        self._context = SSL.Context(SSL.TLS_METHOD)
-        self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._context = tune_context(SSL.Context(SSL.TLS_METHOD))
         self._context.set_verify(SSL.VERIFY_PEER, self._verify)
 
     def _verify(self, connection, certificate, error, depth, ok) -> bool:
@@ -196,10 +224,63 @@ class PinnedClientCreator:
         connection.set_connect_state()
         return connection
 
+    def socket_connection(self, sock) -> SSL.Connection:
+        """TLS on *sock* itself (:mod:`tunnelpass.tlssocket`)."""
+        connection = SSL.Connection(self._context, sock)
+        connection.set_connect_state()
+        return connection
+
+    def check(self, connection) -> None:
+        """Nothing after the handshake: the pin was checked inside it."""
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class VerifiedClientCreator:
+    """Client side of ``--tls 2``: the chain is verified against the CA
+    roots inside the handshake, the name (SNI and the certificate's
+    subjectAltName, :mod:`service_identity`) right after it.
+
+    ``clientConnectionForTLS`` is Twisted's own (the control connection
+    runs on Twisted's TLS); ``socket_connection`` + ``check`` are the same
+    policy for TLS on the socket (pool connections)."""
+
+    def __init__(self, hostname: str, roots: list | None, twisted_creator):
+        self.hostname = hostname
+        self.is_ip = is_ip_literal(hostname)
+        self.twisted_creator = twisted_creator
+        self._context = tune_context(SSL.Context(SSL.TLS_METHOD))
+        self._context.set_verify(SSL.VERIFY_PEER, lambda connection, certificate, error, depth, ok: bool(ok))
+        if roots is None:
+            self._context.set_default_verify_paths()
+        else:
+            store = self._context.get_cert_store()
+            for root in roots:
+                store.add_cert(crypto.X509.from_cryptography(root))
+        self._sni = None if self.is_ip else hostname.encode("idna")
+
+    def clientConnectionForTLS(self, tls_protocol):
+        return self.twisted_creator.clientConnectionForTLS(tls_protocol)
+
+    def socket_connection(self, sock) -> SSL.Connection:
+        connection = SSL.Connection(self._context, sock)
+        if self._sni is not None:
+            connection.set_tlsext_host_name(self._sni)
+        connection.set_connect_state()
+        return connection
+
+    def check(self, connection) -> None:
+        """Raise ``service_identity.VerificationError`` unless the verified
+        certificate is for :attr:`hostname`."""
+        if self.is_ip:
+            verify_ip_address(connection, self.hostname)
+        else:
+            verify_hostname(connection, self.hostname)
+
 
 def verified_client_creator(hostname: str, ca_path: str | None = None):
     """Client side of ``--tls 2``: chain and hostname verified against
     *ca_path* (PEM, one or more certificates) or the system's roots."""
+    roots = None
     if ca_path is None:
         trust = platformTrust()
     else:
@@ -214,16 +295,19 @@ def verified_client_creator(hostname: str, ca_path: str | None = None):
     if hostname.startswith("[") and hostname.endswith("]"):
         hostname = hostname[1:-1]  # an IPv6 literal as URLs write it
     try:
-        return optionsForClientTLS(
+        twisted_creator = optionsForClientTLS(
             hostname, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2}
         )
-    except ValueError as e:  # e.g. a name IDNA cannot encode
+        return VerifiedClientCreator(hostname, roots, twisted_creator)
+    except (ValueError, UnicodeError) as e:  # e.g. a name IDNA cannot encode
         raise CertificateError(f"cannot verify a certificate for {hostname!r}: {e}") from None
 
 
 def local_fingerprint(transport) -> bytes:
     """SHA-256 of the certificate this side served on *transport* (``b""``
     without TLS): after a reload, old and new connections differ."""
+    if IStream.providedBy(transport):  # TLS on the socket (tunnelpass.tlssocket) answers itself
+        return transport.local_fingerprint()
     handle = transport.getHandle() if hasattr(transport, "getHandle") else None
     get = getattr(handle, "get_certificate", None)
     certificate = get() if get is not None else None
@@ -232,6 +316,8 @@ def local_fingerprint(transport) -> bytes:
 
 def peer_fingerprint(transport) -> bytes:
     """SHA-256 of the certificate the peer presented (``b""`` without TLS)."""
+    if IStream.providedBy(transport):  # TLS on the socket (tunnelpass.tlssocket) answers itself
+        return transport.peer_fingerprint()
     get = getattr(transport, "getPeerCertificate", None)
     certificate = get() if get is not None else None
     return fingerprint(certificate.to_cryptography()) if certificate is not None else b""
