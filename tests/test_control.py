@@ -19,14 +19,8 @@ class Handler:
     def session_started(self, protocol):
         self.events.append("session")
 
-    def open_tcp(self, conn_id):
-        self.events.append(("tcp", conn_id))
-
     def dial_pool(self, count):
         self.events.append(("pool", count))
-
-    def flush_pool(self):
-        self.events.append("flush")
 
     def control_lost(self, protocol):
         self.events.append(("lost", protocol.close_reason))
@@ -52,11 +46,23 @@ class ControlTests(unittest.TestCase):
         self.assertEqual(self.sessions, [server])
         self.assertEqual(self.handler.events, ["session"])
         self.assertEqual(server.session, client.session)
-        server.send_tcp(b"i" * 16)
         server.send_pool(7)
-        server.send_flush()
         self.pump.flush()
-        self.assertEqual(self.handler.events[1:], [("tcp", b"i" * 16), ("pool", 7), "flush"])
+        self.assertEqual(self.handler.events[1:], [("pool", 7)])
+
+    def test_old_servers_tcp_and_flush_signals_are_ignored(self):
+        """A server of an earlier release sends TCP(id) before each relay
+        (and could send FLUSH): the client checks and ignores them, so the
+        session goes on; a malformed TCP is still a protocol violation."""
+        server, client = self.pair()
+        self.assertFalse(hasattr(server, "send_tcp") or hasattr(server, "send_flush"), "no longer sent")
+        server.transport.write(encode(Type.TCP, b"i" * 16) + encode(Type.FLUSH) + encode(Type.POOL, b"\x00\x02"))
+        self.pump.flush()
+        self.assertEqual(self.handler.events, ["session", ("pool", 2)])
+        self.assertIsNone(client.close_reason)
+        server.transport.write(encode(Type.TCP, b"short"))
+        self.pump.flush()
+        self.assertIn("TCP signal must carry a 16-byte id", client.close_reason or "")
 
     def test_signal_in_the_same_read_as_welcome(self):
         server = ServerControlProtocol(KEY, b"", SessionConfig(), self.clock,

@@ -254,10 +254,6 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
                                                               "listen", self.stats)
         self.local_factory = factory
 
-    def open_tcp(self, conn_id: bytes) -> None:
-        """The TCP signal is advisory since the OPEN frame travels on the
-        pool connection itself (in order after its POOL_OK): nothing to do."""
-
     def dial_pool(self, count: int) -> None:
         if self.policy is not None:
             self.policy.requested(count)

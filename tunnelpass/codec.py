@@ -41,10 +41,10 @@ class Type(enum.IntEnum):
     POOL_OK = 6  # server -> client: that pool connection is filed as idle
     OPEN = 7  # on a pool connection, by the side that claims it: id + the user's addresses
     OPEN_UDP = 8  # as OPEN, for a UDP session: length-prefixed datagrams follow (tunnelpass.datagrams)
-    TCP = 16  # server -> client: relay pool connection <id>
+    TCP = 16  # server -> client, older servers only: advisory, ignored (OPEN starts a relay)
     PING = 17
     PONG = 18
-    FLUSH = 19  # server -> client: drop idle pool connections
+    FLUSH = 19  # server -> client, never sent: ignored
     POOL = 20  # server -> client: dial <n> more pool connections
     CLOSE = 21  # either way: code + reason, then close
     ERROR = 22  # either way: code + reason, then close

@@ -1,5 +1,7 @@
 # -*- test-case-name: tests.test_control -*-
-"""Control-channel protocols (groundwork for issue 3: not wired to a mode yet).
+"""The control channel of a tunnel session: one connection from the client
+to the server, authenticated once, then carrying signals (PING/PONG, POOL,
+RETIRE, CLOSE, ERROR).
 
 Thin Twisted adapters over :mod:`tunnelpass.codec` and
 :mod:`tunnelpass.handshake`:
@@ -198,17 +200,8 @@ class ServerControlProtocol(_ControlProtocol):
         else:  # CLOSE or ERROR
             self._peer_closed(frame)
 
-    def send_tcp(self, conn_id: bytes) -> None:
-        """Ask the client to relay pool connection *conn_id*."""
-        if len(conn_id) != ID:
-            raise ValueError("connection ids are 16 bytes")
-        self.transport.write(encode(Type.TCP, conn_id))
-
     def send_pool(self, count: int) -> None:
         self.transport.write(encode(Type.POOL, struct.pack("!H", min(count, 0xFFFF))))
-
-    def send_flush(self) -> None:
-        self.transport.write(encode(Type.FLUSH))
 
     def replaced(self) -> None:
         self.close(REPLACED, "replaced by a newer session")
@@ -225,8 +218,11 @@ class ServerControlProtocol(_ControlProtocol):
 class ClientControlProtocol(_ControlProtocol):
     """Authenticates to a server and carries out its signals.
 
-    *handler* gets ``session_started(protocol)``, ``open_tcp(conn_id)``,
-    ``dial_pool(count)``, ``flush_pool()`` and ``control_lost(protocol)``.
+    *handler* gets ``session_started(protocol)``, ``dial_pool(count)`` and
+    ``control_lost(protocol)``.  TCP and FLUSH, which a server of an
+    earlier release may send, are checked and ignored: the OPEN frame on the
+    pool connection itself is what starts a relay, and idle connections are
+    retired one by one (RETIRE).
     *fingerprint* is called once the server's first frame has arrived (the
     TLS handshake is complete by then) and returns the SHA-256 of the
     certificate this side sees (``b""`` without TLS).
@@ -258,16 +254,15 @@ class ClientControlProtocol(_ControlProtocol):
         kind = frame.type
         if kind is Type.PING:
             self.transport.write(encode(Type.PONG, frame.payload))
-        elif kind is Type.TCP:
+        elif kind is Type.TCP:  # from an older server: advisory, OPEN is what counts
             if len(frame.payload) != ID:
                 raise ProtocolError("TCP signal must carry a 16-byte id")
-            self.handler.open_tcp(frame.payload)
         elif kind is Type.POOL:
             if len(frame.payload) != 2:
                 raise ProtocolError("POOL signal must carry a 16-bit count")
             self.handler.dial_pool(struct.unpack("!H", frame.payload)[0])
-        elif kind is Type.FLUSH:
-            self.handler.flush_pool()
+        elif kind is Type.FLUSH:  # from an older server (which never sent it): nothing to do
+            pass
         else:  # CLOSE or ERROR
             self._peer_closed(frame)
 

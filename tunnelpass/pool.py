@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_pool -*-
-"""Server-side registry of idle pool connections (groundwork for issue 3).
+"""The registry of idle pool connections of one tunnel session (either end).
 
 The client keeps authenticated, idle data connections open; the server
 files each one here under its single-use id.  A user connection takes one

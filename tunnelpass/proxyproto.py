@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_proxyproto -*-
-"""PROXY protocol v1 and v2 (HAProxy's spec), sans-IO (groundwork for issue 4).
+"""PROXY protocol v1 and v2 (HAProxy's spec), sans-IO: encode the header a relay sends, parse the one a listener reads.
 
 :func:`encode_v1` / :func:`encode_v2` build the header an egress side sends
 its target so the target sees the original client address; :func:`parse`

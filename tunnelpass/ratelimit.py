@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_ratelimit -*-
-"""``--rate``: one bandwidth budget for the whole instance (issue 4, part).
+"""``--rate``: one bandwidth budget for the whole instance.
 
 A token bucket in bytes, shared by every relayed connection and UDP
 session, both directions.  Relays ask :meth:`RateLimiter.take` after moving bytes; a

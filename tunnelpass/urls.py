@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_urls -*-
-"""NodePass-style URLs, connection tokens and tunnel keys (groundwork for issue 3).
+"""NodePass-style URLs, connection tokens and tunnel keys.
 
 ``server://KEY@0.0.0.0:10101/0.0.0.0:8080?tls=1&log=debug`` reads as:
 scheme = mode, userinfo = tunnel key, host:port = ``--tunnel``, path =
