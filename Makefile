@@ -55,8 +55,9 @@ bench: bench-forward bench-tunnel bench-udp
 bench-forward: $(STAMP)
 	bash bench/run.sh bench.py
 
+# BENCH_ARGS: options of bench/tunnel_bench.py, e.g. BENCH_ARGS="--quick --only http,rss" (a smoke run).
 bench-tunnel: $(STAMP)
-	bash bench/run.sh tunnel_bench.py
+	bash bench/run.sh tunnel_bench.py $(BENCH_ARGS)
 
 bench-udp: $(STAMP)
 	bash bench/run.sh udp_bench.py
