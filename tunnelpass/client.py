@@ -49,6 +49,7 @@ from tunnelpass.pool import IdlePool
 from tunnelpass.reachlog import REPLACED_PAUSE, Reachability, ReconnectingService, handshake_failure
 from tunnelpass.poolpolicy import PoolPolicy
 from tunnelpass.relay import TCPForwardFactory
+from tunnelpass.lifecycle import SessionLife
 from tunnelpass.limits import Limits
 from tunnelpass.stats import tunnel_fields
 from tunnelpass.osutil import listen_error
@@ -130,6 +131,7 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
         self.acceptor = OpenDispatcher(self.target_factory, self.udp_egress, settings.tcp)  # receive flow
         self.target_factory.descriptors = self.udp_egress.descriptors = self.descriptors
         self.reach = Reachability(self.clock, self.log, format_address(settings.server_host, settings.server_port))
+        self.life = SessionLife(self.clock)  # connecting -> handshaking -> up -> replaced/lost -> backing off
         self.service = None
         if settings.flow != "local":
             factory = Factory.forProtocol(self._build_control)
@@ -178,7 +180,16 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
                       or format_address(s.target_host, s.target_port))
         self.descriptors.log_pool_bound(s.max_pool)
 
+    def session_event(self, event: str) -> None:
+        """Move the session's :class:`~tunnelpass.lifecycle.SessionLife`;
+        an order the table does not know is logged (debug), not fatal."""
+        if self.life.can(event):
+            self.life.fire(event)
+        else:
+            self.log.debug("session: {event} in state {state} ignored", event=event, state=self.life.state)
+
     def _build_control(self):
+        self.session_event("connected")
         return ClientControlProtocol(self.key, tlsmod.peer_fingerprint, self, self.clock,
                                      handshake_timeout=self.settings.handshake_timeout)
 
@@ -209,6 +220,7 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
         self.failures = 0
         self._slow = False
         self.reach.connected()
+        self.session_event("establish")
         self.control, self.session = control, control.session
         peer = control.transport.getPeer()
         self.server_address = (peer.host, peer.port)
@@ -265,6 +277,10 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
                 connection.transport.loseConnection()
 
     def control_lost(self, control) -> None:
+        if self.life.state in ("connecting", "handshaking"):
+            self.session_event("fail")
+        elif control is self.control:
+            self.session_event("replaced" if control.close_code == REPLACED else "lose")
         attempt_level = self.levels.current
         if control.session is None:
             self.levels.failed()  # whatever went wrong, the next attempt may try another level
@@ -322,6 +338,7 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
         return [self.listening_port, self.udp_port]
 
     def close_session(self) -> None:
+        self.session_event("stop")
         if self._fill_call is not None and self._fill_call.active():
             self._fill_call.cancel()
         self._fill_call = None

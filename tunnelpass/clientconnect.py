@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 
 @implementer(IStreamClientEndpoint)
-
-
 class _ServerEndpoint:
     """The server's address with whatever TLS level is current, rebuilt per
     attempt (the level can change after a "TLS required" answer, and
@@ -45,6 +43,7 @@ class _ServerEndpoint:
         self.client = client
 
     def connect(self, factory):
+        self.client.session_event("connect")
         d = self.client.endpoint().connect(factory)
         d.addErrback(self.client.connect_failed)
         return d
@@ -119,10 +118,12 @@ class ServerConnecting:
             delay = max(delay, self._pause_next * (0.8 + 0.4 * random.random()))
             self._pause_next = 0.0
         self._retry_now = False
+        self.session_event("back_off")
         self.reach.retrying(delay)
         return delay
 
     def connect_failed(self, failure):
         """A TCP connect to the server failed (ClientService retries)."""
+        self.session_event("fail")
         self.reach.failed(reachlog_connect_failure(failure.value))
         return failure

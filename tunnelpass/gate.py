@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.protocol import ServerFactory
 
 from tunnelpass import tls as tlsmod
+from tunnelpass.lifecycle import GateLife
 from tunnelpass.codec import FrameDecoder, ProtocolError, Type, encode, encode_text
 from tunnelpass.control import ServerControlProtocol
 from tunnelpass.dispatch import OpenReader
@@ -180,31 +181,37 @@ class TunnelConnection(SwitchingProtocol):
 class TunnelGate(SwitchingProtocol):
     """The raw accepted socket: guard, deadline, TLS detection."""
 
-    admitted = False
-    _passed = False
-    _turned_away = False
     ticket = None  # the guard's, while admitted
     control = None  # the control protocol, once the first frame was HELLO
 
     def __init__(self, server: "TunnelServer"):
         self.server = server
+        self.life = GateLife(server.clock)
+
+    @property
+    def admitted(self) -> bool:
+        """Whether the guard gave this connection a handshake slot."""
+        return self.life.state not in ("accepted", "not_admitted")
 
     def connectionMade(self) -> None:
         self.host = self.transport.getPeer().host
         try:
             self.ticket = self.server.guard.admit(self.host, self._evicted)
         except Refused as e:
+            self.life.fire("deny")
             self.server.log.debug("tunnel connection from {host} refused: {reason}", host=self.host, reason=e.text)
             self.transport.abortConnection()
             return
-        self.admitted = True
+        self.life.fire("admit")
         enable_keepalive(self.transport)
         self.deadline = self.server.clock.callLater(self.server.settings.handshake_timeout, self._expired)
 
     def _evicted(self) -> None:
         """The guard gave this connection's slot to a newcomer from a source
         holding fewer: close it; our own doing, not the peer's failure."""
-        self._passed = True
+        if not self.life.open:
+            return
+        self.life.fire("evict")  # the guard has taken the slot back itself
         if self.deadline.active():
             self.deadline.cancel()
         self.server.log.debug("tunnel connection from {host} evicted: the handshake cap is full and its "
@@ -212,7 +219,7 @@ class TunnelGate(SwitchingProtocol):
         self.transport.abortConnection()
 
     def _expired(self) -> None:
-        if self._turned_away or self.control is not None and self.control.close_reason is not None:
+        if self.life.state == "turned_away" or self.control is not None and self.control.close_reason is not None:
             # Refused and told why, but the peer never finished the close
             # (a TLS close waits for its close_notify): end it now.
             self.lost()
@@ -234,8 +241,9 @@ class TunnelGate(SwitchingProtocol):
             self.server.banned(ban)
 
     def header_received(self, data: bytes) -> None:
-        if not self.admitted:
+        if self.life.state != "admitted":
             return
+        self.life.fire("header")
         inner = TunnelConnection(self.server, self)
         level = self.server.settings.tls
         stream = IStream(self.transport, None)
@@ -253,17 +261,17 @@ class TunnelGate(SwitchingProtocol):
             self.transport.write(encode(Type.ERROR, encode_text(code, f"this server requires TLS (level {level})")))
             self.transport.loseConnection()
             self.server.plain_clients.plain(self.host, self.transport.getPeer().port)
-            self._finish(False, "no_tls")  # counted by reason; never a penalty (a learning client does it once)
+            self._finish(False, "no_tls", "refuse")  # counted by reason; never a penalty (a learning client does it once)
         else:
             self.switch_to(inner, data)
 
     def passed(self) -> None:
         """The tunnel handshake (control or pool) succeeded."""
-        self._finish(True)
+        self._finish(True, event="pass")
 
     def refuse(self, reason: str, penalize: bool = True, kind: str = "protocol") -> None:
         self.server.log.debug("tunnel connection from {host} refused: {reason}", host=self.host, reason=reason)
-        self._finish(False if penalize else None, kind)
+        self._finish(False if penalize else None, kind, "expire" if kind == "timeout" else "refuse")
         self.transport.abortConnection()
 
     def turn_away(self, transport, refusal: Refused) -> None:
@@ -277,7 +285,8 @@ class TunnelGate(SwitchingProtocol):
         # The slot and the deadline stay until the connection is gone: under
         # TLS the close waits for the peer's close_notify, which it may
         # never send.
-        self._turned_away = True
+        if self.life.can("turn_away"):
+            self.life.fire("turn_away")
 
     def lost(self, reason=None) -> None:
         """The connection ended before its handshake passed: the control
@@ -288,7 +297,7 @@ class TunnelGate(SwitchingProtocol):
             kind = "tls"
             self.server.log.debug("TLS handshake with {host} failed: {reason}", host=self.host,
                                   reason=tls_error_text(reason))
-        if self._turned_away or control is not None and control.close_code == TRY_LATER:
+        if self.life.state == "turned_away" or control is not None and control.close_code == TRY_LATER:
             self._finish(None)  # refused by the guard: already counted there, says nothing new
             return
         if control is not None:
@@ -300,12 +309,13 @@ class TunnelGate(SwitchingProtocol):
                 kind = "protocol"
         self._finish(False, kind)
 
-    def _finish(self, succeeded: bool | None, kind: str = "closed") -> None:
-        """Release the guard once: True passed, False failed (counted by
-        *kind*; only a wrong key, ``auth``, counts towards a ban), None
-        neither (a refusal that says nothing about the peer)."""
-        if self.admitted and not self._passed:
-            self._passed = True
+    def _finish(self, succeeded: bool | None, kind: str = "closed", event: str = "lose") -> None:
+        """Release the guard once (leaving an open state of :class:`GateLife`
+        by *event*): True passed, False failed (counted by *kind*; only a
+        wrong key, ``auth``, counts towards a ban), None neither (a refusal
+        that says nothing about the peer)."""
+        if self.life.open:
+            self.life.fire(event if self.life.can(event) else "lose")
             deadline = self.deadline
             if deadline.active():
                 deadline.cancel()
