@@ -187,8 +187,9 @@ class UDPEgress:
             tcp_factory.udp_sessions = self.sessions
 
     def open(self, addresses) -> DatagramStream | None:
-        """The protocol for a pool connection that just started with
-        OPEN_UDP, or None to refuse it (the caller closes the connection)."""
+        """The protocol for a stream the far side opened with OPEN_UDP
+        (:class:`~tunnelpass.dispatch.OpenDispatcher` attaches it), or None
+        to refuse it (the dispatcher aborts the stream)."""
         if not self.enabled:
             self.note_problem("UDP is disabled here (--no-udp)")
             return None
