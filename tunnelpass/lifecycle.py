@@ -32,7 +32,10 @@ class Machine:
     def __init__(self, clock):
         self.clock = clock
         self.state = self.initial
-        self.since = clock.seconds()
+        self.since = self._now()
+
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else 0.0  # no clock: a service built, not run
 
     def can(self, event: str) -> bool:
         return (self.state, event) in self.transitions
@@ -43,7 +46,7 @@ class Machine:
         if new is None:
             raise InvalidTransition(f"{type(self).__name__}: {event!r} in state {self.state!r}")
         if new != self.state:
-            self.state, self.since = new, self.clock.seconds()
+            self.state, self.since = new, self._now()
         return new
 
 
