@@ -2,7 +2,7 @@
 """The stream interface: what the relay, the pool and the UDP sessions know
 of a carrier.
 
-A *stream* is one tunnelled, TCP-like byte stream: today a whole pool
+A *stream* is one tunnelled, TCP-like byte stream: a whole pool
 connection (plain TCP, or TLS done on the socket), later one stream of a
 multiplexed connection.  Its user is a Twisted protocol
 (``IProtocol`` + ``IHalfCloseableProtocol``: ``dataReceived``,
