@@ -156,13 +156,21 @@ listen echo
                 p.kill()
 
 
-def throughput(port: int, seconds: int) -> float:
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
-                         capture_output=True, text=True, timeout=seconds + 30)
-    try:
-        return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
-    except (KeyError, ValueError):
-        return float("nan")
+def throughput(port: int, seconds: int, attempts: int = 2) -> float:
+    """Received Gbit/s of one iperf3 run; a failed run (e.g. the iperf3 server still ending the
+    previous test) is said on stderr and tried again after a second, NaN if every attempt failed."""
+    for attempt in range(attempts):
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+                             capture_output=True, text=True, timeout=seconds + 30)
+        report = None
+        try:
+            report = json.loads(out.stdout)
+            return report["end"]["sum_received"]["bits_per_second"] / 1e9
+        except (KeyError, TypeError, ValueError):
+            error = report.get("error") if isinstance(report, dict) else out.stderr.strip()
+            print(f"bench: iperf3 through port {port} failed: {error or out.returncode}", file=sys.stderr)
+            time.sleep(1.0)
+    return float("nan")
 
 
 def connection_latency(port: int, count: int, give_up: int | None = None) -> tuple[float, float, float, int]:

@@ -62,6 +62,29 @@ def interleaved(ports: dict[str, int], rounds: int, measure) -> dict[str, list]:
     return results
 
 
+def profile(relays: Relays, ports: dict[str, int], measure, scenario: str, outdir: str | None) -> None:
+    """--profile: one extra, unreported run per tunnelpass relay with py-spy recording its server and
+    client (flame graphs ``{scenario}-{relay}-{side}.svg``): what limits the figure."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not outdir:
+        return
+    os.makedirs(outdir, exist_ok=True)
+    for name, pair in relays.pairs.items():
+        if name not in ports:
+            continue
+        print(f"bench: profiling {scenario} {name}", file=sys.stderr, flush=True)
+        spies = [relays.spawn([spy, "record", "--nonblocking", "--rate", "250", "--format", "flamegraph",
+                               "-o", os.path.join(outdir, f"{scenario}-{name}-{side}.svg"), "--pid", str(p.pid)],
+                              f"py-spy-{scenario}-{name}-{side}.log")
+                 for side, p in (("server", pair.server), ("client", pair.client))]
+        time.sleep(1.0)  # attached
+        measure(ports[name])
+        for p in spies:
+            p.send_signal(signal.SIGINT)  # py-spy writes its flame graph on SIGINT
+        for p in spies:
+            p.wait(60)
+
+
 def medians(results: dict[str, list]) -> dict[str, tuple]:
     """Field-wise medians of tuples (or of plain numbers)."""
     out = {}
@@ -89,6 +112,7 @@ def bulk(workdir: str, names: list[str], args) -> tuple[dict, list[str]]:
     with Relays(workdir) as relays:
         ports = relays.start(names, relays.iperf3())
         runs = interleaved(ports, args.rounds, lambda port: throughput(port, args.seconds))
+        profile(relays, ports, lambda port: throughput(port, args.seconds), "bulk", args.profile)
     gbps = {name: v[0] for name, v in medians(runs).items()}
     rows = {name: f"{gbps[name]:>7.2f} {min(runs[name]):>7.2f} {max(runs[name]):>7.2f}" for name in runs}
     return gbps, table(f"bulk TCP: iperf3 {args.seconds} s, median of {args.rounds} interleaved rounds",
@@ -101,6 +125,7 @@ def http(workdir: str, names: list[str], args) -> tuple[dict, list[str]]:
         wait_listening(nginx, proc=relays.procs[-1])
         ports = relays.start(names, nginx)
         runs = interleaved(ports, args.rounds, lambda port: httpbench.keepalive(port, args.http_seconds))
+        profile(relays, ports, lambda port: httpbench.keepalive(port, args.http_seconds), "http", args.profile)
     result = medians(runs)
     rows = {name: f"{rate:>8.0f} {p50:>7.3f} {p99:>7.3f} {errors:>6.0f}"
             for name, (rate, p50, p99, errors) in result.items()}
@@ -113,6 +138,8 @@ def newconn(workdir: str, names: list[str], args) -> tuple[dict, list[str]]:
     with Relays(workdir) as relays:
         ports = relays.start(names, relays.echo())
         runs = interleaved(ports, args.rounds, lambda port: connection_latency(port, args.latency_count, give_up=20))
+        profile(relays, ports, lambda port: connection_latency(port, args.latency_count, give_up=20), "newconn",
+                args.profile)
     result = medians(runs)
     rows = {name: f"{p50:>7.3f} {p99:>7.3f} {rate:>7.0f} {fails:>5.0f}"
             for name, (p50, p99, rate, fails) in result.items()}
@@ -177,6 +204,9 @@ def parse_args(argv=None):
     parser.add_argument("--latency-count", type=int, help="sequential connections per round (default 2000; --quick 200)")
     parser.add_argument("--conns", type=int, help="concurrent connections for RSS (default 5000; --quick 500)")
     parser.add_argument("--settle", type=float, help="seconds after close for the RSS reading (default 60; --quick 10)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the measured rounds, one more run per tunnelpass relay with py-spy on its "
+                             "server and client: flame graphs in DIR (not counted in the figures)")
     parser.add_argument("--workdir", help="keep configurations and process logs here (default: a temporary directory)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -208,6 +238,7 @@ def main(argv=None) -> int:
         return 2
     # SIGTERM ends the run like Ctrl-C: the scenarios' `with Relays` blocks stop every process.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (a & job)
 
     def peers(names):
         return [n for n in names if with_ssh or n != SSH]
