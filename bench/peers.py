@@ -8,8 +8,11 @@ success, failure or Ctrl-C alike.
 Readiness is checked without connecting through a relay (a stray connection
 would disturb iperf3, which serves one client at a time): a relay is ready
 when its port is in LISTEN state in ``/proc/net/tcp``, and a tunnelpass pair
-when, in addition, the server's ``--metrics`` reports the client's idle pool
-filled (``tunnelpass_pool_idle``).
+when, in addition, the client's idle pool is filled: as the server's
+``--metrics`` reports it (``tunnelpass_pool_idle``), or, for a pair started
+without ``--metrics`` (the RSS scenario: the metrics service costs the server
+about 4 MiB), as the connections established to the tunnel port (control
+connection plus pool) in ``/proc/net/tcp``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ def log_tail(proc: subprocess.Popen, lines: int = 15) -> str:
         return "\n" + "".join(f.readlines()[-lines:])
 
 
+def established(port: int) -> int:
+    """TCP connections established to 127.0.0.1:*port* (the accepting side's sockets, from /proc)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return sum(1 for fields in map(str.split, f) if fields[1] == want and fields[3] == "01")
+
+
 def wait_listening(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not listening(port):
@@ -77,7 +88,14 @@ class TunnelPair:
     port: int  # the server's public port: where users connect
     server: subprocess.Popen
     client: subprocess.Popen
-    metrics: int  # the server's --metrics port
+    tunnel: int  # the server's tunnel port: where the client's control and pool connections go
+    metrics: int | None  # the server's --metrics port, if it has one
+
+    def pool_idle(self) -> float:
+        """The client's idle pool connections, as the server sees them."""
+        if self.metrics:
+            return metric(self.metrics, "tunnelpass_pool_idle") or 0
+        return max(0, established(self.tunnel) - 1)  # less the control connection
 
 
 class Relays:
@@ -139,19 +157,21 @@ class Relays:
                 del ports[pair.name]
         return ports
 
-    def tunnelpass(self, level: int, target: int, extra: tuple[str, ...] = ()) -> TunnelPair:
+    def tunnelpass(self, level: int, target: int, extra: tuple[str, ...] = (), with_metrics: bool = True) -> TunnelPair:
         """A server (receive flow, --tls *level*) and its client, as the README starts them."""
-        tunnel, public, metrics = free_port(), free_port(), free_port()
+        tunnel, public = free_port(), free_port()
+        metrics = free_port() if with_metrics else None
+        server_only = ("--metrics", f"127.0.0.1:{metrics}") if metrics else ()
         tag = f"tls{level}-{target}"
         server = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "server",
                              "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{public}",
-                             "--key", KEY, "--tls", str(level), "--log", "warn",
-                             "--metrics", f"127.0.0.1:{metrics}", *extra], f"server-{tag}.log")
+                             "--key", KEY, "--tls", str(level), "--log", "warn", *server_only, *extra],
+                            f"server-{tag}.log")
         wait_listening(tunnel, proc=server)
         client = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "client",
                              "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{target}",
                              "--key", KEY, "--log", "warn", *extra], f"client-{tag}.log")
-        pair = TunnelPair(f"tunnelpass-tls{level}", public, server, client, metrics)
+        pair = TunnelPair(f"tunnelpass-tls{level}", public, server, client, tunnel, metrics)
         self.pairs[pair.name] = pair
         return pair
 
@@ -163,7 +183,7 @@ class Relays:
         time out on every connection.  A partly filled pool is measured anyway.
         """
         deadline = time.monotonic() + timeout
-        while (idle := metric(pair.metrics, "tunnelpass_pool_idle") or 0) < MIN_POOL:
+        while (idle := pair.pool_idle()) < MIN_POOL:
             for p in (pair.server, pair.client):
                 if p.poll() is not None:
                     return self._fail(pair.name, f"a tunnelpass process exited with {p.returncode}{log_tail(p)}")

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from bench import rss_kib
-from peers import metric
+from peers import established
 
 BATCH = 100
 
@@ -34,8 +34,8 @@ class RssResult:
     before: list[int] = field(default_factory=list)  # KiB, [server, client]
     loaded: list[int] = field(default_factory=list)
     after: list[int] = field(default_factory=list)
-    pool_loaded: float | None = None  # the client's idle pool with all N open
-    pool_after: float | None = None
+    tunnel_loaded: int = 0  # connections to the tunnel port (control + pool, busy and idle) with all N open
+    tunnel_after: int = 0
     open_seconds: float = 0.0
     closed_at: float = 0.0
 
@@ -101,7 +101,7 @@ def load(pair, count: int) -> RssResult:
         result.opened = len(socks)
         time.sleep(2.0)  # the pool's refill after the last batch
         result.loaded = [rss_kib(pid) for pid in pids]
-        result.pool_loaded = metric(pair.metrics, "tunnelpass_pool_idle")
+        result.tunnel_loaded = established(pair.tunnel)
     finally:
         for s in socks:
             s.close()
@@ -113,23 +113,24 @@ def settle(pair, result: RssResult, seconds: float) -> None:
     """Read the after-close RSS *seconds* after the connections closed."""
     time.sleep(max(0.0, result.closed_at + seconds - time.monotonic()))
     result.after = [rss_kib(pair.server.pid), rss_kib(pair.client.pid)]
-    result.pool_after = metric(pair.metrics, "tunnelpass_pool_idle")
+    result.tunnel_after = established(pair.tunnel)
 
 
 def table(results: list[RssResult], count: int, seconds: float, target: float = 16.0) -> list[str]:
     lines = [f"RSS per tunnelled connection: {count} concurrent idle connections (1 byte echoed each) to an "
              f"echo server, pool growth included; 'after' {seconds:.0f} s after all closed",
              f"{'relay':<16} {'side':<6} {'start MiB':>9} {f'{count} open':>9} {'KiB/conn':>8} "
-             f"{'after MiB':>9} {'after %':>7} {'pool':>9} {'opened':>7} {'open s':>6}"]
+             f"{'after MiB':>9} {'after %':>7} {'tunnel':>11} {'opened':>7} {'open s':>6}"]
     lines.append("-" * len(lines[-1]))
     for r in results:
         per, back = r.per_connection(), r.returned()
-        pool = f"{r.pool_loaded or 0:.0f}/{r.pool_after or 0:.0f}"
+        tunnel = f"{r.tunnel_loaded}/{r.tunnel_after}"
         for i, side in enumerate(("server", "client")):
             loaded = r.loaded[i] / 1024 if r.loaded else float("nan")
             after = r.after[i] / 1024 if r.after else float("nan")
             lines.append(f"{r.name:<16} {side:<6} {r.before[i] / 1024:>9.1f} {loaded:>9.1f} {per[i]:>8.1f} "
-                         f"{after:>9.1f} {back[i]:>6.0f}% {pool:>9} {r.opened:>7} {r.open_seconds:>6.1f}")
-    lines.append(f"  (pool: the client's idle pool connections with all open / after; targets at tls=1: "
+                         f"{after:>9.1f} {back[i]:>6.0f}% {tunnel:>11} {r.opened:>7} {r.open_seconds:>6.1f}")
+    lines.append(f"  (tunnel: connections to the tunnel port (control and pool, busy and idle) with all open / "
+                 f"after; the pair runs without --metrics; targets at tls=1: "
                  f"<= {target:.0f} KiB/conn per side, after within 20% of start)")
     return lines

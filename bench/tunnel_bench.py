@@ -152,7 +152,8 @@ def rss_scenario(workdir: str, args) -> tuple[dict, list[str]]:
     results = {}
     with Relays(workdir) as relays:
         echo = relays.echo()
-        pairs = [relays.tunnelpass(level, echo, rss.tunnel_options(args.conns)) for level in (1, 0)]
+        pairs = [relays.tunnelpass(level, echo, rss.tunnel_options(args.conns), with_metrics=False)
+                 for level in (1, 0)]
         for pair in list(pairs):
             wait_listening(pair.port, proc=pair.server)
             if not relays.wait_pool(pair):
