@@ -1,34 +1,27 @@
 # -*- test-case-name: tests.test_tlssocket -*-
 """TLS done by OpenSSL on the socket itself: the tunnel's TLS carrier.
 
-Twisted's own TLS runs every byte through memory BIOs and several Python
-calls per record.  Here a pyOpenSSL ``SSL.Connection`` owns the socket
-(socket BIO): OpenSSL reads and writes it directly, driven by the
-reactor's readiness events, and the transport is Twisted's TCP transport
-(:class:`twisted.internet.tcp.Server` / ``Client``) with its read, write
-and close paths going through OpenSSL -- so Twisted's write buffer,
-producers, ``loseConnection``, ``abortConnection`` and addresses work as
-for plain TCP.  pyOpenSSL rather than :mod:`ssl`: its ``shutdown()`` sends
-close_notify once and reading goes on (half-close), and the pinned and
-verified contexts are pyOpenSSL's.
+A pyOpenSSL ``SSL.Connection`` owns the socket (socket BIO) and reads and
+writes it directly, driven by the reactor's readiness events; the
+transport is Twisted's TCP transport (``tcp.Server`` / ``tcp.Client``)
+with its read, write and close paths going through OpenSSL, so Twisted's
+write buffer, producers, ``loseConnection``, ``abortConnection`` and
+addresses work as for plain TCP.  pyOpenSSL rather than :mod:`ssl`: its
+``shutdown()`` sends close_notify once and reading goes on (half-close).
 
-* Reads: records go into one shared buffer (the reactor reads one socket
-  at a time) up to :data:`READ_LIMIT` per readiness event, then one
-  ``dataReceived`` with the whole chunk.
-* Half-close: ``loseWriteConnection`` sends close_notify (RFC 8446 6.1:
-  it ends only the sender's direction) and reading goes on; a received
-  close_notify is ``readConnectionLost``; once both have crossed the
-  socket closes and the end is ``ConnectionDone``.
-* Abnormal ends: a TCP FIN without close_notify, a reset, any TLS error
-  end the connection with a reason that is not ``ConnectionDone``
-  (``ConnectionLost`` or the ``SSL.Error``), so a relay resets the other
-  leg; ``abortConnection`` sends no close_notify (an RST, as for TCP).
-* The transport is its own :class:`~tunnelpass.stream.IStream`.
+* Reads: whole records into one shared buffer, up to :data:`READ_LIMIT`
+  per readiness event, then one ``dataReceived``.
+* Half-close: ``loseWriteConnection`` sends close_notify (RFC 8446 6.1),
+  reading goes on; a received close_notify is ``readConnectionLost``;
+  once both have crossed the socket closes with ``ConnectionDone``.
+* Abnormal ends: a TCP FIN without close_notify, a reset, a TLS error end
+  the connection with ``ConnectionLost`` or the ``SSL.Error`` (a relay
+  resets the other leg); ``abortConnection`` sends no close_notify (RST).
 
-:class:`TLSServer` is what the tunnel listener accepts: it peeks at the
-first byte (``MSG_PEEK``) and starts TLS only for a TLS record at a TLS
-server, otherwise it stays plain TCP (the gate then answers as it does for
-any plain connection).  :func:`connect_tls` dials a :class:`TLSClient`.
+:class:`TLSServer` (the tunnel listener's) peeks at the first byte
+(``MSG_PEEK``): TLS for a TLS record at a TLS server, else plain TCP (the
+gate answers it).  :func:`connect_tls` dials a :class:`TLSClient`.  Both
+are their own :class:`~tunnelpass.stream.IStream`.
 """
 
 from __future__ import annotations
