@@ -66,7 +66,7 @@ class TunnelEndTests(unittest.TestCase):
         self.end.startService()
 
     def test_periodic_work_is_a_timer_service_child(self):
-        (timer,) = list(self.end)
+        timer = self.end.getServiceNamed("report")
         self.assertIsInstance(timer, TimerService)
         self.assertEqual(timer.name, "report")
         self.assertFalse(timer.running)
@@ -81,6 +81,17 @@ class TunnelEndTests(unittest.TestCase):
         self.end.factory.drains[0][1].callback(None)
         self.reactor.advance(100)
         self.assertEqual(self.end.reports, [False, False, True], "only the final line after the stop")
+
+    def test_heap_is_trimmed_after_a_burst_of_connections_ended(self):
+        memory = self.end.getServiceNamed("memory")
+        trims = []
+        memory.watcher.trim = lambda: trims.append(1)
+        self.start()
+        self.end.stats.active = 3000
+        self.reactor.advance(10)
+        self.end.stats.active = 10
+        self.reactor.advance(10)
+        self.assertEqual(trims, [1])
 
     def test_every_adds_a_named_child(self):
         calls = []

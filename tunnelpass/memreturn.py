@@ -64,4 +64,5 @@ def memory_return_service(live, clock, interval: float = INTERVAL, trim=None) ->
     service = TimerService(interval, watcher.check)
     service.clock = clock
     service.watcher = watcher
+    service.setName("memory")
     return service

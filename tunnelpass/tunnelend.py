@@ -31,6 +31,7 @@ from twisted.internet.error import CannotListenError
 
 from tunnelpass.fdbudget import Descriptors
 from tunnelpass.fdport import listen_tcp
+from tunnelpass.memreturn import memory_return_service
 from tunnelpass.osutil import raise_fd_limit
 from tunnelpass.probe import start_probe
 from tunnelpass.stats import ListenerStats
@@ -82,6 +83,12 @@ class TunnelEnd(MultiService):
         self.pool_bound = settings.max_pool  # --max-pool within the open-files budget (set at startup)
         if settings.report_interval:
             self.every(settings.report_interval, self.report, "report")
+        memory_return_service(self.live_connections, self.clock).setServiceParent(self)  # named "memory"
+
+    def live_connections(self) -> int:
+        """Tunnelled TCP connections and UDP sessions now: after a burst of
+        them ends, the heap is trimmed (:mod:`tunnelpass.memreturn`)."""
+        return self.stats.active + self.udp_stats.udp_sessions
 
     def every(self, interval: float, function, name: str) -> Periodic:
         """Call *function* every *interval* seconds while the end runs."""
