@@ -80,6 +80,7 @@ class Side:
         self.end = end
         self.transport = end.transport
         self.fd = end.fileno()
+        self.tls = end.kind == "tls"  # reads come one record at a time; pending() matters
         self.outgoing: Direction | None = None  # data read from this socket
         self.incoming: Direction | None = None  # data written to this socket
 
