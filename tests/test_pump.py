@@ -426,9 +426,9 @@ class FlowTests(PumpCase):
         # (512 - 64) KiB at 1 MiB/s is 0.44 s.
         self.assertGreater(elapsed, 0.3)
 
-    async def test_pending_tls_bytes_are_drained_at_start(self):
-        """Bytes OpenSSL already decrypted (no readiness event announces
-        them) reach the other side without the peer sending more."""
+    async def read_one_ahead(self):
+        """x sends one record; the relay's TLS end reads one byte of it, so
+        the other nine wait inside OpenSSL (no readiness event announces them)."""
         await self.relay(True, False, start=False)
         await deferToThread(self.x.send_all, b"0123456789")
         server = self.engine.a.end.conn
@@ -436,18 +436,30 @@ class FlowTests(PumpCase):
         first = None
         while first is None and time.monotonic() < deadline:
             try:
-                first = server.recv(1)  # read one byte: the rest of the record stays inside OpenSSL
+                first = server.recv(1)
             except SSL.WantReadError:
                 select.select([server.fileno()], [], [], 0.05)
         self.assertEqual(server.pending(), 9)
+        return first
+
+    async def test_pending_tls_bytes_are_drained_at_start(self):
+        await self.read_one_ahead()
+        self.assertTrue(self.engine.start())
+        self.assertEqual(await deferToThread(self.y.recv_exact, 9), b"123456789")
+
+    async def test_pending_tls_bytes_follow_a_prefix(self):
+        first = await self.read_one_ahead()
         self.assertTrue(self.engine.start(to_outbound=first))
         self.assertEqual(await deferToThread(self.y.recv_exact, 10), b"0123456789")
 
     async def test_pending_tls_bytes_are_drained_after_a_stall(self):
-        """A chunk that fills up with decrypted bytes left inside OpenSSL,
-        and a source resumed after its receiver drained: both read on."""
+        """Chunks that end inside a TLS record (the rest stays decrypted
+        inside OpenSSL) and a source resumed after its receiver drained:
+        every byte arrives, in order."""
+        # Read on past whole records: a chunk then ends inside a record.
+        self.patch(pump, "TLS_RECORD", 1)
         await self.relay(True, False)
-        payload = _payload(pump.CHUNK * 3 + 5000, 4)  # chunks do not end on record boundaries
+        payload = _payload(pump.CHUNK * 3 + 5000, 4)
         got, _ = await gatherResults([deferToThread(self.y.read_then_end),
                                       deferToThread(self.x.exchange, payload, True)])
         self.assertEqual(got, payload)

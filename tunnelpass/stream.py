@@ -134,7 +134,9 @@ class INativeEnd(Interface):
 
     Every call is non-blocking.  :class:`NeedRead` / :class:`NeedWrite`
     say which readiness to wait for before retrying (TLS may need to read
-    to write and the reverse); any other ``OSError`` is an abnormal end."""
+    to write and the reverse); a plain ``BlockingIOError`` (a socket's
+    EAGAIN) means the call's own readiness (readable for a read, writable
+    for a write); any other ``OSError`` is an abnormal end."""
 
     transport = Attribute("The Twisted transport the socket belongs to: it is closed through it.")
     kind = Attribute('"socket" or "tls"')
