@@ -336,6 +336,19 @@ class HalfCloseTests(PumpCase):
     async def test_tls_to_tls_half_close(self):
         await self.check(True, True, "y")
 
+    async def test_close_notify_comes_without_a_tcp_fin(self):
+        """A peer on Twisted's TLS (an older tunnelpass) reads a TCP FIN as
+        the end of both directions: after close_notify the socket must
+        stay open for the direction that still flows."""
+        await self.relay(True, False)
+        self.y.shutdown_write()  # the plain side ends its data
+        self.assertEqual(await deferToThread(self.x.read_to_eof), b"")  # close_notify arrived
+        with self.assertRaises(BlockingIOError):  # and no FIN behind it
+            self.x.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        await deferToThread(self.x.send_all, b"still flowing")
+        self.x.shutdown_write()
+        self.assertEqual(await deferToThread(self.y.read_to_eof), b"still flowing")
+
 
 class AbnormalEndTests(PumpCase):
     def assert_reset(self, peer):

@@ -129,19 +129,18 @@ class TLSEnd:
 
     def shutdown_write(self) -> bool:
         """close_notify once (``SSL_shutdown`` without waiting for the
-        peer's), then the TCP FIN; False while the socket cannot take it."""
+        peer's); False while the socket cannot take it.  No TCP FIN
+        follows: a TLS peer on Twisted's TLS (an older tunnelpass) reads a
+        FIN as the end of both directions, and the direction still open
+        would be cut.  The socket closes once both directions are done."""
         if not self._notified:
             try:
                 self.conn.shutdown()
             except (SSL.WantWriteError, SSL.WantReadError):
                 return False
             except (SSL.Error, OSError):
-                pass  # broken: the FIN below or the next read reports it
+                pass  # broken: the next read or write reports it
             self._notified = True
-        try:
-            self.conn.sock_shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         return True
 
     def unsent(self) -> int:
