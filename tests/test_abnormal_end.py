@@ -260,8 +260,8 @@ class CopyEngineTests(unittest.TestCase):
         (self.inbound,) = self.factory.relays
         self.backend = self.backends[0]
         await self.backend.made
-        await until(lambda: self.inbound.splice is not None or self.inbound.outbound is not None)
-        self.assertEqual(self.inbound.splice is not None, self.zero_copy)
+        await until(lambda: self.inbound.engine is not None or self.inbound.outbound is not None)
+        self.assertEqual(self.inbound.engine is not None, self.zero_copy)
         self.addCleanup(self.cleanup)
 
     async def cleanup(self):

@@ -74,7 +74,7 @@ class SpliceRelayTests(unittest.TestCase):
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), self.client)
         await until(lambda: self.backends and self.factory.relays)
         (self.inbound,) = self.factory.relays
-        await until(lambda: self.inbound.splice is not None)
+        await until(lambda: self.inbound.engine is not None)
         self.backend = self.backends[0]
         await self.backend.made
         self.addCleanup(self._close)
@@ -102,7 +102,7 @@ class SpliceRelayTests(unittest.TestCase):
         await self.setUpRelay()
         self.client.transport.write(b"x" * 100_000)
         await until(lambda: len(self.backend.data) == 100_000)
-        relay = self.inbound.splice
+        relay = self.inbound.engine
         self.assertIsNone(relay.a.outgoing.pipe)
         self.assertIsNone(relay.b.outgoing.pipe)
 
@@ -112,7 +112,7 @@ class SpliceRelayTests(unittest.TestCase):
         chunk = b"y" * 65536
         for _ in range(256):  # 16 MiB offered; the client buffers what the relay refuses
             self.client.transport.write(chunk)
-        relay = self.inbound.splice
+        relay = self.inbound.engine
         direction = relay.a.outgoing
         await until(lambda: direction.pending > 0)
         await deferLater(reactor, 0.3)
@@ -126,7 +126,7 @@ class SpliceRelayTests(unittest.TestCase):
 
     async def test_urgent_data_neither_spins_nor_truncates(self):
         await self.setUpRelay()
-        relay = self.inbound.splice
+        relay = self.inbound.engine
         calls = []
 
         def counting_read():  # returns None, as a reactor descriptor must
@@ -149,7 +149,7 @@ class SpliceRelayTests(unittest.TestCase):
     async def test_urgent_data_with_a_small_pipe(self):
         """The kernel may grant pipes far below PIPE_SIZE (pipe-user-pages-soft)."""
         await self.setUpRelay()
-        relay = self.inbound.splice
+        relay = self.inbound.engine
 
         class SmallPipes(splice.PipePool):
             def take(pool):
@@ -168,7 +168,7 @@ class SpliceRelayTests(unittest.TestCase):
 
     async def test_reset_of_one_side_still_delivers_what_was_read(self):
         await self.setUpRelay()
-        relay = self.inbound.splice
+        relay = self.inbound.engine
         self.client.transport.pauseProducing()  # the client reads nothing for now
         self.backend.transport.write(b"r" * (64 << 20))  # more than the socket buffers hold
         await until(lambda: relay.b.outgoing.pending > 0, timeout=20)
@@ -184,7 +184,7 @@ class SpliceRelayTests(unittest.TestCase):
 
     async def test_no_pipe_available_is_retried(self):
         await self.setUpRelay()
-        relay = self.inbound.splice
+        relay = self.inbound.engine
         failures = [OSError(24, "Too many open files")] * 3
 
         class Starved(splice.PipePool):

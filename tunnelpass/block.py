@@ -206,7 +206,7 @@ class FirstBytesGate:
         inbound.transport.unregisterProducer()
         inbound._producing = False
         self._release_early()
-        inbound.start_relay(self.outbound, splice=not final)
+        inbound.start_relay(self.outbound, native=not final)
 
     def _release_early(self) -> None:
         if self.held:

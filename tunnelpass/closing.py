@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger, LogLevel
 
-from tunnelpass.stream import socket_unsent, stream_of  # noqa: F401 (socket_unsent: re-exported)
+from tunnelpass.stream import stream_of
 
 log = Logger(namespace="tunnelpass.relay")
 

@@ -166,9 +166,9 @@ def closed(inbound, reason) -> None:
                                                                      "unreachable", "connect_failed"):
         why = detail = None  # a group's earlier target failed; a later one answered
     if why is None:
-        if inbound.outbound is None and inbound.splice is None:
+        if inbound.outbound is None and inbound.engine is None:
             why = "cancelled"
-        elif inbound.splice is not None:
+        elif inbound.engine is not None:
             why = "normal" if reason is None or reason.check(ConnectionDone) else "reset"
         else:
             why = "normal" if inbound.ended_cleanly(reason) else "reset"

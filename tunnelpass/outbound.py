@@ -79,7 +79,7 @@ class OutboundProtocol(RelayEnd):
 
     def peer_end(self):
         inbound = self.inbound
-        return inbound if inbound.outbound is self and inbound.splice is None else None
+        return inbound if inbound.outbound is self and inbound.engine is None else None
 
     def relay_factory(self):
         return self.inbound.factory

@@ -31,7 +31,8 @@ from tunnelpass.relayend import LegProducer, RelayEnd, cancel_resume, throttle
 from tunnelpass.targets import TargetGroup
 from tunnelpass.limits import Limits
 from tunnelpass.settings import format_address, is_ip_literal
-from tunnelpass.splice import SpliceRelay, can_splice
+from tunnelpass.engines import engine_for
+from tunnelpass.relayengine import RelayEngine
 from tunnelpass.stats import ListenerStats
 from tunnelpass.targetlog import TargetWarnings
 
@@ -47,7 +48,7 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
 
     factory: "TCPForwardFactory"
     outbound: OutboundProtocol | None = None
-    splice: SpliceRelay | None = None
+    engine: RelayEngine | None = None  # a native engine moving the bytes (splice, pump)
     admitted = False
     closed = False
     _pending = None  # an IConnector or a Deferred while dialling
@@ -100,19 +101,20 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
             return
         self.start_relay(outbound)
 
-    def start_relay(self, outbound: OutboundProtocol, splice: bool = True) -> None:
-        """Relay between the user and *outbound*: zero-copy when both are
-        plain sockets (and *splice*), else copying with flow control."""
+    def start_relay(self, outbound: OutboundProtocol, native: bool = True) -> None:
+        """Relay between the user and *outbound*: by a native engine when
+        both streams offer their sockets (and *native*: zero-copy splice
+        for two plain sockets, the copy pump when one is TLS), else
+        through Twisted with flow control."""
         early = b"".join(self._early) if self._early else b""
         self._early = None
         greeting = outbound.greeting
-        if splice and self.factory.zero_copy and can_splice(self.transport, outbound.transport):
-            splice = SpliceRelay(
-                self.factory.reactor, self.transport, outbound.transport,
-                self.resetTimeout, self._count_in, self._count_out, limiter=self.factory.limits.limiter,
-            )
-            if splice.start(to_outbound=greeting + early):
-                self.splice = splice
+        if native:
+            engine = engine_for(self.factory.reactor, self.transport, outbound.transport, self.factory.zero_copy,
+                                self.resetTimeout, self._count_in, self._count_out,
+                                limiter=self.factory.limits.limiter)
+            if engine is not None and engine.start(to_outbound=greeting + early):
+                self.engine = engine
                 self.stats.bytes_in -= len(greeting)  # protocol, not payload
                 self.bytes_in -= len(greeting)
                 return
@@ -181,7 +183,7 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
         super().readConnectionLost()
 
     def peer_end(self):
-        return self.outbound if self.splice is None else None  # the splice relay closes both itself
+        return self.outbound if self.engine is None else None  # a native engine closes both itself
 
     def relay_factory(self):
         return self.factory
@@ -196,8 +198,8 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
         Never raises: its callers are timers and the shutdown drain."""
         connlog.ending(self, "aborted")
         try:
-            if self.splice is not None:
-                self.splice.abort()
+            if self.engine is not None:
+                self.engine.abort()
                 return
             self.reset(flush=False)
             if self.outbound is not None:

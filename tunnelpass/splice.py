@@ -22,7 +22,6 @@ import socket
 
 from tunnelpass.pipes import PIPE_SIZE, PIPES, POOL_LIMIT, PipePool  # noqa: F401 (PipePool, POOL_LIMIT: re-exported)
 from tunnelpass.relayengine import Direction, RelayEngine
-from tunnelpass.stream import IStream
 
 AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 
@@ -160,19 +159,3 @@ class SpliceRelay(RelayEngine):
             else:
                 self.pipes.give(d.pipe)
             d.pipe = None
-
-
-def can_splice(*transports) -> bool:
-    """Whether every transport's stream offers a plain socket end (asked
-    through :meth:`~tunnelpass.stream.IStream.native_end`, no type checks).
-
-    Transitional: :func:`tunnelpass.engines.engine_for` chooses the engine
-    (splice or pump) and replaces this once relay.py calls it."""
-    if not AVAILABLE:
-        return False
-    for transport in transports:
-        stream = IStream(transport, None)
-        end = stream.native_end() if stream is not None else None
-        if end is None or end.kind != "socket":
-            return False
-    return True

@@ -39,7 +39,6 @@ import termios
 from twisted.internet import tcp
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 from zope.interface import Attribute, Interface, implementer
-from zope.interface.adapter import AdapterRegistry  # noqa: F401 (documented: zope's global registry is used)
 from zope.interface.interface import adapter_hooks
 
 #: Stream kinds a stream opener announces.
