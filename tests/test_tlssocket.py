@@ -202,6 +202,10 @@ class HalfCloseTests(unittest.TestCase):
         yield second.read_closed
         self.assertEqual(bytes(second.received), b"request")
         self.assertEqual(first.events[-1], "write_closed")
+        # Half-closed either way, no relay engine may take the socket: the
+        # close_notify it already read or sent would never be seen again.
+        self.assertIsNone(first.transport.native_end())
+        self.assertIsNone(second.transport.native_end())
         # The other direction still flows after the close_notify.
         second.transport.write(b"answer after EOF")
         yield first.wait_for(16)

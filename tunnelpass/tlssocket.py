@@ -292,6 +292,7 @@ class TLSSocketMixin:
         if self._tls is None:
             return TCPStream(self).native_end()
         if (self._handshaking or self._close_pending or self._read_wants_write or self._write_wants_read
+                or self._received_close or self._sent_close  # an engine would never hear of it again
                 or twisted_buffered(self) or not self.connected or self.disconnecting):
             return None
         from tunnelpass.nativeend import TLSEnd  # the engines' module; imported when first needed
