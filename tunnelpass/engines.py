@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.test_pump -*-
 """Which native engine relays a pair of streams, asked through the stream
 interface only (:meth:`~tunnelpass.stream.IStream.native_end`): two plain
-sockets -> :class:`~tunnelpass.splice.SpliceRelay` (when zero-copy is on),
-two native ends of which at least one is TLS ->
-:class:`~tunnelpass.pump.PumpRelay`, anything else -> None (the relay then
-joins the two through Twisted, producer to consumer)."""
+sockets -> :class:`~tunnelpass.splice.SpliceRelay`, two native ends of
+which at least one is TLS -> :class:`~tunnelpass.pump.PumpRelay`, anything
+else -- or ``--zero-copy off`` -- None (the relay then joins the two
+through Twisted, producer to consumer)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def engine_for(reactor, inbound_transport, outbound_transport, zero_copy: bool,
     *on_activity* is called whenever bytes move (idle timer); *limiter* is
     ``--rate``'s.  Start it with ``engine.start(to_outbound=...)``: when
     that returns False, relay through Twisted instead."""
+    if not zero_copy:
+        return None  # --zero-copy off: every byte through Twisted's transports
     inbound = native_end(inbound_transport)
     if inbound is None:
         return None
@@ -35,7 +37,7 @@ def engine_for(reactor, inbound_transport, outbound_transport, zero_copy: bool,
     if outbound is None:
         return None
     if inbound.kind == "socket" and outbound.kind == "socket":
-        if zero_copy and splice.AVAILABLE:
+        if splice.AVAILABLE:
             return splice.SpliceRelay(reactor, inbound, outbound, on_activity, count_in, count_out,
                                       limiter=limiter)
         return None

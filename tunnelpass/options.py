@@ -145,7 +145,8 @@ class Options(usage.Options):
         ["idle", None, "10m", "forward: close a TCP connection idle this long in both directions (0 = never)."],
         ["udp-idle", None, "60s", "Expire a UDP session (one per client address) idle this long."],
         ["reload-interval", None, "0", "forward: re-read the rules file when it changes, checked this often (0 = off; SIGHUP always reloads)."],
-        ["zero-copy", None, "on", "forward: relay plain TCP with splice(2) in the kernel (Linux); off = copy through Python."],
+        ["zero-copy", None, "on", "relay with native engines: splice(2) for plain TCP, OpenSSL on the socket for TLS "
+         "(Linux); off = every byte through Twisted's transports."],
         ["shutdown-timeout", None, "5s", "Time live connections get to finish on SIGTERM/SIGINT before they are aborted."],
         ["report-interval", None, "60s", "Log a stats/health line (event stats / health) this often (0 = only at shutdown)."],
         ["heartbeat", None, "5s", "server: ping the client this often on the control channel (100ms..10m); a side silent for three heartbeats is dropped."],

@@ -36,7 +36,7 @@ from __future__ import annotations
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
-from tunnelpass.closing import FLUSH_LIMIT, FLUSH_POLL
+from tunnelpass.closing import FLUSH_LIMIT, FLUSH_POLL, quietly
 from tunnelpass.stream import INativeEnd, IStream, NeedRead, NeedWrite
 
 
@@ -378,6 +378,6 @@ class RelayEngine:
         self._close(self._aborted or Failure(ConnectionAborted()))
 
     def _close(self, reason: Failure) -> None:
-        for side in (self.a, self.b):
+        for side in (self.a, self.b):  # one side's failure to close must not keep the other open
             if side.transport.connected:
-                side.transport.connectionLost(reason)
+                quietly("closing a relayed connection", side.transport.connectionLost, reason)
