@@ -428,8 +428,8 @@ class FlowTests(PumpCase):
         self.assertGreater(d.pending, 0, "the receiver's kernel buffers are full: a remainder is held")
         self.assertLessEqual(d.pending, pump.CHUNK)
         self.assertEqual(len(d.held), d.pending)
-        self.assertNotIn(self.engine.a, reactor.getReaders(), "the source is not read while dst is full")
-        self.assertIn(self.engine.b, reactor.getWriters())
+        self.assertNotIn(self.engine.a, self.engine.poller.getReaders(), "the source is not read while dst is full")
+        self.assertIn(self.engine.b, self.engine.poller.getWriters())
         self.assertLess(self.counts["in"], total[0], "the rest waits in the sender's and kernel buffers")
         def finish():  # OpenSSL wants the send it refused retried before anything else
             self.x.send_all(b"z" * 65536)

@@ -37,6 +37,7 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone, Connection
 from twisted.python.failure import Failure
 
 from tunnelpass.closing import FLUSH_LIMIT, FLUSH_POLL, quietly
+from tunnelpass.enginepoll import poller_for
 from tunnelpass.stream import INativeEnd, IStream, NeedRead, NeedWrite
 
 
@@ -114,6 +115,7 @@ class RelayEngine:
 
     def __init__(self, reactor, inbound, outbound, on_activity, count_in, count_out, limiter=None):
         self.reactor = reactor
+        self.poller = poller_for(reactor)  # the engines' own epoll set (tunnelpass.enginepoll)
         self.limiter = limiter
         self.on_activity = on_activity
         self.finished = False
@@ -168,8 +170,8 @@ class RelayEngine:
         for side in (self.a, self.b):
             side.transport.stopReading()
             side.transport.stopWriting()
-        self.reactor.addReader(self.a)
-        self.reactor.addReader(self.b)
+        self.poller.addReader(self.a)
+        self.poller.addReader(self.b)
         for d in preloaded:
             d.count(d.pending)
             self.flush(d)
@@ -203,20 +205,20 @@ class RelayEngine:
 
     def stop_reading(self, side: Side) -> None:
         if not side.incoming.write_needs_read:
-            self.reactor.removeReader(side)
+            self.poller.removeReader(side)
 
     def stop_writing(self, side: Side) -> None:
         incoming = side.incoming
         if not ((incoming.pending and not incoming.write_needs_read) or incoming.shutting
                 or side.outgoing.read_needs_write):
-            self.reactor.removeWriter(side)
+            self.poller.removeWriter(side)
 
     def wait_to_read(self, d: Direction, error: BlockingIOError) -> None:
         """Reading *d*'s source would block: wait for what it named."""
         if isinstance(error, NeedWrite):
             d.read_needs_write = True
             self.stop_reading(d.src)
-            self.reactor.addWriter(d.src)
+            self.poller.addWriter(d.src)
 
     def wait_to_write(self, d: Direction, error: BlockingIOError) -> None:
         """Writing *d*'s destination would block: stop reading the source
@@ -224,10 +226,10 @@ class RelayEngine:
         self.stop_reading(d.src)
         if isinstance(error, NeedRead):
             d.write_needs_read = True
-            self.reactor.addReader(d.dst)
+            self.poller.addReader(d.dst)
             self.stop_writing(d.dst)
         else:
-            self.reactor.addWriter(d.dst)
+            self.poller.addWriter(d.dst)
 
     def moved(self, d: Direction, n: int) -> None:
         """*n* bytes were read from *d*'s source: count them, keep the idle
@@ -256,7 +258,7 @@ class RelayEngine:
     def resume_reading(self, d: Direction) -> None:
         if self.finished or self.failing or d.eof or d.pending or d.throttled:
             return
-        self.reactor.addReader(d.src)
+        self.poller.addReader(d.src)
         if d.src.end.pending():  # read ahead by TLS: no readiness event will come
             self.pump(d)
 
@@ -282,7 +284,7 @@ class RelayEngine:
             sent = True  # dst is broken: its next read says so
         if not sent:
             d.shutting = True  # close_notify waits for the socket to take it
-            self.reactor.addWriter(d.dst)
+            self.poller.addWriter(d.dst)
             return
         d.shutting, d.done = False, True
         self.stop_writing(d.dst)
@@ -302,11 +304,11 @@ class RelayEngine:
         alive = self.b if broken is self.a else self.a
         self.failing, self.broken = reason, broken
         for side in (broken, alive):
-            self.reactor.removeReader(side)
-        self.reactor.removeWriter(broken)
+            self.poller.removeReader(side)
+        self.poller.removeWriter(broken)
         if broken.outgoing.pending:
             broken.outgoing.write_needs_read = False
-            self.reactor.addWriter(alive)  # flushed() finishes when it is empty...
+            self.poller.addWriter(alive)  # flushed() finishes when it is empty...
             # ...or a peer that does not read is reset FLUSH_LIMIT from now.
             self._draining_call = self.reactor.callLater(FLUSH_LIMIT, self.finish, reason)
         else:
@@ -340,8 +342,8 @@ class RelayEngine:
         if call is not None and call.active():
             call.cancel()
         for side in (self.a, self.b):
-            self.reactor.removeReader(side)
-            self.reactor.removeWriter(side)
+            self.poller.removeReader(side)
+            self.poller.removeWriter(side)
             call = side.outgoing.throttle_call
             if call is not None and call.active():
                 call.cancel()
