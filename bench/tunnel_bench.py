@@ -64,7 +64,8 @@ def interleaved(ports: dict[str, int], rounds: int, measure) -> dict[str, list]:
 
 def profile(relays: Relays, ports: dict[str, int], measure, scenario: str, outdir: str | None) -> None:
     """--profile: one extra, unreported run per tunnelpass relay with py-spy recording its server and
-    client (flame graphs ``{scenario}-{relay}-{side}.svg``): what limits the figure."""
+    client (collapsed stacks ``{scenario}-{relay}-{side}.txt``, and the functions taking the most
+    samples printed): what limits the figure."""
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not outdir:
         return
@@ -73,8 +74,9 @@ def profile(relays: Relays, ports: dict[str, int], measure, scenario: str, outdi
         if name not in ports:
             continue
         print(f"bench: profiling {scenario} {name}", file=sys.stderr, flush=True)
-        spies = [relays.spawn([spy, "record", "--nonblocking", "--rate", "250", "--format", "flamegraph",
-                               "-o", os.path.join(outdir, f"{scenario}-{name}-{side}.svg"), "--pid", str(p.pid)],
+        outputs = {side: os.path.join(outdir, f"{scenario}-{name}-{side}.txt") for side in ("server", "client")}
+        spies = [relays.spawn([spy, "record", "--nonblocking", "--idle", "--rate", "250", "--format", "raw",
+                               "-o", outputs[side], "--pid", str(p.pid)],
                               f"py-spy-{scenario}-{name}-{side}.log")
                  for side, p in (("server", pair.server), ("client", pair.client))]
         time.sleep(1.0)  # attached
@@ -83,6 +85,27 @@ def profile(relays: Relays, ports: dict[str, int], measure, scenario: str, outdi
             p.send_signal(signal.SIGINT)  # py-spy writes its flame graph on SIGINT
         for p in spies:
             p.wait(60)
+        for side, path in outputs.items():
+            print(f"profile {scenario} {name} {side}: " + top_functions(path), file=sys.stderr, flush=True)
+
+
+def top_functions(path: str, count: int = 8) -> str:
+    """The functions with the most samples on top of the stack (self time), as percentages."""
+    own: dict[str, int] = {}
+    total = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                stack, _, samples = line.rstrip().rpartition(" ")
+                if not samples.isdigit():
+                    continue
+                leaf = stack.split(";")[-1]
+                own[leaf] = own.get(leaf, 0) + int(samples)
+                total += int(samples)
+    except OSError as e:
+        return f"no profile ({e.strerror})"
+    top = sorted(own.items(), key=lambda item: -item[1])[:count]
+    return "; ".join(f"{100 * n / total:.0f}% {name}" for name, n in top) if total else "no samples"
 
 
 def medians(results: dict[str, list]) -> dict[str, tuple]:
