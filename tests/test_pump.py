@@ -440,6 +440,40 @@ class FlowTests(PumpCase):
         self.assertEqual(received, b"z" * total[0])
         self.assertIsNone(d.held)
 
+    async def test_slow_tls_receiver_bounds_memory(self):
+        """A TLS receiver that does not read: what its socket refuses is
+        held (one chunk at most), the plain source is not read meanwhile,
+        and every byte arrives once it reads."""
+        await self.relay(False, True)
+        total = [0]
+
+        def flood():
+            self.x.sock.setblocking(False)
+            chunk = b"q" * 65536
+            idle_since = None
+            while True:
+                try:
+                    total[0] += self.x.sock.send(chunk)
+                    idle_since = None
+                except BlockingIOError:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since > 0.5:
+                        self.x.sock.setblocking(True)
+                        return
+                    time.sleep(0.01)
+
+        await deferToThread(flood)
+        d = self.engine.a.outgoing
+        self.assertGreater(d.pending, 0, "the TLS receiver is full: a remainder is held")
+        self.assertLessEqual(d.pending, pump.CHUNK)
+        self.assertNotIn(self.engine.a, self.engine.poller.getReaders(), "the source is not read while dst is full")
+        self.assertIn(self.engine.b, self.engine.poller.getWriters())
+        self.x.shutdown_write()
+        received = await deferToThread(self.y.read_to_eof)
+        self.assertEqual(len(received), total[0])
+        self.assertEqual(received, b"q" * total[0])
+        self.assertIsNone(d.held)
+
     async def test_rate_limit(self):
         limiter = RateLimiter(reactor, 1 << 20)  # 1 MiB/s, 64 KiB burst
         await self.relay(False, True, limiter=limiter)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.certs import ca_signed
 from tunnelpass import tls
-from tunnelpass.stream import stream_of
+from tunnelpass.stream import socket_unsent, stream_of
 from tunnelpass.tlssocket import TLSClient, TLSServer, connect_tls, listen_tls
 
 
@@ -189,6 +189,22 @@ class HandshakeAndDataTests(unittest.TestCase):
         self.assertIsNone(stream.secured)
         self.assertEqual(stream.peer_fingerprint(), b"")
         self.assertEqual(stream.native_end().kind, "socket")
+
+
+class NativeEndTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_first_bytes_go_straight_to_the_socket_before_an_engine_takes_it(self):
+        """The opener writes OPEN through the native end (OpenSSL on the
+        socket BIO) so Twisted's buffer stays empty for the engine."""
+        from tunnelpass.opener import announce
+
+        pair = Pair(self)
+        client, server = yield pair.connected()
+        announce(client.transport, b"OPEN frame")
+        self.assertEqual(client.transport.unsent() - socket_unsent(client.transport.socket), 0)
+        yield server.wait_for(10)
+        self.assertEqual(bytes(server.received), b"OPEN frame")
+        self.assertIsNotNone(client.transport.native_end(), "nothing buffered: an engine may still take it")
 
 
 class HalfCloseTests(unittest.TestCase):
