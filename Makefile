@@ -40,7 +40,7 @@ test: $(STAMP)
 # not measured) of the tunnel ends.  coverage is installed here, on first
 # use, so that `make test` and the venv stamp do not depend on it.
 COVERAGE_DIR     := _trial_temp_coverage
-COVERAGE_INCLUDE ?= tunnelpass/client*.py,tunnelpass/server*.py,tunnelpass/gate.py,tunnelpass/clientpool.py,tunnelpass/clientconnect.py
+COVERAGE_INCLUDE ?= tunnelpass/tunnel/client*.py,tunnelpass/tunnel/server*.py,tunnelpass/tunnel/gate.py
 UNIT_TESTS        = $(patsubst %.py,%,$(subst /,.,$(wildcard tests/test_*.py)))
 
 coverage: $(STAMP)

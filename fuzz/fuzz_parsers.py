@@ -17,12 +17,12 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from tunnelpass.codec import FrameDecoder, ProtocolError
-    from tunnelpass.handshake import HandshakeError, ServerHandshake, SessionConfig
-    from tunnelpass.rules import RulesError, parse_rules
-    from tunnelpass.urls import check_key, key_weakness, parse_token, parse_url
-    from tunnelpass.gate import _GateFactory
-    from tunnelpass.server import ServerSettings, TunnelServer
+    from tunnelpass.wire.codec import FrameDecoder, ProtocolError
+    from tunnelpass.wire.handshake import HandshakeError, ServerHandshake, SessionConfig
+    from tunnelpass.config.rules import RulesError, parse_rules
+    from tunnelpass.config.urls import check_key, key_weakness, parse_token, parse_url
+    from tunnelpass.tunnel.gate import _GateFactory
+    from tunnelpass.tunnel.server import ServerSettings, TunnelServer
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport

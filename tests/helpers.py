@@ -3,7 +3,7 @@
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from tunnelpass.stream import IStream, attach
+from tunnelpass.carriers.stream import IStream, attach
 
 
 @implementer(IStream)
@@ -11,7 +11,7 @@ class RelayTransport(StringTransport):
     """A StringTransport that behaves like a TCP transport where the relay
     depends on it: half-close, unregisterProducer without a producer (both
     allowed by twisted.internet.abstract.FileDescriptor), and the rest of
-    :class:`~tunnelpass.stream.IStream`; ``dataBuffer`` stands for bytes
+    :class:`~tunnelpass.carriers.stream.IStream`; ``dataBuffer`` stands for bytes
     not yet sent."""
 
     write_closed = False

@@ -1,5 +1,5 @@
-"""A whole tunnel in memory: a real :class:`~tunnelpass.server.TunnelServer`
-and a real :class:`~tunnelpass.client.TunnelClient` on one
+"""A whole tunnel in memory: a real :class:`~tunnelpass.tunnel.server.TunnelServer`
+and a real :class:`~tunnelpass.tunnel.client.TunnelClient` on one
 ``MemoryReactorClock``, their connections joined by :mod:`twisted.test.iosim`.
 
 Both services are started as twistd would start them (privileged start,
@@ -33,9 +33,9 @@ from twisted.test import iosim
 from zope.interface import implementer
 from zope.interface.interface import adapter_hooks
 
-from tunnelpass.client import ClientSettings, TunnelClient
-from tunnelpass.server import ServerSettings, TunnelServer
-from tunnelpass.stream import IStream, attach
+from tunnelpass.tunnel.client import ClientSettings, TunnelClient
+from tunnelpass.tunnel.server import ServerSettings, TunnelServer
+from tunnelpass.carriers.stream import IStream, attach
 
 KEY = "memtunnel-test-key-0123456789abcdef"
 HOST = "127.0.0.1"
@@ -74,7 +74,7 @@ class MemTransport(iosim.FakeTransport):
     own client connections are), and who closed it (``closed_here``).
 
     Like Twisted's TCP transport it does not provide
-    :class:`~tunnelpass.stream.IStream` itself but is adapted to it
+    :class:`~tunnelpass.carriers.stream.IStream` itself but is adapted to it
     (:class:`MemStream`): a TLS wrapper copies the interfaces its transport
     provides, and would then pass for a plain stream."""
 
@@ -101,7 +101,7 @@ class MemTransport(iosim.FakeTransport):
 
 @implementer(IStream)
 class MemStream:
-    """:class:`~tunnelpass.stream.IStream` for :class:`MemTransport`: no
+    """:class:`~tunnelpass.carriers.stream.IStream` for :class:`MemTransport`: no
     half-close (a relay closes both directions), never paused (iosim does
     not pause producers), no socket (the copy relay)."""
 

@@ -1,8 +1,8 @@
 """Test doubles for the pool as the stream opener sees it."""
 
 from tests.helpers import RelayTransport
-from tunnelpass.codec import FrameDecoder
-from tunnelpass.datagrams import DatagramDecoder
+from tunnelpass.wire.codec import FrameDecoder
+from tunnelpass.wire.datagrams import DatagramDecoder
 
 
 class MemberStream(RelayTransport):

@@ -5,7 +5,7 @@
   an abnormal one, with a bounded flush --, and that no close path raises.
 * Real loopback sockets: a reset or a clean FIN on one leg, through each
   engine (copy, splice), as the far peer sees it; TLS half-close and
-  truncation with :class:`~tunnelpass.tlshalf.HalfCloseTLSProtocol`.
+  truncation with :class:`~tunnelpass.carriers.tlshalf.HalfCloseTLSProtocol`.
 """
 
 from twisted.internet import reactor
@@ -22,15 +22,16 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from tests.helpers import RelayTransport, until
-from tunnelpass import closing, splice, tls
-from tunnelpass.relay import ABORT_GRACE, TCPForwardFactory
-from tunnelpass.limits import Limits
-from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
+from tunnelpass.relay import closing, splice
+from tunnelpass.carriers import tls
+from tunnelpass.relay.relay import ABORT_GRACE, TCPForwardFactory
+from tunnelpass.config.limits import Limits
+from tunnelpass.carriers.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
 
 
 class LegTransport(RelayTransport):
     """Records how the relay ended it.  ``dataBuffer`` stands for bytes not
-    yet sent (what :func:`tunnelpass.closing.unsent` reads on a TCP
+    yet sent (what :func:`tunnelpass.relay.closing.unsent` reads on a TCP
     transport)."""
 
     fail_on: tuple = ()  # method names that raise, as Twisted's TLS did on a dead connection

@@ -9,9 +9,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
-from tunnelpass.block import FIRST_BYTES_WAIT, MAX_PEEK, classify, parse_block
-from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.limits import Limits
+from tunnelpass.relay.block import FIRST_BYTES_WAIT, MAX_PEEK, classify, parse_block
+from tunnelpass.relay.relay import TCPForwardFactory
+from tunnelpass.config.limits import Limits
 
 SOCKS4 = b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00"
 SOCKS5 = b"\x05\x02\x00\x02"
@@ -128,7 +128,7 @@ class GateTests(unittest.TestCase):
         self.assertEqual((event["protocol"], event["count"]), ("http", 1))
 
     def test_debug_trace_says_blocked(self):
-        from tunnelpass import connlog
+        from tunnelpass.ops import connlog
 
         self.patch(connlog.TRACING, "enabled", True)
         inbound = self.accept()
@@ -219,9 +219,9 @@ class GateTests(unittest.TestCase):
 class WhereTests(unittest.TestCase):
     def test_only_where_users_connect(self):
         """A client judges users only on its own listener (send flow:
-        tunnelpass.clientpool.SendFlowFactory; local flow: the target factory),
+        tunnelpass.tunnel.clientpool.SendFlowFactory; local flow: the target factory),
         never the tunnel connections it dials targets for."""
-        from tunnelpass.client import ClientSettings, TunnelClient
+        from tunnelpass.tunnel.client import ClientSettings, TunnelClient
 
         limits = Limits(block="2")
         for flow, block in (("receive", ""), ("auto", ""), ("local", "2")):

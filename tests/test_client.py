@@ -6,7 +6,7 @@ from twisted.trial import unittest
 
 from tests import memtunnel
 from tests.memtunnel import HOST, PUBLIC_PORT, TARGET_PORT, TUNNEL_PORT, metric, tunnel
-from tunnelpass.client import TunnelClient
+from tunnelpass.tunnel.client import TunnelClient
 
 
 def failures(server, reason):

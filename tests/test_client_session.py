@@ -7,7 +7,7 @@ from twisted.trial import unittest
 
 from tests import memtunnel
 from tests.memtunnel import TUNNEL_PORT, metric, tunnel
-from tunnelpass.client import TunnelClient
+from tunnelpass.tunnel.client import TunnelClient
 
 
 class ReplacedWhileDiallingTests(unittest.TestCase):

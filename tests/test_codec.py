@@ -1,9 +1,9 @@
-"""Tests for tunnelpass.codec: framing with hard size limits, hostile input."""
+"""Tests for tunnelpass.wire.codec: framing with hard size limits, hostile input."""
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.codec import (
+from tunnelpass.wire.codec import (
     HEADER,
     LARGEST_FRAME,
     MAX_PAYLOAD,
@@ -107,7 +107,7 @@ class CodecPropertyTests(unittest.TestCase):
 
 class OpenFrameTests(unittest.TestCase):
     def test_open_udp_carries_the_same_addresses(self):
-        from tunnelpass.codec import decode_open, encode_open
+        from tunnelpass.wire.codec import decode_open, encode_open
 
         for frame_type in (Type.OPEN, Type.OPEN_UDP):
             raw = encode_open(b"i" * 16, ("2001:db8::1", 53000), ("10.0.0.1", 53), frame_type)

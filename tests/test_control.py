@@ -1,13 +1,13 @@
-"""Tests for tunnelpass.control: control protocols over in-memory connections."""
+"""Tests for tunnelpass.tunnel.control: control protocols over in-memory connections."""
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial import unittest
 
-from tunnelpass.codec import FrameDecoder, Type, encode
-from tunnelpass.control import ClientControlProtocol, ServerControlProtocol
-from tunnelpass.handshake import ClientHandshake, SessionConfig
+from tunnelpass.wire.codec import FrameDecoder, Type, encode
+from tunnelpass.tunnel.control import ClientControlProtocol, ServerControlProtocol
+from tunnelpass.wire.handshake import ClientHandshake, SessionConfig
 
 KEY = b"control-test-key-9fQ2xL7mZ4pW8vR3"
 

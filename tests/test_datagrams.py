@@ -4,7 +4,7 @@ of the stream, every size UDP can carry fits, nothing else does."""
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.datagrams import MAX_DATAGRAM, DatagramDecoder, frame
+from tunnelpass.wire.datagrams import MAX_DATAGRAM, DatagramDecoder, frame
 
 
 def sliced(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""tunnelpass.dialsource: --dial (source address, family) and the routing of
+"""tunnelpass.relay.dialsource: --dial (source address, family) and the routing of
 every target dial (TCP relay, UDP sessions, options) through the instance's
 Dialer and its --dns cache."""
 
@@ -16,14 +16,14 @@ from tests.helpers import RelayTransport
 from tests.test_namecache import Lookups, result
 from tests.test_udptunnel import FakeReactor
 from tunnelpass import tap
-from tunnelpass.dialsource import Dialer, DialSourceError, check_target, parse_dial
-from tunnelpass.namecache import NameCache
-from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.limits import Limits
-from tunnelpass.stats import ListenerStats
-from tunnelpass.udp import UDPForwardProtocol
-from tunnelpass.udpegress import UDPEgress
-from tunnelpass.urls import parse_url
+from tunnelpass.relay.dialsource import Dialer, DialSourceError, check_target, parse_dial
+from tunnelpass.relay.namecache import NameCache
+from tunnelpass.relay.relay import TCPForwardFactory
+from tunnelpass.config.limits import Limits
+from tunnelpass.ops.stats import ListenerStats
+from tunnelpass.relay.udp import UDPForwardProtocol
+from tunnelpass.tunnel.udpegress import UDPEgress
+from tunnelpass.config.urls import parse_url
 
 KEY = "dial-test-key-0123456789abcdef"
 

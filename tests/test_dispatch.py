@@ -1,13 +1,13 @@
-"""tunnelpass.dispatch: the one OPEN reader and dispatcher of the side that dials --target."""
+"""tunnelpass.tunnel.dispatch: the one OPEN reader and dispatcher of the side that dials --target."""
 
 from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from tests.poolfakes import MemberStream
-from tunnelpass.codec import ProtocolError, Type, encode, encode_open
-from tunnelpass.dispatch import OpenDispatcher, OpenReader
-from tunnelpass.stream import TCP, UDP, IStreamAcceptor
+from tunnelpass.wire.codec import ProtocolError, Type, encode, encode_open
+from tunnelpass.tunnel.dispatch import OpenDispatcher, OpenReader
+from tunnelpass.carriers.stream import TCP, UDP, IStreamAcceptor
 
 ID = b"i" * 16
 USER = (("198.51.100.7", 4321), ("127.0.0.1", 8080))

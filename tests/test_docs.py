@@ -53,7 +53,7 @@ class DocsTests(unittest.TestCase):
                     found += 1
                     self.assertIn("--pidfile", match.group(1), f"{name}:{number}: {line.strip()}")
         self.assertGreater(found, 10)
-        from tunnelpass import server
+        from tunnelpass.tunnel import server
 
         with open(server.__file__, encoding="utf-8") as f:
             logged = [m.group(1) for m in command.finditer(f.read())]

@@ -8,7 +8,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import until
-from tunnelpass.enginepoll import EnginePoller, poller_for
+from tunnelpass.relay.enginepoll import EnginePoller, poller_for
 
 
 class Recorder:

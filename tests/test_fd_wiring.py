@@ -12,14 +12,14 @@ from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
 from tests.test_server import KEY, authenticate
-from tunnelpass import tunnelend
-from tunnelpass.client import ClientSettings, TunnelClient
-from tunnelpass.fdbudget import Descriptors
-from tunnelpass.pool import IdlePool
-from tunnelpass.poolpolicy import PoolPolicy
-from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.limits import Limits
-from tunnelpass.server import ServerSettings, TunnelServer
+from tunnelpass.tunnel import tunnelend
+from tunnelpass.tunnel.client import ClientSettings, TunnelClient
+from tunnelpass.ops.fdbudget import Descriptors
+from tunnelpass.carriers.pool import IdlePool
+from tunnelpass.tunnel.poolpolicy import PoolPolicy
+from tunnelpass.relay.relay import TCPForwardFactory
+from tunnelpass.config.limits import Limits
+from tunnelpass.tunnel.server import ServerSettings, TunnelServer
 
 
 def emfile():
@@ -123,8 +123,8 @@ class ServerIdleRoomTests(unittest.TestCase):
         through a tunnel at 1,024 files lost 36 to an idle pool that kept
         growing), unless a user is already waiting for one."""
         from tests.test_server import connect, make_server
-        from tunnelpass.codec import Type, encode
-        from tunnelpass.handshake import pool_auth_frame
+        from tunnelpass.wire.codec import Type, encode
+        from tunnelpass.wire.handshake import pool_auth_frame
 
         server = make_server()
         session, _, _ = authenticate(server)

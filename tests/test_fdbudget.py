@@ -9,7 +9,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tunnelpass.fdbudget import (
+from tunnelpass.ops.fdbudget import (
     RELAXED_AGE,
     TIGHT_AGE,
     Descriptors,
@@ -20,7 +20,7 @@ from tunnelpass.fdbudget import (
     reserve_for,
     udp_socket_failed,
 )
-from tunnelpass.stats import ListenerStats
+from tunnelpass.ops.stats import ListenerStats
 
 
 class BudgetFunctionTests(unittest.TestCase):

@@ -12,9 +12,9 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from tests.helpers import until
-from tunnelpass.fdbudget import Descriptors
-from tunnelpass.fdport import PAUSE, BudgetPort, SpareDescriptor, listen_tcp
-from tunnelpass.stats import ListenerStats
+from tunnelpass.ops.fdbudget import Descriptors
+from tunnelpass.ops.fdport import PAUSE, BudgetPort, SpareDescriptor, listen_tcp
+from tunnelpass.ops.stats import ListenerStats
 
 
 class FakeAccepted:

@@ -1,4 +1,4 @@
-"""Tests for tunnelpass.forward: the listener tree and reload by diff, on a
+"""Tests for tunnelpass.forward.service: the listener tree and reload by diff, on a
 memory reactor (no sockets)."""
 
 import resource
@@ -9,10 +9,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules
-from tunnelpass.osutil import raise_fd_limit
-from tunnelpass.starterror import StartupError
-from tunnelpass.rules import RulesError, parse_rules
+from tunnelpass.forward.service import ForwardSettings, ForwarderService, load_rules
+from tunnelpass.ops.osutil import raise_fd_limit
+from tunnelpass.ops.starterror import StartupError
+from tunnelpass.config.rules import RulesError, parse_rules
 
 
 class FakePort:

@@ -9,8 +9,8 @@ from twisted.trial import unittest
 
 from tests.test_replacement import authenticate_from
 from tests.test_server import KEY, connect, make_server
-from tunnelpass.gatelog import PlainClients
-from tunnelpass.handshake import ClientHandshake
+from tunnelpass.tunnel.gatelog import PlainClients
+from tunnelpass.wire.handshake import ClientHandshake
 
 
 class PlainClientsTests(unittest.TestCase):

@@ -1,4 +1,4 @@
-"""Tests for tunnelpass.guard: bounded unauthenticated state, fair eviction
+"""Tests for tunnelpass.tunnel.guard: bounded unauthenticated state, fair eviction
 under the global cap, and key guesses bounded per source whatever else the
 source does."""
 
@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.guard import REFUSAL_REASONS, HandshakeGuard, Refused, source_key
+from tunnelpass.tunnel.guard import REFUSAL_REASONS, HandshakeGuard, Refused, source_key
 
 
 class Connections:

@@ -1,10 +1,10 @@
-"""Tests for tunnelpass.handshake: mutual HMAC auth with channel binding."""
+"""Tests for tunnelpass.wire.handshake: mutual HMAC auth with channel binding."""
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.codec import Frame, FrameDecoder, ProtocolError, Type
-from tunnelpass.handshake import (
+from tunnelpass.wire.codec import Frame, FrameDecoder, ProtocolError, Type
+from tunnelpass.wire.handshake import (
     AUTH_FAILED,
     BAD_VERSION,
     ClientHandshake,

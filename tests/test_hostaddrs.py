@@ -11,7 +11,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 from twisted.trial import unittest
 
-from tunnelpass.hostaddrs import (
+from tunnelpass.relay.hostaddrs import (
     _ipv4_ifconf,
     _ipv4_per_interface,
     choose_public,
@@ -19,9 +19,9 @@ from tunnelpass.hostaddrs import (
     parse_if_inet6,
     parse_public_address,
 )
-from tunnelpass.server import ServerSettings, TunnelServer
+from tunnelpass.tunnel.server import ServerSettings, TunnelServer
 from tunnelpass.tap import Options
-from tunnelpass.urls import parse_token
+from tunnelpass.config.urls import parse_token
 
 KEY = "hostaddrs-test-key-0123456789abcdef"
 #: Addresses as a host lists them: loopback, a private LAN, a global one,

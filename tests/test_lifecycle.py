@@ -1,10 +1,10 @@
-"""tunnelpass.lifecycle: every transition of the client session and the
+"""tunnelpass.tunnel.lifecycle: every transition of the client session and the
 server gate machines, and the gate wiring (one guard release per gate)."""
 
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.lifecycle import GateLife, InvalidTransition, SessionLife
+from tunnelpass.tunnel.lifecycle import GateLife, InvalidTransition, SessionLife
 
 
 class SessionLifeTests(unittest.TestCase):

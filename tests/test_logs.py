@@ -1,6 +1,6 @@
-"""Logs an operator can use: the JSON schema (tunnelpass.jsonlog), where
-logs go under twistd (tunnelpass.logs) and the per-connection debug trace
-(tunnelpass.connlog)."""
+"""Logs an operator can use: the JSON schema (tunnelpass.ops.jsonlog), where
+logs go under twistd (tunnelpass.ops.logs) and the per-connection debug trace
+(tunnelpass.ops.connlog)."""
 
 import io
 import json
@@ -17,15 +17,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
-from tunnelpass import connlog
-from tunnelpass.jsonlog import json_line, record
-from tunnelpass.logs import log_stream, make_observer, twistd_options
+from tunnelpass.ops import connlog
+from tunnelpass.ops.jsonlog import json_line, record
+from tunnelpass.ops.logs import log_stream, make_observer, twistd_options
 from tests.poolfakes import PoolMember
-from tunnelpass.pool import IdlePool
-from tunnelpass.opener import PoolOpener
-from tunnelpass.pooldial import PoolDialFactory
-from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.limits import Limits
+from tunnelpass.carriers.pool import IdlePool
+from tunnelpass.carriers.opener import PoolOpener
+from tunnelpass.tunnel.pooldial import PoolDialFactory
+from tunnelpass.relay.relay import TCPForwardFactory
+from tunnelpass.config.limits import Limits
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}[+-]\d\d:\d\d$")
 

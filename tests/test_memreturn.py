@@ -5,7 +5,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from tunnelpass.memreturn import MIN_DROP, MemoryReturn, _libc_trim, memory_return_service
+from tunnelpass.ops.memreturn import MIN_DROP, MemoryReturn, _libc_trim, memory_return_service
 
 
 class MemoryReturnTests(TestCase):

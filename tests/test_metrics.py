@@ -1,11 +1,11 @@
-"""Tests for tunnelpass.metrics' ``--metrics`` shorthands (the exposition
+"""Tests for tunnelpass.ops.metrics' ``--metrics`` shorthands (the exposition
 itself is covered end to end by tests.e2e.test_metrics_e2e)."""
 
 from twisted.python import usage
 from twisted.trial import unittest
 
 from tests.test_tap import parse
-from tunnelpass.metrics import parse_metrics_address
+from tunnelpass.ops.metrics import parse_metrics_address
 
 
 class MetricsAddressTests(unittest.TestCase):

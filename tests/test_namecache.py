@@ -1,4 +1,4 @@
-"""tunnelpass.namecache: the --dns name cache, with an injected lookup and clock."""
+"""tunnelpass.relay.namecache: the --dns name cache, with an injected lookup and clock."""
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -7,7 +7,7 @@ from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.namecache import NameCache, system_lookup
+from tunnelpass.relay.namecache import NameCache, system_lookup
 
 
 class Lookups:

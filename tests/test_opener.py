@@ -1,4 +1,4 @@
-"""tunnelpass.opener: the listening side's stream opener over the idle pool."""
+"""tunnelpass.carriers.opener: the listening side's stream opener over the idle pool."""
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
@@ -6,10 +6,10 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from tests.poolfakes import PoolMember
-from tunnelpass.codec import FrameDecoder, Type, decode_open
-from tunnelpass.opener import PoolOpener, announce
-from tunnelpass.pool import IdlePool
-from tunnelpass.stream import TCP, UDP, IStreamOpener, StreamUnavailable
+from tunnelpass.wire.codec import FrameDecoder, Type, decode_open
+from tunnelpass.carriers.opener import PoolOpener, announce
+from tunnelpass.carriers.pool import IdlePool
+from tunnelpass.carriers.stream import TCP, UDP, IStreamOpener, StreamUnavailable
 
 USER = (("198.51.100.7", 4321), ("127.0.0.1", 8080))
 ID_A, ID_B = b"a" * 16, b"b" * 16

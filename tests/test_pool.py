@@ -1,9 +1,9 @@
-"""Tests for tunnelpass.pool: the server's idle pool registry."""
+"""Tests for tunnelpass.carriers.pool: the server's idle pool registry."""
 
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.pool import IdlePool, PoolFull, PoolTimeout
+from tunnelpass.carriers.pool import IdlePool, PoolFull, PoolTimeout
 
 
 class IdlePoolTests(unittest.TestCase):

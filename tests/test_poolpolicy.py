@@ -1,10 +1,10 @@
-"""Tests for tunnelpass.poolpolicy: a pool sized by measured demand, with bounded dialling."""
+"""Tests for tunnelpass.tunnel.poolpolicy: a pool sized by measured demand, with bounded dialling."""
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.poolpolicy import PoolPolicy
+from tunnelpass.tunnel.poolpolicy import PoolPolicy
 
 
 class PoolPolicyTests(unittest.TestCase):

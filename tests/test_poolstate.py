@@ -1,4 +1,4 @@
-"""tunnelpass.poolstate: the pool connection's life on each side, and the
+"""tunnelpass.carriers.poolstate: the pool connection's life on each side, and the
 protocols that feed it (clientpool.PoolConnection, gate.TunnelConnection)."""
 
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
@@ -8,13 +8,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
-from tunnelpass import clientpool
-from tunnelpass.clientpool import PoolConnection, PoolKeeping, _PoolConnectionFactory
-from tunnelpass.codec import encode, encode_open, Type
-from tunnelpass.pool import IdlePool
-from tunnelpass.poolstate import (AUTHENTICATING, CLAIMED, CLOSED, CONTROL, DIALLING, HEADER, IDLE,
+from tunnelpass.tunnel import clientpool
+from tunnelpass.tunnel.clientpool import PoolConnection, PoolKeeping, _PoolConnectionFactory
+from tunnelpass.wire.codec import encode, encode_open, Type
+from tunnelpass.carriers.pool import IdlePool
+from tunnelpass.carriers.poolstate import (AUTHENTICATING, CLAIMED, CLOSED, CONTROL, DIALLING, HEADER, IDLE,
                                   ClientPoolLife, InvalidTransition, PendingCount, ServerPoolLife)
-from tunnelpass.stream import TCP
+from tunnelpass.carriers.stream import TCP
 
 ID = b"p" * 16
 POOL_OK = encode(Type.POOL_OK)
@@ -239,7 +239,7 @@ class ServerTunnelConnectionTests(unittest.TestCase):
         self.connect = lambda: connect(self.server)
 
     def pool_connection(self):
-        from tunnelpass.handshake import pool_auth_frame
+        from tunnelpass.wire.handshake import pool_auth_frame
 
         gate, transport = self.connect()
         gate.dataReceived(pool_auth_frame(self.session, 1, ID, b""))
@@ -277,7 +277,7 @@ class ServerTunnelConnectionTests(unittest.TestCase):
 
     def test_hello_is_control(self):
         gate, transport = self.connect()
-        from tunnelpass.handshake import ClientHandshake
+        from tunnelpass.wire.handshake import ClientHandshake
 
         gate.dataReceived(ClientHandshake(b"k" * 32, b"").start())
         self.assertEqual(gate.delegate.life.state, CONTROL)

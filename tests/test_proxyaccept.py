@@ -4,10 +4,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
-from tunnelpass.proxyaccept import HEADER_TIMEOUT, ProxyHeaderProtocol, parse_networks, trusted
-from tunnelpass.proxyproto import encode_v1, encode_v2
-from tunnelpass.relay import InboundProtocol, TCPForwardFactory
-from tunnelpass.limits import Limits
+from tunnelpass.relay.proxyaccept import HEADER_TIMEOUT, ProxyHeaderProtocol, parse_networks, trusted
+from tunnelpass.wire.proxyproto import encode_v1, encode_v2
+from tunnelpass.relay.relay import InboundProtocol, TCPForwardFactory
+from tunnelpass.config.limits import Limits
 
 
 def make_factory(networks="127.0.0.1/32, 10.0.0.0/8"):

@@ -3,7 +3,7 @@
 from hypothesis import given, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.proxyproto import (
+from tunnelpass.wire.proxyproto import (
     V1_MAX,
     ProxyError,
     ProxyHeader,

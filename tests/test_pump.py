@@ -1,5 +1,5 @@
-"""Tests for tunnelpass.pump (the copy pump), tunnelpass.nativeend (native
-ends: plain socket, TLS by OpenSSL on the socket) and tunnelpass.engines
+"""Tests for tunnelpass.relay.pump (the copy pump), tunnelpass.carriers.nativeend (native
+ends: plain socket, TLS by OpenSSL on the socket) and tunnelpass.relay.engines
 (which engine a pair gets).
 
 Real loopback TCP sockets and real TLS (pyOpenSSL): each relay end is a
@@ -25,12 +25,12 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from tests.helpers import until
-from tunnelpass import pump, splice
-from tunnelpass.engines import engine_for
-from tunnelpass.nativeend import SocketEnd, TLSEnd
-from tunnelpass.ratelimit import RateLimiter
-from tunnelpass.stream import IStream, TCPStream
-from tunnelpass.tls import self_signed
+from tunnelpass.relay import pump, splice
+from tunnelpass.relay.engines import engine_for
+from tunnelpass.carriers.nativeend import SocketEnd, TLSEnd
+from tunnelpass.relay.ratelimit import RateLimiter
+from tunnelpass.carriers.stream import IStream, TCPStream
+from tunnelpass.carriers.tls import self_signed
 
 DEADLINE = 20.0
 _KEY, _CERT = self_signed("pump-test")

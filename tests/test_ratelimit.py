@@ -3,7 +3,7 @@
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.ratelimit import RateLimiter, parse_rate
+from tunnelpass.relay.ratelimit import RateLimiter, parse_rate
 
 
 class RateLimiterTests(unittest.TestCase):

@@ -13,12 +13,12 @@ from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tunnelpass.client import ClientSettings, TunnelClient
-from tunnelpass.handshake import AUTH_FAILED, TLS_REQUIRED
-from tunnelpass.reachlog import RETRY_CAP, Reachability, connect_failure, handshake_failure, retry_delay
+from tunnelpass.tunnel.client import ClientSettings, TunnelClient
+from tunnelpass.wire.handshake import AUTH_FAILED, TLS_REQUIRED
+from tunnelpass.tunnel.reachlog import RETRY_CAP, Reachability, connect_failure, handshake_failure, retry_delay
 from tunnelpass.tap import Options
-from tunnelpass.tlslevel import TLSLevel
-from tunnelpass.urls import make_token
+from tunnelpass.tunnel.tlslevel import TLSLevel
+from tunnelpass.config.urls import make_token
 
 KEY = "reachlog-test-key-0123456789abcdef"
 
@@ -43,7 +43,7 @@ class RetryPolicyTests(unittest.TestCase):
     def test_a_refused_key_or_a_ban_backs_off_to_the_slow_cap(self):
         """The server refused the key, or turned the client away: retrying
         every few seconds cannot help and keeps a ban alive."""
-        from tunnelpass.reachlog import SLOW_RETRY_CAP
+        from tunnelpass.tunnel.reachlog import SLOW_RETRY_CAP
 
         client = TunnelClient(ClientSettings("127.0.0.1", 1, "127.0.0.1", 2, key=KEY), MemoryReactorClock())
         client._slow = True
@@ -52,7 +52,7 @@ class RetryPolicyTests(unittest.TestCase):
         self.assertGreater(max(delays), RETRY_CAP * 4, delays)
 
     def test_a_replaced_session_pauses_before_reconnecting(self):
-        from tunnelpass.reachlog import REPLACED_PAUSE
+        from tunnelpass.tunnel.reachlog import REPLACED_PAUSE
 
         client = TunnelClient(ClientSettings("127.0.0.1", 1, "127.0.0.1", 2, key=KEY), MemoryReactorClock())
         client._pause_next = REPLACED_PAUSE
@@ -81,7 +81,7 @@ class SessionEndTests(unittest.TestCase):
         self.assertEqual(self.lost(running=True)[0], LogLevel.warn)
 
     def test_replaced_by_another_client_pauses_and_says_why(self):
-        from tunnelpass.handshake import REPLACED
+        from tunnelpass.wire.handshake import REPLACED
 
         level, text, client = self.lost(True, "peer closed: replaced by a newer session", REPLACED)
         self.assertEqual(level, LogLevel.warn)
@@ -91,9 +91,9 @@ class SessionEndTests(unittest.TestCase):
 
 class VerdictKindTests(unittest.TestCase):
     def test_refused_key_and_turned_away_are_slow(self):
-        from tunnelpass.handshake import AUTH_FAILED
-        from tunnelpass.handshake import TRY_LATER
-        from tunnelpass.reachlog import handshake_failure
+        from tunnelpass.wire.handshake import AUTH_FAILED
+        from tunnelpass.wire.handshake import TRY_LATER
+        from tunnelpass.tunnel.reachlog import handshake_failure
 
         class Control:
             close_reason = "peer refused: too many wrong keys from this address; try again in 59 s"

@@ -1,4 +1,4 @@
-"""Protocol tests for tunnelpass.relay with in-memory transports and a fake clock."""
+"""Protocol tests for tunnelpass.relay.relay with in-memory transports and a fake clock."""
 
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TimeoutError
 from twisted.internet.testing import MemoryReactorClock
@@ -7,8 +7,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
-from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.limits import Limits
+from tunnelpass.relay.relay import TCPForwardFactory
+from tunnelpass.config.limits import Limits
 
 
 class RelayTests(unittest.TestCase):

@@ -8,10 +8,10 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 
 from tests.test_server import KEY, make_server
-from tunnelpass.codec import FrameDecoder
-from tunnelpass.handshake import ClientHandshake
-from tunnelpass.replacement import FightDetector, SessionReplacements
-from tunnelpass.gate import _GateFactory
+from tunnelpass.wire.codec import FrameDecoder
+from tunnelpass.wire.handshake import ClientHandshake
+from tunnelpass.tunnel.replacement import FightDetector, SessionReplacements
+from tunnelpass.tunnel.gate import _GateFactory
 
 A, B = ("192.0.2.1", 40001), ("198.51.100.7", 50002)
 

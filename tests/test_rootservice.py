@@ -1,6 +1,6 @@
 """tunnelpass.tap.TunnelpassService: the root of the service tree is the
 only place that installs signal handlers and turns a typed startup error
-into exit status 1 (services raise tunnelpass.starterror.StartupError)."""
+into exit status 1 (services raise tunnelpass.ops.starterror.StartupError)."""
 
 import signal
 
@@ -10,13 +10,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial import unittest
 
-from tunnelpass import startup
-from tunnelpass.starterror import StartupError
+from tunnelpass.ops import startup
+from tunnelpass.ops.starterror import StartupError
 from tunnelpass.tap import TunnelpassService
 
 
 class _Signals:
-    """Records what the root asks of tunnelpass.signals.Signals."""
+    """Records what the root asks of tunnelpass.ops.signals.Signals."""
 
     def __init__(self, calls):
         self.calls = calls

@@ -1,9 +1,9 @@
-"""Tests for tunnelpass.rules: the forwarder's rules-file parser."""
+"""Tests for tunnelpass.config.rules: the forwarder's rules-file parser."""
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.rules import (
+from tunnelpass.config.rules import (
     MAX_FILE_BYTES,
     MAX_LINE_CHARS,
     MAX_RULES,

@@ -14,11 +14,11 @@ from tests.helpers import RelayTransport
 from tests.certs import ca_signed, write_pem
 from twisted.logger import Logger, LogLevel
 
-from tunnelpass.codec import FrameDecoder, Type, decode_text, encode, encode_open
-from tunnelpass.handshake import AUTH_FAILED, ClientHandshake, SessionConfig, pool_auth_frame
-from tunnelpass.gate import _GateFactory
-from tunnelpass.dispatch import OpenDispatcher
-from tunnelpass.server import ServerSettings, TunnelServer
+from tunnelpass.wire.codec import FrameDecoder, Type, decode_text, encode, encode_open
+from tunnelpass.wire.handshake import AUTH_FAILED, ClientHandshake, SessionConfig, pool_auth_frame
+from tunnelpass.tunnel.gate import _GateFactory
+from tunnelpass.tunnel.dispatch import OpenDispatcher
+from tunnelpass.tunnel.server import ServerSettings, TunnelServer
 
 TRY_LATER = 8  # the ERROR code for a control connection turned away (docs/protocol.rst)
 
@@ -488,7 +488,7 @@ class WaitingUserTests(unittest.TestCase):
         self.assertEqual(len(failures), 1)
 
     def test_ended_waiters_make_room(self):
-        from tunnelpass.pool import IdlePool
+        from tunnelpass.carriers.pool import IdlePool
 
         pool = IdlePool(MemoryReactorClock(), 10, lambda n: None, timeout=1, max_waiters=2)
         first, second = pool.take(), pool.take()

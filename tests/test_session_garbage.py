@@ -20,16 +20,16 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.test_udptunnel import FakeReactor, FakeUDPPort, PoolConnection, USER
-from tunnelpass.clientpool import _PoolConnectionFactory
-from tunnelpass.datagrams import frame
-from tunnelpass.dialsource import Dialer
-from tunnelpass.namecache import NameCache
-from tunnelpass.opener import PoolOpener
-from tunnelpass.pool import IdlePool
-from tunnelpass.limits import Limits
-from tunnelpass.stats import ListenerStats
-from tunnelpass.udpegress import UDPEgress
-from tunnelpass.udptunnel import UDPIngress
+from tunnelpass.tunnel.clientpool import _PoolConnectionFactory
+from tunnelpass.wire.datagrams import frame
+from tunnelpass.relay.dialsource import Dialer
+from tunnelpass.relay.namecache import NameCache
+from tunnelpass.carriers.opener import PoolOpener
+from tunnelpass.carriers.pool import IdlePool
+from tunnelpass.config.limits import Limits
+from tunnelpass.ops.stats import ListenerStats
+from tunnelpass.tunnel.udpegress import UDPEgress
+from tunnelpass.tunnel.udptunnel import UDPIngress
 
 
 class CollectorOff(unittest.TestCase):

@@ -1,12 +1,12 @@
 """The shared UDP session table, sans-IO: which session a full table
-evicts, when it refuses, what it counts and logs (tunnelpass.sessiontable)."""
+evicts, when it refuses, what it counts and logs (tunnelpass.relay.sessiontable)."""
 
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial import unittest
 
-from tunnelpass.sessiontable import ACTIVE_WINDOW, EVICTION_LOG_INTERVAL, REPLY_WAIT, SessionTable
-from tunnelpass.stats import ListenerStats
+from tunnelpass.relay.sessiontable import ACTIVE_WINDOW, EVICTION_LOG_INTERVAL, REPLY_WAIT, SessionTable
+from tunnelpass.ops.stats import ListenerStats
 
 
 class Session:

@@ -1,9 +1,9 @@
-"""Tests for tunnelpass.settings: the value parsers every input goes through."""
+"""Tests for tunnelpass.config.settings: the value parsers every input goes through."""
 
 from hypothesis import given, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.settings import (
+from tunnelpass.config.settings import (
     LOG_LEVELS,
     format_duration,
     parse_choice,

@@ -1,4 +1,4 @@
-"""Tests for tunnelpass.splice: the zero-copy engine on real loopback sockets,
+"""Tests for tunnelpass.relay.splice: the zero-copy engine on real loopback sockets,
 in-process (a forwarder factory between a client and a backend)."""
 
 import fcntl
@@ -15,10 +15,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from tests.helpers import until
-from tunnelpass import splice
-from tunnelpass.nativeend import SocketEnd
-from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.limits import Limits
+from tunnelpass.relay import splice
+from tunnelpass.carriers.nativeend import SocketEnd
+from tunnelpass.relay.relay import TCPForwardFactory
+from tunnelpass.config.limits import Limits
 
 if not splice.AVAILABLE:
     skip = "os.splice is Linux-only"
@@ -241,7 +241,7 @@ class FailureDrainBoundTests(unittest.TestCase):
         holding four descriptors until the idle timeout."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from tunnelpass.closing import FLUSH_LIMIT
+        from tunnelpass.relay.closing import FLUSH_LIMIT
 
         clock = MemoryReactorClock()
         pairs = [socket.socketpair() for _ in range(2)]

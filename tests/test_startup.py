@@ -1,4 +1,4 @@
-"""Tests for tunnelpass.startup: file checks, one-line startup errors, exit status."""
+"""Tests for tunnelpass.ops.startup: file checks, one-line startup errors, exit status."""
 
 import os
 import tempfile
@@ -10,8 +10,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.certs import ca_signed, write_pem
-from tunnelpass import startup, tls
-from tunnelpass.startup import (
+from tunnelpass.ops import startup
+from tunnelpass.carriers import tls
+from tunnelpass.ops.startup import (
     StartupError,
     StartupWatch,
     check_files,

@@ -1,4 +1,4 @@
-"""A stop is bounded: tunnelpass.signals.StopWatchdog (sans-IO, task.Clock)
+"""A stop is bounded: tunnelpass.ops.signals.StopWatchdog (sans-IO, task.Clock)
 and its last resort, force_exit (in a child process: it ends the process)."""
 
 import os
@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from tunnelpass.signals import STOP_MARGIN, Signals, StopWatchdog
+from tunnelpass.ops.signals import STOP_MARGIN, Signals, StopWatchdog
 
 
 class WatchdogTests(unittest.TestCase):
@@ -63,7 +63,7 @@ class ForceExitTests(unittest.TestCase):
         not watching at that moment (a leg paused by backpressure)."""
         child = textwrap.dedent("""
             import socket, sys
-            from tunnelpass.signals import force_exit
+            from tunnelpass.ops.signals import force_exit
 
             class Selectable:
                 def __init__(self, sock):

@@ -8,7 +8,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from tests.helpers import RelayTransport, until
-from tunnelpass.stream import IStream, TCPStream, stream_of
+from tunnelpass.carriers.stream import IStream, TCPStream, stream_of
 
 
 class _Hold(Protocol):

@@ -1,4 +1,4 @@
-"""Protocol hand-over (tunnelpass.switch) and half-close over TLS (tunnelpass.tlshalf)."""
+"""Protocol hand-over (tunnelpass.carriers.switch) and half-close over TLS (tunnelpass.carriers.tlshalf)."""
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -9,9 +9,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from tunnelpass import tls
-from tunnelpass.switch import SwitchingProtocol
-from tunnelpass.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
+from tunnelpass.carriers import tls
+from tunnelpass.carriers.switch import SwitchingProtocol
+from tunnelpass.carriers.tlshalf import HalfCloseTLSEndpoint, HalfCloseTLSFactory
 
 
 class Header(SwitchingProtocol):
@@ -165,7 +165,7 @@ class KeepaliveTests(unittest.TestCase):
     def test_keepalive_on_the_socket_beneath(self):
         import socket
 
-        from tunnelpass.keepalive import IDLE, enable_keepalive
+        from tunnelpass.carriers.keepalive import IDLE, enable_keepalive
 
         class Transport:
             pass

@@ -115,7 +115,7 @@ class PluginTests(unittest.TestCase):
             (wheel,) = [f for f in os.listdir(out) if f.endswith(".whl")]
             names = zipfile.ZipFile(os.path.join(out, wheel)).namelist()
             self.assertIn("twisted/plugins/tunnelpass_plugin.py", names)
-            self.assertIn("tunnelpass/relay.py", names)
+            self.assertIn("tunnelpass/relay/relay.py", names)
             self.assertNotIn("twisted/__init__.py", names)
             self.assertNotIn("twisted/plugins/__init__.py", names)
 
@@ -188,7 +188,7 @@ class TunnelOptionTests(unittest.TestCase):
             self.assertUsageError([url], fragment)
 
     def test_token(self):
-        from tunnelpass.urls import make_token
+        from tunnelpass.config.urls import make_token
 
         token = make_token("tunnel.example.com", 10101, KEY, b"\x01" * 32)
         options = parse(["--mode", "client", "--token", token, "--target", "127.0.0.1:80"])
@@ -315,7 +315,7 @@ class ClientLevelAndFlowOptionTests(unittest.TestCase):
         return tap._client_service(parse(self.base + list(args)), MemoryReactorClock()).settings
 
     def test_level_unknown_by_default(self):
-        from tunnelpass.clientconnect import known_level
+        from tunnelpass.tunnel.clientconnect import known_level
 
         self.assertIsNone(known_level(self.settings("--key", KEY)))
         self.assertEqual(known_level(self.settings("--key", KEY, "--tls", "0")), 0)
@@ -323,8 +323,8 @@ class ClientLevelAndFlowOptionTests(unittest.TestCase):
         self.assertEqual(known_level(self.settings("--key", KEY, "--sni", "example.com")), 2)
 
     def test_token_carries_the_level(self):
-        from tunnelpass.clientconnect import known_level
-        from tunnelpass.urls import make_token
+        from tunnelpass.tunnel.clientconnect import known_level
+        from tunnelpass.config.urls import make_token
 
         token = make_token("h", 1, KEY, tls=2)
         options = parse(["--mode", "client", "--token", token, "--target", "127.0.0.1:2"])

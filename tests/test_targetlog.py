@@ -12,9 +12,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
-from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.limits import Limits
-from tunnelpass.targetlog import TargetWarnings, why_unreachable
+from tunnelpass.relay.relay import TCPForwardFactory
+from tunnelpass.config.limits import Limits
+from tunnelpass.relay.targetlog import TargetWarnings, why_unreachable
 
 
 class WhyTests(unittest.TestCase):
@@ -129,7 +129,7 @@ class UDPTargetTests(unittest.TestCase):
                          [("127.0.0.1:53", "udp", "port unreachable (ICMP)")])
 
     def test_forwarder_session_target_refused(self):
-        from tunnelpass.udp import UDPForwardProtocol, UDPSession
+        from tunnelpass.relay.udp import UDPForwardProtocol, UDPSession
 
         forwarder = UDPForwardProtocol(MemoryReactorClock(), "test/udp", "127.0.0.1", 9, Limits(), clock=Clock())
         events = []
@@ -142,8 +142,8 @@ class UDPTargetTests(unittest.TestCase):
 
 class PoolRefusalTests(unittest.TestCase):
     def test_refused_for_no_pool_is_a_structured_warning(self):
-        from tunnelpass.opener import PoolOpener
-        from tunnelpass.pooldial import PoolDialFactory
+        from tunnelpass.carriers.opener import PoolOpener
+        from tunnelpass.tunnel.pooldial import PoolDialFactory
 
         factory = PoolDialFactory(MemoryReactorClock(), "target", "127.0.0.1", 1, Limits())
         factory.opener = PoolOpener(lambda: None)

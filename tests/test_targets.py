@@ -5,10 +5,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from tunnelpass.relay import TCPForwardFactory
-from tunnelpass.limits import Limits
-from tunnelpass.probe import LatencyProbe, start_probe
-from tunnelpass.targets import COOL_DOWN, TargetGroup
+from tunnelpass.relay.relay import TCPForwardFactory
+from tunnelpass.config.limits import Limits
+from tunnelpass.relay.probe import LatencyProbe, start_probe
+from tunnelpass.relay.targets import COOL_DOWN, TargetGroup
 
 A, B, C = ("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)
 

@@ -1,4 +1,4 @@
-"""Tests for tunnelpass.tls: self-signed certificates, pins, pair loading."""
+"""Tests for tunnelpass.carriers.tls: self-signed certificates, pins, pair loading."""
 
 import os
 
@@ -6,7 +6,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.trial import unittest
 
 from tests.certs import ca_signed
-from tunnelpass.tls import (
+from tunnelpass.carriers.tls import (
     CertificateError,
     fingerprint,
     format_pin,

@@ -1,9 +1,9 @@
-"""Tests for tunnelpass.tlslevel: what an unauthenticated peer may (not) change."""
+"""Tests for tunnelpass.tunnel.tlslevel: what an unauthenticated peer may (not) change."""
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.tlslevel import LEVELS, TLSLevel
+from tunnelpass.tunnel.tlslevel import LEVELS, TLSLevel
 
 
 def attempt_until_session(levels: TLSLevel, real: int, forged_by_level: dict, attempts: int = 10) -> list:

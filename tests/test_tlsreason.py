@@ -1,6 +1,6 @@
 """Each TLS failure a client can meet says which it is: real handshakes
 (OpenSSL over iosim) with throwaway certificates, read through the
-client's control protocol as :func:`tunnelpass.reachlog.handshake_failure`
+client's control protocol as :func:`tunnelpass.tunnel.reachlog.handshake_failure`
 sees them."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial import unittest
 
 from tests.certs import ca_signed, write_pem
-from tunnelpass import tls as tlsmod
-from tunnelpass.client import ClientSettings
-from tunnelpass.control import ClientControlProtocol
-from tunnelpass.reachlog import handshake_failure
-from tunnelpass.tlshalf import HalfCloseTLSFactory
-from tunnelpass.tlslevel import TLSLevel
+from tunnelpass.carriers import tls as tlsmod
+from tunnelpass.tunnel.client import ClientSettings
+from tunnelpass.tunnel.control import ClientControlProtocol
+from tunnelpass.tunnel.reachlog import handshake_failure
+from tunnelpass.carriers.tlshalf import HalfCloseTLSFactory
+from tunnelpass.tunnel.tlslevel import TLSLevel
 
 KEY = b"tlsreason-test-key-0123456789abcdef"
 
@@ -99,7 +99,7 @@ class TLSReasonTests(unittest.TestCase):
     def test_a_failure_to_explain_is_still_a_reason(self):
         """Explaining runs inside the client's connection-lost path: if it
         ever raises, the client still logs a reason and backs off."""
-        from tunnelpass import reachlog
+        from tunnelpass.tunnel import reachlog
 
         def broken(*args):
             raise AttributeError("no such thing")
@@ -155,7 +155,7 @@ class HostileCertificateTests(unittest.TestCase):
                 .sign(key, hashes.SHA256()))
 
     def test_control_characters_and_floods_are_neutralised(self):
-        from tunnelpass.tlsreason import _issuer, names_in
+        from tunnelpass.tunnel.tlsreason import _issuer, names_in
 
         forged = "a.example\n2030-01-01 [tunnelpass.server] forged\r\x1b[2J"
         names = [forged] + [f"n{i}.example" for i in range(500)] + ["x" * 5000]

@@ -1,4 +1,4 @@
-"""TLS on the socket (tunnelpass.tlssocket): real sockets on loopback, real TLS."""
+"""TLS on the socket (tunnelpass.carriers.tlssocket): real sockets on loopback, real TLS."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from zope.interface import implementer
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.certs import ca_signed
-from tunnelpass import tls
-from tunnelpass.stream import socket_unsent, stream_of
-from tunnelpass.tlssocket import TLSClient, TLSServer, connect_tls, listen_tls
+from tunnelpass.carriers import tls
+from tunnelpass.carriers.stream import socket_unsent, stream_of
+from tunnelpass.carriers.tlssocket import TLSClient, TLSServer, connect_tls, listen_tls
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
@@ -196,7 +196,7 @@ class NativeEndTests(unittest.TestCase):
     def test_first_bytes_go_straight_to_the_socket_before_an_engine_takes_it(self):
         """The opener writes OPEN through the native end (OpenSSL on the
         socket BIO) so Twisted's buffer stays empty for the engine."""
-        from tunnelpass.opener import announce
+        from tunnelpass.carriers.opener import announce
 
         pair = Pair(self)
         client, server = yield pair.connected()

@@ -1,4 +1,4 @@
-"""tunnelpass.tunnelend: the base both tunnel ends share (periodic work as
+"""tunnelpass.tunnel.tunnelend: the base both tunnel ends share (periodic work as
 TimerService children, the drain on stop), and the rule that a service
 never installs a signal handler (tunnelpass.tap's root does)."""
 
@@ -9,10 +9,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from tunnelpass import tunnelend
-from tunnelpass.limits import Limits
-from tunnelpass.server import ServerSettings, TunnelServer
-from tunnelpass.tunnelend import Periodic, TunnelEnd
+from tunnelpass.tunnel import tunnelend
+from tunnelpass.config.limits import Limits
+from tunnelpass.tunnel.server import ServerSettings, TunnelServer
+from tunnelpass.tunnel.tunnelend import Periodic, TunnelEnd
 
 KEY = "k" * 32
 

@@ -1,4 +1,4 @@
-"""Tests for tunnelpass.udp on real loopback sockets (UDP needs no handshake,
+"""Tests for tunnelpass.relay.udp on real loopback sockets (UDP needs no handshake,
 so these stay fast) plus a fake clock for session expiry."""
 
 import errno
@@ -11,9 +11,9 @@ from twisted.logger import Logger
 from twisted.trial import unittest
 
 from tests.helpers import until
-from tunnelpass.limits import Limits
-from tunnelpass import udp
-from tunnelpass.udp import UDPForwardProtocol
+from tunnelpass.config.limits import Limits
+from tunnelpass.relay import udp
+from tunnelpass.relay.udp import UDPForwardProtocol
 
 
 class Echo(DatagramProtocol):

@@ -10,17 +10,17 @@ from twisted.trial import unittest
 
 from tests.helpers import RelayTransport
 from tests.test_udptunnel import FakeReactor, FakeUDPPort, PoolConnection
-from tunnelpass import udptunnel
-from tunnelpass.datagrams import DatagramDecoder, frame
-from tunnelpass.metrics import listener_samples, tunnel_samples
-from tunnelpass.opener import PoolOpener
-from tunnelpass.pool import IdlePool
-from tunnelpass.limits import Limits
-from tunnelpass.sessiontable import ACTIVE_WINDOW, ALL_ACTIVE, REPLY_WAIT
-from tunnelpass.stats import ListenerStats, StatsReporter, tunnel_fields
-from tunnelpass.udp import UDPForwardProtocol
-from tunnelpass.udpegress import UDPEgress
-from tunnelpass.udptunnel import UDPIngress
+from tunnelpass.tunnel import udptunnel
+from tunnelpass.wire.datagrams import DatagramDecoder, frame
+from tunnelpass.ops.metrics import listener_samples, tunnel_samples
+from tunnelpass.carriers.opener import PoolOpener
+from tunnelpass.carriers.pool import IdlePool
+from tunnelpass.config.limits import Limits
+from tunnelpass.relay.sessiontable import ACTIVE_WINDOW, ALL_ACTIVE, REPLY_WAIT
+from tunnelpass.ops.stats import ListenerStats, StatsReporter, tunnel_fields
+from tunnelpass.relay.udp import UDPForwardProtocol
+from tunnelpass.tunnel.udpegress import UDPEgress
+from tunnelpass.tunnel.udptunnel import UDPIngress
 
 QUIET = REPLY_WAIT + 0.1  # long enough for any session to be evictable
 

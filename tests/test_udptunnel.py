@@ -6,18 +6,18 @@ from twisted.internet.task import Clock
 from tests.helpers import RelayTransport
 from twisted.trial import unittest
 
-from tunnelpass.codec import Type, decode_open
-from tunnelpass.datagrams import DatagramDecoder, frame
+from tunnelpass.wire.codec import Type, decode_open
+from tunnelpass.wire.datagrams import DatagramDecoder, frame
 from tests.poolfakes import PoolMember
-from tunnelpass.opener import PoolOpener
-from tunnelpass.pool import IdlePool
-from tunnelpass.proxyproto import parse
-from tunnelpass.ratelimit import RateLimiter
-from tunnelpass.limits import Limits
-from tunnelpass.stats import ListenerStats
-from tunnelpass import udpegress, udptunnel
-from tunnelpass.udpegress import UDPEgress
-from tunnelpass.udptunnel import UDPIngress
+from tunnelpass.carriers.opener import PoolOpener
+from tunnelpass.carriers.pool import IdlePool
+from tunnelpass.wire.proxyproto import parse
+from tunnelpass.relay.ratelimit import RateLimiter
+from tunnelpass.config.limits import Limits
+from tunnelpass.ops.stats import ListenerStats
+from tunnelpass.tunnel import udpegress, udptunnel
+from tunnelpass.tunnel.udpegress import UDPEgress
+from tunnelpass.tunnel.udptunnel import UDPIngress
 
 USER = ("127.0.0.9", 5353)
 
@@ -411,8 +411,8 @@ class RealTransportTests(unittest.TestCase):
         from twisted.internet.protocol import ClientFactory, Factory, Protocol
         from twisted.internet.ssl import CertificateOptions
 
-        from tunnelpass import tls as tlsmod
-        from tunnelpass.tlshalf import HalfCloseTLSFactory
+        from tunnelpass.carriers import tls as tlsmod
+        from tunnelpass.carriers.tlshalf import HalfCloseTLSFactory
 
         class Session:
             closed = False

@@ -152,7 +152,7 @@ class WriteExecuteTests(unittest.TestCase):
                  "    sys.exit('the filter let a write+execute mapping through')\n"
                  "except PermissionError:\n"
                  "    pass\n"
-                 "from tunnelpass import tls\n"
+                 "from tunnelpass.carriers import tls\n"
                  "try:\n"
                  "    tls.PinnedClientCreator(b'x' * 32)\n"
                  "except MemoryError as e:\n"

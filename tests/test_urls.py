@@ -1,4 +1,4 @@
-"""Tests for tunnelpass.urls: NodePass-style URLs, tokens, keys."""
+"""Tests for tunnelpass.config.urls: NodePass-style URLs, tokens, keys."""
 
 import base64
 import os
@@ -7,7 +7,7 @@ import secrets
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.urls import (
+from tunnelpass.config.urls import (
     MIN_BITS,
     MIN_KEY_LENGTH,
     check_key,

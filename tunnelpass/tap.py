@@ -3,14 +3,14 @@
 
 twistd's ``ServiceMaker("tunnelpass", "tunnelpass.tap", ...)`` takes
 ``Options`` and ``makeService`` from here.  The options themselves (parsing,
-checks, the environment) are :mod:`tunnelpass.options`, re-exported; this
+checks, the environment) are :mod:`tunnelpass.config.options`, re-exported; this
 module turns checked options into settings and services: the root service
 (tunnelpass's log observer, start failures as one line, the process's
 signals), the server, the client or the forwarder, the metrics endpoint
 and startup warnings.
 
 The root is the only place that installs signal handlers or ends the
-process: services raise :class:`~tunnelpass.starterror.StartupError` and
+process: services raise :class:`~tunnelpass.ops.starterror.StartupError` and
 offer ``reload()``; SIGHUP reaches every child that has one.
 """
 
@@ -21,16 +21,16 @@ import signal
 from twisted.application.service import MultiService, Service
 from twisted.logger import ILogObserver, Logger
 
-from tunnelpass import connlog
-from tunnelpass.logs import make_observer, twistd_options
-from tunnelpass.options import Options, split_address, split_targets
-from tunnelpass.limits import Limits
-from tunnelpass.rules import MAX_FILE_BYTES as RULES_FILE_BYTES, RulesError
-from tunnelpass.dialsource import Dialer, check_target
-from tunnelpass.ratelimit import RateLimiter
-from tunnelpass.signals import Signals
-from tunnelpass.startup import Launcher, StartupError, StartupWatch, check_files, guard_start, read_file
-from tunnelpass.urls import KEY_ADVICE, key_weakness
+from tunnelpass.ops import connlog
+from tunnelpass.ops.logs import make_observer, twistd_options
+from tunnelpass.config.options import Options, split_address, split_targets
+from tunnelpass.config.limits import Limits
+from tunnelpass.config.rules import MAX_FILE_BYTES as RULES_FILE_BYTES, RulesError
+from tunnelpass.relay.dialsource import Dialer, check_target
+from tunnelpass.relay.ratelimit import RateLimiter
+from tunnelpass.ops.signals import Signals
+from tunnelpass.ops.startup import Launcher, StartupError, StartupWatch, check_files, guard_start, read_file
+from tunnelpass.config.urls import KEY_ADVICE, key_weakness
 
 __all__ = ["Options", "makeService"]  # what twistd's ServiceMaker("tunnelpass", "tunnelpass.tap") uses
 
@@ -41,10 +41,10 @@ class TunnelpassService(MultiService):
     twistd uses an application's ``ILogObserver`` component instead of the
     observer it would build from ``--logfile``/``--syslog``/``-n``, so the
     observer given here is built from those same options
-    (:func:`tunnelpass.logs.make_observer`): the destination stays
+    (:func:`tunnelpass.ops.logs.make_observer`): the destination stays
     twistd's, the level filter and the format are tunnelpass's.
 
-    It owns the process's signals (:mod:`tunnelpass.signals`): SIGTERM and
+    It owns the process's signals (:mod:`tunnelpass.ops.signals`): SIGTERM and
     SIGINT stop the reactor for an orderly exit 0 (installed before the
     children bind anything, and again once the reactor runs, since the
     reactor installs its own at start), SIGHUP calls ``reload()`` on each
@@ -68,7 +68,7 @@ class TunnelpassService(MultiService):
             set_component(ILogObserver, self.observer)
 
     # A failed start ends the process with one line and status 1
-    # (tunnelpass.startup): twistd would print a traceback, or, for a
+    # (tunnelpass.ops.startup): twistd would print a traceback, or, for a
     # failure once the reactor runs, log it and keep running.
 
     #
@@ -134,7 +134,7 @@ def makeService(options, reactor=None):
         _metrics(options, service, reactor, root)
         _weak_key_warning(options, root)
         return root
-    from tunnelpass.forward import ForwardSettings, ForwarderService, load_rules
+    from tunnelpass.forward.service import ForwardSettings, ForwarderService, load_rules
 
     settings = ForwardSettings(
         config=options["config"],
@@ -174,7 +174,7 @@ def makeService(options, reactor=None):
 
 def _metrics(options, service, reactor, root) -> None:
     if options["metrics"]:
-        from tunnelpass.metrics import MetricsService
+        from tunnelpass.ops.metrics import MetricsService
 
         MetricsService(options["metrics"], service.metrics, reactor).setServiceParent(root)
 
@@ -224,8 +224,8 @@ def _carried(options) -> dict:
 
 
 def _server_service(options, reactor):
-    from tunnelpass.server import ServerSettings, TunnelServer
-    from tunnelpass.urls import generate_key
+    from tunnelpass.tunnel.server import ServerSettings, TunnelServer
+    from tunnelpass.config.urls import generate_key
 
     tunnel_host, tunnel_port = split_address(options["tunnel"])
     targets = split_targets(options["target"])
@@ -247,7 +247,7 @@ def _server_service(options, reactor):
 
 
 def _client_service(options, reactor):
-    from tunnelpass.client import ClientSettings, TunnelClient
+    from tunnelpass.tunnel.client import ClientSettings, TunnelClient
 
     server_host, server_port = split_address(options["tunnel"])
     targets = split_targets(options["target"])

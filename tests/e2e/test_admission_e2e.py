@@ -22,8 +22,8 @@ from twisted.trial import unittest
 
 from tests.e2e.harness import load_test, free_port, scrape, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import Tunnel
-from tunnelpass.codec import FrameDecoder, Type, decode_text
-from tunnelpass.handshake import AUTH_FAILED, ClientHandshake
+from tunnelpass.wire.codec import FrameDecoder, Type, decode_text
+from tunnelpass.wire.handshake import AUTH_FAILED, ClientHandshake
 
 TRY_LATER = 8  # ERROR code: control connection turned away (docs/protocol.rst)
 

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from tests.e2e.harness import TCPServer, tcp_round_trip
 from tests.e2e.tunnel_harness import ThreadedProxy, Tunnel, relay_bytes, throwaway_tls_server
-from tunnelpass.codec import Type, encode, encode_text
+from tunnelpass.wire.codec import Type, encode, encode_text
 
 FORGED_TLS_REQUIRED = encode(Type.ERROR, encode_text(7, "this server requires TLS (level 2)"))
 

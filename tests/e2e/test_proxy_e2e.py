@@ -9,7 +9,7 @@ import subprocess
 from twisted.trial import unittest
 
 from tests.e2e.harness import Forwarder, can_connect, free_port, wait_until
-from tunnelpass.proxyproto import parse
+from tunnelpass.wire.proxyproto import parse
 
 
 class HAProxy:

@@ -77,7 +77,7 @@ class TwoMachinesTests(unittest.TestCase):
         """No --public-address: the token carries one of this host's own
         non-loopback addresses (loopback only on a host that has nothing
         else, with a warning), and the log names the option."""
-        from tunnelpass.hostaddrs import host_addresses
+        from tunnelpass.relay.hostaddrs import host_addresses
 
         server = Twistd(self, ["--mode", "server", "--tunnel", f"0.0.0.0:{free_port()}",
                                "--target", f"127.0.0.1:{free_port()}"], ready="carries ")

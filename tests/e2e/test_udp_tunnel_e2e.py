@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from tests.e2e.harness import echo_backends, load_test, scrape, TCPServer, can_connect, free_port, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 from tests.e2e.udp_churn import churn
-from tunnelpass.proxyproto import parse
+from tunnelpass.wire.proxyproto import parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

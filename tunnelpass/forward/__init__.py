@@ -1,0 +1,2 @@
+"""The static forwarder: one listener per rule of the rules file, reloaded
+by diff (:mod:`tunnelpass.forward.service`)."""
