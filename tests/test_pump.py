@@ -29,7 +29,7 @@ from tunnelpass.relay import pump, splice
 from tunnelpass.relay.engines import engine_for
 from tunnelpass.carriers.nativeend import SocketEnd, TLSEnd
 from tunnelpass.relay.ratelimit import RateLimiter
-from tunnelpass.carriers.stream import IStream, TCPStream
+from tunnelpass.carriers.stream import INativeEnd, IStream, NeedRead, NeedWrite, TCPStream
 from tunnelpass.carriers.tls import self_signed
 
 DEADLINE = 20.0
@@ -557,3 +557,72 @@ class EngineChoiceTests(PumpCase):
         self.assertIsNone(engine_for(reactor, _TLSStream(None), tls, True, *args), "no native end")
         ta.write(b"unsent")  # Twisted's buffer holds bytes: an engine would skip them
         self.assertIsNone(engine_for(reactor, ta, tls, True, *args))
+
+
+class _FakeTransport:
+    connected = True
+
+    def stopReading(self):
+        pass
+
+    def stopWriting(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.connected = False
+
+
+@implementer(INativeEnd)
+class _ScriptedEnd:
+    """A TLS end whose reads follow a script: bytes, or an exception."""
+
+    kind = "tls"
+
+    def __init__(self, fd, reads=()):
+        self.fd, self.reads, self.transport = fd, list(reads), _FakeTransport()
+        self.sent = b""
+
+    def fileno(self):
+        return self.fd
+
+    def recv_into(self, buffer):
+        step = self.reads.pop(0) if self.reads else NeedRead()
+        if isinstance(step, BaseException):
+            raise step
+        buffer[:len(step)] = step
+        return len(step)
+
+    def send(self, data):
+        self.sent += bytes(data)
+        return len(data)
+
+    def pending(self):
+        return 1 if self.reads else 0
+
+    def shutdown_write(self):
+        return True
+
+    def unsent(self):
+        return 0
+
+
+class PartialReadThenNeedWriteTests(unittest.TestCase):
+    def test_the_source_waits_for_writable_after_delivering(self):
+        """A full record, then OpenSSL must write before reading on (a TLS
+        1.3 key update under write pressure): the record is delivered and
+        the source waits for writable, not for a readable event that the
+        bytes already inside OpenSSL would never raise."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        memory = MemoryReactorClock()
+        src = _ScriptedEnd(100, [b"r" * pump.TLS_RECORD, NeedWrite()])
+        dst = _ScriptedEnd(101)
+        engine = pump.PumpRelay(memory, src, dst, lambda: None, lambda n: None, lambda n: None)
+        engine.start()
+        d = engine.a.outgoing
+        engine.pump(d)
+        self.assertEqual(dst.sent, b"r" * pump.TLS_RECORD)
+        self.assertTrue(d.read_needs_write)
+        self.assertIn(engine.a, memory.getWriters())
+        self.assertNotIn(engine.a, memory.getReaders())
+        engine.abort()

@@ -31,6 +31,7 @@ import socket
 
 from OpenSSL import SSL
 from twisted.internet import error, main, tcp
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from zope.interface import implementer
 
@@ -161,8 +162,13 @@ class TLSSocketMixin:
         """Read what OpenSSL already holds (no readiness event will say so)."""
         if self.connected and not self._read_paused and not self.disconnected:
             why = self.doRead()
-            if why:
-                self.reactor._disconnectSelectable(self, why, True)
+            if why:  # what the reactor does with a doRead result, done here
+                self.stopReading()
+                if isinstance(why, error.ConnectionDone):
+                    self.readConnectionLost(Failure(why))  # close_notify: a half-close
+                else:
+                    self.stopWriting()
+                    self.connectionLost(Failure(why))
 
     # Handshake
 

@@ -22,6 +22,7 @@ Sides, directions, ends, ``--rate`` and teardown are
 
 from __future__ import annotations
 
+from tunnelpass.carriers.stream import NeedWrite
 from tunnelpass.relay.relayengine import Direction, RelayEngine
 
 #: Bytes one read may bring in: the shared buffer's size.
@@ -63,6 +64,7 @@ class PumpRelay(RelayEngine):
         got = 0
         error = None
         n = None
+        wait = None  # the source named a readiness to wait for after a partial read
         try:
             n = src.recv_into(view)
             while n:
@@ -74,7 +76,8 @@ class PumpRelay(RelayEngine):
             if not got:
                 self.wait_to_read(d, e)
                 return
-            n = None  # deliver what came; the next read meets the wait again
+            n = None  # deliver what came, then wait as the source said
+            wait = e
         except OSError as e:
             error = e
         if n == 0:  # the source's clean end of data (FIN; close_notify)
@@ -83,6 +86,8 @@ class PumpRelay(RelayEngine):
         if got:
             self.moved(d, got)
             self._deliver(d, got)
+            if isinstance(wait, NeedWrite) and not (self.finished or self.failing):
+                self.wait_to_read(d, wait)  # TLS must write before it reads on: readable would not come
         elif d.eof:
             self.pass_eof(d)
         if error is not None:
