@@ -101,7 +101,7 @@ class TLSReasonTests(unittest.TestCase):
         ever raises, the client still logs a reason and backs off."""
         from tunnelpass.tunnel import reachlog
 
-        def broken(*args):
+        def broken(*args, **kwargs):
             raise AttributeError("no such thing")
 
         self.patch(reachlog, "describe_tls_failure", broken)

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from tunnelpass.wire.handshake import AUTH_FAILED, BAD_VERSION, TLS_REQUIRED, TRY_LATER
 from tunnelpass.relay.targetlog import why_unreachable
+from tunnelpass.carriers.stream import stream_of
 from tunnelpass.tunnel.tlsreason import Expected, describe_tls_failure
 
 RETRY_INITIAL = 0.5
@@ -136,10 +137,10 @@ def handshake_failure(control, attempt_level: int, levels, settings) -> Verdict:
         return Verdict(reason=f"handshake with the server failed: {control.close_reason}", back_off=True)
     lost = getattr(getattr(control, "lost_reason", None), "value", None)
     if attempt_level:
-        handle = control.transport.getHandle() if control.transport is not None else None
+        chain = stream_of(control.transport).peer_certificates() if control.transport is not None else []
         expected = Expected(attempt_level, settings.pin, settings.sni or settings.server_host, settings.ca)
         try:
-            why = describe_tls_failure(lost, handle, expected)
+            why = describe_tls_failure(lost, None, expected, chain=chain)
         except Exception as e:  # explaining must never break the retry loop
             why = f"{_message(lost) if lost is not None else 'connection closed'} (not explained: {type(e).__name__})"
         return Verdict(reason="TLS handshake with the server failed: " + why, back_off=True)

@@ -121,12 +121,14 @@ def _issuer(certificate: x509.Certificate) -> str:
     return printable(certificate.issuer.rfc4514_string(), 200) or "an empty issuer name"
 
 
-def describe_tls_failure(reason: BaseException | None, connection, expected: Expected, now=None) -> str:
+def describe_tls_failure(reason: BaseException | None, connection, expected: Expected, now=None,
+                         chain: list | None = None) -> str:
     """One line saying why the handshake failed (never a repr).
 
     *reason*: the exception the connection was lost with; *connection*: the
     ``OpenSSL.SSL.Connection`` (``getHandle()``) or None."""
-    chain = _chain_of(connection) if connection is not None else []
+    if chain is None:  # the peer's certificates, as the stream gives them, or from the connection
+        chain = _chain_of(connection) if connection is not None else []
     kind = type(reason).__name__
     if kind == "VerificationError":  # service_identity: the name does not match
         names = ", ".join(names_in(chain[0])) if chain else "(none received)"
