@@ -175,7 +175,7 @@ def rss_scenario(workdir: str, args) -> tuple[dict, list[str]]:
     results = {}
     with Relays(workdir) as relays:
         echo = relays.echo()
-        pairs = [relays.tunnelpass(level, echo, rss.tunnel_options(args.conns), with_metrics=False)
+        pairs = [relays.tunnelpass(level, echo, rss.tunnel_options(args.conns) + ("--log", "info"), with_metrics=False)
                  for level in (1, 0)]
         for pair in list(pairs):
             wait_listening(pair.port, proc=pair.server)

@@ -10,16 +10,20 @@ from tunnelpass.ops.memreturn import MIN_DROP, MemoryReturn, _libc_trim, memory_
 
 class MemoryReturnTests(TestCase):
     def setUp(self):
-        self.live = 0
+        self.live = self.opened = 0
         self.trimmed = 0
 
         def trim():
             self.trimmed += 1
 
-        self.watcher = MemoryReturn(lambda: self.live, trim)
+        self.watcher = MemoryReturn(lambda: self.live, lambda: self.opened, trim)
+
+    def burst(self, count):
+        self.live += count
+        self.opened += count
 
     def test_trims_once_after_a_large_drop(self):
-        self.live = 5000
+        self.burst(5000)
         self.watcher.check()
         self.live = 10
         self.watcher.check()
@@ -27,25 +31,32 @@ class MemoryReturnTests(TestCase):
         self.watcher.check()  # nothing new has ended since
         self.assertEqual(self.trimmed, 1)
 
+    def test_a_burst_between_two_checks_is_not_missed(self):
+        self.watcher.check()
+        self.burst(3000)
+        self.live = 0  # opened and closed before the next check
+        self.watcher.check()
+        self.assertEqual(self.trimmed, 1)
+
     def test_small_or_partial_drops_do_not_trim(self):
-        self.live = MIN_DROP - 1
+        self.burst(MIN_DROP - 1)
         self.watcher.check()
         self.live = 0
         self.watcher.check()  # fewer than MIN_DROP ended
-        self.live = 3000
+        self.burst(3000)
         self.watcher.check()
-        self.live = 2000
-        self.watcher.check()  # still more than half of the peak
+        self.live -= 1000
+        self.watcher.check()  # still more than half of the highest count
         self.assertEqual(self.trimmed, 0)
 
     def test_service_runs_the_check_on_its_clock(self):
         clock = Clock()
-        service = memory_return_service(lambda: self.live, clock, interval=5, trim=lambda: None)
+        service = memory_return_service(lambda: self.live, lambda: self.opened, clock, interval=5,
+                                        trim=lambda: None)
         service.startService()
         self.addCleanup(service.stopService)
-        self.live = 1000
+        self.burst(1000)
         clock.advance(5)
-        self.assertEqual(service.watcher.peak, 1000)
         self.live = 0
         clock.advance(5)
         self.assertEqual(service.watcher.trims, 1)

@@ -87,7 +87,7 @@ class TunnelEndTests(unittest.TestCase):
         trims = []
         memory.watcher.trim = lambda: trims.append(1)
         self.start()
-        self.end.stats.active = 3000
+        self.end.stats.active = self.end.stats.accepted = 3000
         self.reactor.advance(10)
         self.end.stats.active = 10
         self.reactor.advance(10)

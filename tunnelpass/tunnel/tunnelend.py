@@ -83,12 +83,17 @@ class TunnelEnd(MultiService):
         self.pool_bound = settings.max_pool  # --max-pool within the open-files budget (set at startup)
         if settings.report_interval:
             self.every(settings.report_interval, self.report, "report")
-        memory_return_service(self.live_connections, self.clock).setServiceParent(self)  # named "memory"
+        memory_return_service(self.live_connections, self.opened_connections,
+                              self.clock).setServiceParent(self)  # named "memory"
 
     def live_connections(self) -> int:
         """Tunnelled TCP connections and UDP sessions now: after a burst of
         them ends, the heap is trimmed (:mod:`tunnelpass.ops.memreturn`)."""
         return self.stats.active + self.udp_stats.udp_sessions
+
+    def opened_connections(self) -> int:
+        """Tunnelled TCP connections and UDP sessions ever opened."""
+        return self.stats.accepted + self.udp_stats.udp_sessions_total
 
     def every(self, interval: float, function, name: str) -> Periodic:
         """Call *function* every *interval* seconds while the end runs."""
