@@ -30,6 +30,8 @@ is idempotent; any other event in the wrong state raises
 
 from __future__ import annotations
 
+from tunnelpass.carriers.stream import stream_of
+
 #: States (shared names, so a log line or a test reads the same on both sides).
 DIALLING = "dialling"
 AUTHENTICATING = "authenticating"
@@ -130,3 +132,20 @@ class PendingCount:
     def __call__(self, old, new) -> None:
         pending = ClientPoolLife.PENDING
         self.count += (new in pending) - (old in pending)
+
+
+class IdleMember:
+    """What the idle pool asks of a pool connection on either side (mixed
+    into the connection's protocol, which has ``life`` and ``transport``)."""
+
+    def claim(self):
+        """This connection's stream, taken out of the idle state; None if it
+        is not idle and open (closed while idle, or already claimed)."""
+        if self.life.state != IDLE or not self.transport.connected:
+            return None
+        self.life.fire("claimed")
+        return stream_of(self.transport)
+
+    def close(self) -> None:
+        """Close an idle connection (a surplus, retired, or its session ended)."""
+        self.transport.loseConnection()

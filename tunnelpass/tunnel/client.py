@@ -50,22 +50,21 @@ from tunnelpass.tunnel.reachlog import REPLACED_PAUSE, Reachability, Reconnectin
 from tunnelpass.tunnel.poolpolicy import PoolPolicy
 from tunnelpass.relay.relay import TCPForwardFactory
 from tunnelpass.tunnel.lifecycle import SessionLife
-from tunnelpass.config.limits import Limits
 from tunnelpass.ops.stats import tunnel_fields
 from tunnelpass.ops.osutil import listen_error
 from tunnelpass.config.settings import format_address
 from tunnelpass.ops.starterror import StartupError
 from tunnelpass.tunnel.tlslevel import TLSLevel
-from tunnelpass.relay.udp import MAX_DATAGRAM, UDPForwardProtocol
+from tunnelpass.relay.udp import UDPForwardProtocol
 from tunnelpass.tunnel.udpegress import UDPEgress
-from tunnelpass.tunnel.tunnelend import TunnelEnd
+from tunnelpass.tunnel.tunnelend import EndSettings, TunnelEnd
 from tunnelpass.tunnel.udptunnel import UDPIngress
 
 _FLOW_NAMES = {number: name for name, number in FLOWS.items()}
 
 
 @dataclass(frozen=True)
-class ClientSettings:
+class ClientSettings(EndSettings):
     server_host: str
     server_port: int
     target_host: str
@@ -74,21 +73,10 @@ class ClientSettings:
     flow: str = "auto"  # auto | tunnel | local | receive | send (the last two refuse the other flow)
     tls: int | None = None  # the server's TLS level, when the user gave it (--tls, or a token)
     min_pool: int = 64
-    max_pool: int = 1024
     pin: bytes | None = None
     ca: str | None = None
     sni: str | None = None
-    pool_timeout: float = 5.0
-    handshake_timeout: float = 5.0
     connect_timeout: float = 5.0
-    report_interval: float = 60.0  # health lines (--report-interval); the heartbeat is separate
-    shutdown_timeout: float = 5.0
-    limits: Limits = Limits()
-    zero_copy: bool = True
-    targets: tuple = ()  # a target group for the receive flow (default: the one target)
-    tcp: bool = True  # --no-tcp: do not carry TCP
-    udp: bool = True  # --no-udp: do not carry UDP
-    udp_buffer: int = MAX_DATAGRAM  # largest datagram carried (bytes)
     dial_reason: str = "from --tunnel"  # why server_host:server_port (a token's, or --tunnel over it)
 
 

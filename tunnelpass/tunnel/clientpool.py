@@ -32,7 +32,7 @@ from tunnelpass.tunnel.dispatch import OpenReader
 from tunnelpass.ops.fdbudget import ran_out
 from tunnelpass.wire.handshake import ID, pool_auth_frame
 from tunnelpass.carriers.keepalive import enable_keepalive
-from tunnelpass.carriers.poolstate import AUTHENTICATING, CLAIMED, DIALLING, IDLE, LOST, ClientPoolLife
+from tunnelpass.carriers.poolstate import AUTHENTICATING, CLAIMED, DIALLING, IDLE, LOST, ClientPoolLife, IdleMember
 from tunnelpass.carriers.stream import stream_of
 from tunnelpass.carriers.switch import SwitchingProtocol
 from tunnelpass.carriers.tlshalf import HalfCloseTLSFactory
@@ -45,7 +45,7 @@ POOL_OK = encode(Type.POOL_OK)
 
 
 @implementer(IHandshakeListener)
-class PoolConnection(SwitchingProtocol):
+class PoolConnection(IdleMember, SwitchingProtocol):
     """One client pool connection: authenticates, idles, then relays.
 
     A pool member (:mod:`tunnelpass.carriers.opener`): :meth:`claim` hands out its
@@ -118,18 +118,6 @@ class PoolConnection(SwitchingProtocol):
         stream = self.claim()
         if stream is not None and client.acceptor.stream_accepted(kind, addresses, stream, rest):
             client.policy_used()  # refill after the user's target dial is under way
-
-    def claim(self):
-        """This connection's stream, taken out of the idle state; None if it
-        is not idle and open (closed while idle, or already claimed)."""
-        if self.life.state != IDLE or not self.transport.connected:
-            return None
-        self.life.fire("claimed")
-        return stream_of(self.transport)
-
-    def close(self) -> None:
-        """Close an idle connection (a surplus, a session that ended)."""
-        self.transport.loseConnection()
 
     def header_lost(self, reason) -> None:
         was = self.life.state

@@ -30,8 +30,7 @@ from tunnelpass.tunnel.gatelog import tls_error_text, tls_failed
 from tunnelpass.tunnel.guard import Refused
 from tunnelpass.wire.handshake import AUTH_FAILED, ID, TLS_REQUIRED, TRY_LATER, HandshakeError
 from tunnelpass.carriers.keepalive import enable_keepalive
-from tunnelpass.carriers.poolstate import HEADER, IDLE, LOST, ServerPoolLife
-from tunnelpass.carriers.stream import stream_of
+from tunnelpass.carriers.poolstate import HEADER, IDLE, LOST, IdleMember, ServerPoolLife
 from tunnelpass.carriers.stream import IStream
 from tunnelpass.carriers.switch import SwitchingProtocol
 from tunnelpass.carriers.tlshalf import HalfCloseTLSProtocol
@@ -47,7 +46,7 @@ POOL_OK = encode(Type.POOL_OK)
 POOL_AUTH_SIZE = 2 * ID + 8 + 32
 
 
-class TunnelConnection(SwitchingProtocol):
+class TunnelConnection(IdleMember, SwitchingProtocol):
     """A connection on the tunnel port after TLS (if any): reads the first
     frame and becomes a control channel or an idle pool connection.
 
@@ -158,18 +157,6 @@ class TunnelConnection(SwitchingProtocol):
     def _drop_idle(self) -> None:
         self.session.pool.remove(self.conn_id)
         self.transport.abortConnection()
-
-    def claim(self):
-        """This connection's stream, taken out of the idle state; None if it
-        is not idle and open (closed while idle, or already claimed)."""
-        if self.life.state != IDLE or not self.transport.connected:
-            return None
-        self.life.fire("claimed")
-        return stream_of(self.transport)
-
-    def close(self) -> None:
-        """Close an idle connection (retired by the client)."""
-        self.transport.loseConnection()
 
     def header_lost(self, reason) -> None:
         if self.life.state == IDLE:

@@ -35,7 +35,6 @@ from tunnelpass.carriers.pool import IdlePool
 from tunnelpass.relay.relay import TCPForwardFactory
 from tunnelpass.tunnel.replacement import SessionReplacements
 from tunnelpass.tunnel.gatelog import PlainClients
-from tunnelpass.config.limits import Limits
 from tunnelpass.ops.fdport import listen_tcp
 from tunnelpass.tunnel.gate import FAILURE_REASONS, _GateFactory
 from tunnelpass.ops.osutil import listen_error
@@ -46,14 +45,13 @@ from tunnelpass.ops.starterror import StartupError
 from tunnelpass.tunnel.dispatch import OpenDispatcher
 from tunnelpass.carriers.opener import PoolOpener
 from tunnelpass.tunnel.pooldial import PoolDialFactory
-from tunnelpass.relay.udp import MAX_DATAGRAM
 from tunnelpass.tunnel.udpegress import UDPEgress
-from tunnelpass.tunnel.tunnelend import LISTEN_BACKLOG, TunnelEnd
+from tunnelpass.tunnel.tunnelend import LISTEN_BACKLOG, EndSettings, TunnelEnd
 from tunnelpass.tunnel.udptunnel import UDPIngress
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(EndSettings):
     tunnel_host: str
     tunnel_port: int
     target_host: str
@@ -65,23 +63,12 @@ class ServerSettings:
     cert: str | None = None
     private_key: str | None = None
     state_dir: str | None = None
-    max_pool: int = 1024
-    pool_timeout: float = 5.0
-    handshake_timeout: float = 5.0
     heartbeat: float = 5.0
-    report_interval: float = 60.0  # health lines (--report-interval); the heartbeat is separate
     reload_interval: float = 3600.0
-    shutdown_timeout: float = 5.0
-    limits: Limits = Limits()
-    zero_copy: bool = True
     max_handshakes: int = 1024
     max_handshakes_per_source: int = 256
     public_address: tuple | None = None  # --public-address (host, port or None): what the token carries
     accept_proxy: tuple = ()  # trusted load balancers in front of the public listener
-    targets: tuple = ()  # a target group for the send flow (default: the one target)
-    tcp: bool = True  # --no-tcp: do not carry TCP
-    udp: bool = True  # --no-udp: do not carry UDP
-    udp_buffer: int = MAX_DATAGRAM  # largest datagram carried (bytes)
 
 
 class ServerSession:

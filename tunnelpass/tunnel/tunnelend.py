@@ -24,6 +24,8 @@ No signal handlers and no process exit here: a failed start raises
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import DeferredList, succeed
@@ -31,13 +33,33 @@ from twisted.internet.error import CannotListenError
 
 from tunnelpass.ops.fdbudget import Descriptors
 from tunnelpass.ops.fdport import listen_tcp
+from tunnelpass.config.limits import Limits
 from tunnelpass.ops.memreturn import memory_return_service
+from tunnelpass.relay.udp import MAX_DATAGRAM
 from tunnelpass.ops.osutil import raise_fd_limit
 from tunnelpass.relay.probe import start_probe
 from tunnelpass.ops.stats import ListenerStats
 from tunnelpass.tunnel.udptunnel import listen_udp
 
 LISTEN_BACKLOG = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndSettings:
+    """The settings both tunnel ends have (keyword-only: each end's own
+    fields come first)."""
+
+    max_pool: int = 1024
+    pool_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    report_interval: float = 60.0  # health lines (--report-interval); the heartbeat is separate
+    shutdown_timeout: float = 5.0
+    limits: Limits = Limits()
+    zero_copy: bool = True
+    targets: tuple = ()  # a target group (default: the one target)
+    tcp: bool = True  # --no-tcp: do not carry TCP
+    udp: bool = True  # --no-udp: do not carry UDP
+    udp_buffer: int = MAX_DATAGRAM  # largest datagram carried (bytes)
 
 
 class Periodic(TimerService):
