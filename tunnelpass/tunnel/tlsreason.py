@@ -125,8 +125,9 @@ def describe_tls_failure(reason: BaseException | None, connection, expected: Exp
                          chain: list | None = None) -> str:
     """One line saying why the handshake failed (never a repr).
 
-    *reason*: the exception the connection was lost with; *connection*: the
-    ``OpenSSL.SSL.Connection`` (``getHandle()``) or None."""
+    *reason*: the exception the connection was lost with; *chain*: the
+    certificates the server sent (a stream's ``peer_certificates()``), or
+    else *connection*, an ``OpenSSL.SSL.Connection`` to read them from."""
     if chain is None:  # the peer's certificates, as the stream gives them, or from the connection
         chain = _chain_of(connection) if connection is not None else []
     kind = type(reason).__name__
