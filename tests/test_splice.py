@@ -251,7 +251,7 @@ class FailureDrainBoundTests(unittest.TestCase):
         relay = splice.SpliceRelay(clock, SocketEnd(broken), SocketEnd(alive),
                                    lambda: None, lambda n: None, lambda n: None)
         relay.a.outgoing.pending = 10  # bytes from the broken side still in the pipe for the other
-        relay._fail(relay.a, OSError("connection reset"))
+        relay.fail(relay.a, OSError("connection reset"))
         self.assertFalse(relay.finished, "first, the pipe is delivered")
         clock.advance(FLUSH_LIMIT)
         self.assertTrue(relay.finished)

@@ -87,7 +87,7 @@ class TLSEnd:
         self.conn = connection if connection is not None else transport.socket
         self.fd = self.conn.fileno()
         self._ssl = getattr(self.conn, "_ssl", None) if _FAST_READ else None
-        self._notified = False  # close_notify sent, the FIN still to follow
+        self._notified = False  # close_notify sent
         self.pending = self.conn.pending
 
     def fileno(self) -> int:

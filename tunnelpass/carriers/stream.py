@@ -156,8 +156,9 @@ class INativeEnd(Interface):
         socket readiness will announce them); 0 for a plain socket."""
 
     def shutdown_write():
-        """Send this side's clean end of data (FIN; close_notify, with a FIN
-        after it); True once sent, False to retry when writable."""
+        """Send this side's clean end of data (FIN; TLS close_notify alone:
+        a FIN after it would end both directions for a peer on Twisted's
+        TLS); True once sent, False to retry when writable."""
 
     def unsent():
         """Bytes in the kernel's send queue not yet acknowledged by the peer."""

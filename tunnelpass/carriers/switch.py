@@ -16,6 +16,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from tunnelpass.carriers.stream import attach
+
 
 @implementer(IHalfCloseableProtocol)
 class SwitchingProtocol(Protocol):
@@ -32,13 +34,7 @@ class SwitchingProtocol(Protocol):
         connection) and hand both sockets to the zero-copy engine at once,
         and bytes arriving after that would bypass the engine."""
         self.delegate = protocol
-        hold = getattr(protocol, "hold_early", None)
-        if data and hold is not None:
-            hold(data)
-            data = b""
-        protocol.makeConnection(self.transport)
-        if data and self.transport.connected:
-            protocol.dataReceived(data)
+        attach(self.transport, protocol, data)
 
     def dataReceived(self, data: bytes) -> None:
         delegate = self.delegate

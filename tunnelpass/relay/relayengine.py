@@ -16,7 +16,7 @@ buffer, ``recv_into`` then ``send``).  Everything else lives here once:
   needs it readable, waits on the right event (:class:`NeedRead` /
   :class:`NeedWrite`) and never busy-loops;
 * EOF and half-close: a direction's end of data is passed on once what
-  came before it is delivered (FIN; close_notify then FIN, retried when the
+  came before it is delivered (FIN; close_notify alone, retried when the
   socket is writable);
 * ends: clean when both ends of data have crossed; when one socket fails
   (reset, TLS truncation or error, EPIPE, a hang-up the reactor reports),
@@ -313,8 +313,6 @@ class RelayEngine:
             self._draining_call = self.reactor.callLater(FLUSH_LIMIT, self.finish, reason)
         else:
             self.finish(reason)
-
-    _fail = fail  # the name the splice tests knew
 
     def side_lost(self, side: Side, reason) -> None:
         if self.finished:
