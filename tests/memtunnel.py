@@ -30,12 +30,11 @@ from twisted.protocols import tls as tls_protocols
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from zope.interface import implementer
 from zope.interface.interface import adapter_hooks
 
 from tunnelpass.tunnel.client import ClientSettings, TunnelClient
 from tunnelpass.tunnel.server import ServerSettings, TunnelServer
-from tunnelpass.carriers.stream import IStream, attach
+from tunnelpass.carriers.stream import IStream, TCPStream
 
 KEY = "memtunnel-test-key-0123456789abcdef"
 HOST = "127.0.0.1"
@@ -99,27 +98,13 @@ class MemTransport(iosim.FakeTransport):
             self.factory.clientConnectionLost(self.connector, Failure(ConnectionDone()))
 
 
-@implementer(IStream)
-class MemStream:
-    """:class:`~tunnelpass.carriers.stream.IStream` for :class:`MemTransport`: no
+class MemStream(TCPStream):
+    """:class:`~tunnelpass.carriers.stream.IStream` for :class:`MemTransport`:
+    as Twisted's TCP transport (hand-over, no certificates), but no
     half-close (a relay closes both directions), never paused (iosim does
     not pause producers), no socket (the copy relay)."""
 
     half_closes = False
-    secured = None
-
-    def __init__(self, transport: MemTransport):
-        self.transport = transport
-
-    def __getattr__(self, name):
-        return getattr(self.transport, name)
-
-    def attach(self, protocol, data=b""):
-        switch = getattr(self.transport.protocol, "switch_to", None)
-        if switch is not None:  # a tunnel connection whose header phase is over
-            switch(protocol, data)
-        else:
-            attach(self.transport, protocol, data)
 
     def consumer_paused(self) -> bool:
         return False
@@ -132,15 +117,6 @@ class MemStream:
 
     def set_write_buffer(self, size: int) -> None:
         pass
-
-    def local_fingerprint(self) -> bytes:
-        return b""
-
-    def peer_fingerprint(self) -> bytes:
-        return b""
-
-    def peer_certificates(self) -> list:
-        return []
 
 
 def _adapt(interface, transport):

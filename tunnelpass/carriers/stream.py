@@ -208,11 +208,7 @@ class TCPStream:
         return getattr(self.transport, name)
 
     def attach(self, protocol, data=b""):
-        switch = getattr(self.transport.protocol, "switch_to", None)
-        if switch is not None:  # a connection whose header phase is over
-            switch(protocol, data)
-        else:
-            attach(self.transport, protocol, data)
+        hand_over(self.transport, self.transport.protocol, protocol, data)
 
     def consumer_paused(self) -> bool:
         return bool(self.transport.producerPaused)
@@ -253,6 +249,18 @@ def attach(transport, protocol, data: bytes = b"") -> None:
     protocol.makeConnection(transport)
     if data and transport.connected:
         protocol.dataReceived(data)
+
+
+def hand_over(transport, owner, protocol, data: bytes = b"") -> None:
+    """:meth:`IStream.attach` for a *transport* whose protocol is *owner*:
+    through the owner's ``switch_to`` when it is a connection whose header
+    phase is over (it keeps passing the transport's events on), else
+    straight to *protocol*."""
+    switch = getattr(owner, "switch_to", None)
+    if switch is not None:
+        switch(protocol, data)
+    else:
+        attach(transport, protocol, data)
 
 
 def _adapt(interface, transport):

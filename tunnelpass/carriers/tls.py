@@ -305,19 +305,14 @@ def verified_client_creator(hostname: str, ca_path: str | None = None):
 
 def local_fingerprint(transport) -> bytes:
     """SHA-256 of the certificate this side served on *transport* (``b""``
-    without TLS): after a reload, old and new connections differ."""
-    if IStream.providedBy(transport):  # TLS on the socket (tunnelpass.carriers.tlssocket) answers itself
-        return transport.local_fingerprint()
-    handle = transport.getHandle() if hasattr(transport, "getHandle") else None
-    get = getattr(handle, "get_certificate", None)
-    certificate = get() if get is not None else None
-    return fingerprint(certificate.to_cryptography()) if certificate is not None else b""
+    without TLS, or for a transport that is no stream): after a reload, old
+    and new connections differ."""
+    stream = IStream(transport, None)
+    return stream.local_fingerprint() if stream is not None else b""
 
 
 def peer_fingerprint(transport) -> bytes:
-    """SHA-256 of the certificate the peer presented (``b""`` without TLS)."""
-    if IStream.providedBy(transport):  # TLS on the socket (tunnelpass.carriers.tlssocket) answers itself
-        return transport.peer_fingerprint()
-    get = getattr(transport, "getPeerCertificate", None)
-    certificate = get() if get is not None else None
-    return fingerprint(certificate.to_cryptography()) if certificate is not None else b""
+    """SHA-256 of the certificate the peer presented (``b""`` without TLS,
+    or for a transport that is no stream)."""
+    stream = IStream(transport, None)
+    return stream.peer_fingerprint() if stream is not None else b""

@@ -35,7 +35,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.interface import adapter_hooks
 
-from tunnelpass.carriers.stream import IStream, attach, stream_of
+from tunnelpass.carriers.stream import IStream, hand_over, stream_of
+from tunnelpass.carriers.tls import fingerprint
 
 
 class HalfCloseTLSProtocol(BufferingTLSTransport):
@@ -159,11 +160,7 @@ class TwistedTLSStream:
         return bool(getattr(type(self.transport), "half_closes", False))
 
     def attach(self, protocol, data=b""):
-        switch = getattr(self.transport.wrappedProtocol, "switch_to", None)
-        if switch is not None:  # a tunnel connection whose header phase is over (as TCPStream)
-            switch(protocol, data)
-        else:
-            attach(self.transport, protocol, data)
+        hand_over(self.transport, self.transport.wrappedProtocol, protocol, data)
 
     def consumer_paused(self) -> bool:
         return bool(getattr(self.transport, "producerPaused", False))
@@ -185,12 +182,13 @@ class TwistedTLSStream:
             stream_of(lower).set_write_buffer(size)
 
     def local_fingerprint(self) -> bytes:
-        from tunnelpass.carriers.tls import local_fingerprint
-        return local_fingerprint(self.transport)
+        handle = self.transport.getHandle()
+        certificate = handle.get_certificate() if handle is not None else None
+        return fingerprint(certificate.to_cryptography()) if certificate is not None else b""
 
     def peer_fingerprint(self) -> bytes:
-        from tunnelpass.carriers.tls import peer_fingerprint
-        return peer_fingerprint(self.transport)
+        certificate = self.transport.getPeerCertificate()
+        return fingerprint(certificate.to_cryptography()) if certificate is not None else b""
 
     def peer_certificates(self) -> list:
         handle = self.transport.getHandle()
