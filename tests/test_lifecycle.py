@@ -4,7 +4,8 @@ server gate machines, and the gate wiring (one guard release per gate)."""
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from tunnelpass.tunnel.lifecycle import GateLife, InvalidTransition, SessionLife
+from tunnelpass.carriers.poolstate import InvalidTransition
+from tunnelpass.tunnel.lifecycle import GateLife, SessionLife
 
 
 class SessionLifeTests(unittest.TestCase):

@@ -18,9 +18,7 @@ the current state began.  Thin protocols feed events and act on states.
 
 from __future__ import annotations
 
-
-class InvalidTransition(Exception):
-    """An event the current state does not allow."""
+from tunnelpass.carriers.poolstate import InvalidTransition  # one error for every machine
 
 
 class Machine:
