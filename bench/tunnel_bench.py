@@ -131,11 +131,18 @@ def table(title: str, columns: str, rows: dict[str, str], failed: dict[str, str]
     return lines
 
 
+def measure(relays: Relays, ports: dict[str, int], args, scenario: str, one) -> dict[str, list]:
+    """*one(port)* for every relay in --rounds interleaved rounds, then the
+    --profile run with the same measurement."""
+    runs = interleaved(ports, args.rounds, one)
+    profile(relays, ports, one, scenario, args.profile)
+    return runs
+
+
 def bulk(workdir: str, names: list[str], args) -> tuple[dict, list[str]]:
     with Relays(workdir) as relays:
         ports = relays.start(names, relays.iperf3())
-        runs = interleaved(ports, args.rounds, lambda port: throughput(port, args.seconds))
-        profile(relays, ports, lambda port: throughput(port, args.seconds), "bulk", args.profile)
+        runs = measure(relays, ports, args, "bulk", lambda port: throughput(port, args.seconds))
     gbps = {name: v[0] for name, v in medians(runs).items()}
     rows = {name: f"{gbps[name]:>7.2f} {min(runs[name]):>7.2f} {max(runs[name]):>7.2f}" for name in runs}
     return gbps, table(f"bulk TCP: iperf3 {args.seconds} s, median of {args.rounds} interleaved rounds",
@@ -147,8 +154,7 @@ def http(workdir: str, names: list[str], args) -> tuple[dict, list[str]]:
         nginx = httpbench.start_nginx(relays)
         wait_listening(nginx, proc=relays.procs[-1])
         ports = relays.start(names, nginx)
-        runs = interleaved(ports, args.rounds, lambda port: httpbench.keepalive(port, args.http_seconds))
-        profile(relays, ports, lambda port: httpbench.keepalive(port, args.http_seconds), "http", args.profile)
+        runs = measure(relays, ports, args, "http", lambda port: httpbench.keepalive(port, args.http_seconds))
     result = medians(runs)
     rows = {name: f"{rate:>8.0f} {p50:>7.3f} {p99:>7.3f} {errors:>6.0f}"
             for name, (rate, p50, p99, errors) in result.items()}
@@ -160,9 +166,8 @@ def http(workdir: str, names: list[str], args) -> tuple[dict, list[str]]:
 def newconn(workdir: str, names: list[str], args) -> tuple[dict, list[str]]:
     with Relays(workdir) as relays:
         ports = relays.start(names, relays.echo())
-        runs = interleaved(ports, args.rounds, lambda port: connection_latency(port, args.latency_count, give_up=20))
-        profile(relays, ports, lambda port: connection_latency(port, args.latency_count, give_up=20), "newconn",
-                args.profile)
+        runs = measure(relays, ports, args, "newconn",
+                       lambda port: connection_latency(port, args.latency_count, give_up=20))
     result = medians(runs)
     rows = {name: f"{p50:>7.3f} {p99:>7.3f} {rate:>7.0f} {fails:>5.0f}"
             for name, (p50, p99, rate, fails) in result.items()}
