@@ -78,6 +78,7 @@ class ClientSettings(EndSettings):
     sni: str | None = None
     connect_timeout: float = 5.0
     dial_reason: str = "from --tunnel"  # why server_host:server_port (a token's, or --tunnel over it)
+    carrier_type: int | None = None  # --type: None follows the server's; 0 or 3 refuses another
 
 
 class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):

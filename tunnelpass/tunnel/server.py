@@ -69,6 +69,7 @@ class ServerSettings(EndSettings):
     max_handshakes_per_source: int = 256
     public_address: tuple | None = None  # --public-address (host, port or None): what the token carries
     accept_proxy: tuple = ()  # trusted load balancers in front of the public listener
+    carrier_type: int = 0  # --type: 0 TCP pool, 3 HTTP/2 multiplexed (announced to the client)
 
 
 class ServerSession:
