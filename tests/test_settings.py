@@ -6,6 +6,7 @@ from twisted.trial import unittest
 from tunnelpass.config.settings import (
     LOG_LEVELS,
     format_duration,
+    parse_carrier_type,
     parse_choice,
     parse_count,
     parse_duration,
@@ -91,5 +92,37 @@ class LogLevelTests(unittest.TestCase):
     def test_never_raises_anything_but_valueerror(self, text):
         try:
             self.assertIn(parse_log_level(text), LOG_LEVELS)
+        except ValueError:
+            pass
+
+
+class CarrierTypeTests(unittest.TestCase):
+    """``--type`` (NodePass's pool type): 0 and 3 run, 1 and 2 say they are not built."""
+
+    def test_accepted(self):
+        self.assertEqual(parse_carrier_type("0"), 0)
+        self.assertEqual(parse_carrier_type(" 3 "), 3)
+
+    def test_unbuilt_types_have_their_own_line(self):
+        for number, name in (("1", "QUIC"), ("2", "WebSocket")):
+            with self.assertRaises(ValueError) as cm:
+                parse_carrier_type(number)
+            self.assertEqual(str(cm.exception), f"--type {number} ({name}) is not available in this version; "
+                                                "use 0 (TCP pool) or 3 (HTTP/2 multiplexed)")
+        with self.assertRaises(ValueError) as cm:
+            parse_carrier_type("2", "URL query type={}")
+        self.assertTrue(str(cm.exception).startswith("URL query type=2 (WebSocket) is not available"))
+
+    def test_garbage_names_the_accepted_values(self):
+        for bad in ["4", "x", "-1", "", "03", "3.0", "0x3", "３", "9" * 10_000, "\udcff", None]:
+            with self.assertRaises(ValueError) as cm:
+                parse_carrier_type(bad)
+            self.assertIn("choose 0 (TCP pool) or 3 (HTTP/2 multiplexed)", str(cm.exception))
+            self.assertLess(len(str(cm.exception)), 200)
+
+    @given(st.text(max_size=30))
+    def test_never_raises_anything_but_valueerror(self, text):
+        try:
+            self.assertIn(parse_carrier_type(text), (0, 3))
         except ValueError:
             pass

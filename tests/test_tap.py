@@ -384,8 +384,8 @@ class NodePassHabitTests(unittest.TestCase):
         self.assertUsageError([f"server://{KEY}@h:1/h:2?rate=fast"], "--rate")
 
     def test_planned_parts_say_so(self):
-        self.assertUsageError([f"server://{KEY}@h:1/h:2?type=2"], "WebSocket pool (type=2) is not available in this "
-                              "version of tunnelpass (planned)")
+        self.assertUsageError([f"server://{KEY}@h:1/h:2?type=2"], "type=2 (WebSocket) is not available in this "
+                              "version")
         self.assertUsageError([f"master://{KEY}@h:1/api"], "not available in this version of tunnelpass (planned)")
         self.assertEqual(parse([f"server://{KEY}@h:1/h:2?type=0"])["tunnel"], "h:1")  # the TCP pool: ours
 
@@ -532,5 +532,81 @@ class NodePassSNITests(unittest.TestCase):
 
     def test_url_errors_say_url_once(self):
         with self.assertRaises(usage.UsageError) as cm:
-            parse(["server://:1/:2?type=3"])
-        self.assertTrue(str(cm.exception).startswith("URL query type=3:"), str(cm.exception))
+            parse(["server://:1/:2?type=4"])
+        self.assertTrue(str(cm.exception).startswith("URL query type='4':"), str(cm.exception))
+
+
+class CarrierTypeOptionTests(unittest.TestCase):
+    """``--type`` (URL ``type=``, ``TUNNELPASS_TYPE``): the server's carrier,
+    which the client follows or, given ``--type``, insists on (issue 12)."""
+
+    server = ["--mode", "server", "--tunnel", "127.0.0.1:1", "--target", "127.0.0.1:2", "--key", KEY]
+    client = ["--mode", "client", "--tunnel", "127.0.0.1:1", "--target", "127.0.0.1:2", "--key", KEY]
+    refusals = {"1": "--type 1 (QUIC) is not available in this version; use 0 (TCP pool) or 3 (HTTP/2 multiplexed)",
+                "2": "--type 2 (WebSocket) is not available in this version; use 0 (TCP pool) or 3 (HTTP/2 "
+                     "multiplexed)"}
+
+    def refused(self, args, text, environ=None):
+        with self.assertRaises(usage.UsageError) as cm:
+            parse(args, environ)
+        self.assertEqual(str(cm.exception), text)
+
+    def server_settings(self, args, environ=None):
+        return tap._server_service(parse(args, environ), None).settings
+
+    def client_settings(self, args, environ=None):
+        return tap._client_service(parse(args, environ), None).settings
+
+    def test_defaults(self):
+        self.assertIsNone(parse(self.server)["type"])
+        self.assertEqual(self.server_settings(self.server).carrier_type, 0)  # the TCP pool, as before
+        self.assertIsNone(self.client_settings(self.client).carrier_type)  # follow the server
+
+    def test_flag_url_and_environment(self):
+        for number in (0, 3):
+            self.assertEqual(self.server_settings(self.server + ["--type", str(number)]).carrier_type, number)
+            self.assertEqual(self.client_settings(self.client + [f"--type={number}"]).carrier_type, number)
+            self.assertEqual(self.server_settings([f"server://{KEY}@127.0.0.1:1/127.0.0.1:2?type={number}"])
+                             .carrier_type, number)
+            self.assertEqual(self.client_settings([f"client://{KEY}@127.0.0.1:1/127.0.0.1:2?type={number}"])
+                             .carrier_type, number)
+            self.assertEqual(self.server_settings(self.server, {"TUNNELPASS_TYPE": str(number)}).carrier_type,
+                             number)
+        # A URL's value wins over the flag, the flag over the environment.
+        self.assertEqual(self.server_settings(["--type", "0", f"server://{KEY}@127.0.0.1:1/127.0.0.1:2?type=3"])
+                         .carrier_type, 3)
+        self.assertEqual(self.server_settings(self.server + ["--type", "0"], {"TUNNELPASS_TYPE": "3"})
+                         .carrier_type, 0)
+        self.assertIn("--type", str(tap.Options()))
+
+    def test_unbuilt_types_are_refused_on_both_sides(self):
+        for number, line in self.refusals.items():
+            self.refused(self.server + ["--type", number], line)
+            self.refused(self.client + ["--type", number], line)
+            self.refused(self.server, f"environment variable TUNNELPASS_TYPE: {line}", {"TUNNELPASS_TYPE": number})
+            self.refused([f"client://{KEY}@127.0.0.1:1/127.0.0.1:2?type={number}"],
+                         "URL query type=" + line[len("--type "):])
+
+    def test_other_values_name_the_accepted_ones(self):
+        for bad in ("4", "x", "-1", "", "99999999999999999999", "3,0"):
+            with self.assertRaises(usage.UsageError) as cm:
+                parse(self.server + ["--type", bad])
+            self.assertEqual(str(cm.exception), f"--type {bad!r}: choose 0 (TCP pool) or 3 (HTTP/2 multiplexed)")
+
+    def test_not_where_no_server_is(self):
+        local = ["--mode", "client", "--flow", "local", "--tunnel", "127.0.0.1:1", "--target", "127.0.0.1:2"]
+        line = "--type is the carrier to a server; a --flow local client talks to no server"
+        self.refused(local + ["--type", "0"], line)
+        self.refused(["client://127.0.0.1:1/127.0.0.1:2?mode=1&type=3"], line)
+        self.refused(["--mode", "forward", "--type", "3"], "--type is for --mode server/client, not --mode forward")
+        self.refused(["--mode", "forward"], "--type is for --mode server/client, not --mode forward",
+                     {"TUNNELPASS_TYPE": "0"})
+        parse(local)  # without --type it still runs
+
+    def test_a_token_leaves_the_type_to_the_session(self):
+        from tunnelpass.config.urls import make_token
+
+        token = make_token("127.0.0.1", 1, KEY, tls=0)
+        base = ["--mode", "client", "--token", token, "--target", "127.0.0.1:2"]
+        self.assertIsNone(self.client_settings(base).carrier_type)
+        self.assertEqual(self.client_settings(base + ["--type", "3"]).carrier_type, 3)

@@ -116,11 +116,18 @@ class URLTests(unittest.TestCase):
     def test_nodepass_keys(self):
         self.assertEqual(parse_url(f"server://{K}@h:1/h:2?rate=100")["rate"], "100")
         self.assertEqual(parse_url(f"server://{K}@h:1/h:2?log=none")["log"], "none")  # tap: fatal
-        self.assertNotIn("type", parse_url(f"server://{K}@h:1/h:2?type=0"))
-        for number, name in (("1", "QUIC"), ("2", "WebSocket"), ("3", "HTTP/2")):
+        self.assertNotIn("type", parse_url(f"server://{K}@h:1/h:2"))  # absent: the option's default
+        for scheme in ("server", "client"):
+            self.assertEqual(parse_url(f"{scheme}://{K}@h:1/h:2?type=0")["type"], "0")
+            self.assertEqual(parse_url(f"{scheme}://{K}@h:1/h:2?type=3")["type"], "3")
+        for number, name in (("1", "QUIC"), ("2", "WebSocket")):
             self.assertBad(f"server://{K}@h:1/h:2?type={number}",
-                           f"the {name} pool (type={number}) is not available in this version of tunnelpass (planned)")
-        self.assertBad(f"server://{K}@h:1/h:2?type=9", "pool types are 0 (TCP")
+                           f"URL query type={number} ({name}) is not available in this version; "
+                           "use 0 (TCP pool) or 3 (HTTP/2 multiplexed)")
+        for bad in ("4", "x", "-1", "", "30"):
+            self.assertBad(f"client://{K}@h:1/h:2?type={bad}",
+                           f"URL query type='{bad}': choose 0 (TCP pool) or 3 (HTTP/2 multiplexed)")
+        self.assertBad(f"server://{K}@h:1/h:2?type=3&type=0", "given twice")
         self.assertBad(f"server://{K}@h:1/h:2?type=" + "9" * 5000, "longer than")
         self.assertBad(f"server://{K}@h:1/h:2?type=" + "9" * 100, "'99999")
         self.assertBad(f"master://{K}@:9090/api?log=info", "master:// (NodePass's API master that runs instances) "
@@ -202,6 +209,15 @@ class KeyAndTokenTests(unittest.TestCase):
                     raw_token(('{"h":"h","p":1,"k":"%s"}' % K).encode("utf-16")),
                     "tp1.eyJoIjoiaCJ9", "tp1.W10"]:
             self.assertRaises(ValueError, parse_token, bad)
+
+    def test_token_has_no_carrier_type(self):
+        """The client learns --type from the authenticated session, never from a token."""
+        self.assertRaises(TypeError, make_token, "h", 1, K, carrier_type=3)
+        self.assertNotIn("type", parse_token(make_token("h", 1, K, tls=0)))
+        for field in (b'"y":3', b'"type":3'):
+            with self.assertRaises(ValueError) as cm:
+                parse_token(raw_token(b'{"h":"h","p":1,"k":"%s",%s}' % (K.encode(), field)))
+            self.assertIn("unexpected contents", str(cm.exception))
 
     def test_make_token_validates(self):
         for args in [("h", 0, K), ("h", True, K), ("h", 1, "weak"), ("bad host", 1, K)]:

@@ -240,7 +240,7 @@ def _server_service(options, reactor):
         report_interval=options["report-interval"], reload_interval=options["reload-interval"] or 3600.0,
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options, reactor),
         zero_copy=options["zero-copy"], accept_proxy=options["accept-proxy"], targets=tuple(targets),
-        public_address=options["public-address"],
+        public_address=options["public-address"], carrier_type=options["type"] or 0,
         **_carried(options),
     )
     return TunnelServer(settings, reactor)
@@ -260,6 +260,6 @@ def _client_service(options, reactor):
         connect_timeout=options["connect-timeout"], report_interval=options["report-interval"],
         shutdown_timeout=options["shutdown-timeout"], limits=_tunnel_limits(options, reactor),
         zero_copy=options["zero-copy"], targets=tuple(targets), **_carried(options),
-        dial_reason=getattr(options, "dial_reason", "from --tunnel"),
+        dial_reason=getattr(options, "dial_reason", "from --tunnel"), carrier_type=options["type"],
     )
     return TunnelClient(settings, reactor)

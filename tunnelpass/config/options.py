@@ -25,6 +25,7 @@ from tunnelpass.config.settings import (
     LOG_FORMATS,
     LOG_LEVELS,
     is_ip_literal,
+    parse_carrier_type,
     parse_choice,
     parse_count,
     parse_duration,
@@ -73,6 +74,7 @@ _PARSERS = {
     "public-address": lambda v: parse_public_address(v),
     "flow": lambda v: parse_choice(v, FLOW_CHOICES),
     "tls": lambda v: int(parse_choice(v, ("0", "1", "2"))),
+    "type": parse_carrier_type,
     "cert": str,
     "private-key": str,
     "state-dir": str,
@@ -103,7 +105,7 @@ _PARSERS = {
 _CLIENT_ONLY = ("ca", "pin", "sni", "token")
 _SERVER_ONLY = ("cert", "private-key", "state-dir", "public-address")
 _TUNNEL_ONLY = ("tunnel", "target", "key", "token", "cert", "private-key", "state-dir", "ca", "pin", "sni",
-                "public-address")
+                "public-address", "type")
 
 FLOW_CHOICES = ("auto", "receive", "send", "local", "tunnel")
 
@@ -157,6 +159,10 @@ class Options(usage.Options):
         ["public-address", None, None, "server: HOST[:PORT] the logged token and client command carry (URL public=; default: the bound address, or for a wildcard bind the host's first non-loopback address; PORT defaults to the tunnel port)."],
         ["flow", None, "auto", "server: auto | receive | send; client: auto (follow the server) | receive | send (refuse a server that runs the other flow) | local (forward --tunnel to --target, no server)."],
         ["tls", None, None, "server: 0 plain (default), 1 self-signed (pinned/channel-bound), 2 --cert/--private-key verified by clients; client: the server's level, if known (default: --pin means 1, --ca/--sni 2, a token says; else learned from the server, never fixed by what an unauthenticated peer says)."],
+        ["type", None, None, "server: the carrier, NodePass's pool type: 0 a pool of TCP connections, one per "
+                             "tunnelled connection (default), 3 HTTP/2 multiplexed (streams in a few long-lived "
+                             "connections); 1 (QUIC) and 2 (WebSocket) are not available yet (URL type=).  "
+                             "client: follows the server's, or with --type insists on it (refuses another)."],
         ["cert", None, None, "server --tls 2: certificate chain (PEM)."],
         ["private-key", None, None, "server --tls 2: private key (PEM) of --cert."],
         ["state-dir", None, None, "server --tls 1: keep the self-signed certificate here so its fingerprint survives restarts."],
@@ -244,7 +250,8 @@ class Options(usage.Options):
             try:
                 self[name] = parser(raw)
             except ValueError as e:
-                raise usage.UsageError(f"--{name}: {e}") from None
+                text = str(e)  # a parser that names the option itself (--type 1 (QUIC) ...) keeps its words
+                raise usage.UsageError(text if text.startswith(f"--{name} ") else f"--{name}: {text}") from None
         mode = self["mode"]
         if mode is None:
             raise usage.UsageError(
@@ -277,6 +284,8 @@ class Options(usage.Options):
                 if self[name] is not None:
                     raise usage.UsageError(f"--{name} checks a server's certificate; a --flow local client "
                                            "talks to no server")
+            if self["type"] is not None:
+                raise usage.UsageError("--type is the carrier to a server; a --flow local client talks to no server")
         if mode == "server" and self["state-dir"] is not None and self["tls"] != 1:
             raise usage.UsageError(f"--state-dir keeps a --tls 1 server's certificate; this server runs "
                                    f"--tls {self['tls'] or 0}")

@@ -107,6 +107,29 @@ def parse_choice(text: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+#: ``--type`` (NodePass's pool ``type=``): the carriers tunnelpass runs.
+CARRIER_TYPES = {0: "TCP pool", 3: "HTTP/2 multiplexed"}
+#: NodePass's other pool types, refused at startup until they are built.
+UNBUILT_CARRIER_TYPES = {1: "QUIC", 2: "WebSocket"}
+
+
+def parse_carrier_type(text: str, spelling: str = "--type {}") -> int:
+    """``--type``: 0 (TCP pool) or 3 (HTTP/2 multiplexed), NodePass's numbers.
+
+    1 and 2 (NodePass's QUIC and WebSocket) get their own line, so a
+    NodePass user knows the number is right but the carrier is missing.
+    *spelling* is how the user wrote it (``--type {}``, ``URL query
+    type={}``); the message starts with it, so callers add nothing."""
+    value = text.strip() if isinstance(text, str) else ""
+    accepted = " or ".join(f"{number} ({name})" for number, name in CARRIER_TYPES.items())
+    if value in {str(number) for number in UNBUILT_CARRIER_TYPES}:
+        name = UNBUILT_CARRIER_TYPES[int(value)]
+        raise ValueError(f"{spelling.format(value)} ({name}) is not available in this version; use {accepted}")
+    if value not in {str(number) for number in CARRIER_TYPES}:
+        raise ValueError(f"{spelling.format(_show(text))}: choose {accepted}")
+    return int(value)
+
+
 def format_duration(seconds: float) -> str:
     """The shortest exact rendering of *seconds* in the units parse_duration reads."""
     if seconds and seconds < 1:

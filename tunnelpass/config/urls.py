@@ -17,7 +17,7 @@ import math
 import secrets
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from tunnelpass.config.settings import _show, format_address, parse_host, parse_port
+from tunnelpass.config.settings import _show, format_address, parse_carrier_type, parse_host, parse_port
 
 MAX_URL = 2048
 MAX_TOKEN = 1024
@@ -45,13 +45,12 @@ QUERY_OPTIONS = {
     "lbs": "lbs",
     "block": "block",
     "sni": "sni",
+    "type": "type",  # NodePass's pool type: 0 TCP pool, 3 HTTP/2 multiplexed (1 and 2 are refused)
 }
 
 #: NodePass URL parts tunnelpass does not have yet (they are planned): a
 #: clear "not available" instead of "unknown key".
 PLANNED_SCHEMES = {"master": "master:// (NodePass's API master that runs instances)"}
-PLANNED_POOL_TYPES = {"1": "the QUIC pool (type=1)", "2": "the WebSocket pool (type=2)",
-                      "3": "the HTTP/2 pool (type=3)"}
 
 #: An empty host (``server://:10101/...``, NodePass's "all interfaces"):
 #: listened on, it is every IPv4 interface; dialled, Linux connects to
@@ -112,24 +111,10 @@ def parse_url(text: str) -> dict[str, str]:
         if name in seen:
             raise ValueError(f"URL query key {_show(name)} given twice")
         seen.add(name)
-        if name == "type":
-            _check_pool_type(value)
-            continue
         if name not in QUERY_OPTIONS:
-            raise ValueError(f"unknown URL query key {_show(name)}; known: {', '.join(QUERY_OPTIONS)}, type")
+            raise ValueError(f"unknown URL query key {_show(name)}; known: {', '.join(QUERY_OPTIONS)}")
         options[QUERY_OPTIONS[name]] = _query_value(scheme, name, value)
     return options
-
-
-def _check_pool_type(value: str) -> None:
-    """NodePass's ``type=``: 0 is the TCP pool, the one tunnelpass runs."""
-    if value == "0":
-        return
-    if value in PLANNED_POOL_TYPES:
-        raise ValueError(f"URL query type={value}: {PLANNED_POOL_TYPES[value]} is not available in this "
-                         "version of tunnelpass (planned); type=0, the TCP pool, is what it runs")
-    raise ValueError(f"URL query type={_show(value)}: NodePass's pool types are 0 (TCP, what tunnelpass runs), "
-                     "1 (QUIC), 2 (WebSocket) and 3 (HTTP/2)")
 
 
 def _decoded(text: str, what: str) -> str:
@@ -140,6 +125,8 @@ def _decoded(text: str, what: str) -> str:
 
 
 def _query_value(scheme: str, name: str, value: str) -> str:
+    if name == "type":  # checked here, so the error names the URL key the user wrote
+        return str(parse_carrier_type(value, "URL query type={}"))
     table = {"mode": _FLOWS[scheme], "notcp": _BOOLEAN, "noudp": _BOOLEAN, "proxy": _PROXY,
              "weakkey": _BOOLEAN}.get(name)
     if table is None:
@@ -286,7 +273,9 @@ _TOKEN_PREFIX = "tp1."
 
 def make_token(host: str, port: int, key: str, pin: bytes | None = None, tls: int | None = None) -> str:
     """One copy-pasteable string with the server address, key, TLS level
-    and (tls=1) certificate pin."""
+    and (tls=1) certificate pin.  Not the carrier type (``--type``): the
+    client learns it from the authenticated session, so a server can change
+    it without new tokens."""
     parse_host(host, "token host")
     if type(port) is not int or not 1 <= port <= 65535:
         raise ValueError("token port must be 1..65535")
