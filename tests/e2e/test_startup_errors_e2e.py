@@ -78,6 +78,13 @@ class StartupErrorTests(unittest.TestCase):
             ([*server, *tunnel, "--tls", "3"], 2,
              "tunnelpass: --tls: invalid value '3': choose one of 0, 1, 2 "
              "(see: twistd -n --pidfile= tunnelpass --help)"),
+            # NodePass's pool types that are not built yet (issue 12): refused, never run as another type.
+            ([*server, *tunnel, "--type", "1"], 2,
+             "tunnelpass: --type 1 (QUIC) is not available in this version; use 0 (TCP pool) or 3 (HTTP/2 "
+             "multiplexed) (see: twistd -n --pidfile= tunnelpass --help)"),
+            ([f"client://{KEY}@{tunnel[1]}/{tunnel[3]}?type=2"], 2,
+             "tunnelpass: URL query type=2 (WebSocket) is not available in this version; use 0 (TCP pool) or 3 "
+             "(HTTP/2 multiplexed) (see: twistd -n --pidfile= tunnelpass --help)"),
         ]
         processes = [Twistd(self, args, directory=self.dir) for args, _, _ in cases]
         for process, (args, status, line) in zip(processes, cases):
