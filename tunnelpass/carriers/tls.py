@@ -190,13 +190,45 @@ def tune_context(context: SSL.Context) -> SSL.Context:
 
 
 def server_options(key, chain) -> CertificateOptions:
-    """The server side of ``--tls 1`` and ``--tls 2``: TLS 1.2 or newer."""
+    """The server side of ``--tls 1`` and ``--tls 2``: TLS 1.2 or newer;
+    ALPN ``h2`` for a client that offers it (a multiplexed carrier
+    connection), none for the others."""
     options = CertificateOptions(
         privateKey=key, certificate=chain[0], extraCertChain=list(chain[1:]) or None,
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
-    tune_context(options.getContext())  # built once and cached by the options
+    context = tune_context(options.getContext())  # built once and cached by the options
+    context.set_alpn_select_callback(_select_alpn)
     return options
+
+
+ALPN_H2 = b"h2"
+
+
+def _select_alpn(connection, offered: list) -> bytes:
+    return ALPN_H2 if ALPN_H2 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+class ALPNCreator:
+    """A client connection creator that offers ALPN *protocols* on top of
+    what *creator* does (identity checks included)."""
+
+    def __init__(self, creator, protocols=(ALPN_H2,)):
+        self.creator = creator
+        self.protocols = list(protocols)
+
+    def clientConnectionForTLS(self, tls_protocol):
+        connection = self.creator.clientConnectionForTLS(tls_protocol)
+        connection.set_alpn_protos(self.protocols)
+        return connection
+
+    def socket_connection(self, sock) -> SSL.Connection:
+        connection = self.creator.socket_connection(sock)
+        connection.set_alpn_protos(self.protocols)
+        return connection
+
+    def check(self, connection) -> None:
+        self.creator.check(connection)
 
 
 @implementer(IOpenSSLClientConnectionCreator)

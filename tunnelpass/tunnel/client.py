@@ -38,13 +38,15 @@ from twisted.logger import Logger
 from tunnelpass.carriers import tls as tlsmod
 from tunnelpass.tunnel.clientconnect import ServerConnecting, _ServerEndpoint, known_level
 from tunnelpass.tunnel.clientpool import PoolKeeping
+from tunnelpass.tunnel.muxdial import CarrierKeeping
+from tunnelpass.carriers.muxopener import CarrierSet, MuxOpener, SessionOpener
 from tunnelpass.tunnel.dispatch import OpenDispatcher
 from tunnelpass.carriers.opener import PoolOpener
 from tunnelpass.tunnel.pooldial import PoolDialFactory
 from tunnelpass.carriers.poolstate import PendingCount
 from tunnelpass.tunnel.control import ClientControlProtocol
 from tunnelpass.ops.metrics import Sample, rate_samples, tunnel_samples
-from tunnelpass.wire.handshake import FLOWS, REPLACED
+from tunnelpass.wire.handshake import FLOWS, MUX_CARRIER, REPLACED
 from tunnelpass.carriers.pool import IdlePool
 from tunnelpass.tunnel.reachlog import REPLACED_PAUSE, Reachability, ReconnectingService, handshake_failure
 from tunnelpass.tunnel.poolpolicy import PoolPolicy
@@ -81,7 +83,7 @@ class ClientSettings(EndSettings):
     carrier_type: int | None = None  # --type: None follows the server's; 0 or 3 refuses another
 
 
-class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
+class TunnelClient(ServerConnecting, CarrierKeeping, PoolKeeping, TunnelEnd):
     """The whole client: the reconnecting control connection (a
     ``ClientService`` child), the pool, the send-flow or local listener."""
 
@@ -94,6 +96,8 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
         self.session = None
         self.control = None
         self.pool: IdlePool | None = None
+        self.carriers = CarrierSet(self.clock, settings.pool_timeout)  # --type 3: the HTTP/2 connections
+        self.carrier = None  # the carrier type of the current (or last) session
         self.policy: PoolPolicy | None = None
         self.pool_pending = PendingCount()  # pool connections dialling or authenticating
         self.counter = 0
@@ -196,6 +200,12 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
             self.failures += 1
             control.transport.abortConnection()
             return
+        if self.settings.carrier_type is not None and config.carrier != self.settings.carrier_type:
+            self.log.error("the server runs --type {announced} but this client insists on --type {wanted}; "
+                           "refusing the session", announced=config.carrier, wanted=self.settings.carrier_type)
+            self.failures += 1  # back off: this will not change by itself
+            control.transport.loseConnection()
+            return
         flow = _FLOW_NAMES[config.flow]
         wanted = self.settings.flow
         if wanted in ("receive", "send") and flow != wanted:
@@ -218,10 +228,11 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
         self.policy.limit_max_pool(min(config.max_pool, self.pool_bound))
         self.pool = IdlePool(self.clock, self.policy.max_pool, self._want_more, timeout=self.settings.pool_timeout)
         self.flow = flow
+        self.carrier = config.carrier
         self.retiring: set[bytes] = set()
-        self.log.info("connected to {server} (session {sid}, flow {flow}, tls {tls})",
+        self.log.info("connected to {server} (session {sid}, flow {flow}, tls {tls}, type {carrier})",
                       server=format_address(self.settings.server_host, self.settings.server_port),
-                      sid=control.session.session_id.hex()[:8], flow=flow, tls=level,
+                      sid=control.session.session_id.hex()[:8], flow=flow, tls=level, carrier=config.carrier,
                       event="client_connected")
         if flow == "send" and len(self.settings.targets) > 1:
             self.log.error("the server runs the send flow, where this client listens on --target; "
@@ -247,8 +258,10 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
         s = self.settings
         factory = PoolDialFactory(self.reactor, "listen", s.server_host, s.server_port, s.limits,
                                   self.stats, clock=self.clock, zero_copy=s.zero_copy)
-        factory.opener = opener = PoolOpener(lambda: self.pool, "not connected to the server",
-                                             on_claim=lambda conn_id: self.policy_used())
+        pool_opener = PoolOpener(lambda: self.pool, "not connected to the server",
+                                 on_claim=lambda conn_id: self.policy_used())
+        mux_opener = MuxOpener(lambda: self.carriers, "not connected to the server")
+        factory.opener = opener = SessionOpener(lambda: mux_opener if self.carrier == MUX_CARRIER else pool_opener)
         ingress = UDPIngress("listen", self.clock, s.limits, self.udp_stats, s.udp_buffer,
                              opener, tcp_factory=factory) if s.udp else None
         self.listening_port, self.udp_port = self.listen_pair(s.target_host, s.target_port, factory, ingress,
@@ -294,6 +307,7 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
             self.control = self.session = None
             self.flush_pool()
             self.pool = None
+            self.carriers.retire_all()  # their streams finish; new ones wait for the next session's
 
     # Operations
 
@@ -307,7 +321,7 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
             Sample("pool_target", "gauge", "idle pool connections the client aims for",
                    policy.target if policy else 0),
             Sample("pool_dialing", "gauge", "pool connections being dialled", self.dialing),
-        ] + self.descriptors.samples(pool=self.pool_bound) + rate_samples(self.settings.limits.limiter)
+        ] + self.carriers.samples() + self.descriptors.samples(pool=self.pool_bound) + rate_samples(self.settings.limits.limiter)
 
     def report(self, final: bool = False) -> None:
         fields = tunnel_fields(self.stats, self.udp_stats)
@@ -315,8 +329,8 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
             "health: connected={connected} pool_idle={pool_idle} pool_target={pool_target} active={active} "
             "connect_failures={connect_failures} blocked={blocked} "
             "bytes_in={bytes_in} bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
-            "udp_evictions={udp_evictions}",
-            event="health", connected=self.session is not None,
+            "udp_evictions={udp_evictions} carriers={carriers}",
+            event="health", connected=self.session is not None, carriers=len(self.carriers),
             pool_idle=len(self.pool.idle) if self.pool else 0,
             pool_target=self.policy.target if self.policy else 0, final=final, **fields,
         )
@@ -336,6 +350,8 @@ class TunnelClient(ServerConnecting, PoolKeeping, TunnelEnd):
             # Do not wait for a TLS close_notify from a server that may be gone.
             self.control.transport.abortConnection()
         self.flush_pool()
+        self.carriers.retire_all()  # streams being drained go on; the last one closes its carrier
+        self.carriers.fail_waiters("the client is stopping")
 
     def drained_factories(self) -> list:
         return [self.target_factory] + ([self.local_factory] if self.local_factory not in

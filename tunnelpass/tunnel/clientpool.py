@@ -30,7 +30,7 @@ from tunnelpass.carriers import tls as tlsmod
 from tunnelpass.wire.codec import ProtocolError, Type, encode
 from tunnelpass.tunnel.dispatch import OpenReader
 from tunnelpass.ops.fdbudget import ran_out
-from tunnelpass.wire.handshake import ID, pool_auth_frame
+from tunnelpass.wire.handshake import ID, MUX_CARRIER, pool_auth_frame
 from tunnelpass.carriers.keepalive import enable_keepalive
 from tunnelpass.carriers.poolstate import AUTHENTICATING, CLAIMED, DIALLING, IDLE, LOST, ClientPoolLife, IdleMember
 from tunnelpass.carriers.stream import stream_of
@@ -179,6 +179,9 @@ class PoolKeeping:
         self.fill()
 
     def fill(self) -> None:
+        if self.session is not None and self.carrier == MUX_CARRIER:
+            self.fill_carriers()  # --type 3: no pool (tunnelpass.tunnel.muxdial)
+            return
         if self.session is None or self.policy is None:
             return
         idle = len(self.pool.idle)

@@ -28,7 +28,9 @@ from tunnelpass.tunnel.control import ServerControlProtocol
 from tunnelpass.tunnel.dispatch import OpenReader
 from tunnelpass.tunnel.gatelog import tls_error_text, tls_failed
 from tunnelpass.tunnel.guard import Refused
-from tunnelpass.wire.handshake import AUTH_FAILED, ID, TLS_REQUIRED, TRY_LATER, HandshakeError
+from tunnelpass.wire.handshake import (AUTH_FAILED, ID, MUX_CARRIER, TLS_REQUIRED, TRY_LATER, HandshakeError,
+                                       mux_ok_frame)
+from tunnelpass.carriers.muxconn import MuxConnection
 from tunnelpass.carriers.keepalive import enable_keepalive
 from tunnelpass.carriers.poolstate import HEADER, IDLE, LOST, IdleMember, ServerPoolLife
 from tunnelpass.carriers.stream import IStream
@@ -44,6 +46,8 @@ TLS_RECORD = 0x16
 FAILURE_REASONS = ("timeout", "protocol", "auth", "pool_auth", "tls", "no_tls", "closed")
 POOL_OK = encode(Type.POOL_OK)
 POOL_AUTH_SIZE = 2 * ID + 8 + 32
+#: Carrier connections one session may hold (``--type 3``; a client keeps 2).
+MAX_CARRIERS = 8
 
 
 class TunnelConnection(IdleMember, SwitchingProtocol):
@@ -61,7 +65,7 @@ class TunnelConnection(IdleMember, SwitchingProtocol):
         self.server = server
         self.gate = gate
         self.life = ServerPoolLife()
-        self.decoder = FrameDecoder(allowed=frozenset({Type.HELLO, Type.POOL_AUTH}))
+        self.decoder = FrameDecoder(allowed=frozenset({Type.HELLO, Type.POOL_AUTH, Type.MUX_AUTH}))
 
     def header_received(self, data: bytes) -> None:
         state = self.life.state
@@ -96,7 +100,11 @@ class TunnelConnection(IdleMember, SwitchingProtocol):
             return
         session = self.server.session
         if len(frame.payload) != POOL_AUTH_SIZE:
-            self.gate.refuse("malformed POOL_AUTH")
+            self.gate.refuse(f"malformed {frame.type.name}")
+            return
+        wanted = Type.MUX_AUTH if self.server.settings.carrier_type == MUX_CARRIER else Type.POOL_AUTH
+        if frame.type is not wanted:
+            self.gate.refuse(f"{frame.type.name} at a --type {self.server.settings.carrier_type} server")
             return
         if session is None or not hmac.compare_digest(frame.payload[:ID], session.session.session_id):
             # A client whose session just ended (server restart, replaced,
@@ -113,6 +121,9 @@ class TunnelConnection(IdleMember, SwitchingProtocol):
             self.gate.refuse(e.reason, kind="pool_auth")
             return
         self.gate.passed()
+        if frame.type is Type.MUX_AUTH:
+            self._carrier(session, frame, rest)
+            return
         if rest or not session.pool.has_room(conn_id) or not self.server.room_for_idle(session.pool):
             # The client waits for POOL_OK before it sends anything more; a
             # full pool, a reused id or no descriptor to spare gets no
@@ -126,6 +137,25 @@ class TunnelConnection(IdleMember, SwitchingProtocol):
         self.transport.write(POOL_OK)
         self._reader = OpenReader(conn_id)
         session.pool.add(conn_id, self)
+
+    def _carrier(self, session, frame, rest: bytes) -> None:
+        """An authenticated carrier connection (``--type 3``): prove the
+        session back (MUX_OK), then speak HTTP/2 on it.  The client waits
+        for MUX_OK before its first HTTP/2 byte, and a session has at most
+        :data:`MAX_CARRIERS` of them."""
+        server = self.server
+        if rest or server.carriers.count_for(session) >= MAX_CARRIERS:
+            self.transport.abortConnection()
+            return
+        self.life.fire("filed")
+        self.life.fire("claimed")  # for good: the connection is the carrier's from now on
+        self.transport.write(mux_ok_frame(session.session, frame.payload, tlsmod.local_fingerprint(self.transport)))
+        opener = server.flow == "receive"
+        mux = MuxConnection(opener, None if opener else server.acceptor, server.clock, server.settings.heartbeat,
+                            on_lost=server.carrier_lost, name=f"carrier {frame.payload[24:28].hex()}")
+        mux.session = session
+        self.switch_to(mux)
+        server.carriers.add(mux)
 
     def _control_authenticated(self, control: ServerControlProtocol) -> None:
         self.gate.passed()

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from tunnelpass.carriers import tls as tlsmod
 from tunnelpass.tunnel.control import ServerControlProtocol
 from tunnelpass.tunnel.guard import Ban, HandshakeGuard
-from tunnelpass.wire.handshake import FLOWS, PoolAuthenticator, SessionConfig
+from tunnelpass.wire.handshake import FLOWS, MUX_CARRIER, PoolAuthenticator, SessionConfig
 from tunnelpass.carriers.pool import IdlePool
 from tunnelpass.relay.relay import TCPForwardFactory
 from tunnelpass.tunnel.replacement import SessionReplacements
@@ -44,6 +44,7 @@ from tunnelpass.config.settings import format_address
 from tunnelpass.ops.starterror import StartupError
 from tunnelpass.tunnel.dispatch import OpenDispatcher
 from tunnelpass.carriers.opener import PoolOpener
+from tunnelpass.carriers.muxopener import CarrierSet, MuxOpener
 from tunnelpass.tunnel.pooldial import PoolDialFactory
 from tunnelpass.tunnel.udpegress import UDPEgress
 from tunnelpass.tunnel.tunnelend import LISTEN_BACKLOG, EndSettings, TunnelEnd
@@ -124,6 +125,7 @@ class TunnelServer(ServerReporting, ServerCertificate, TunnelEnd):
         self.failures_by_reason = dict.fromkeys(FAILURE_REASONS, 0)
         self._cert_stamp = None
         self._orphans: list = []  # users waiting for a pool while no session is up
+        self.carriers = CarrierSet(self.clock, settings.pool_timeout)  # --type 3: the HTTP/2 connections
 
     # Startup
 
@@ -168,7 +170,7 @@ class TunnelServer(ServerReporting, ServerCertificate, TunnelEnd):
         self.target_factory.descriptors = self.descriptors
         self.session_config = SessionConfig(
             flow=FLOWS[self.flow], tls=s.tls, max_pool=min(self.pool_bound, 0xFFFF),
-            heartbeat_ms=max(100, min(600_000, int(s.heartbeat * 1000))),
+            heartbeat_ms=max(100, min(600_000, int(s.heartbeat * 1000))), carrier=s.carrier_type,
         )
 
     def _listen_public(self) -> None:
@@ -179,7 +181,10 @@ class TunnelServer(ServerReporting, ServerCertificate, TunnelEnd):
         factory = self.target_factory = PoolDialFactory(
             self.reactor, "target", s.target_host, s.target_port, public_limits, self.stats,
             clock=self.clock, zero_copy=s.zero_copy)
-        factory.opener = PoolOpener(self._current_pool, "no client is connected")
+        if s.carrier_type == MUX_CARRIER:
+            factory.opener = MuxOpener(lambda: self.carriers, "no client is connected")
+        else:
+            factory.opener = PoolOpener(self._current_pool, "no client is connected")
         ingress = UDPIngress(
             "target", self.clock, s.limits, self.udp_stats, s.udp_buffer, factory.opener,
             tcp_factory=factory) if s.udp else None
@@ -253,6 +258,7 @@ class TunnelServer(ServerReporting, ServerCertificate, TunnelEnd):
 
     def control_authenticated(self, control: ServerControlProtocol) -> None:
         old, self.session = self.session, ServerSession(self, control)
+        self.carriers.retire_all()  # the old session's: their streams finish, new ones go to this session's
         if old is not None:
             self.replacements.replaced(old.control, control)
             old.close_idle()
@@ -295,6 +301,7 @@ class TunnelServer(ServerReporting, ServerCertificate, TunnelEnd):
         if session is not None and session.control is control:
             self.session = None
             session.close_idle()
+            self.carriers.retire_all()
             self._orphans.extend(session.pool.waiters)
             session.pool.waiters.clear()
             self.log.info("client disconnected: {reason}", reason=control.close_reason or "connection closed",
@@ -312,6 +319,14 @@ class TunnelServer(ServerReporting, ServerCertificate, TunnelEnd):
         if session is not None:
             session.close_idle()
             session.control.shutdown()
+        self.carriers.retire_all()  # streams being drained go on; the last one closes its carrier
+        self.carriers.fail_waiters("the server is stopping")
+
+    def carrier_lost(self, mux, reason) -> None:
+        self.carriers.lost(mux)
+        if self.running:
+            self.log.info("{name} ended: {why}", name=mux.name, event="carrier_lost",
+                          why=reason.getErrorMessage() if reason is not None else "closed")
 
     def drained_factories(self) -> list:
         return [self.target_factory]

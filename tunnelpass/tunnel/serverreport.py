@@ -29,8 +29,8 @@ class ServerReporting:
             "bytes_out={bytes_out} udp_sessions={udp_sessions} udp_drops={udp_drops} "
             "udp_evictions={udp_evictions} rtt_ms={rtt_ms} "
             "handshake_failures={handshake_failures} handshakes_pending={handshakes_pending} "
-            "handshake_evictions={handshake_evictions} bans={bans}",
-            event="health", client=session is not None, session_replacements=self.replacements.count,
+            "handshake_evictions={handshake_evictions} bans={bans} carriers={carriers}",
+            event="health", client=session is not None, carriers=len(self.carriers), session_replacements=self.replacements.count,
             pool_idle=len(session.pool.idle) if session else 0,
             rtt_ms=round(session.control.rtt * 1000, 3) if session and session.control.rtt is not None else None,
             handshake_failures=self.handshake_failures, handshake_refused=sum(self.guard.refused.values()),
@@ -51,7 +51,7 @@ class ServerReporting:
             Sample("pool_idle", "gauge", "idle pool connections", len(session.pool.idle) if session else 0),
             Sample("pool_waiting", "gauge", "user connections waiting for a pool connection",
                    sum(1 for w in session.pool.waiters if not w.called) if session else 0),
-        ] + [
+        ] + self.carriers.samples() + [
             Sample("handshake_failures", "counter", "failed tunnel handshakes, by reason", count, {"reason": reason})
             for reason, count in self.failures_by_reason.items()
         ] + [

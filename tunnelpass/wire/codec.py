@@ -41,6 +41,8 @@ class Type(enum.IntEnum):
     POOL_OK = 6  # server -> client: that pool connection is filed as idle
     OPEN = 7  # on a pool connection, by the side that claims it: id + the user's addresses
     OPEN_UDP = 8  # as OPEN, for a UDP session: length-prefixed datagrams follow (tunnelpass.wire.datagrams)
+    MUX_AUTH = 9  # client -> server, first frame of a multiplexed carrier connection (--type 3)
+    MUX_OK = 10  # server -> client: its proof; HTTP/2 follows on both sides
     TCP = 16  # server -> client, older servers only: advisory, ignored (OPEN starts a relay)
     PING = 17
     PONG = 18
@@ -61,6 +63,8 @@ MAX_PAYLOAD = {
     Type.POOL_OK: 0,
     Type.OPEN: 16 + 1 + 2 * (16 + 2),
     Type.OPEN_UDP: 16 + 1 + 2 * (16 + 2),
+    Type.MUX_AUTH: 72,
+    Type.MUX_OK: 32,
     Type.TCP: 16,
     Type.PING: 16,
     Type.PONG: 16,

@@ -50,10 +50,15 @@ NONCE = 32
 ID = 16
 KIND_CONTROL = 1
 
-_CLIENT, _SERVER, _SESSION, _POOL = (
-    b"tunnelpass/1 client", b"tunnelpass/1 server", b"tunnelpass/1 session", b"tunnelpass/1 pool"
+_CLIENT, _SERVER, _SESSION, _POOL, _MUX, _MUX_OK = (
+    b"tunnelpass/1 client", b"tunnelpass/1 server", b"tunnelpass/1 session", b"tunnelpass/1 pool",
+    b"tunnelpass/1 mux", b"tunnelpass/1 mux ok",
 )
-_CONFIG = struct.Struct("!BBHIB")  # flow, tls, max_pool, heartbeat_ms, version
+_CONFIG = struct.Struct("!BBHIB")  # flow, tls, max_pool, heartbeat_ms, version (+ carrier type, when not 0)
+#: Carrier types (NodePass's pool ``type``): 0 one TCP connection per
+#: stream (the pool), 3 streams multiplexed on HTTP/2 connections.
+POOL_CARRIER, MUX_CARRIER = 0, 3
+CARRIERS = (POOL_CARRIER, MUX_CARRIER)
 _COUNTER = struct.Struct("!Q")
 MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS = 100, 600_000
 
@@ -93,20 +98,28 @@ class SessionConfig:
     max_pool: int = 1024
     heartbeat_ms: int = 5000
     version: int = VERSION
+    carrier: int = POOL_CARRIER
 
     def pack(self) -> bytes:
-        return _CONFIG.pack(self.flow, self.tls, self.max_pool, self.heartbeat_ms, self.version)
+        """9 bytes for the pool carrier (what every release understands), a
+        tenth naming any other carrier."""
+        packed = _CONFIG.pack(self.flow, self.tls, self.max_pool, self.heartbeat_ms, self.version)
+        return packed + bytes([self.carrier]) if self.carrier != POOL_CARRIER else packed
 
     @classmethod
     def unpack(cls, raw: bytes) -> "SessionConfig":
-        if len(raw) != _CONFIG.size:
+        if len(raw) not in CONFIG_SIZES:
             raise HandshakeError(PROTOCOL_VIOLATION, "malformed session config")
-        config = cls(*_CONFIG.unpack(raw))
+        config = cls(*_CONFIG.unpack(raw[:_CONFIG.size]), *raw[_CONFIG.size:])
         if (config.flow not in FLOWS.values() or config.tls not in (0, 1, 2) or not config.max_pool
                 or not MIN_HEARTBEAT_MS <= config.heartbeat_ms <= MAX_HEARTBEAT_MS
-                or config.version != VERSION):
+                or config.version != VERSION or config.carrier not in CARRIERS):
             raise HandshakeError(PROTOCOL_VIOLATION, "invalid session config")
         return config
+
+
+CONFIG_SIZES = (_CONFIG.size, _CONFIG.size + 1)
+_AUTH_LABELS = {Type.POOL_AUTH: _POOL, Type.MUX_AUTH: _MUX}
 
 
 @dataclass(frozen=True)
@@ -221,7 +234,9 @@ class ClientHandshake(_Poisonable):
             proof = _mac(self.key, _CLIENT, self._server_nonce, self._client_nonce, self.fingerprint,
                          self._transcript)
             return [encode(Type.AUTH, self._client_nonce + proof)]
-        payload = _expect(frame, Type.WELCOME, 32 + ID + _CONFIG.size)
+        payload = _expect(frame, Type.WELCOME)
+        if len(payload) - 32 - ID not in CONFIG_SIZES:
+            raise HandshakeError(PROTOCOL_VIOLATION, "WELCOME has a malformed size")
         sn, cn, fp, t = self._server_nonce, self._client_nonce, self.fingerprint, self._transcript
         session_id, config_bytes = payload[32:32 + ID], payload[32 + ID:]
         if not hmac.compare_digest(payload[:32], _mac(self.key, _SERVER, sn, cn, fp, t, session_id, config_bytes)):
@@ -231,15 +246,35 @@ class ClientHandshake(_Poisonable):
         return []
 
 
-def pool_auth_frame(session: Session, counter: int, conn_id: bytes, fingerprint: bytes) -> bytes:
-    """The first frame a client sends on its *counter*-th pool connection."""
+def pool_auth_frame(session: Session, counter: int, conn_id: bytes, fingerprint: bytes,
+                    frame_type: Type = Type.POOL_AUTH) -> bytes:
+    """The first frame a client sends on its *counter*-th pool connection
+    (or, with ``Type.MUX_AUTH``, on a multiplexed carrier connection: the
+    same proof under another label, so neither can stand for the other)."""
     if len(conn_id) != ID:
         raise ValueError("connection ids are 16 bytes")
     if not 1 <= counter < 2**64:
         raise ValueError("pool counters run from 1")
     packed = _COUNTER.pack(counter)
-    proof = _mac(session.session_key, _POOL, session.session_id, packed, conn_id, fingerprint)
-    return encode(Type.POOL_AUTH, session.session_id + packed + conn_id + proof)
+    proof = _mac(session.session_key, _AUTH_LABELS[frame_type], session.session_id, packed, conn_id, fingerprint)
+    return encode(frame_type, session.session_id + packed + conn_id + proof)
+
+
+def mux_ok_frame(session: Session, auth_payload: bytes, fingerprint: bytes) -> bytes:
+    """The server's answer to a MUX_AUTH it accepted: its own proof over
+    that MUX_AUTH and the certificate it served, so the client knows the
+    carrier ends at the server of its session (mutual, channel-bound)."""
+    return encode(Type.MUX_OK, _mac(session.session_key, _MUX_OK, auth_payload[:2 * ID + 8], fingerprint))
+
+
+def check_mux_ok(session: Session, auth_frame: bytes, fingerprint: bytes, frame: Frame) -> None:
+    """Raise :class:`HandshakeError` unless *frame* is the MUX_OK the
+    server of *session* owes for *auth_frame* (the MUX_AUTH sent, whole)."""
+    proof = _expect(frame, Type.MUX_OK, 32)
+    expected = _mac(session.session_key, _MUX_OK, auth_frame[4:4 + 2 * ID + 8], fingerprint)
+    if not hmac.compare_digest(proof, expected):
+        raise HandshakeError(AUTH_FAILED, "the server failed to prove the session on a carrier connection "
+                                          "(a man in the middle, or a stale session)")
 
 
 class ReplayWindow:
@@ -265,7 +300,7 @@ class ReplayWindow:
 
 
 class PoolAuthenticator:
-    """Server-side check of POOL_AUTH for one session."""
+    """Server-side check of POOL_AUTH and MUX_AUTH for one session."""
 
     def __init__(self, session: Session, fingerprint: bytes, window: int = 65536):
         self.session, self.fingerprint = session, fingerprint
@@ -274,13 +309,15 @@ class PoolAuthenticator:
     def verify(self, frame: Frame, fingerprint: bytes | None = None) -> bytes:
         """Return the connection id, or raise :class:`HandshakeError`.
 
+        A POOL_AUTH or a MUX_AUTH: both draw on the one counter window.
         *fingerprint* is that of the certificate this connection was served
         (it changes when the server reloads its pair mid-session)."""
-        payload = _expect(frame, Type.POOL_AUTH, 2 * ID + 8 + 32)
+        label = _AUTH_LABELS.get(frame.type)
+        payload = _expect(frame, frame.type if label else Type.POOL_AUTH, 2 * ID + 8 + 32)
         session_id, packed = payload[:ID], payload[ID:ID + 8]
         conn_id, proof = payload[ID + 8:2 * ID + 8], payload[2 * ID + 8:]
         fp = self.fingerprint if fingerprint is None else fingerprint
-        expected = _mac(self.session.session_key, _POOL, session_id, packed, conn_id, fp)
+        expected = _mac(self.session.session_key, label, session_id, packed, conn_id, fp)
         if not hmac.compare_digest(session_id, self.session.session_id) or not hmac.compare_digest(proof, expected):
             raise HandshakeError(AUTH_FAILED, "pool connection authentication failed")
         (counter,) = _COUNTER.unpack(packed)

@@ -1,0 +1,397 @@
+# -*- test-case-name: tests.test_muxconn -*-
+"""One multiplexed carrier connection (``--type 3``): HTTP/2 through ``h2``.
+
+After the carrier connection authenticated itself (MUX_AUTH / MUX_OK,
+:mod:`tunnelpass.tunnel.muxdial` and the server's gate), both sides speak
+HTTP/2 on it -- inside TLS with ALPN ``h2`` at ``--tls 1``/``2``, with
+prior knowledge at ``--tls 0``.  The side that listens for users (the
+server in the receive flow, the client in the send flow) is the HTTP/2
+client: it opens one stream per user connection or UDP session
+(:mod:`tunnelpass.carriers.muxheaders` says what the HEADERS carry); the
+other side is the HTTP/2 server and hands each stream to its
+:class:`~tunnelpass.carriers.stream.IStreamAcceptor`.
+
+``h2`` does the framing, the stream states and the flow control; this
+module feeds it the carrier's bytes, turns its events into calls on the
+streams (:class:`~tunnelpass.carriers.muxstream.MuxStream`) and writes
+what it has to send.  Bounds, each enforced by ``h2`` from our SETTINGS:
+:data:`MAX_STREAMS` concurrent streams opened by the peer,
+:data:`STREAM_WINDOW` bytes in flight per stream, :data:`CONNECTION_WINDOW`
+per connection, frames of at most :data:`MAX_FRAME` bytes, header lists of
+at most :data:`MAX_HEADER_LIST` bytes.  Anything ``h2`` calls a protocol
+error -- and a stream the peer opens on the wrong side, a GOAWAY -- ends
+this carrier connection only: its streams are reset, the relays behind
+them end abnormally.
+
+Fairness: a stream's data goes out only within its window, and while the
+carrier's own write buffer is full every stream waits in its queue; when
+the carrier drains, waiting streams are served in turn, the one served
+last going to the back.  A bulk transfer therefore holds at most one
+window of data ahead of another stream's bytes.
+
+Liveness: each side sends a PING every *heartbeat* seconds; a carrier
+that has heard nothing for three heartbeats is dead and is aborted.
+"""
+
+from __future__ import annotations
+
+import os
+
+from h2 import events as h2events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.exceptions import H2Error, StreamClosedError
+from h2.settings import SettingCodes
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tunnelpass.carriers.muxheaders import OK, STATUS, StreamRefused, decode_open, encode_open
+from tunnelpass.carriers.muxstream import NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, MuxStream
+from tunnelpass.carriers.stream import IStream
+
+#: Concurrent streams the peer may open on one carrier connection.
+MAX_STREAMS = 10_000
+#: Flow-control window per stream: bytes a sender may have in flight.
+STREAM_WINDOW = 256 * 1024
+#: Flow-control window of the whole connection.
+CONNECTION_WINDOW = 16 * 1024 * 1024
+#: Largest DATA frame accepted.
+MAX_FRAME = 64 * 1024
+#: Largest header list accepted (a stream's opening HEADERS are ~100 bytes).
+MAX_HEADER_LIST = 1024
+#: Missed heartbeats before a silent carrier is declared dead.
+DEAD_AFTER = 3
+
+
+@implementer(IPushProducer)
+class MuxConnection(Protocol):
+    """HTTP/2 on an authenticated carrier connection.
+
+    *opener*: this side opens the streams (the HTTP/2 client).  *acceptor*
+    is told of each stream the peer opens (the other side).  *on_lost(self,
+    why)* runs once when the connection ends.  The counters
+    (:attr:`opened`, :attr:`refused`, ``len(streams)``) feed the metrics."""
+
+    log = Logger(namespace="tunnelpass.mux")
+
+    def __init__(self, opener: bool, acceptor, clock, heartbeat: float, on_lost=None, name: str = "carrier"):
+        self.opener = opener
+        self.acceptor = acceptor
+        self.clock = clock
+        self.heartbeat = heartbeat
+        self.on_lost = on_lost
+        self.name = name
+        self.streams: dict[int, MuxStream] = {}
+        self.opened = 0
+        self.refused = 0
+        self.rtt: float | None = None
+        self.retiring = False  # no new streams; closes once the last one ends
+        self.closed = False
+        self.carrier_paused = False
+        self._waiting: dict[MuxStream, None] = {}  # streams with queued data, in turn order
+        self._ping_sent: dict[bytes, float] = {}
+        self._beat = None
+        self.last_heard = clock.seconds()
+        self.stream = None
+        self.h2 = None
+
+    # Connection lifecycle
+
+    def connectionMade(self) -> None:
+        self.stream = IStream(self.transport)
+        config = H2Configuration(client_side=self.opener, header_encoding=None, validate_outbound_headers=False,
+                                 normalize_outbound_headers=False, validate_inbound_headers=False,
+                                 normalize_inbound_headers=False)
+        h2 = self.h2 = H2Connection(config)
+        h2.initiate_connection()
+        settings = {SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                    SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                    SettingCodes.MAX_CONCURRENT_STREAMS: 0 if self.opener else MAX_STREAMS}
+        if self.opener:
+            settings[SettingCodes.ENABLE_PUSH] = 0
+        else:
+            settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
+        h2.update_settings(settings)
+        h2.increment_flow_control_window(CONNECTION_WINDOW - h2.inbound_flow_control_window)
+        self.transport.registerProducer(self, True)
+        self._flush()
+        self.last_heard = self.clock.seconds()
+        if self.heartbeat:
+            self._beat = self.clock.callLater(self.heartbeat, self._heartbeat)
+
+    def connectionLost(self, reason=None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._beat is not None and self._beat.active():
+            self._beat.cancel()
+        self._beat = None
+        for stream in list(self.streams.values()):
+            stream.reset_received(None)
+        self.streams.clear()
+        self._waiting.clear()
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost(self, reason)
+
+    @property
+    def usable(self) -> bool:
+        """Whether a new stream may be opened here now."""
+        return (not self.closed and not self.retiring and self.h2 is not None
+                and len(self.streams) < self.h2.remote_settings.max_concurrent_streams)
+
+    def retire(self) -> None:
+        """No new streams here; close the connection once the last one ends."""
+        self.retiring = True
+        if not self.streams:
+            self.close()
+
+    def close(self, code: int = NO_ERROR) -> None:
+        """GOAWAY, then close after what is buffered."""
+        if self.closed or self.transport is None:
+            return
+        try:
+            self.h2.close_connection(error_code=code)
+            self._flush()
+        except H2Error:
+            pass
+        self.transport.loseConnection()
+
+    def _violation(self, why: str) -> None:
+        self.log.warn("{name}: the peer broke HTTP/2 ({why}); closing this carrier connection",
+                      name=self.name, why=why, event="carrier_protocol_error")
+        self.close(PROTOCOL_ERROR)
+        self.transport.abortConnection()
+
+    # Streams
+
+    def open_stream(self, kind: str, addresses=None) -> MuxStream:
+        """A new stream announcing *kind* for the user at *addresses*."""
+        h2 = self.h2
+        stream_id = h2.get_next_available_stream_id()
+        h2.send_headers(stream_id, encode_open(kind, addresses))
+        stream = self.streams[stream_id] = MuxStream(self, stream_id, opener=True)
+        self.opened += 1
+        self._flush()
+        return stream
+
+    def send(self, stream: MuxStream, data: bytes) -> int:
+        """DATA for *stream*, as much as its window and the carrier take
+        now; the count taken (the rest waits in the stream's queue)."""
+        if self.closed:
+            return 0
+        if self.carrier_paused:
+            self._waiting[stream] = None
+            return 0
+        h2 = self.h2
+        stream_id = stream.stream_id
+        try:
+            if not stream._headers_sent:
+                stream._headers_sent = True
+                h2.send_headers(stream_id, OK)
+            count = min(len(data), h2.local_flow_control_window(stream_id))
+            frame = h2.max_outbound_frame_size
+            if count == len(data) and count <= frame:
+                h2.send_data(stream_id, data)
+            else:
+                view = memoryview(data)
+                for start in range(0, count, frame):
+                    h2.send_data(stream_id, bytes(view[start:min(start + frame, count)]))
+        except StreamClosedError:
+            return len(data)  # reset meanwhile: its reset event ends it
+        if count < len(data):
+            self._waiting[stream] = None
+        self._flush()
+        return count
+
+    def end_stream(self, stream: MuxStream) -> None:
+        try:
+            if not stream._headers_sent:
+                stream._headers_sent = True
+                self.h2.send_headers(stream.stream_id, OK, end_stream=True)
+            else:
+                self.h2.end_stream(stream.stream_id)
+        except (StreamClosedError, H2Error):
+            return
+        self._flush()
+
+    def reset_stream(self, stream: MuxStream, code: int) -> None:
+        if self.closed:
+            return
+        try:
+            self.h2.reset_stream(stream.stream_id, code)
+        except (StreamClosedError, H2Error):
+            return
+        self._flush()
+
+    def acknowledge(self, stream: MuxStream, count: int) -> None:
+        if self.closed:
+            return
+        try:
+            self.h2.acknowledge_received_data(count, stream.stream_id)
+        except H2Error:
+            return
+        self._flush()
+
+    def forget(self, stream: MuxStream) -> None:
+        """*stream* is over for its user."""
+        self.streams.pop(stream.stream_id, None)
+        self._waiting.pop(stream, None)
+        if self.retiring and not self.streams:
+            self.close()
+
+    # Bytes from the carrier
+
+    def dataReceived(self, data: bytes) -> None:
+        self.last_heard = self.clock.seconds()
+        try:
+            events = self.h2.receive_data(data)
+        except H2Error as e:
+            self._violation(str(e) or type(e).__name__)
+            return
+        handlers = self._handlers
+        for event in events:
+            handler = handlers.get(type(event))
+            if handler is not None:
+                handler(self, event)
+            if self.closed:
+                return
+        self._flush()
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def _request(self, event) -> None:
+        stream_id = event.stream_id
+        if self.opener:
+            self._violation("a stream opened by the side that opens streams")  # h2 refuses pushes itself
+            return
+        if self.retiring:
+            self.refused += 1
+            self.h2.reset_stream(stream_id, REFUSED_STREAM)
+            return
+        try:
+            kind, addresses = decode_open(event.headers)
+        except StreamRefused as e:
+            self.refused += 1
+            self.log.debug("{name}: stream refused: {why}", name=self.name, why=str(e))
+            self.h2.reset_stream(stream_id, REFUSED_STREAM)
+            return
+        stream = self.streams[stream_id] = MuxStream(self, stream_id, opener=False)
+        self.opened += 1
+        if not self.acceptor.stream_accepted(kind, addresses, stream, b""):
+            self.refused += 1
+
+    def _response(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        if dict(event.headers).get(STATUS) != b"200":
+            self.reset_stream(stream, PROTOCOL_ERROR)
+            stream.reset_received(PROTOCOL_ERROR)
+
+    def _data(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            return
+        stream.data_received(event.data, event.flow_controlled_length)
+
+    def _ended(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.end_received()
+
+    def _reset(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.reset_received(event.error_code)
+
+    def _trailers(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:  # a stream carries bytes, not trailers
+            self.reset_stream(stream, PROTOCOL_ERROR)
+            stream.reset_received(PROTOCOL_ERROR)
+
+    def _window(self, event) -> None:
+        if event.stream_id:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream in self._waiting:
+                self._waiting.pop(stream)
+                stream.flush_queue()
+        else:
+            self._serve_waiting()
+
+    def _goaway(self, event) -> None:
+        if event.error_code:
+            self.log.warn("{name}: the peer closed the carrier connection (HTTP/2 code {code})",
+                          name=self.name, code=int(event.error_code), event="carrier_goaway")
+        self.retiring = True
+        self.transport.loseConnection()  # h2 sends nothing after a GOAWAY: the streams cannot go on
+
+    def _pong(self, event) -> None:
+        sent = self._ping_sent.pop(bytes(event.ping_data), None)
+        if sent is not None:
+            self.rtt = self.clock.seconds() - sent
+
+    _handlers = {
+        h2events.RequestReceived: _request,
+        h2events.ResponseReceived: _response,
+        h2events.DataReceived: _data,
+        h2events.StreamEnded: _ended,
+        h2events.StreamReset: _reset,
+        h2events.TrailersReceived: _trailers,
+        h2events.WindowUpdated: _window,
+        h2events.ConnectionTerminated: _goaway,
+        h2events.PingAckReceived: _pong,
+    }
+
+    # Bytes to the carrier
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def pauseProducing(self) -> None:
+        self.carrier_paused = True
+
+    def resumeProducing(self) -> None:
+        self.carrier_paused = False
+        self._serve_waiting()
+
+    def stopProducing(self) -> None:
+        pass  # the carrier's end arrives as connectionLost
+
+    def _serve_waiting(self) -> None:
+        """Let each waiting stream send what it may, in turn; one the
+        carrier stopped in the middle goes to the back."""
+        waiting = self._waiting
+        for stream in list(waiting):
+            if self.carrier_paused or self.closed:
+                return
+            waiting.pop(stream, None)
+            if not stream.flush_queue() and stream.connected:
+                waiting[stream] = None
+
+    # Heartbeat
+
+    def _heartbeat(self) -> None:
+        self._beat = None
+        if self.closed:
+            return
+        now = self.clock.seconds()
+        if now - self.last_heard > DEAD_AFTER * self.heartbeat:
+            self.log.warn("{name}: nothing heard for {silent:.1f} s; the carrier connection is dead, resetting "
+                          "its {count} streams", name=self.name, silent=now - self.last_heard,
+                          count=len(self.streams), event="carrier_dead")
+            self.transport.abortConnection()
+            return
+        opaque = os.urandom(8)
+        if len(self._ping_sent) < 8:
+            self._ping_sent[opaque] = now
+        self.h2.ping(opaque)
+        self._flush()
+        self._beat = self.clock.callLater(self.heartbeat, self._heartbeat)
