@@ -1,17 +1,29 @@
 #!/usr/bin/env python3
 """Echo server for the benchmark: asyncio, loopback, large backlog.
 
+A connection whose first bytes are ``SINK\\n`` is a sink instead: everything
+it sends is read and discarded (the bulk side of the fairness measurement,
+``fairness.py``, which needs both its connections on one tunnel target).
+
 Usage: echo.py PORT
 """
 import asyncio
 import sys
 
+SINK = b"SINK\n"
+
 
 async def handle(reader, writer):
     try:
-        while data := await reader.read(65536):
+        data = await reader.read(65536)
+        if data.startswith(SINK):
+            while await reader.read(1 << 18):
+                pass
+            return
+        while data:
             writer.write(data)
             await writer.drain()
+            data = await reader.read(65536)
     except ConnectionError:
         pass
     finally:

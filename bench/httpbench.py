@@ -1,11 +1,13 @@
-"""HTTP keep-alive request/response for the tunnel benchmark: nginx serving 1 KiB, wrk driving it.
+"""HTTP request/response for the tunnel benchmark: nginx serving 1 KiB, wrk driving it.
 
 nginx runs as a child process with its own configuration in the work
 directory (``daemon off``, ``worker_processes 1``, no access log, keep-alive
 connections never closed by request count), so it is no system service and
-stops with the benchmark.  wrk holds 32 keep-alive connections on 2
-threads for a fixed duration; its request rate and latency percentiles are
-what the table shows.
+stops with the benchmark.  wrk runs 32 connections on 2 threads for a fixed
+duration, either keep-alive (many requests per connection) or with
+``Connection: close`` (nginx closes after each answer and wrk connects
+again: one new tunnelled connection per request); its request rate and
+latency percentiles are what the table shows.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 
 from bench import free_port
 
 PAGE = "1k.html"
 PAGE_SIZE = 1024
 CONNECTIONS, THREADS = 32, 2
-SETUP = f"nginx worker_processes 1 serving a {PAGE_SIZE}-byte file; wrk -c {CONNECTIONS} -t {THREADS} keep-alive"
+SETUP = f"nginx worker_processes 1 serving a {PAGE_SIZE}-byte file; wrk -c {CONNECTIONS} -t {THREADS}"
 
 
 def start_nginx(relays) -> int:
@@ -82,14 +85,16 @@ def parse_wrk(out: str) -> tuple[float, float, float, int]:
     return rate, p50, p99, errors
 
 
-def keepalive(port: int, seconds: int) -> tuple[float, float, float, int]:
-    """One wrk run against 127.0.0.1:*port*: req/s, p50 ms, p99 ms, errors (NaN if wrk failed)."""
+def wrk(port: int, seconds: int, close: bool = False) -> tuple[float, float, float, int]:
+    """One wrk run against 127.0.0.1:*port*, keep-alive or (*close*) ``Connection: close``:
+    req/s, p50 ms, p99 ms, errors (NaN if wrk failed)."""
+    header = ["-H", "Connection: close"] if close else []
     try:
         done = subprocess.run(["wrk", "-c", str(CONNECTIONS), "-t", str(THREADS), "-d", f"{seconds}s", "--latency",
-                               "--timeout", "10s", f"http://127.0.0.1:{port}/{PAGE}"],
+                               "--timeout", "10s", *header, f"http://127.0.0.1:{port}/{PAGE}"],
                               capture_output=True, text=True, timeout=seconds + 60)
         return parse_wrk(done.stdout)
     except (subprocess.TimeoutExpired, AttributeError) as e:
-        print(f"bench: wrk on port {port} failed: {e!r}")
+        print(f"bench: wrk on port {port} failed: {e!r}", file=sys.stderr)
         nan = float("nan")
         return nan, nan, nan, -1

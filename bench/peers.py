@@ -8,11 +8,13 @@ success, failure or Ctrl-C alike.
 Readiness is checked without connecting through a relay (a stray connection
 would disturb iperf3, which serves one client at a time): a relay is ready
 when its port is in LISTEN state in ``/proc/net/tcp``, and a tunnelpass pair
-when, in addition, the client's idle pool is filled: as the server's
-``--metrics`` reports it (``tunnelpass_pool_idle``), or, for a pair started
-without ``--metrics`` (the RSS scenario: the metrics service costs the server
-about 4 MiB), as the connections established to the tunnel port (control
-connection plus pool) in ``/proc/net/tcp``.
+when, in addition, the client's idle pool is filled (type 0) or its carrier
+connections are up and have stayed the same for a second (type 3): as the
+server's ``--metrics`` reports them (``tunnelpass_pool_idle``,
+``tunnelpass_carriers``), or, for a pair started without ``--metrics`` (the
+RSS scenario: the metrics service costs the server about 4 MiB), as the
+connections established to the tunnel port (control connection plus pool or
+carriers) in ``/proc/net/tcp``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ from bench import HERE, TWISTD, free_port
 
 KEY = "bench-key-0123456789abcdefghij"
 MIN_POOL = 64  # tunnelpass's default --min-pool: what "pool filled" waits for
+SETTLED = 1.0  # type 3: seconds its carrier connections must stay unchanged to count as up
+
+# The relays, by the names the tables print: (carrier type, TLS level) for tunnelpass pairs.
+DIRECT, SSH, SOCAT, HAPROXY = "direct", "ssh-L-aes128gcm", "socat-2hop", "haproxy-1hop"
+TUNNELS = {"tunnelpass-tls0": (0, 0), "tunnelpass-tls1": (0, 1),
+           "tunnelpass-t3-tls0": (3, 0), "tunnelpass-t3-tls1": (3, 1)}
+T0, T1, T3_0, T3_1 = TUNNELS
 
 
 def listening(port: int) -> bool:
@@ -90,11 +99,13 @@ class TunnelPair:
     client: subprocess.Popen
     tunnel: int  # the server's tunnel port: where the client's control and pool connections go
     metrics: int | None  # the server's --metrics port, if it has one
+    carrier: int = 0  # the server's --type: 0 TCP pool, 3 HTTP/2 multiplexed
 
-    def pool_idle(self) -> float:
-        """The client's idle pool connections, as the server sees them."""
+    def up(self) -> float:
+        """The client's idle pool connections (type 0) or carrier connections (type 3), as the server
+        sees them."""
         if self.metrics:
-            return metric(self.metrics, "tunnelpass_pool_idle") or 0
+            return metric(self.metrics, "tunnelpass_carriers" if self.carrier else "tunnelpass_pool_idle") or 0
         return max(0, established(self.tunnel) - 1)  # less the control connection
 
 
@@ -143,26 +154,35 @@ class Relays:
 
     def start(self, names: list[str], target: int) -> dict[str, int]:
         """Start each named relay in front of 127.0.0.1:*target*; name -> port users connect to."""
-        starters = {"direct": lambda: target,
-                    "tunnelpass-tls0": lambda: self.tunnelpass(0, target).port,
-                    "tunnelpass-tls1": lambda: self.tunnelpass(1, target).port,
-                    "socat-2hop": lambda: self.socat_two_hop(target),
-                    "ssh-L-aes128gcm": lambda: self.ssh(target),
-                    "haproxy-1hop": lambda: self.haproxy(target)}
-        ports = {name: starters[name]() for name in names}
+        starters = {DIRECT: lambda: target,
+                    SOCAT: lambda: self.socat_two_hop(target),
+                    SSH: lambda: self.ssh(target),
+                    HAPROXY: lambda: self.haproxy(target)}
+        for name, (carrier, level) in TUNNELS.items():
+            starters[name] = lambda level=level, carrier=carrier: self.tunnelpass(level, carrier, target).port
+        ports = {}
+        for name in names:
+            try:
+                ports[name] = starters[name]()
+            except RuntimeError as e:  # a tunnelpass server that exits at startup (e.g. a --type it lacks)
+                self.leave_out(name, str(e))
         for port in ports.values():
             wait_listening(port)
         for pair in self.pairs.values():
-            if not self.wait_pool(pair):
+            if pair.name in ports and not self.wait_pool(pair):
                 del ports[pair.name]
         return ports
 
-    def tunnelpass(self, level: int, target: int, extra: tuple[str, ...] = (), with_metrics: bool = True) -> TunnelPair:
-        """A server (receive flow, --tls *level*) and its client, as the README starts them."""
+    def tunnelpass(self, level: int, carrier: int, target: int, extra: tuple[str, ...] = (),
+                   with_metrics: bool = True) -> TunnelPair:
+        """A server (receive flow, --tls *level*, --type *carrier*) and its client, as the README starts them."""
         tunnel, public = free_port(), free_port()
         metrics = free_port() if with_metrics else None
         server_only = ("--metrics", f"127.0.0.1:{metrics}") if metrics else ()
-        tag = f"tls{level}-{target}"
+        if carrier:
+            server_only += ("--type", str(carrier))
+        name = next(n for n, kind in TUNNELS.items() if kind == (carrier, level))
+        tag = f"{name}-{target}"
         server = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "server",
                              "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{public}",
                              "--key", KEY, "--tls", str(level), "--log", "warn", *server_only, *extra],
@@ -171,33 +191,45 @@ class Relays:
         client = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "client",
                              "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{target}",
                              "--key", KEY, "--log", "warn", *extra], f"client-{tag}.log")
-        pair = TunnelPair(f"tunnelpass-tls{level}", public, server, client, tunnel, metrics)
+        pair = TunnelPair(name, public, server, client, tunnel, metrics, carrier)
         self.pairs[pair.name] = pair
         return pair
 
     def wait_pool(self, pair: TunnelPair, timeout: float = 30.0) -> bool:
-        """Until the client's idle pool is filled (measurements start from a settled tunnel).
+        """Until the tunnel is up and settled: the client's idle pool filled (type 0), or its
+        carrier connections up and unchanged for SETTLED seconds (type 3).
 
-        False (and the reason in ``self.failed``) when not one pool connection
-        came up: such a relay is left out of the measurements, it would only
-        time out on every connection.  A partly filled pool is measured anyway.
+        False (and the reason in ``self.failed``) when not one connection came
+        up: such a relay is left out of the measurements, it would only time
+        out on every connection.  A partly filled pool is measured anyway.
         """
+        what = "carrier" if pair.carrier else "pool"
         deadline = time.monotonic() + timeout
-        while (idle := pair.pool_idle()) < MIN_POOL:
+        count, since = 0, time.monotonic()  # connections up, and since when that number has not changed
+
+        def ready() -> bool:
+            if pair.carrier:
+                return count > 0 and time.monotonic() - since >= SETTLED
+            return count >= MIN_POOL
+
+        while not ready():
             for p in (pair.server, pair.client):
                 if p.poll() is not None:
-                    return self._fail(pair.name, f"a tunnelpass process exited with {p.returncode}{log_tail(p)}")
+                    return self.leave_out(pair.name, f"a tunnelpass process exited with {p.returncode}{log_tail(p)}")
             if time.monotonic() > deadline:
-                if not idle:
-                    return self._fail(pair.name, f"no pool connection after {timeout:.0f} s; "
-                                                 f"client log:{log_tail(pair.client, 3)}")
-                print(f"bench: {pair.name}: pool {idle:.0f}/{MIN_POOL} after {timeout:.0f} s; measuring anyway",
+                if not count:
+                    return self.leave_out(pair.name, f"no {what} connection after {timeout:.0f} s; "
+                                                     f"client log:{log_tail(pair.client, 3)}")
+                print(f"bench: {pair.name}: {what} {count:.0f} connections after {timeout:.0f} s; measuring anyway",
                       file=sys.stderr)
                 return True
             time.sleep(0.1)
+            now = pair.up()
+            if now != count:
+                count, since = now, time.monotonic()
         return True
 
-    def _fail(self, name: str, reason: str) -> bool:
+    def leave_out(self, name: str, reason: str) -> bool:
         self.failed[name] = reason
         print(f"bench: {name} left out: {reason}", file=sys.stderr)
         return False

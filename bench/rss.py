@@ -1,12 +1,14 @@
 """RSS per tunnelled connection, and whether it is returned after the connections close.
 
-For each TLS level a fresh server + client pair (receive flow) carries N
-concurrent connections to an echo server.  Each connection has exchanged a
+For each tunnel (type 3 at tls=1, type 0 at tls=1 and tls=0) a fresh
+server + client pair (receive flow) carries N concurrent connections to an
+echo server.  Each connection has exchanged a
 byte end to end, so its relay is live on both sides, and every one is held
 open at the same time.  The RSS (``VmRSS`` in ``/proc/PID/status``) of the
 server and of the client is read before (pool filled, nothing open), with
 all N open (pool growth included: the pool connections are what each user
-connection consumes), and ``settle`` seconds after all were closed.
+connection consumes at type 0; at type 3 each is a stream of the carrier
+connections), and ``settle`` seconds after all were closed.
 
 Connections are opened in batches, each batch relayed end to end before the
 next starts, so the client's pool refill (at tls=1 a TLS handshake per pool
@@ -16,13 +18,15 @@ connection) sets the pace instead of the server's --pool-timeout.
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 
 from bench import rss_kib
-from peers import established
+from peers import T0, T1, T3_1, TUNNELS, Relays, established, wait_listening
 
 BATCH = 100
+TARGETS = {T3_1: 8.0, T1: 16.0}  # KiB per connection and side the issues set
 
 
 @dataclass
@@ -48,7 +52,7 @@ class RssResult:
         """After-close RSS as % of the starting value."""
         if not self.after:
             return [float("nan")] * 2
-        return [100.0 * after / before for after, before in zip(self.after, self.before)]
+        return [100.0 * after / before if before else float("nan") for after, before in zip(self.after, self.before)]
 
 
 def tunnel_options(count: int) -> tuple[str, ...]:
@@ -116,10 +120,41 @@ def settle(pair, result: RssResult, seconds: float) -> None:
     result.tunnel_after = established(pair.tunnel)
 
 
-def table(results: list[RssResult], count: int, seconds: float, target: float = 16.0) -> list[str]:
+def run(workdir: str, args) -> tuple[dict, list[str]]:
+    """The RSS scenario: load each pair in turn with --conns connections; the first pair's
+    --settle wait runs while the next one is loaded."""
+    results = {}
+    with Relays(workdir) as relays:
+        echo = relays.echo()
+        pairs = []
+        for name in (T3_1, T1, T0):
+            carrier, level = TUNNELS[name]
+            try:
+                pairs.append(relays.tunnelpass(level, carrier, echo, tunnel_options(args.conns) + ("--log", "info"),
+                                               with_metrics=False))
+            except RuntimeError as e:  # a server that exits at startup
+                relays.leave_out(name, str(e))
+        for pair in list(pairs):
+            try:
+                wait_listening(pair.port, proc=pair.server)
+            except RuntimeError as e:
+                relays.leave_out(pair.name, str(e))
+            if pair.name in relays.failed or not relays.wait_pool(pair):
+                pairs.remove(pair)
+        for pair in pairs:
+            print(f"bench: rss {pair.name}: opening {args.conns} connections", file=sys.stderr, flush=True)
+            results[pair.name] = load(pair, args.conns)
+        for pair in pairs:
+            print(f"bench: rss {pair.name}: waiting {args.settle:.0f} s after close", file=sys.stderr, flush=True)
+            settle(pair, results[pair.name], args.settle)
+    failed = [f"{name:<18} left out: {reason.splitlines()[0]}" for name, reason in relays.failed.items()]
+    return results, table(list(results.values()), args.conns, args.settle) + failed
+
+
+def table(results: list[RssResult], count: int, seconds: float) -> list[str]:
     lines = [f"RSS per tunnelled connection: {count} concurrent idle connections (1 byte echoed each) to an "
              f"echo server, pool growth included; 'after' {seconds:.0f} s after all closed",
-             f"{'relay':<16} {'side':<6} {'start MiB':>9} {f'{count} open':>9} {'KiB/conn':>8} "
+             f"{'relay':<18} {'side':<6} {'start MiB':>9} {f'{count} open':>9} {'KiB/conn':>8} "
              f"{'after MiB':>9} {'after %':>7} {'tunnel':>11} {'opened':>7} {'open s':>6}"]
     lines.append("-" * len(lines[-1]))
     for r in results:
@@ -128,9 +163,10 @@ def table(results: list[RssResult], count: int, seconds: float, target: float = 
         for i, side in enumerate(("server", "client")):
             loaded = r.loaded[i] / 1024 if r.loaded else float("nan")
             after = r.after[i] / 1024 if r.after else float("nan")
-            lines.append(f"{r.name:<16} {side:<6} {r.before[i] / 1024:>9.1f} {loaded:>9.1f} {per[i]:>8.1f} "
+            lines.append(f"{r.name:<18} {side:<6} {r.before[i] / 1024:>9.1f} {loaded:>9.1f} {per[i]:>8.1f} "
                          f"{after:>9.1f} {back[i]:>6.0f}% {tunnel:>11} {r.opened:>7} {r.open_seconds:>6.1f}")
-    lines.append(f"  (tunnel: connections to the tunnel port (control and pool, busy and idle) with all open / "
-                 f"after; the pair runs without --metrics; targets at tls=1: "
-                 f"<= {target:.0f} KiB/conn per side, after within 20% of start)")
+    targets = ", ".join(f"{name} <= {kib:.0f}" for name, kib in TARGETS.items())
+    lines.append(f"  (tunnel: connections to the tunnel port (control, pool or carrier, busy and idle) with all "
+                 f"open / after; the pairs run without --metrics; targets in KiB/conn per side: {targets}; "
+                 f"after within 20% of start)")
     return lines
