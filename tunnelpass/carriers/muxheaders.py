@@ -57,6 +57,8 @@ def _format_addresses(addresses):
         src, dst = ipaddress.ip_address(src_host), ipaddress.ip_address(dst_host)
     except (TypeError, ValueError):
         return None  # not IP (a UNIX socket user): unknown
+    # an IPv6 scope id (fe80::1%eth0) names an interface of this host only
+    src, dst = (ipaddress.ip_address(str(address).split("%", 1)[0]) for address in (src, dst))
     return f"{src} {int(src_port)} {dst} {int(dst_port)}".encode()
 
 
@@ -83,6 +85,8 @@ def decode_open(headers) -> tuple:
 
 def _parse_addresses(raw: bytes):
     parts = raw.split(b" ")
+    if b"%" in raw:  # a scope id: any bytes but a space (CR LF into a PROXY v1 line), and local to the sender
+        raise StreamRefused("tp-addr has a malformed IP address")
     if len(parts) != 4:
         raise StreamRefused("tp-addr must be SOURCE-IP SOURCE-PORT DESTINATION-IP DESTINATION-PORT")
     try:
