@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from tunnelpass.carriers.muxheaders import OK, STATUS, StreamRefused, decode_open, encode_open
 from tunnelpass.carriers.muxstream import NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, MuxStream
+from tunnelpass.carriers.opener import announce
 from tunnelpass.carriers.stream import IStream
 
 #: Concurrent streams the peer may open on one carrier connection.
@@ -90,6 +91,7 @@ class MuxConnection(Protocol):
         self.retiring = False  # no new streams; closes once the last one ends
         self.closed = False
         self.carrier_paused = False
+        self._batching = False  # inside dataReceived: one write for everything its events send
         self._waiting: dict[MuxStream, None] = {}  # streams with queued data, in turn order
         self._ping_sent: dict[bytes, float] = {}
         self._beat = None
@@ -101,6 +103,9 @@ class MuxConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.stream = IStream(self.transport)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)  # many streams' small frames: Nagle would hold one behind another's ACK
         config = H2Configuration(client_side=self.opener, header_encoding=None, validate_outbound_headers=False,
                                  normalize_outbound_headers=False, validate_inbound_headers=False,
                                  normalize_inbound_headers=False)
@@ -154,9 +159,9 @@ class MuxConnection(Protocol):
             return
         try:
             self.h2.close_connection(error_code=code)
-            self._flush()
         except H2Error:
             pass
+        self.transport.write(self.h2.data_to_send())  # the GOAWAY, even from inside dataReceived
         self.transport.loseConnection()
 
     def _violation(self, why: str) -> None:
@@ -235,6 +240,18 @@ class MuxConnection(Protocol):
             return
         self._flush()
 
+    def release(self, count: int) -> None:
+        """Hand *count* bytes of the connection's window back now: data a
+        paused stream holds, bounded by that stream's own window.  Held
+        until the stream resumed, the connection's window would be all
+        held by CONNECTION_WINDOW / STREAM_WINDOW slow streams and every
+        other stream would stall.  (The stream's later acknowledgement
+        cannot hand it back twice: h2 caps the window at its size.)  Only
+        ever called while the carrier's bytes are being handled: the
+        WINDOW_UPDATE goes out with that batch."""
+        if count and not self.closed:  # an empty DATA frame (END_STREAM) counts 0
+            self.h2.increment_flow_control_window(count)
+
     def forget(self, stream: MuxStream) -> None:
         """*stream* is over for its user."""
         self.streams.pop(stream.stream_id, None)
@@ -252,12 +269,16 @@ class MuxConnection(Protocol):
             self._violation(str(e) or type(e).__name__)
             return
         handlers = self._handlers
-        for event in events:
-            handler = handlers.get(type(event))
-            if handler is not None:
-                handler(self, event)
-            if self.closed:
-                return
+        self._batching = True
+        try:
+            for event in events:
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+                if self.closed:
+                    return
+        finally:
+            self._batching = False
         self._flush()
 
     def readConnectionLost(self) -> None:
@@ -351,9 +372,14 @@ class MuxConnection(Protocol):
     # Bytes to the carrier
 
     def _flush(self) -> None:
+        """Write what h2 has to send: straight to the socket when nothing is
+        buffered before it (no reactor turn, no poller changes), the rest
+        through the transport.  Inside :meth:`dataReceived`, once at its end."""
+        if self._batching or self.closed:
+            return
         data = self.h2.data_to_send()
-        if data and not self.closed:
-            self.transport.write(data)
+        if data:
+            announce(self.stream, data)
 
     def pauseProducing(self) -> None:
         self.carrier_paused = True
