@@ -3,16 +3,20 @@
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from tunnelpass.wire.codec import Frame, FrameDecoder, ProtocolError, Type
+from tunnelpass.wire.codec import Frame, FrameDecoder, ProtocolError, Type, encode
 from tunnelpass.wire.handshake import (
     AUTH_FAILED,
     BAD_VERSION,
+    MUX_CARRIER,
+    POOL_CARRIER,
     ClientHandshake,
     HandshakeError,
     PoolAuthenticator,
     ReplayWindow,
     ServerHandshake,
     SessionConfig,
+    check_mux_ok,
+    mux_ok_frame,
     pool_auth_frame,
 )
 
@@ -219,3 +223,116 @@ class PoolAuthTests(unittest.TestCase):
             if window.accept(counter):
                 self.assertNotIn(counter, accepted)
                 accepted.add(counter)
+
+
+class MuxAuthTests(unittest.TestCase):
+    """The multiplexed carrier's connection proofs (--type 3): MUX_AUTH from
+    the client, MUX_OK from the server."""
+
+    def setUp(self):
+        server, client = ServerHandshake(KEY, FP, SessionConfig(carrier=MUX_CARRIER)), ClientHandshake(KEY, FP)
+        run(client, server)
+        self.session = client.session
+        self.verifier = PoolAuthenticator(server.session, FP, window=8)
+
+    def mux_auth(self, counter=1, conn_id=b"m" * 16, fingerprint=FP):
+        return pool_auth_frame(self.session, counter, conn_id, fingerprint, Type.MUX_AUTH)
+
+    def test_verify(self):
+        wire = self.mux_auth()
+        frame = frames(wire)[0]
+        self.assertEqual(frame.type, Type.MUX_AUTH)
+        self.assertEqual(len(frame.payload), 72)
+        self.assertEqual(self.verifier.verify(frame), b"m" * 16)
+        self.assertRaises(HandshakeError, self.verifier.verify, frame)  # once only
+
+    def test_mux_and_pool_auth_share_the_counter_window(self):
+        self.verifier.verify(frames(pool_auth_frame(self.session, 1, b"p" * 16, FP))[0])
+        with self.assertRaises(HandshakeError) as cm:
+            self.verifier.verify(frames(self.mux_auth(counter=1))[0])
+        self.assertIn("replayed", cm.exception.reason)
+
+    def test_a_pool_proof_is_not_a_mux_proof_and_the_reverse(self):
+        pool = frames(pool_auth_frame(self.session, 1, b"p" * 16, FP))[0]
+        mux = frames(self.mux_auth(counter=2))[0]
+        for forged in (Frame(Type.MUX_AUTH, pool.payload), Frame(Type.POOL_AUTH, mux.payload)):
+            with self.assertRaises(HandshakeError) as cm:
+                self.verifier.verify(forged)
+            self.assertEqual(cm.exception.code, AUTH_FAILED)
+        # the genuine ones are still good (a failed attempt used no counter)
+        self.verifier.verify(pool)
+        self.verifier.verify(mux)
+
+    def test_mux_auth_binds_the_certificate(self):
+        self.assertRaises(HandshakeError, self.verifier.verify, frames(self.mux_auth(fingerprint=b"\x01" * 32))[0])
+        self.assertEqual(self.verifier.verify(frames(self.mux_auth(fingerprint=b"\x01" * 32))[0],
+                                              fingerprint=b"\x01" * 32), b"m" * 16)
+
+    def test_mux_ok(self):
+        auth = self.mux_auth()
+        ok = frames(mux_ok_frame(self.session, frames(auth)[0].payload, FP))[0]
+        self.assertEqual((ok.type, len(ok.payload)), (Type.MUX_OK, 32))
+        check_mux_ok(self.session, auth, FP, ok)  # no exception
+
+    def test_mux_ok_refused(self):
+        auth = self.mux_auth()
+        payload = frames(auth)[0].payload
+        other_server, other_client = ServerHandshake(KEY, FP, SessionConfig()), ClientHandshake(KEY, FP)
+        run(other_client, other_server)
+        wrong = {
+            "wrong fingerprint": mux_ok_frame(self.session, payload, b"\xee" * 32),
+            "wrong session": mux_ok_frame(other_server.session, payload, FP),
+            "another MUX_AUTH": mux_ok_frame(self.session, frames(self.mux_auth(counter=2))[0].payload, FP),
+            "wrong payload": encode(Type.MUX_OK, bytes(32)),
+        }
+        for what, wire in wrong.items():
+            with self.assertRaises(HandshakeError) as cm:
+                check_mux_ok(self.session, auth, FP, frames(wire)[0])
+            self.assertEqual(cm.exception.code, AUTH_FAILED, what)
+            self.assertIn("man in the middle", cm.exception.reason)
+
+    def test_mux_ok_of_another_type_or_size(self):
+        auth = self.mux_auth()
+        for frame in (Frame(Type.POOL_OK, b""), Frame(Type.MUX_OK, bytes(31))):
+            self.assertRaises(HandshakeError, check_mux_ok, self.session, auth, FP, frame)
+        with self.assertRaises(HandshakeError) as cm:
+            check_mux_ok(self.session, auth, FP, frames(HandshakeError(AUTH_FAILED, "no").frame())[0])
+        self.assertEqual(cm.exception.code, AUTH_FAILED)
+
+
+class SessionConfigCarrierTests(unittest.TestCase):
+    def test_carrier_3_packs_ten_bytes(self):
+        config = SessionConfig(flow=2, tls=1, max_pool=64, heartbeat_ms=2000, carrier=MUX_CARRIER)
+        raw = config.pack()
+        self.assertEqual((len(raw), raw[-1]), (10, 3))
+        self.assertEqual(SessionConfig.unpack(raw), config)
+
+    def test_carrier_0_packs_nine_bytes(self):
+        """As every earlier release packed it."""
+        config = SessionConfig(carrier=POOL_CARRIER)
+        self.assertEqual(len(config.pack()), 9)
+        self.assertEqual(SessionConfig.unpack(config.pack()).carrier, POOL_CARRIER)
+
+    def test_unknown_carrier_refused(self):
+        nine = SessionConfig().pack()
+        for carrier in (1, 2, 4, 255):
+            with self.assertRaises(HandshakeError) as cm:
+                SessionConfig.unpack(nine + bytes([carrier]))
+            self.assertIn("invalid session config", cm.exception.reason, carrier)
+        self.assertRaises(HandshakeError, SessionConfig.unpack, nine + b"\x03\x03")
+
+    def test_welcome_of_57_and_58_bytes_accepted(self):
+        for carrier, size in ((POOL_CARRIER, 57), (MUX_CARRIER, 58)):
+            server, client = ServerHandshake(KEY, FP, SessionConfig(carrier=carrier)), ClientHandshake(KEY, FP)
+            welcome = run(client, server)
+            self.assertEqual(len(frames(welcome)[0].payload), size)
+            self.assertEqual(client.session.config.carrier, carrier)
+
+    def test_welcome_of_other_sizes_refused(self):
+        for size in (0, 48, 56, 59, 64):
+            client = ClientHandshake(KEY, FP)
+            client.start()
+            client.receive(Frame(Type.CHALLENGE, b"n" * 32 + b"\x01"))
+            with self.assertRaises(HandshakeError) as cm:
+                client.receive(Frame(Type.WELCOME, bytes(size)))
+            self.assertIn("malformed size", cm.exception.reason, size)

@@ -252,6 +252,18 @@ class MuxConnection(Protocol):
         if count and not self.closed:  # an empty DATA frame (END_STREAM) counts 0
             self.h2.increment_flow_control_window(count)
 
+    def release(self, count: int) -> None:
+        """Hand *count* bytes of the connection's window back now: data a
+        paused stream holds, bounded by that stream's own window.  Held
+        until the stream resumed, the connection's window would be all
+        held by CONNECTION_WINDOW / STREAM_WINDOW slow streams and every
+        other stream would stall.  (The stream's later acknowledgement
+        cannot hand it back twice: h2 caps the window at its size.)  Only
+        ever called while the carrier's bytes are being handled: the
+        WINDOW_UPDATE goes out with that batch."""
+        if count and not self.closed:  # an empty DATA frame (END_STREAM) counts 0
+            self.h2.increment_flow_control_window(count)
+
     def forget(self, stream: MuxStream) -> None:
         """*stream* is over for its user."""
         self.streams.pop(stream.stream_id, None)

@@ -33,6 +33,7 @@ class CarrierSet:
         self.clock = clock
         self.timeout = timeout
         self.connections: list = []
+        self.retired: list = []  # retired but still carrying streams: in the metrics until they end
         self._waiters: deque = deque()  # (deferred, kind, addresses, timer)
         self.ended = 0  # carrier connections that ended
         self.ended_opened = 0  # streams the ended ones carried
@@ -50,6 +51,8 @@ class CarrierSet:
         """*connection* ended (its counters go to the totals)."""
         if connection in self.connections:
             self.connections.remove(connection)
+        elif connection in self.retired:
+            self.retired.remove(connection)
         self.ended += 1
         self.ended_opened += connection.opened
         self.ended_refused += connection.refused
@@ -58,7 +61,7 @@ class CarrierSet:
         """Metrics: per live carrier connection (labelled with its name) and in all."""
         from tunnelpass.ops.metrics import Sample
 
-        live = [c for c in self.connections if not c.closed]
+        live = [c for c in (*self.connections, *self.retired) if not c.closed]  # counters never go back
         samples = [
             Sample("carriers", "gauge", "multiplexed carrier connections up (--type 3)", len(live)),
             Sample("carriers_ended", "counter", "multiplexed carrier connections that ended", self.ended),
@@ -83,6 +86,7 @@ class CarrierSet:
         """No new streams on any current connection (the session ended):
         each closes once its last stream ends."""
         connections, self.connections = self.connections, []
+        self.retired += connections
         for connection in connections:
             connection.retire()
 

@@ -241,6 +241,7 @@ class MuxStream:
         self._unacked += counted
         if self.paused:
             self._held.append(data)
+            self.connection.release(counted)  # this stream's window bounds what it holds; the others go on
             return
         self.protocol.dataReceived(data)
         self._acknowledge()
