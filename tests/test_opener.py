@@ -7,7 +7,8 @@ from zope.interface.verify import verifyObject
 
 from tests.poolfakes import PoolMember
 from tunnelpass.wire.codec import FrameDecoder, Type, decode_open
-from tunnelpass.carriers.opener import PoolOpener, announce
+from tunnelpass.carriers.opener import PoolOpener
+from tunnelpass.carriers.stream import write_now
 from tunnelpass.carriers.pool import IdlePool
 from tunnelpass.carriers.stream import TCP, UDP, IStreamOpener, StreamUnavailable
 
@@ -139,27 +140,27 @@ class _Stream:
         self.written += data
 
 
-class AnnounceTests(unittest.TestCase):
+class WriteNowTests(unittest.TestCase):
     """The OPEN frame goes straight to the socket when the stream offers
     one, so Twisted's write buffer stays empty for the zero-copy engine."""
 
     def test_straight_to_the_socket(self):
         stream = _Stream(_End(100))
-        announce(stream, b"OPEN-FRAME")
+        write_now(stream, b"OPEN-FRAME")
         self.assertEqual((stream.end.sent, stream.written), (b"OPEN-FRAME", b""))
 
     def test_what_the_socket_does_not_take_is_written_after_it(self):
         stream = _Stream(_End(4))
-        announce(stream, b"OPEN-FRAME")
+        write_now(stream, b"OPEN-FRAME")
         self.assertEqual((stream.end.sent, stream.written), (b"OPEN", b"-FRAME"))
 
     def test_socket_not_ready_or_failing_falls_back_to_the_write(self):
         for error in (BlockingIOError(), ConnectionResetError()):
             stream = _Stream(_End(100, error))
-            announce(stream, b"OPEN-FRAME")
+            write_now(stream, b"OPEN-FRAME")
             self.assertEqual(stream.written, b"OPEN-FRAME")
 
     def test_no_native_end(self):
         stream = _Stream(None)
-        announce(stream, b"OPEN-FRAME")
+        write_now(stream, b"OPEN-FRAME")
         self.assertEqual(stream.written, b"OPEN-FRAME")

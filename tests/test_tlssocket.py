@@ -196,11 +196,11 @@ class NativeEndTests(unittest.TestCase):
     def test_first_bytes_go_straight_to_the_socket_before_an_engine_takes_it(self):
         """The opener writes OPEN through the native end (OpenSSL on the
         socket BIO) so Twisted's buffer stays empty for the engine."""
-        from tunnelpass.carriers.opener import announce
+        from tunnelpass.carriers.stream import write_now
 
         pair = Pair(self)
         client, server = yield pair.connected()
-        announce(client.transport, b"OPEN frame")
+        write_now(client.transport, b"OPEN frame")
         self.assertEqual(client.transport.unsent() - socket_unsent(client.transport.socket), 0)
         yield server.wait_for(10)
         self.assertEqual(bytes(server.received), b"OPEN frame")

@@ -49,8 +49,7 @@ from zope.interface import implementer
 
 from tunnelpass.carriers.muxheaders import OK, STATUS, StreamRefused, decode_open, encode_open
 from tunnelpass.carriers.muxstream import NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, MuxStream
-from tunnelpass.carriers.opener import announce
-from tunnelpass.carriers.stream import IStream
+from tunnelpass.carriers.stream import IStream, write_now
 
 #: Concurrent streams the peer may open on one carrier connection.
 MAX_STREAMS = 10_000
@@ -64,6 +63,16 @@ MAX_FRAME = 64 * 1024
 MAX_HEADER_LIST = 1024
 #: Missed heartbeats before a silent carrier is declared dead.
 DEAD_AFTER = 3
+#: Streams the peer may reset before sending any DATA on them ("rapid
+#: reset", CVE-2023-44487: each costs a target dial, none counts against
+#: MAX_STREAMS): a burst of RESET_BURST, then RESET_RATE a second; beyond,
+#: the carrier is closed with ENHANCE_YOUR_CALM.
+RESET_BURST, RESET_RATE = 1000, 100.0
+#: Bytes written while the carrier's buffer is full (the peer does not
+#: read): only answers the peer asked for (PING and SETTINGS acks, resets,
+#: window updates) -- streams wait.  Beyond this the peer is dropped.
+MAX_UNREAD = 1024 * 1024
+ENHANCE_YOUR_CALM = 11
 
 
 @implementer(IPushProducer)
@@ -96,6 +105,9 @@ class MuxConnection(Protocol):
         self._ping_sent: dict[bytes, float] = {}
         self._beat = None
         self.last_heard = clock.seconds()
+        self._resets, self._resets_at = float(RESET_BURST), self.last_heard  # rapid-reset budget
+        self._unread = 0  # bytes written since the carrier paused
+        self.ending = False  # dropped by us: handle nothing more the peer sent
         self.stream = None
         self.h2 = None
 
@@ -163,6 +175,14 @@ class MuxConnection(Protocol):
             pass
         self.transport.write(self.h2.data_to_send())  # the GOAWAY, even from inside dataReceived
         self.transport.loseConnection()
+
+    def _calm(self, why: str) -> None:
+        """Drop a peer that abuses what HTTP/2 allows (bounded work and memory)."""
+        self.log.warn("{name}: {why}; closing this carrier connection", name=self.name, why=why,
+                      event="carrier_abuse")
+        self.ending = True
+        self.close(ENHANCE_YOUR_CALM)
+        self.transport.abortConnection()
 
     def _violation(self, why: str) -> None:
         self.log.warn("{name}: the peer broke HTTP/2 ({why}); closing this carrier connection",
@@ -252,18 +272,6 @@ class MuxConnection(Protocol):
         if count and not self.closed:  # an empty DATA frame (END_STREAM) counts 0
             self.h2.increment_flow_control_window(count)
 
-    def release(self, count: int) -> None:
-        """Hand *count* bytes of the connection's window back now: data a
-        paused stream holds, bounded by that stream's own window.  Held
-        until the stream resumed, the connection's window would be all
-        held by CONNECTION_WINDOW / STREAM_WINDOW slow streams and every
-        other stream would stall.  (The stream's later acknowledgement
-        cannot hand it back twice: h2 caps the window at its size.)  Only
-        ever called while the carrier's bytes are being handled: the
-        WINDOW_UPDATE goes out with that batch."""
-        if count and not self.closed:  # an empty DATA frame (END_STREAM) counts 0
-            self.h2.increment_flow_control_window(count)
-
     def forget(self, stream: MuxStream) -> None:
         """*stream* is over for its user."""
         self.streams.pop(stream.stream_id, None)
@@ -287,7 +295,7 @@ class MuxConnection(Protocol):
                 handler = handlers.get(type(event))
                 if handler is not None:
                     handler(self, event)
-                if self.closed:
+                if self.closed or self.ending:
                     return
         finally:
             self._batching = False
@@ -330,6 +338,7 @@ class MuxConnection(Protocol):
         if stream is None:
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             return
+        stream.carried = True
         stream.data_received(event.data, event.flow_controlled_length)
 
     def _ended(self, event) -> None:
@@ -341,6 +350,13 @@ class MuxConnection(Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             stream.reset_received(event.error_code)
+            if not self.opener and not stream.carried:
+                now = self.clock.seconds()
+                self._resets = min(RESET_BURST, self._resets + (now - self._resets_at) * RESET_RATE) - 1
+                self._resets_at = now
+                if self._resets < 0:
+                    self._calm("the peer resets streams before they carry data faster than "
+                               f"{RESET_RATE:g} a second (rapid reset)")
 
     def _trailers(self, event) -> None:
         stream = self.streams.get(event.stream_id)
@@ -391,13 +407,19 @@ class MuxConnection(Protocol):
             return
         data = self.h2.data_to_send()
         if data:
-            announce(self.stream, data)
+            if self.carrier_paused and not self.ending:
+                self._unread += len(data)
+                if self._unread > MAX_UNREAD:
+                    self._calm(f"the peer made it answer {self._unread} bytes it does not read")
+                    return
+            write_now(self.stream, data)
 
     def pauseProducing(self) -> None:
         self.carrier_paused = True
 
     def resumeProducing(self) -> None:
         self.carrier_paused = False
+        self._unread = 0
         self._serve_waiting()
 
     def stopProducing(self) -> None:

@@ -26,30 +26,9 @@ from zope.interface import implementer
 
 from tunnelpass.wire.codec import Type, encode_open
 from tunnelpass.carriers.pool import PoolFull, PoolTimeout
-from tunnelpass.carriers.stream import TCP, UDP, IStreamOpener, StreamUnavailable
+from tunnelpass.carriers.stream import TCP, UDP, IStreamOpener, StreamUnavailable, write_now
 
 FRAME_TYPES = {TCP: Type.OPEN, UDP: Type.OPEN_UDP}
-
-
-def announce(stream, data: bytes) -> None:
-    """Write *data* (an OPEN frame) as the first bytes of *stream*.
-
-    Straight to the socket when the stream offers one and nothing is
-    buffered before it: then Twisted's write buffer stays empty and the
-    relay can still hand both sockets to the zero-copy engine (bytes in
-    that buffer would keep it on the copying path).  Whatever the socket
-    does not take goes through the stream's ordinary write, behind it."""
-    sent = 0
-    end = stream.native_end()
-    if end is not None:
-        try:
-            sent = end.send(data)
-        except BlockingIOError:  # (NeedRead/NeedWrite too)
-            sent = 0
-        except OSError:
-            sent = 0  # the stream's own write meets the same error and ends it
-    if sent < len(data):
-        stream.write(data[sent:])
 
 
 @implementer(IStreamOpener)
@@ -85,7 +64,9 @@ class PoolOpener:
                 # Closed while idle (its removal is underway): the next one,
                 # chained so that cancelling the user's wait cancels this.
                 return self._take(frame_type, source, destination)
-            announce(stream, encode_open(conn_id, source, destination, frame_type))
+            # Straight to the socket: Twisted's write buffer stays empty, so
+            # the relay can still hand both sockets to the zero-copy engine.
+            write_now(stream, encode_open(conn_id, source, destination, frame_type))
             if self.on_claim is not None:
                 self.on_claim(conn_id)
             return stream

@@ -27,6 +27,7 @@ from twisted.internet.protocol import ClientFactory, Factory
 from tunnelpass.ops import connlog
 from tunnelpass.ops.fdbudget import ran_out
 from tunnelpass.wire.proxyproto import encode_v1, encode_v2
+from tunnelpass.carriers.stream import write_now
 from tunnelpass.relay.relayend import RelayEnd, throttle
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ class OutboundProtocol(RelayEnd):
     frame when the "dialled" side is a pool connection).
     """
 
+    in_stream = None  # the accepted leg as a stream, once relaying through Twisted
+
     def __init__(self, inbound: "InboundProtocol", greeting: bytes = b""):
         self.inbound = inbound
         self.greeting = greeting
@@ -70,7 +73,11 @@ class OutboundProtocol(RelayEnd):
 
     def dataReceived(self, data: bytes) -> None:
         inbound = self.inbound
-        inbound.transport.write(data)
+        stream = self.in_stream
+        if stream is not None:
+            write_now(stream, data)
+        else:
+            inbound.transport.write(data)
         inbound.stats.bytes_out += len(data)
         inbound.bytes_out += len(data)
         inbound.resetTimeout()

@@ -27,6 +27,7 @@ from tunnelpass.ops.fdbudget import ran_out
 from tunnelpass.ops.logs import Throttle
 from tunnelpass.relay.outbound import OutboundDialing, OutboundProtocol
 from tunnelpass.relay.proxyaccept import ProxyHeaderProtocol
+from tunnelpass.carriers.stream import stream_of, write_now
 from tunnelpass.relay.relayend import LegProducer, RelayEnd, cancel_resume, throttle
 from tunnelpass.relay.targets import TargetGroup
 from tunnelpass.config.limits import Limits
@@ -53,6 +54,7 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
     closed = False
     _pending = None  # an IConnector or a Deferred while dialling
     _early: list | None = None  # bytes read before the remote answered
+    out_stream = None  # the outbound leg as a stream, once relaying through Twisted
     original = None  # (source, destination) from a trusted PROXY header
     gate: FirstBytesGate | None = None  # --block: judging the user's first bytes
     trace: connlog.Trace | None = None  # --log debug: this connection's trace
@@ -124,6 +126,7 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
             self.bytes_in += len(early)
         if self._read_closed:  # the FIN came with the early bytes
             outbound.half_close()
+        self.out_stream, outbound.in_stream = stream_of(outbound.transport), stream_of(self.transport)
         self.transport.registerProducer(LegProducer(outbound.transport), True)
         outbound.transport.registerProducer(LegProducer(self.transport), True)
         self._producing = outbound._producing = True
@@ -170,7 +173,11 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
                 self._early = []
             self._early.append(data)
             return
-        outbound.transport.write(data)
+        stream = self.out_stream
+        if stream is not None:
+            write_now(stream, data)
+        else:
+            outbound.transport.write(data)
         self.stats.bytes_in += len(data)
         self.bytes_in += len(data)
         self.resetTimeout()
