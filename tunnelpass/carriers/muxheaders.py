@@ -21,7 +21,7 @@ bytes: HTTP/2 requires them in lower case, so ``TP-ADDR`` is unknown.
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 
 from tunnelpass.carriers.stream import KINDS
 
@@ -53,13 +53,24 @@ def _format_addresses(addresses):
     if addresses is None:
         return None
     (src_host, src_port), (dst_host, dst_port) = addresses
-    try:
-        src, dst = ipaddress.ip_address(src_host), ipaddress.ip_address(dst_host)
-    except (TypeError, ValueError):
+    if not isinstance(src_host, str) or not isinstance(dst_host, str):
         return None  # not IP (a UNIX socket user): unknown
     # an IPv6 scope id (fe80::1%eth0) names an interface of this host only
-    src, dst = (ipaddress.ip_address(str(address).split("%", 1)[0]) for address in (src, dst))
-    return f"{src} {int(src_port)} {dst} {int(dst_port)}".encode()
+    src, dst = _ip(src_host.split("%", 1)[0]), _ip(dst_host.split("%", 1)[0])
+    if src is None or dst is None:
+        return None
+    return f"{src[1]} {int(src_port)} {dst[1]} {int(dst_port)}".encode()
+
+
+def _ip(text: str):
+    """``(family, canonical text)`` of an IP literal, or None (the C parser:
+    a stream opens for every user connection)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return family, socket.inet_ntop(family, socket.inet_pton(family, text))
+        except (OSError, ValueError, UnicodeError):
+            continue
+    return None
 
 
 def decode_open(headers) -> tuple:
@@ -90,17 +101,19 @@ def _parse_addresses(raw: bytes):
     if len(parts) != 4:
         raise StreamRefused("tp-addr must be SOURCE-IP SOURCE-PORT DESTINATION-IP DESTINATION-PORT")
     try:
-        src, dst = (ipaddress.ip_address(part.decode("ascii")) for part in (parts[0], parts[2]))
-    except (UnicodeDecodeError, ValueError):
-        raise StreamRefused("tp-addr has a malformed IP address") from None
+        src, dst = (_ip(part.decode("ascii")) for part in (parts[0], parts[2]))
+    except UnicodeDecodeError:
+        src = dst = None
+    if src is None or dst is None:
+        raise StreamRefused("tp-addr has a malformed IP address")
     ports = []
     for part in (parts[1], parts[3]):
         if not part.isdigit() or len(part) > 5 or int(part) > 65535:
             raise StreamRefused("tp-addr has a malformed port")
         ports.append(int(part))
-    if src.version != dst.version:
+    if src[0] != dst[0]:
         raise StreamRefused("tp-addr mixes IPv4 and IPv6")
-    return (str(src), ports[0]), (str(dst), ports[1])
+    return (src[1], ports[0]), (dst[1], ports[1])
 
 
 def _show(raw: bytes) -> str:
