@@ -19,7 +19,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e.harness import Forwarder, free_port, tcp_round_trip, wait_until
-from tests.e2e.tunnel_harness import ThreadedProxy, Tunnel
+from tests.e2e.tunnel_harness import ThreadedProxy, Tunnel, on_both_carriers
 
 #: What SIGTERM may take beyond --shutdown-timeout (the watchdog's margin
 #: is 2 s; the rest is process start-up noise on a loaded machine).
@@ -189,53 +189,16 @@ class CuttingProxy(ThreadedProxy):
         link["up"].shutdown(socket.SHUT_WR)
 
 
+@on_both_carriers
 class ResetPropagationTests(unittest.TestCase):
-    """Through the tunnel: a reset on one leg is a reset on the other."""
-
-    def check_target_reset(self, tls: int, flow: str = "receive"):
-        backend = Backend(self, "reset")
-        tunnel = Tunnel(self, flow=flow, tls=tls, backend=backend)
-        with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) as user:
-            user.sendall(b"go")
-            outcome, count = read_to_end(user)
-        self.assertEqual(outcome, "reset", f"the user saw {outcome} after {count} bytes")
-        self.assertLessEqual(count, backend.size)
-
-    def check_user_reset(self, tls: int, flow: str = "receive"):
-        backend = Backend(self, "sink")
-        tunnel = Tunnel(self, flow=flow, tls=tls, backend=backend)
-        user = socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10)
-        user.sendall(b"u" * 100_000)
-        wait_until(lambda: backend.received, 10, what="bytes at the target")
-        reset(user)
-        wait_until(lambda: backend.outcomes, 10, what="the target to see the end")
-        outcome, count = backend.outcomes[0]
-        self.assertEqual(outcome, "reset", f"the target saw {outcome} after {count} bytes")
-        self.assertLessEqual(count, 100_000)
-        # The clean path through the same processes: a FIN is still a FIN.
-        clean = socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10)
-        clean.sendall(b"complete")
-        clean.shutdown(socket.SHUT_WR)
-        wait_until(lambda: len(backend.outcomes) == 2, 10, what="the clean stream's end")
-        self.assertEqual(backend.outcomes[1], ("eof", 8))
-        clean.close()
-
-    def test_target_reset_tls0(self):
-        self.check_target_reset(0)
-
-    def test_target_reset_tls1(self):
-        self.check_target_reset(1)
-
-    def test_user_reset_tls0(self):
-        self.check_user_reset(0)
-
-    def test_user_reset_tls1_send_flow(self):
-        self.check_user_reset(1, flow="send")
+    """Through the tunnel: a reset on one leg is a reset on the other, when
+    the carrier under it breaks.  (A target's or a user's reset, every
+    carrier x flow x TLS level: tests/e2e/test_carrier_matrix_e2e.py.)"""
 
     def test_fin_without_close_notify_is_a_reset(self):
-        """tls=1: a FIN injected on the pool connection (no close_notify)
-        is truncation: the user gets a reset, not a clean end."""
-        tunnel = Tunnel(self, tls=1, backend=Backend(self, "source"), connect=False)
+        """tls=1: a FIN injected on the pool (type 3: carrier) connection
+        (no close_notify) is truncation: the user gets a reset, not a clean end."""
+        tunnel = Tunnel(self, tls=1, backend=Backend(self, "source"), connect=False, carrier=self.carrier)
         proxy = CuttingProxy(self, tunnel.tunnel_port)
         tunnel.start_client(tunnel_port=proxy.port)
         with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) as user:
@@ -249,7 +212,7 @@ class ResetPropagationTests(unittest.TestCase):
 
     def test_killed_client_is_a_reset_for_the_user(self):
         """tls=1: SIGKILL of the client mid-download: the user gets a reset."""
-        tunnel = Tunnel(self, tls=1, backend=Backend(self, "source"))
+        tunnel = Tunnel(self, tls=1, backend=Backend(self, "source"), carrier=self.carrier)
         with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) as user:
             user.settimeout(10)
             received = 0
@@ -260,6 +223,7 @@ class ResetPropagationTests(unittest.TestCase):
         self.assertEqual(outcome, "reset", f"the user saw {outcome} after {received + count} bytes")
 
 
+@on_both_carriers
 class IdleExpiryAndStopTests(unittest.TestCase):
     """--read expiry of idle tunnelled connections at every TLS level and in
     both flows: no traceback in either log, the user sees a reset, and
@@ -270,7 +234,8 @@ class IdleExpiryAndStopTests(unittest.TestCase):
     def check(self, flow: str, tls: int):
         backend = Backend(self, "echo")
         args = ["--read", "1s", "--shutdown-timeout", f"{self.shutdown_timeout}s"]
-        tunnel = Tunnel(self, flow=flow, tls=tls, backend=backend, server_args=args, client_args=args)
+        tunnel = Tunnel(self, flow=flow, tls=tls, backend=backend, server_args=args, client_args=args,
+                        carrier=self.carrier)
         users = [socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) for _ in range(3)]
         try:
             for user in users:
@@ -324,7 +289,9 @@ class IdleExpiryAndStopTests(unittest.TestCase):
 
 class BoundedStopTests(unittest.TestCase):
     """SIGTERM ends the process within --shutdown-timeout plus a margin,
-    whatever the relay's close path or a stop Deferred does."""
+    whatever the relay's close path or a stop Deferred does.  (Type 0 only:
+    the watchdog is the process's, whatever the carrier; type 3's SIGTERM
+    drain is tests/e2e/test_mux_carrier_e2e.py.)"""
 
     def stop_and_time(self, processes, bound: float) -> None:
         started = time.monotonic()

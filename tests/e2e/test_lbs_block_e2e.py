@@ -23,7 +23,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e.harness import _EchoHandler, _ThreadingTCP, free_port, wait_until
-from tests.e2e.tunnel_harness import Tunnel
+from tests.e2e.tunnel_harness import Tunnel, on_both_carriers
 
 
 def banner_backend(testcase, name: bytes, port: int = 0):
@@ -111,6 +111,7 @@ def refused(port: int, payload: bytes) -> bool:
             return True
 
 
+@on_both_carriers
 class LoadBalancingAndBlockTests(unittest.TestCase):
     def test_lowest_latency_and_block_http(self):
         fast, _ = banner_backend(self, b"fast")
@@ -119,7 +120,7 @@ class LoadBalancingAndBlockTests(unittest.TestCase):
         group = f"127.0.0.1:{slow_port},127.0.0.1:{fast_port}"
         tunnel = Tunnel(self, flow="send",
                         server_args=["--target", group, "--lbs", "1", "--report-interval", "3s"],
-                        client_args=["--block", "2", "--report-interval", "1s"])
+                        client_args=["--block", "2", "--report-interval", "1s"], carrier=self.carrier)
         tunnel.server.wait_for_log(f"lowest latency target is now 127.0.0.1:{fast_port}")
         # lbs=1: every user goes to the fast target (round robin would send
         # every second one to the slow target, 1-2 s to connect).
@@ -153,7 +154,7 @@ class LoadBalancingAndBlockTests(unittest.TestCase):
         group = f"127.0.0.1:{primary_port},127.0.0.1:{backup.server_address[1]}"
         tunnel = Tunnel(self, flow="receive", server_args=["--block", "3"],
                         client_args=["--target", group, "--lbs", "2", "--fallback-interval", "1s",
-                                     "--report-interval", "1s"])
+                                     "--report-interval", "1s"], carrier=self.carrier)
         for _ in range(3):  # the primary only, while it works (round robin would alternate)
             self.assertEqual(banner_and_echo(tunnel.entry)[:2], (b"primary", b"ping"))
         # block=3: a TLS ClientHello is refused at the server's listener ...

@@ -13,7 +13,7 @@ import subprocess
 from twisted.trial import unittest
 
 from tests.e2e.harness import TWISTD, TCPServer, free_port, tcp_round_trip, wait_until
-from tests.e2e.tunnel_harness import Tunnel
+from tests.e2e.tunnel_harness import Tunnel, on_both_carriers
 
 
 def events(text: str) -> list[dict]:
@@ -138,13 +138,14 @@ class LogDestinationTests(unittest.TestCase):
         wait_until(lambda: not os.path.exists(pidfile), 5, what="the pid file to go")
 
 
+@on_both_carriers
 class TunnelTraceTests(unittest.TestCase):
     def test_both_sides_trace_a_connection(self):
         """Receive flow at --log debug: the server logs the user's accept, its
         pool claim and close; the client the pool connection's accept (with
         the user's address), its target dial and close."""
         debug = ["--log", "debug", "--log-format", "json"]
-        tunnel = Tunnel(self, server_args=debug, client_args=debug)
+        tunnel = Tunnel(self, server_args=debug, client_args=debug, carrier=self.carrier)
         user = socket.create_connection(("127.0.0.1", tunnel.entry), timeout=5)
         user_address = "127.0.0.1:%d" % user.getsockname()[1]
         user.sendall(b"traced")

@@ -9,6 +9,7 @@ import subprocess
 from twisted.trial import unittest
 
 from tests.e2e.harness import Forwarder, can_connect, free_port, wait_until
+from tests.e2e.tunnel_harness import on_both_carriers
 from tunnelpass.wire.proxyproto import parse
 
 
@@ -144,6 +145,7 @@ class AcceptProxyTests(unittest.TestCase):
         fwd.wait_for_log("PROXY header")
 
 
+@on_both_carriers
 class TunnelProxyProtocolTests(unittest.TestCase):
     """The user's address crosses the tunnel (OPEN frame) and the side that
     dials the target sends it in a PROXY header."""
@@ -152,7 +154,7 @@ class TunnelProxyProtocolTests(unittest.TestCase):
         from tests.e2e.tunnel_harness import Tunnel
 
         echo = HAProxy(self)
-        tunnel = Tunnel(self, backend=echo, client_args=["--proxy-protocol", "v1"])
+        tunnel = Tunnel(self, backend=echo, client_args=["--proxy-protocol", "v1"], carrier=self.carrier)
         body, source_port = http_from(tunnel.entry, "127.0.0.2")
         self.assertEqual(body, f"127.0.0.2 {source_port}".encode())
 
@@ -160,7 +162,8 @@ class TunnelProxyProtocolTests(unittest.TestCase):
         from tests.e2e.tunnel_harness import Tunnel
 
         echo = HAProxy(self)
-        tunnel = Tunnel(self, flow="send", tls=1, backend=echo, server_args=["--proxy-protocol", "v2"])
+        tunnel = Tunnel(self, flow="send", tls=1, backend=echo, server_args=["--proxy-protocol", "v2"],
+                        carrier=self.carrier)
         body, source_port = http_from(tunnel.entry, "127.0.0.2")
         self.assertEqual(body, f"127.0.0.2 {source_port}".encode())
 
@@ -171,7 +174,7 @@ class TunnelProxyProtocolTests(unittest.TestCase):
 
         echo = HAProxy(self)
         tunnel = Tunnel(self, backend=echo, server_args=["--accept-proxy", "127.0.0.1/32"],
-                        client_args=["--proxy-protocol", "v1"])
+                        client_args=["--proxy-protocol", "v1"], carrier=self.carrier)
         front = free_port()
         HAProxy(self, extra=f"""listen balancer
   mode tcp

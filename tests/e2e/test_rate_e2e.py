@@ -7,7 +7,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e.harness import Forwarder, TCPServer, free_port
-from tests.e2e.tunnel_harness import Tunnel
+from tests.e2e.tunnel_harness import Tunnel, on_both_carriers
 
 RATE_MBIT = 80  # 10 MB/s
 
@@ -27,12 +27,14 @@ def measured_rate(port: int, skip: int = 4 << 20, measure: int = 24 << 20) -> fl
         return (received - mark) / (time.monotonic() - started)
 
 
-class RateTests(unittest.TestCase):
+class RateCheck:
     def check(self, port):
         rate = measured_rate(port)
         limit = RATE_MBIT * 1e6 / 8
         self.assertLess(abs(rate - limit) / limit, 0.10, f"{rate * 8 / 1e6:.1f} Mbit/s against {RATE_MBIT}")
 
+
+class RateTests(RateCheck, unittest.TestCase):
     def test_forwarder_splice(self):
         source, port = TCPServer(self, "source"), free_port()
         Forwarder(self, f"127.0.0.1:{port} | 127.0.0.1 | {source.port}\n", "--rate", str(RATE_MBIT))
@@ -44,19 +46,27 @@ class RateTests(unittest.TestCase):
                   "--zero-copy", "off")
         self.check(port)
 
+
+@on_both_carriers
+class TunnelRateTests(RateCheck, unittest.TestCase):
+    """--rate through the tunnel."""
+
     def test_tunnel_tls1(self):
         tunnel = Tunnel(self, tls=1, backend=TCPServer(self, "source"),
-                        server_args=["--rate", str(RATE_MBIT)])
+                        server_args=["--rate", str(RATE_MBIT)], carrier=self.carrier)
         self.check(tunnel.entry)
 
 
+@on_both_carriers
 class RateBackpressureTests(unittest.TestCase):
     def test_rate_keeps_backpressure_into_tls(self):
-        """Uploads into a TLS pool connection whose far end stopped reading:
-        the rate timer must not resume the sender behind the consumer's back."""
+        """Uploads into a TLS pool connection (type 3: a stream of a TLS
+        carrier) whose far end stopped reading: the rate timer must not
+        resume the sender behind the consumer's back."""
         from tests.e2e.harness import rss_kib
 
-        tunnel = Tunnel(self, tls=1, backend=TCPServer(self, "stall"), server_args=["--rate", "400"])
+        tunnel = Tunnel(self, tls=1, backend=TCPServer(self, "stall"), server_args=["--rate", "400"],
+                        carrier=self.carrier)
         before = rss_kib(tunnel.server.process.pid)
         with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) as s:
             s.setblocking(False)

@@ -5,14 +5,32 @@ man in the middle) that run in threads of the test process."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
+import sys
 import threading
 
 from tests.certs import ca_signed, write_pem
 from tests.e2e.harness import TCPServer, Twistd, can_connect, free_port, udp_bound, wait_until
 
 KEY = "e2e-tunnel-key-0123456789abcdef"
+
+#: The carriers (``--type``) every tunnelled-stream guarantee is checked on.
+CARRIERS = (0, 3)
+
+
+def on_both_carriers(cls):
+    """Class decorator: *cls* (whose tests build ``Tunnel(..., carrier=self.carrier)``)
+    runs as it is, on the TCP pool (``carrier = 0``), and once more as
+    ``<Name>Type3`` on the HTTP/2 multiplexed carrier -- a subclass added to
+    the class's module, so trial finds it and a failure names the carrier."""
+    cls.carrier = 0
+    name = cls.__name__ + "Type3"
+    sub = type(name, (cls,), {"carrier": 3, "__module__": cls.__module__, "__qualname__": name,
+                              "__doc__": f"{cls.__doc__ or cls.__name__}\n\nOn the HTTP/2 multiplexed carrier (--type 3)."})
+    setattr(sys.modules[cls.__module__], name, sub)
+    return cls
 
 
 class Tunnel:
@@ -21,8 +39,11 @@ class Tunnel:
 
     def __init__(self, testcase, flow: str = "receive", tls: int = 0, server_args=(), client_args=(),
                  backend: TCPServer | None = None, form: str = "flags", tunnel_port: int | None = None,
-                 connect: bool = True, entry_host: str = "127.0.0.1", prefix: tuple = ()):
+                 connect: bool = True, entry_host: str = "127.0.0.1", prefix: tuple = (), carrier: int = 0):
+        """*carrier*: the server's ``--type`` (0 TCP pool, 3 HTTP/2 multiplexed);
+        the client follows what the server announces."""
         self.testcase = testcase
+        self.carrier = carrier
         self.prefix = tuple(prefix)  # a command both processes run under (prlimit ...)
         self.entry_host = entry_host  # the address users connect to, as the listening side is told it
         self.backend = backend or TCPServer(testcase)
@@ -56,13 +77,16 @@ class Tunnel:
     def start_server(self) -> Twistd:
         if self.form == "url":
             url = (f"server://{KEY}@127.0.0.1:{self.tunnel_port}/{self.server_target}"
-                   f"?tls={self.tls}&mode={1 if self.flow == 'receive' else 2}")
+                   f"?tls={self.tls}&mode={1 if self.flow == 'receive' else 2}"
+                   + (f"&type={self.carrier}" if self.carrier else ""))
             args = [url]
         else:
             args = ["--mode", "server", "--tunnel", f"127.0.0.1:{self.tunnel_port}", "--target",
                     self.server_target, "--tls", str(self.tls), "--flow", self.flow]
             if self.form != "token":
                 args += ["--key", KEY]
+            if self.carrier:
+                args += ["--type", str(self.carrier)]
         extra = self.tls_args + ["--report-interval", "1s"] + self.server_args
         # Options stop at the first argument: a URL goes last.
         args = extra + args if self.form == "url" else args + extra
@@ -101,12 +125,15 @@ class Tunnel:
         return self.client
 
     def wait_pool(self, at_least: int = 1) -> None:
-        """Wait until the server has idle pool connections (its health event says so)."""
+        """Wait until the server has idle pool connections, or (type 3) live
+        carrier connections (its health event says so)."""
+        field = re.compile(r"\b%s=(\d+)" % ("carriers" if self.carrier else "pool_idle"))
+
         def idle():
-            lines = [line for line in self.server.log().splitlines() if "pool_idle=" in line]
-            return lines and int(lines[-1].split("pool_idle=")[1].split()[0]) >= at_least
-        if self.flow == "receive":
-            wait_until(idle, 10, what="idle pool connections")
+            values = field.findall(self.server.log())  # (text or JSON lines: the number ends the match)
+            return values and int(values[-1]) >= at_least
+        if self.flow == "receive" or self.carrier:
+            wait_until(idle, 10, what="carrier connections" if self.carrier else "idle pool connections")
 
 
 def relay_bytes(source: socket.socket, sink: socket.socket, record: list | None = None,
