@@ -70,7 +70,8 @@ class _Client:
             self.sock = None
 
 
-def concurrent(port: int, seconds: float, clients: int = CLIENTS, timeout: float = 5.0) -> tuple[float, float, float, int]:
+def concurrent(port: int, seconds: float, clients: int = CLIENTS,
+               timeout: float = 5.0) -> tuple[float, float, float, int]:
     """*clients* clients in a loop for *seconds*: p50 ms, p99 ms, connections/s, failures.
 
     A connection that fails, or has no echo within *timeout*, counts as a

@@ -185,12 +185,12 @@ class Relays:
         tag = f"{name}-{target}"
         server = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "server",
                              "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{public}",
-                             "--key", KEY, "--tls", str(level), "--log", "warn", *server_only, *extra],
+                             "--key", KEY, "--tls", str(level), "--log", "info", *server_only, *extra],
                             f"server-{tag}.log")
         wait_listening(tunnel, proc=server)
         client = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "client",
                              "--tunnel", f"127.0.0.1:{tunnel}", "--target", f"127.0.0.1:{target}",
-                             "--key", KEY, "--log", "warn", *extra], f"client-{tag}.log")
+                             "--key", KEY, "--log", "info", *extra], f"client-{tag}.log")
         pair = TunnelPair(name, public, server, client, tunnel, metrics, carrier)
         self.pairs[pair.name] = pair
         return pair
@@ -228,6 +228,14 @@ class Relays:
             if now != count:
                 count, since = now, time.monotonic()
         return True
+
+    def exited(self, name: str) -> str | None:
+        """Why tunnelpass relay *name* cannot be measured any more (its server or client exited), or None."""
+        pair = self.pairs.get(name)
+        for side, p in (("server", pair.server), ("client", pair.client)) if pair else ():
+            if p.poll() is not None:
+                return f"the tunnelpass {side} exited with {p.returncode} during the run{log_tail(p)}"
+        return None
 
     def leave_out(self, name: str, reason: str) -> bool:
         self.failed[name] = reason

@@ -18,21 +18,30 @@ import sys
 import time
 
 
-def interleaved(ports: dict[str, int], rounds: int, one, label: str) -> dict[str, list]:
-    """Round r measures every relay once, in order; name -> the per-round results of *one(port)*."""
+def interleaved(relays, ports: dict[str, int], rounds: int, one, label: str) -> dict[str, list]:
+    """Round r measures every relay once, in order; name -> the per-round results of *one(port)*.
+
+    A tunnelpass relay whose server or client has exited is left out from
+    then on (``relays.failed`` says why), not measured as a relay that
+    refuses every connection."""
     results = {name: [] for name in ports}
     for r in range(rounds):
         for name, port in ports.items():
+            if name in relays.failed:
+                continue
+            if why := relays.exited(name):
+                relays.leave_out(name, why)
+                continue
             print(f"bench: {label} round {r + 1}/{rounds} {name}", file=sys.stderr, flush=True)
             results[name].append(one(port))
-    return results
+    return {name: runs for name, runs in results.items() if runs}
 
 
 def measure(relays, ports: dict[str, int], rounds: int, one, label: str, profile_dir: str | None) -> dict[str, list]:
     """*one(port)* for every relay in *rounds* interleaved rounds, then the --profile run with the same call."""
-    runs = interleaved(ports, rounds, one, label)
+    runs = interleaved(relays, ports, rounds, one, label)
     if profile_dir:
-        profile(relays, ports, one, label, profile_dir)
+        profile(relays, {name: ports[name] for name in runs}, one, label, profile_dir)
     return runs
 
 

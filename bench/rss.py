@@ -130,7 +130,7 @@ def run(workdir: str, args) -> tuple[dict, list[str]]:
         for name in (T3_1, T1, T0):
             carrier, level = TUNNELS[name]
             try:
-                pairs.append(relays.tunnelpass(level, carrier, echo, tunnel_options(args.conns) + ("--log", "info"),
+                pairs.append(relays.tunnelpass(level, carrier, echo, tunnel_options(args.conns),
                                                with_metrics=False))
             except RuntimeError as e:  # a server that exits at startup
                 relays.leave_out(name, str(e))

@@ -82,9 +82,10 @@ MEASUREMENTS = (
                              f"{args.http_seconds} s, {_rounds(args)}",
                 (("req/s", 8, 0), ("p50 ms", 7, 3), ("p99 ms", 7, 3), ("errors", 6, 0))),
     Measurement("newconn", "echo", EVERY,
-                lambda args: lambda port: connection_latency(port, args.latency_count, give_up=20),
-                lambda args: f"new connections: {args.latency_count} sequential connect / 64 B echo / close, "
-                             f"{_rounds(args)}",
+                lambda args: lambda port: connection_latency(port, args.latency_count, give_up=20,
+                                                             seconds=args.latency_seconds),
+                lambda args: f"new connections: {args.latency_count} sequential connect / 64 B echo / close "
+                             f"(fewer if that takes over {args.latency_seconds:g} s), {_rounds(args)}",
                 (("p50 ms", 7, 3), ("p99 ms", 7, 3), ("conn/s", 7, 0), ("fails", 5, 0))),
     Measurement("newconn-concurrent", "echo", EVERY,
                 lambda args: lambda port: connload.concurrent(port, args.concurrent_seconds),

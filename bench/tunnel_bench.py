@@ -108,33 +108,36 @@ def _short(name: str) -> str:
     return f"{parts[0] if len(parts) == 2 else 't0'} tls={parts[-1][3:]}"
 
 
+# option -> (default, --quick default, help)
+DEFAULTS = {
+    "rounds": (3, 1, "interleaved rounds per measurement"),
+    "seconds": (4, 2, "iperf3 run length (bulk)"),
+    "http_seconds": (4, 2, "wrk run length (http, http-close)"),
+    "latency_count": (2000, 200, "sequential connections per round (newconn)"),
+    "latency_seconds": (6.0, 2.0, "... or fewer: a sequential run also ends after this many seconds"),
+    "concurrent_seconds": (3.0, 1.0, "length of a newconn-concurrent run"),
+    "fair_seconds": (2.0, 1.0, "fairness: seconds of echoes idle, and as many while busy"),
+    "conns": (5000, 500, "concurrent connections for RSS"),
+    "settle": (60.0, 10.0, "seconds after close for the RSS reading"),
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per scenario (default 3; --quick 1)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: short durations, 1 round, --conns 500, --settle 10")
+    parser.add_argument("--quick", action="store_true", help="smoke run: every --quick default below")
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
-    parser.add_argument("--seconds", type=int, help="iperf3 run length (default 4; --quick 2)")
-    parser.add_argument("--http-seconds", type=int, help="wrk run length (default 5; --quick 2)")
-    parser.add_argument("--latency-count", type=int, help="sequential connections per round (default 2000; --quick 200)")
-    parser.add_argument("--concurrent-seconds", type=float,
-                        help="length of a newconn-concurrent run (default 3; --quick 1)")
-    parser.add_argument("--fair-seconds", type=float,
-                        help="fairness: seconds of echoes idle, and as many while busy (default 2; --quick 1)")
-    parser.add_argument("--conns", type=int, help="concurrent connections for RSS (default 5000; --quick 500)")
-    parser.add_argument("--settle", type=float, help="seconds after close for the RSS reading (default 60; --quick 10)")
+    for name, (full, short, text) in DEFAULTS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(full),
+                            help=f"{text} (default {full:g}; --quick {short:g})")
     parser.add_argument("--profile", metavar="DIR",
                         help="after the measured rounds, one more run per tunnelpass relay with py-spy on its "
-                             "server and client: flame graphs in DIR (not counted in the figures)")
+                             "server and client: raw stacks in DIR (not counted in the figures)")
     parser.add_argument("--workdir", help="keep configurations and process logs here (default: a temporary directory)")
     args = parser.parse_args(argv)
-    quick = args.quick
-    for name, full, short in (("rounds", 3, 1), ("seconds", 4, 2), ("http_seconds", 5, 2),
-                              ("latency_count", 2000, 200), ("concurrent_seconds", 3.0, 1.0),
-                              ("fair_seconds", 2.0, 1.0), ("conns", 5000, 500), ("settle", 60.0, 10.0)):
+    for name, (full, short, _) in DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, short if quick else full)
+            setattr(args, name, short if args.quick else full)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in SCENARIOS]
     if unknown or args.rounds < 1:
