@@ -131,6 +131,12 @@ class MuxConnection(Protocol):
         else:
             settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
         h2.update_settings(settings)
+        # h2 raises its frame-size limit on the peer's ACK of our SETTINGS,
+        # but fixes the limit for a whole received batch before reading it:
+        # a peer's first large DATA frame right behind that ACK, in one read,
+        # was refused as overlong and the carrier closed.  Larger frames than
+        # we announced stay refused.
+        h2.max_inbound_frame_size = MAX_FRAME
         h2.increment_flow_control_window(CONNECTION_WINDOW - h2.inbound_flow_control_window)
         self.transport.registerProducer(self, True)
         self._flush()
