@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # make bench: tunnelpass vs its peers on loopback, in one run per script.
 #   bench/run.sh bench.py         the forwarder vs direct, socat, haproxy, twisted portforward
-#   bench/run.sh tunnel_bench.py  server + client vs socat two-hop, ssh -L (aes128-gcm), haproxy:
-#                                 bulk (iperf3), HTTP keep-alive (nginx + wrk), new connections, RSS
-#                                 (options: --quick, --rounds N, --only bulk,http,newconn,rss; --help)
+#   bench/run.sh tunnel_bench.py  server + client (type 0 and 3, tls 0 and 1) vs socat two-hop, ssh -L
+#                                 (aes128-gcm), haproxy: bulk (iperf3), HTTP keep-alive and Connection: close
+#                                 (nginx + wrk), new connections (sequential, 32 concurrent), fairness, RSS
+#                                 (options: --quick, --rounds N, --only bulk,http,http-close,newconn,
+#                                 newconn-concurrent,fairness,rss, --profile DIR; --help)
 #   bench/run.sh udp_bench.py     UDP: forwarder and tunnel vs direct and socat (iperf3 -u, request/response)
 # Needs: iperf3 socat haproxy openssh-server (and for tunnel_bench.py nginx-light wrk); as root, the
 # missing ones are installed with apt-get.  Run on an otherwise idle machine.
