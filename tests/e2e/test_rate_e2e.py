@@ -28,10 +28,10 @@ def measured_rate(port: int, skip: int = 4 << 20, measure: int = 24 << 20) -> fl
 
 
 class RateCheck:
-    def check(self, port):
-        rate = measured_rate(port)
-        limit = RATE_MBIT * 1e6 / 8
-        self.assertLess(abs(rate - limit) / limit, 0.10, f"{rate * 8 / 1e6:.1f} Mbit/s against {RATE_MBIT}")
+    def check(self, port, mbit: int = RATE_MBIT, measure: int = 24 << 20):
+        rate = measured_rate(port, measure=measure)
+        limit = mbit * 1e6 / 8
+        self.assertLess(abs(rate - limit) / limit, 0.10, f"{rate * 8 / 1e6:.1f} Mbit/s against {mbit}")
 
 
 class RateTests(RateCheck, unittest.TestCase):
@@ -52,9 +52,12 @@ class TunnelRateTests(RateCheck, unittest.TestCase):
     """--rate through the tunnel."""
 
     def test_tunnel_tls1(self):
+        # Type 3 at half the rate: its Python HTTP/2 path, on a machine
+        # loaded by the parallel suite, must not be what limits the figure.
+        mbit = RATE_MBIT // 2 if self.carrier else RATE_MBIT
         tunnel = Tunnel(self, tls=1, backend=TCPServer(self, "source"),
-                        server_args=["--rate", str(RATE_MBIT)], carrier=self.carrier)
-        self.check(tunnel.entry)
+                        server_args=["--rate", str(mbit)], carrier=self.carrier)
+        self.check(tunnel.entry, mbit, measure=(12 << 20) if self.carrier else (24 << 20))
 
 
 @on_both_carriers

@@ -15,6 +15,7 @@ import time
 from twisted.trial import unittest
 
 from tests.e2e.harness import Twistd, _EchoHandler, _ThreadingTCP, free_port, tcp_round_trip, wait_until
+from tests.e2e.tunnel_harness import on_both_carriers
 
 SERVER_HOST = "127.0.0.2"
 CLIENT_HOST = "127.0.0.3"
@@ -41,12 +42,16 @@ def retoken(token: str, **changes) -> str:
     return "tp1." + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+@on_both_carriers
 class TwoMachinesTests(unittest.TestCase):
     def test_the_logged_token_works_on_the_other_machine(self):
+        """On type 3 the client's carrier connections go where the token
+        (or --tunnel) says too, and it follows the server's --type."""
         tunnel_port, entry = free_port(), free_port()
         backend = echo_on(self, CLIENT_HOST)
         server = Twistd(self, ["--mode", "server", "--tunnel", f"0.0.0.0:{tunnel_port}",
-                               "--target", f"{SERVER_HOST}:{entry}", "--public-address", SERVER_HOST, "--tls", "1"],
+                               "--target", f"{SERVER_HOST}:{entry}", "--public-address", SERVER_HOST, "--tls", "1",
+                               "--type", str(self.carrier)],
                         ready="--token ")
         line = next(line for line in server.log().splitlines() if "--token " in line)
         self.assertIn("twistd -n --pidfile= tunnelpass --mode client --token ", line)
@@ -57,6 +62,7 @@ class TwoMachinesTests(unittest.TestCase):
         client = Twistd(self, ["--mode", "client", "--token", token, "--target", f"{CLIENT_HOST}:{backend}",
                                "--min-pool", "2"], ready="connected to")
         self.assertIn(f"client running: server {SERVER_HOST}:{tunnel_port} (from the token)", client.log())
+        self.assertIn(f", type {self.carrier})", client.log())
         self.assertEqual(wait_until(lambda: _try(SERVER_HOST, entry, b"pasted token"), 10, what="a round trip"),
                          b"pasted token")
         client.signal(15)
@@ -72,6 +78,9 @@ class TwoMachinesTests(unittest.TestCase):
         self.assertEqual(wait_until(lambda: _try(SERVER_HOST, entry, b"overridden"), 10, what="a round trip"),
                          b"overridden")
 
+
+class TokenAddressTests(unittest.TestCase):
+    """What address a token carries (no carrier, no stream)."""
 
     def test_a_wildcard_bind_without_public_address_tokens_a_host_address(self):
         """No --public-address: the token carries one of this host's own
@@ -100,6 +109,10 @@ def _try(host: str, port: int, payload: bytes, timeout: float = 2.0):
 
 
 class OutageTests(unittest.TestCase):
+    """Type 0 only: the control channel's reconnection after an outage (a
+    type-3 client's carriers after a server restart:
+    tests/e2e/test_tunnel_e2e.py ResilienceTestsType3)."""
+
     OUTAGE = 20.0
 
     def test_back_within_seconds_of_the_servers_return_after_a_20s_outage(self):

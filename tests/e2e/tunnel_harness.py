@@ -114,6 +114,9 @@ class Tunnel:
         self.client = Twistd(self.testcase, self.client_argv(tunnel_port), ready=ready, directory=self.dir,
                              prefix=self.prefix)
         if ready == "connected to":
+            for line in self.client.log().splitlines():  # every parametrised test runs on its carrier
+                if "connected to" in line and not line.startswith("{") and f", type {self.carrier})" not in line:
+                    raise AssertionError(f"not on carrier type {self.carrier}: {line}")
             carried = self.server_args + self.client_args
             if "--no-tcp" not in carried:
                 wait_until(lambda: can_connect(self.entry), 10, what="the tunnel entry port")
