@@ -103,6 +103,12 @@ MEASUREMENTS = (
 NAMES = tuple(m.name for m in MEASUREMENTS)
 
 
+def column(name: str, title: str) -> int:
+    """Where measurement *name*'s figure *title* is in its tuple of figures."""
+    measurement = next(m for m in MEASUREMENTS if m.name == name)
+    return [c[0] for c in measurement.columns].index(title)
+
+
 def run(workdir: str, names: list[str], args, left_out: tuple[str, ...] = (),
         started: float | None = None) -> tuple[dict, list[list[str]]]:
     """Run the measurements named in *names* (in MEASUREMENTS' order), each target's group under

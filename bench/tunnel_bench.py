@@ -53,45 +53,44 @@ from rounds import ratio  # noqa: E402
 SCENARIOS = scenarios.NAMES + ("rss",)
 
 
+PEERS = {SSH: "ssh -L", SOCAT: "socat two-hop", HAPROXY: "haproxy one hop"}
+
+
 def ratios(found: dict) -> list[str]:
-    """The issues' targets, each figure against its peer from the same run; the target in brackets."""
+    """The issues' targets, each figure against its peer from the same run; the target in brackets
+    ("-": no target, shown for comparison)."""
     lines = ["ratios (same run; target in brackets):"]
 
-    def line(label: str, figure: str, a, b, target: str) -> None:
-        lines.append(f"  {label:<48} {figure:<6} = {ratio(a, b):>6}  ({target})")
+    def figure(measurement: str, relay: str, column: str):
+        row = found.get(measurement, {}).get(relay)
+        return row[scenarios.column(measurement, column)] if row else None
 
-    def get(scenario: str, relay: str, column: int):
-        row = found.get(scenario, {}).get(relay)
-        return row[column] if row else None
+    def line(measurement: str, column: str, relay: str, peer: str, target: str) -> None:
+        if measurement in found:
+            label = f"{measurement} {_short(relay)} / {PEERS[peer]}"
+            value = ratio(figure(measurement, relay, column), figure(measurement, peer, column))
+            lines.append(f"  {label:<46} {column:<6} = {value:>6}  ({target})")
 
-    if "bulk" in found:
-        for name, target in ((T3_1, ">= 0.8"), (T1, ">= 1.0")):
-            line(f"bulk {_short(name)} / ssh -L", "Gbit/s", get("bulk", name, 0), get("bulk", SSH, 0), target)
-        for name, target in ((T3_0, "-"), (T0, ">= 2.0")):
-            line(f"bulk {_short(name)} / socat two-hop", "Gbit/s", get("bulk", name, 0), get("bulk", SOCAT, 0), target)
-    for scenario, what in (("http", "keep-alive"), ("http-close", "Connection: close")):
-        if scenario in found:
-            for name in (T3_1, T1):
-                line(f"http {what} {_short(name)} / ssh -L", "req/s", get(scenario, name, 0),
-                     get(scenario, SSH, 0), ">= 1.0")
-            line(f"http {what} t0 tls=0 / socat two-hop", "req/s", get(scenario, T0, 0), get(scenario, SOCAT, 0),
-                 ">= 1.0" if scenario == "http" else "-")
-    for scenario, what in (("newconn", "sequential"), ("newconn-concurrent", "concurrent")):
-        if scenario in found:
-            for name in (T3_1, T1):
-                line(f"newconn {what} {_short(name)} / ssh -L", "rate", get(scenario, name, 2),
-                     get(scenario, SSH, 2), ">= 1.0" if name == T3_1 else "-")
-                line(f"newconn {what} {_short(name)} / ssh -L", "p50", get(scenario, name, 0),
-                     get(scenario, SSH, 0), "<= 1.0" if name == T3_1 else "-")
-            for name in (T3_0, T0):
-                line(f"newconn {what} {_short(name)} / haproxy one hop", "rate", get(scenario, name, 2),
-                     get(scenario, HAPROXY, 2), ">= 0.5" if name == T3_0 else "-")
-    if "fairness" in found:
-        for name in (T3_1, T1):
-            busy_idle = get("fairness", name, 4)
-            shown = f"{busy_idle:.2f}x" if busy_idle is not None and busy_idle == busy_idle else "n/a"
-            lines.append(f"  {'fairness ' + _short(name) + ' busy p50 / idle p50':<48} {'p50':<6} = {shown:>6}  "
-                         f"(<= 3.0{'' if name == T3_1 else ', type 0 for comparison'})")
+    line("bulk", "Gbit/s", T3_1, SSH, ">= 0.8")
+    line("bulk", "Gbit/s", T1, SSH, ">= 1.0")
+    line("bulk", "Gbit/s", T3_0, SOCAT, "-")
+    line("bulk", "Gbit/s", T0, SOCAT, ">= 2.0")
+    for measurement in ("http", "http-close"):
+        line(measurement, "req/s", T3_1, SSH, ">= 1.0")
+        line(measurement, "req/s", T1, SSH, ">= 1.0" if measurement == "http" else "-")
+        line(measurement, "req/s", T0, SOCAT, ">= 1.0" if measurement == "http" else "-")
+    for measurement in ("newconn", "newconn-concurrent"):
+        line(measurement, "conn/s", T3_1, SSH, ">= 1.0")
+        line(measurement, "p50 ms", T3_1, SSH, "<= 1.0")
+        line(measurement, "conn/s", T1, SSH, "-")
+        line(measurement, "p50 ms", T1, SSH, "-")
+        line(measurement, "conn/s", T3_0, HAPROXY, ">= 0.5")
+        line(measurement, "conn/s", T0, HAPROXY, "-")
+    for relay, target in ((T3_1, "<= 3.0"), (T1, "-; type 0 for comparison")):
+        if "fairness" in found:
+            label = f"fairness {_short(relay)}: busy p50 / idle p50"
+            lines.append(f"  {label:<46} {'p50':<6} = {ratio(figure('fairness', relay, 'busy/idle'), 1.0):>6}  "
+                         f"({target})")
     if "rss" in found:
         for name, r in found["rss"].items():
             per, back = r.per_connection(), r.returned()
