@@ -51,6 +51,7 @@ class MuxStream:
 
     half_closes = True
     disconnecting = False
+    carried = False  # the peer sent DATA on it (see MuxConnection's rapid-reset budget)
     protocol = None
     producer = None
 
