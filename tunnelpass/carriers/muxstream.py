@@ -50,12 +50,16 @@ class MuxStream:
     first DATA or END_STREAM."""
 
     half_closes = True
-    disconnecting = False
-    carried = False  # the peer sent DATA on it (see MuxConnection's rapid-reset budget)
-    protocol = None
-    producer = None
+    #: Thousands of streams may be open at once: no per-instance dict.
+    __slots__ = ("connection", "stream_id", "connected", "disconnecting", "carried", "protocol", "producer",
+                 "_headers_sent", "_queue", "queued", "_end_after_queue", "_close_after_queue", "write_ended",
+                 "read_ended", "paused", "_held", "_unacked", "producer_paused")
 
     def __init__(self, connection, stream_id: int, opener: bool):
+        self.disconnecting = False
+        self.carried = False  # the peer sent DATA on it (see MuxConnection's rapid-reset budget)
+        self.protocol = None
+        self.producer = None
         self.connection = connection
         self.stream_id = stream_id
         self.connected = True
