@@ -356,6 +356,41 @@ class FlowControlTests(unittest.TestCase):
         wire.pump()
         self.assertEqual([r.received[-STREAM_WINDOW:] for _, _, _, r in slow], [b"t" * STREAM_WINDOW] * 5)
 
+    def test_what_paused_streams_hold_is_bounded_per_connection(self):
+        """The connection's window goes back early only while the paused
+        streams hold less than HELD_LIMIT: beyond, their data counts
+        against the connection window again, so one connection's memory
+        stays bounded however many streams stall."""
+        self.patch(muxconn, "CONNECTION_WINDOW", 4 * STREAM_WINDOW)
+        self.patch(muxconn, "HELD_LIMIT", 2 * STREAM_WINDOW)
+        wire = Wire()
+        slow = [wire.open() for _ in range(3)]
+        for stream, _, b_stream, _ in slow:
+            b_stream.pauseProducing()
+            stream.write(b"s" * STREAM_WINDOW)
+            wire.pump()
+        self.assertEqual(wire.b.held, 2 * STREAM_WINDOW)
+        # the third stream's window of data was not handed back early
+        self.assertEqual(wire.a.h2.outbound_flow_control_window, 3 * STREAM_WINDOW)
+        for _, _, b_stream, b_recorder in slow:
+            b_stream.resumeProducing()
+            self.assertEqual(b_recorder.received, b"s" * STREAM_WINDOW)
+        self.assertEqual(wire.b.held, 0)
+        wire.pump()
+        self.assertLessEqual(wire.a.h2.outbound_flow_control_window, 4 * STREAM_WINDOW)
+
+    def test_a_stream_that_ends_paused_gives_back_what_it_held(self):
+        self.patch(muxconn, "CONNECTION_WINDOW", 4 * STREAM_WINDOW)
+        wire = Wire()
+        stream, _, b_stream, _ = wire.open()
+        b_stream.pauseProducing()
+        stream.write(b"s" * STREAM_WINDOW)
+        wire.pump()
+        self.assertEqual(wire.b.held, STREAM_WINDOW)
+        b_stream.abortConnection()
+        wire.pump()
+        self.assertEqual(wire.b.held, 0)
+
     def test_producer_resumes_only_below_half_the_high_water(self):
         wire = Wire()
         stream, _, b_stream, b_recorder = wire.open()

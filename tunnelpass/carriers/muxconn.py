@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 
+import hyperframe.frame
 from h2 import events as h2events
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -51,6 +52,19 @@ from tunnelpass.carriers.muxheaders import OK, STATUS, StreamRefused, decode_ope
 from tunnelpass.carriers.muxstream import NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, MuxStream
 from tunnelpass.carriers.stream import IStream, write_now
 
+def _hex_prefix(data, _full=hyperframe.frame._raw_data_repr):
+    """hyperframe's repr of a frame's payload, from its first bytes only.
+
+    h2 builds ``repr(frame)`` for every frame it receives (for a trace log
+    line it then drops), and hyperframe hex-encodes the whole payload
+    before keeping 20 digits of it: a fifth of the CPU of a bulk transfer
+    on a carrier.  Eleven bytes give the same 20 digits and the "...", so
+    the text is unchanged."""
+    return _full(data[:11] if data and len(data) > 11 else data)
+
+
+hyperframe.frame._raw_data_repr = _hex_prefix
+
 #: Concurrent streams the peer may open on one carrier connection.
 MAX_STREAMS = 10_000
 #: Flow-control window per stream: bytes a sender may have in flight.
@@ -61,6 +75,9 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 64 * 1024
 #: Largest header list accepted (a stream's opening HEADERS are ~100 bytes).
 MAX_HEADER_LIST = 1024
+#: Bytes the paused streams of one connection may hold beyond the
+#: connection window (see :meth:`MuxConnection.release`).
+HELD_LIMIT = 16 * 1024 * 1024
 #: Missed heartbeats before a silent carrier is declared dead.
 DEAD_AFTER = 3
 #: Streams the peer may reset before sending any DATA on them ("rapid
@@ -108,6 +125,7 @@ class MuxConnection(Protocol):
         self._resets, self._resets_at = float(RESET_BURST), self.last_heard  # rapid-reset budget
         self._unread = 0  # bytes written since the carrier paused
         self.ending = False  # dropped by us: handle nothing more the peer sent
+        self.held = 0  # bytes paused streams hold whose connection window went back early
         self.stream = None
         self.h2 = None
 
@@ -266,17 +284,26 @@ class MuxConnection(Protocol):
             return
         self._flush()
 
-    def release(self, count: int) -> None:
-        """Hand *count* bytes of the connection's window back now: data a
-        paused stream holds, bounded by that stream's own window.  Held
-        until the stream resumed, the connection's window would be all
-        held by CONNECTION_WINDOW / STREAM_WINDOW slow streams and every
-        other stream would stall.  (The stream's later acknowledgement
-        cannot hand it back twice: h2 caps the window at its size.)  Only
-        ever called while the carrier's bytes are being handled: the
-        WINDOW_UPDATE goes out with that batch."""
-        if count and not self.closed:  # an empty DATA frame (END_STREAM) counts 0
-            self.h2.increment_flow_control_window(count)
+    def release(self, count: int) -> int:
+        """Hand *count* bytes of the connection's window back now, for data
+        a paused stream holds (bounded by that stream's own window); the
+        count handed back (0 once the streams of this connection hold
+        :data:`HELD_LIMIT` that way).  Held until the stream resumed, the
+        connection's window would be all held by CONNECTION_WINDOW /
+        STREAM_WINDOW slow streams and every other stream would stall; the
+        limit keeps what stalled streams hold bounded per connection too.
+        (The stream's later acknowledgement cannot hand it back twice: h2
+        caps the window at its size.)  Only ever called while the carrier's
+        bytes are being handled: the WINDOW_UPDATE goes out with that batch."""
+        if not count or self.closed or self.held + count > HELD_LIMIT:  # (END_STREAM alone counts 0)
+            return 0
+        self.held += count
+        self.h2.increment_flow_control_window(count)
+        return count
+
+    def unhold(self, count: int) -> None:
+        """Data released early (:meth:`release`) was taken, or its stream ended."""
+        self.held -= count
 
     def forget(self, stream: MuxStream) -> None:
         """*stream* is over for its user."""

@@ -53,7 +53,7 @@ class MuxStream:
     #: Thousands of streams may be open at once: no per-instance dict.
     __slots__ = ("connection", "stream_id", "connected", "disconnecting", "carried", "protocol", "producer",
                  "_headers_sent", "_queue", "queued", "_end_after_queue", "_close_after_queue", "write_ended",
-                 "read_ended", "paused", "_held", "_unacked", "producer_paused")
+                 "read_ended", "paused", "_held", "_unacked", "_released", "producer_paused")
 
     def __init__(self, connection, stream_id: int, opener: bool):
         self.disconnecting = False
@@ -73,6 +73,7 @@ class MuxStream:
         self.paused = False  # our consumer paused us: hold received data
         self._held: list[bytes] = []
         self._unacked = 0  # received and delivered-or-held, not yet acknowledged
+        self._released = 0  # of which the connection's window went back early
         self.producer_paused = False  # we paused our registered producer (queue over HIGH_WATER)
 
     # Twisted's transport interfaces
@@ -246,7 +247,7 @@ class MuxStream:
         self._unacked += counted
         if self.paused:
             self._held.append(data)
-            self.connection.release(counted)  # this stream's window bounds what it holds; the others go on
+            self._released += self.connection.release(counted)  # the other streams go on
             return
         self.protocol.dataReceived(data)
         self._acknowledge()
@@ -255,6 +256,9 @@ class MuxStream:
         if self._unacked and not self.paused and self.connected:
             count, self._unacked = self._unacked, 0
             self.connection.acknowledge(self, count)
+            if self._released:
+                self.connection.unhold(self._released)
+                self._released = 0
 
     def end_received(self) -> None:
         self.read_ended = True
@@ -286,6 +290,9 @@ class MuxStream:
         self.disconnecting = False
         self._queue.clear()
         self._held.clear()
+        if self._released:
+            self.connection.unhold(self._released)
+            self._released = 0
         self.queued = 0
         self.connection.forget(self)
         producer, self.producer = self.producer, None
