@@ -127,3 +127,21 @@ class HostilePeerTests(unittest.TestCase):
         self.mux.dataReceived(frame(HEADERS, END_HEADERS, 1 + 2 * muxconn.MAX_STREAMS, OPEN))
         self.assertTrue(self.transport.disconnected)
         self.assertEqual(self.acceptor.accepted, muxconn.MAX_STREAMS)
+
+
+class FuzzFindingTests(unittest.TestCase):
+    """Crashes fuzz/fuzz_mux.py found, kept as regressions."""
+
+    def test_heartbeat_after_the_peers_goaway(self):
+        """The peer's GOAWAY closes h2; if the close does not finish (the
+        peer does not read what is buffered) the next heartbeat must not
+        raise from h2.ping -- it aborts the connection instead (before,
+        the error killed the heartbeat and the connection stayed forever)."""
+        clock = Clock()
+        mux = MuxConnection(False, Acceptor(), clock, 1.0, name="carrier fuzz0001")
+        transport = RelayTransport()
+        mux.makeConnection(transport)
+        mux.dataReceived(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, 1, 0) + frame(GOAWAY, 0, 0, bytes(8)))
+        self.assertTrue(transport.disconnecting)
+        clock.advance(1.0)
+        self.assertTrue(transport.disconnected, "the lingering carrier was not aborted")

@@ -483,8 +483,12 @@ class MuxConnection(Protocol):
             self.transport.abortConnection()
             return
         opaque = os.urandom(8)
+        try:
+            self.h2.ping(opaque)
+        except H2Error:  # a GOAWAY went either way a heartbeat ago and the close has not finished
+            self.transport.abortConnection()  # (a peer that does not read holds a loseConnection forever)
+            return
         if len(self._ping_sent) < 8:
             self._ping_sent[opaque] = now
-        self.h2.ping(opaque)
         self._flush()
         self._beat = self.clock.callLater(self.heartbeat, self._heartbeat)
