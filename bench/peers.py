@@ -42,12 +42,13 @@ TUNNELS = {"tunnelpass-tls0": (0, 0), "tunnelpass-tls1": (0, 1),
 T0, T1, T3_0, T3_1 = TUNNELS
 
 
-def listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:*port* (read from /proc, no connection made)."""
+def listening(port: int, udp: bool = False) -> bool:
+    """Whether something listens on 127.0.0.1:*port* (read from /proc, no connection made); with *udp*,
+    whether an unconnected UDP socket is bound there."""
     want = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as f:
+    with open("/proc/net/udp" if udp else "/proc/net/tcp") as f:
         next(f)
-        return any(fields[1] == want and fields[3] == "0A" for fields in map(str.split, f))
+        return any(fields[1] == want and fields[3] == ("07" if udp else "0A") for fields in map(str.split, f))
 
 
 def log_tail(proc: subprocess.Popen, lines: int = 15) -> str:
@@ -67,14 +68,14 @@ def established(port: int) -> int:
         return sum(1 for fields in map(str.split, f) if fields[1] == want and fields[3] == "01")
 
 
-def wait_listening(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_listening(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None, udp: bool = False) -> None:
     deadline = time.monotonic() + timeout
-    while not listening(port):
+    while not listening(port, udp):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{' '.join(proc.args)} exited with {proc.returncode} before listening on {port}"
                                f"{log_tail(proc)}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f} s")
+            raise RuntimeError(f"nothing listening on 127.0.0.1:{port}{'/udp' if udp else ''} after {timeout:.0f} s")
         time.sleep(0.05)
 
 

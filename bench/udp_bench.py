@@ -1,28 +1,33 @@
 #!/usr/bin/env python3
 """UDP benchmark: one run, loopback, every relay against the same backends.
 
-Relays (each in front of iperf3 -- TCP control and UDP data on one port --
-and of a UDP echo server):
+Relays (the tunnel benchmark's, ``peers.py``, plus two UDP ones):
 
 * direct loopback (no relay);
 * socat, one hop (``UDP4-LISTEN,fork`` plus a TCP relay for iperf3's
   control connection): a reference;
-* the tunnelpass forwarder (a ``/tcp+udp`` rule);
-* tunnelpass tunnels, tls=0 and tls=1: a server and a client, separate
-  processes, receive flow (user -> server --target -> pool connection ->
-  client -> target).
+* the tunnelpass forwarder (a ``/tcp+udp`` rule; ``/udp`` for the echo);
+* tunnelpass tunnels, type 0 (TCP pool) and type 3 (HTTP/2 multiplexed
+  carrier, ``--type 3``: each UDP session one stream), each at tls=0 and
+  tls=1: a server and a client, separate processes, receive flow (user ->
+  server --target -> pool connection or carrier stream -> client ->
+  target).
 
-Scenarios:
+Scenarios (``--only``), each with its own target and its own set of relays
+in front of it (started, measured, stopped before the next):
 
-* iperf3 ``-u -l 1400`` at each offered rate (default 100M, 500M, 1G): the
-  rate the iperf3 server received and its loss (median of --runs
-  interleaved runs);
-* DNS-style request/response: 48-byte queries, 120-byte answers; one
-  client in lock step (rate and p50/p99) and --clients clients with one
-  query in flight each (total rate).
+* iperf3: ``iperf3 -u -l 1400 -w 4M`` at each offered rate (default 100M,
+  500M, 1G; iperf3 carries its control connection over TCP and its data
+  over UDP on one port): the rate the iperf3 server received and its loss;
+* dns: DNS-style request/response against a UDP echo server, 48-byte
+  queries and 120-byte answers: one client in lock step (p50/p99, rate,
+  queries lost) and --clients clients with one query in flight each (total
+  rate).
 
-Prints a table and the ratios the issue targets (tunnel loss <= 1% at
-500M; >= 50% of direct at 1G).
+Each scenario runs --rounds interleaved rounds (round 1 measures every
+relay, then round 2, ...; ``rounds.interleaved``) and reports medians.
+Prints the tables and the targets of the UDP issue for every tunnel (loss
+<= 1% at 500M offered; >= 0.5x of direct at 1G), from the same run.
 """
 
 from __future__ import annotations
@@ -33,18 +38,22 @@ import os
 import resource
 import selectors
 import shutil
+import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import TWISTD, free_port, wait_port  # noqa: E402
-from tunnel_bench import Peers  # noqa: E402
+from bench import TWISTD, free_port  # noqa: E402
+from peers import DIRECT, T0, T1, T3_0, T3_1, TUNNELS, Relays, wait_listening  # noqa: E402
+from rounds import interleaved, medians, ratio, table  # noqa: E402
 
 QUERY, ANSWER = 48, 120
+SOCAT1, FORWARD = "socat-1hop", "tunnelpass-forward"
+RELAYS = (DIRECT, SOCAT1, FORWARD, T0, T1, T3_0, T3_1)
+SCENARIOS = ("iperf3", "dns")
 
 ECHO = """
 import socket, sys
@@ -58,58 +67,83 @@ while True:
 """ % ANSWER
 
 
-class Relays(Peers):
-    """The tunnel benchmark's relays, set up for UDP: iperf3 (TCP control
-    and UDP data on one port) and a UDP echo server behind each."""
+class UdpRelays(Relays):
+    """The tunnel benchmark's relays (direct, the tunnelpass pairs), plus socat and the forwarder
+    relaying UDP, and a UDP echo target."""
 
-    def start(self) -> None:
-        self.spawn(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf)])
-        self.spawn([sys.executable, "-c", ECHO, str(self.echo)])
-        wait_port(self.iperf)
-        self.relays["direct"] = (self.iperf, self.echo, [])
-        self._socat()
-        self._forwarder()
-        self._tunnelpass(0)
-        self._tunnelpass(1)
-        for port, _, _ in self.relays.values():
-            wait_port(port, 20)
-        time.sleep(1.5)  # pools filled
+    def start_udp(self, names: list[str], target: int, tcp: bool) -> dict[str, int]:
+        """Each named relay in front of 127.0.0.1:*target* (UDP, and TCP too when *tcp*: iperf3's
+        control connection); name -> the port users send to.  A relay that does not come up is left
+        out (``self.failed`` says why)."""
+        ports = {DIRECT: target} if DIRECT in names else {}
+        ports.update(self.start([name for name in names if name in TUNNELS], target))
+        for name, starter in ((SOCAT1, self.socat_udp), (FORWARD, self.forwarder)):
+            if name in names:
+                try:
+                    ports[name] = starter(target, tcp)
+                except RuntimeError as e:
+                    self.leave_out(name, str(e))
+        for name, port in list(ports.items()):
+            if name != DIRECT:  # iperf3 -s binds its UDP socket per test
+                try:
+                    wait_listening(port, udp=True)
+                except RuntimeError as e:
+                    self.leave_out(name, str(e))
+                    del ports[name]
+        return {name: ports[name] for name in names if name in ports}
 
-    def _socat(self) -> None:
-        ports = []
-        for target in (self.iperf, self.echo):
-            front = free_port()
-            self.spawn(["socat", "-T", "30", f"UDP4-LISTEN:{front},bind=127.0.0.1,reuseaddr,fork",
-                        f"UDP4:127.0.0.1:{target}"])
-            if target == self.iperf:
-                self.spawn(["socat", f"TCP-LISTEN:{front},bind=127.0.0.1,reuseaddr,fork",
-                            f"TCP:127.0.0.1:{target}"])
-            ports.append(front)
-        self.relays["socat-1hop"] = (ports[0], ports[1], [])
+    def socat_udp(self, target: int, tcp: bool) -> int:
+        """socat, one hop: a process per UDP client (``fork``), and a TCP relay on the same port if *tcp*."""
+        front = free_port()
+        self.spawn(["socat", "-T", "30", f"UDP4-LISTEN:{front},bind=127.0.0.1,reuseaddr,fork",
+                    f"UDP4:127.0.0.1:{target}"], f"socat-udp-{front}.log")
+        if tcp:
+            self.spawn(["socat", f"TCP-LISTEN:{front},bind=127.0.0.1,reuseaddr,fork", f"TCP:127.0.0.1:{target}"],
+                       f"socat-tcp-{front}.log")
+            wait_listening(front)
+        return front
 
-    def _forwarder(self) -> None:
-        a, b = free_port(), free_port()
-        rules = os.path.join(self.dir, "rules.conf")
+    def forwarder(self, target: int, tcp: bool) -> int:
+        """The tunnelpass forwarder, one rule: ``/tcp+udp`` if *tcp*, else ``/udp``."""
+        front = free_port()
+        rules = os.path.join(self.dir, f"rules-{front}.conf")
         with open(rules, "w") as f:
-            f.write(f"127.0.0.1:{a}/tcp+udp | 127.0.0.1 | {self.iperf}\n"
-                    f"127.0.0.1:{b}/udp | 127.0.0.1 | {self.echo}\n")
-        self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "forward", "--config", rules,
-                    "--log", "warn"], "forward.log")
-        self.relays["tunnelpass-forward"] = (a, b, [])
+            f.write(f"127.0.0.1:{front}/{'tcp+udp' if tcp else 'udp'} | 127.0.0.1 | {target}\n")
+        proc = self.spawn([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "forward", "--config", rules,
+                           "--log", "info"], f"forward-{front}.log")
+        wait_listening(front, proc=proc, udp=True)
+        return front
+
+    def udp_echo(self) -> int:
+        """The request/response target: answers each datagram with ANSWER bytes."""
+        port = free_port()
+        proc = self.spawn([sys.executable, "-c", ECHO, str(port)], "udp-echo.log")
+        wait_listening(port, proc=proc, udp=True)
+        return port
 
 
-def iperf_udp(port: int, rate: str, seconds: int) -> tuple[float, float]:
-    """(received Mbit/s, loss %) of one iperf3 UDP run."""
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", rate, "-l", "1400",
-                          "-w", "4M", "-t", str(seconds), "-J"], capture_output=True, text=True,
-                         timeout=seconds + 30)
-    try:
-        end = json.loads(out.stdout)["end"]
-        received = end["sum_received"] if "sum_received" in end else end["sum"]
-        return received["bits_per_second"] / 1e6, received["lost_percent"]
-    except (ValueError, KeyError) as e:
-        print(f"iperf3 on {port} failed: {e}: {out.stdout[-300:]} {out.stderr[-300:]}", file=sys.stderr)
-        return 0.0, 100.0
+def iperf_udp(port: int, rates: list[str], seconds: int) -> tuple[float, ...]:
+    """One iperf3 UDP run at each offered rate: (received Mbit/s, loss %) for each, flattened.  A run
+    that fails (iperf3's control connection reset, nothing received) counts as 0 Mbit/s, 100% loss:
+    what its user got."""
+    figures: list[float] = []
+    for rate in rates:
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", rate, "-l", "1400",
+                              "-w", "4M", "-t", str(seconds), "-J"], capture_output=True, text=True,
+                             timeout=seconds + 30)
+        try:
+            result = json.loads(out.stdout)
+            if "error" in result:
+                raise ValueError(result["error"])
+            end = result["end"]
+            received = end["sum_received"] if "sum_received" in end else end["sum"]
+            if not received["packets"]:
+                raise ValueError("no datagram received")
+            figures += [received["bits_per_second"] / 1e6, received["lost_percent"]]
+        except (ValueError, KeyError) as e:
+            print(f"bench: iperf3 -u -b {rate} on {port} failed: {e} {out.stderr[-300:]}", file=sys.stderr)
+            figures += [0.0, 100.0]
+    return tuple(figures)
 
 
 def lock_step(port: int, count: int) -> tuple[float, float, float, int]:
@@ -174,65 +208,120 @@ def concurrent(port: int, clients: int, seconds: float) -> float:
     return answered / elapsed
 
 
-def main() -> int:
+def request_response(port: int, args) -> tuple[float, float, float, int, float]:
+    """The dns scenario's run through one relay: lock step (p50, p99, q/s, lost), then --clients at once (q/s)."""
+    return (*lock_step(port, args.queries), concurrent(port, args.clients, args.concurrent_seconds))
+
+
+def run(workdir: str, args) -> tuple[dict, list[list[str]]]:
+    """Each selected scenario under its own UdpRelays: {scenario: {relay: median figures}}, and the tables."""
+    found, tables = {}, []
+    if "iperf3" in args.only:
+        with UdpRelays(workdir) as relays:
+            ports = relays.start_udp(list(RELAYS), relays.iperf3(), tcp=True)
+            runs = interleaved(relays, ports, args.rounds, lambda port: iperf_udp(port, args.rates, args.seconds),
+                               "iperf3 -u")
+            found["iperf3"] = medians(runs)
+            header = f"{'relay':<18} " + " ".join(f"{rate + ' Mbit/s':>12} {'loss':>6}" for rate in args.rates)
+            rows = {name: " ".join(f"{mbps:>12.1f} {loss:>5.2f}%" for mbps, loss in zip(f[::2], f[1::2]))
+                    for name, f in found["iperf3"].items()}
+            title = (f"UDP throughput: iperf3 -u -l 1400 -w 4M, {args.seconds} s per offered rate, received rate "
+                     f"and loss as the iperf3 server saw them (a failed run: 0, 100%); "
+                     f"median of {args.rounds} interleaved rounds")
+            tables.append(table(title, header, rows, relays.failed))
+    if "dns" in args.only:
+        with UdpRelays(workdir) as relays:
+            ports = relays.start_udp(list(RELAYS), relays.udp_echo(), tcp=False)
+            runs = interleaved(relays, ports, args.rounds, lambda port: request_response(port, args), "dns")
+            found["dns"] = medians(runs)
+            header = (f"{'relay':<18} {'p50 ms':>7} {'p99 ms':>7} {'q/s 1':>7} {'lost':>5} "
+                      f"{'q/s ' + str(args.clients):>7}")
+            rows = {name: f"{p50:>7.3f} {p99:>7.3f} {rate1:>7.0f} {lost:>5.0f} {many:>7.0f}"
+                    for name, (p50, p99, rate1, lost, many) in found["dns"].items()}
+            title = (f"DNS-style request/response, {QUERY} B queries / {ANSWER} B answers: {args.queries} in lock "
+                     f"step (one client), then {args.clients} clients with one query in flight each for "
+                     f"{args.concurrent_seconds:g} s; median of {args.rounds} interleaved rounds")
+            tables.append(table(title, header, rows, relays.failed))
+    return found, tables
+
+
+def targets(found: dict, rates: list[str]) -> list[str]:
+    """The UDP issue's targets for each tunnel, from the same run (n/a: a figure is missing)."""
+    lines = ["targets (same run; target in brackets):"]
+    iperf = found.get("iperf3", {})
+    for name in (T0, T1, T3_0, T3_1):
+        row = iperf.get(name)
+        if "500M" in rates:
+            loss = f"{row[2 * rates.index('500M') + 1]:.2f}%" if row else "n/a"
+            lines.append(f"  {name:<18} loss at 500M offered       = {loss:>6}  (<= 1%)")
+        if "1G" in rates:
+            at = 2 * rates.index("1G")
+            direct = iperf.get(DIRECT)
+            value = ratio(row[at] if row else None, direct[at] if direct else None)
+            lines.append(f"  {name:<18} received at 1G / direct   = {value:>6}  (>= 0.5x)")
+    return lines
+
+
+# option -> (default, --quick default, help)
+DEFAULTS = {
+    "rounds": (3, 1, "interleaved rounds per scenario"),
+    "seconds": (4, 2, "iperf3 run length per offered rate"),
+    "queries": (5000, 1000, "lock-step queries per round (dns)"),
+    "concurrent_seconds": (2.0, 1.0, "length of the --clients run (dns)"),
+}
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=4)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rates", default="100M,500M,1G")
-    parser.add_argument("--queries", type=int, default=5000)
-    parser.add_argument("--clients", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="smoke run: every --quick default below")
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: both)")
+    for name, (full, short, text) in DEFAULTS.items():
+        flags = ["--" + name.replace("_", "-")] + (["--runs"] if name == "rounds" else [])
+        parser.add_argument(*flags, dest=name, type=type(full), help=f"{text} (default {full:g}; --quick {short:g})")
+    parser.add_argument("--rates", default="100M,500M,1G", help="iperf3 offered rates (default 100M,500M,1G)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (dns; default 32)")
+    parser.add_argument("--workdir", help="keep configurations and process logs here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    for name, (full, short, _) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, short if args.quick else full)
+    args.rates = [r.strip() for r in args.rates.split(",") if r.strip()]
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in args.only if s not in SCENARIOS]
+    if unknown or args.rounds < 1:
+        parser.error(f"unknown scenario {', '.join(unknown)}" if unknown else "--rounds must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     missing = [t for t in ("iperf3", "socat") if shutil.which(t) is None]
     if missing:
-        print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
+        print(f"bench: missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
-    rates = args.rates.split(",")
+    # SIGTERM ends the run like Ctrl-C: the `with UdpRelays` blocks stop every process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    with tempfile.TemporaryDirectory() as workdir:
-        relays = Relays(workdir)
-        try:
-            relays.start()
-            names = list(relays.relays)
-            runs = {(name, rate): [] for name in names for rate in rates}
-            for _ in range(args.runs):  # interleaved: noise hits every relay alike
-                for rate in rates:
-                    for name in names:
-                        runs[name, rate].append(iperf_udp(relays.relays[name][0], rate, args.seconds))
-            results = {key: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v))
-                       for key, v in runs.items()}
-            steps = {name: [] for name in names}
-            parallel = {name: [] for name in names}
-            for _ in range(args.runs):
-                for name in names:
-                    steps[name].append(lock_step(relays.relays[name][1], args.queries))
-                    parallel[name].append(concurrent(relays.relays[name][1], args.clients, 2.0))
-            step = {name: tuple(statistics.median(r[i] for r in rs) for i in range(4)) for name, rs in steps.items()}
-            many = {name: statistics.median(v) for name, v in parallel.items()}
-        finally:
-            relays.stop()
-
+    started = time.monotonic()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="udp-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        found, tables = run(workdir, args)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     print()
-    print(f"loopback, {os.cpu_count()} cores; iperf3 -u -l 1400 -w 4M, {args.seconds}s x{args.runs} per rate "
-          f"(median); {args.queries} lock-step {QUERY}B/{ANSWER}B queries and {args.clients} concurrent "
-          f"clients for 2s, x{args.runs} (median)")
-    cells = "".join(f" {rate + ' Mbit/s':>12} {'loss':>6}" for rate in rates)
-    header = f"{'relay':<19}{cells} {'p50 ms':>7} {'p99 ms':>7} {'q/s 1':>7} {'q/s ' + str(args.clients):>7}"
-    print(header)
-    print("-" * len(header))
-    for name in names:
-        row = "".join(f" {results[name, rate][0]:>12.1f} {results[name, rate][1]:>5.2f}%" for rate in rates)
-        p50, p99, rate1, lost = step[name]
-        print(f"{name:<19}{row} {p50:>7.3f} {p99:>7.3f} {rate1:>7.0f} {many[name]:>7.0f}")
+    print(f"UDP benchmark: loopback, {os.cpu_count()} cores, {time.monotonic() - started:.0f} s; tunnelpass server "
+          f"and client are separate twistd processes (receive flow)")
+    for lines in tables:
+        print()
+        print("\n".join(lines))
     print()
-    print("targets (same run):")
-    for name in ("tunnelpass-tls0", "tunnelpass-tls1"):
-        if "500M" in rates:
-            print(f"  {name} loss at 500M offered = {results[name, '500M'][1]:.2f}%  (target <= 1%)")
-        if "1G" in rates:
-            ratio = results[name, "1G"][0] / results["direct", "1G"][0]
-            print(f"  {name} delivered at 1G / direct = {ratio:.2f}x  (target >= 0.5)")
+    print("\n".join(targets(found, args.rates)))
     return 0
 
 
