@@ -678,3 +678,55 @@ class PeerMisbehaviourTests(unittest.TestCase):
         wire.pump()
         self.assertTrue(wire.a.closed)
         self.assertTrue([e for e in self.events if e.get("event") == "carrier_protocol_error"])
+
+
+class StreamCountTests(unittest.TestCase):
+    """h2 counts open streams by scanning them all; the carrier's h2 does
+    the scan only when its cheap bound could matter (amortized O(1))."""
+
+    def test_opening_many_streams_scans_rarely(self):
+        from h2.connection import H2Connection
+
+        scans = []
+        original = H2Connection._open_streams
+
+        def counting(self_, remainder):
+            scans.append(len(self_.streams))
+            return original(self_, remainder)
+
+        self.patch(H2Connection, "_open_streams", counting)
+        wire = Wire()
+        for _ in range(1000):
+            wire.a.open_stream("tcp", V4).attach(Recorder())
+        wire.pump()
+        self.assertEqual(len(wire.acceptor.accepted), 1000)
+        # both sides scanned a few times (each time the table doubled), not once per stream
+        self.assertLess(len(scans), 20)
+        self.assertEqual(wire.a.h2.open_outbound_streams, 1000)
+
+    def test_the_limit_is_exact(self):
+        """Near the limit the count is exact: a peer's 11th stream over a
+        limit of 10 is refused even though the table holds closed ones."""
+        self.patch(muxconn, "MAX_STREAMS", 10)
+        wire = Wire()
+        streams = [wire.open() for _ in range(10)]
+        for stream, _, b_stream, _ in streams[:5]:
+            stream.abortConnection()
+        wire.pump()
+        self.assertEqual(wire.b.h2.open_inbound_streams, 5)
+        more = [wire.open() for _ in range(5)]  # closed ones do not count: 10 open again
+        self.assertFalse(wire.b.closed)
+        self.assertEqual(len(wire.b.streams), 10)
+        self.assertEqual(len(more), 5)
+
+    def test_a_burst_that_ended_leaves_no_state_behind(self):
+        wire = Wire()
+        opened = [wire.open() for _ in range(300)]
+        for stream, _, b_stream, _ in opened:
+            stream.loseConnection()
+            b_stream.loseConnection()
+        wire.pump()
+        self.assertEqual((len(wire.a.streams), len(wire.b.streams)), (0, 0))
+        self.assertLess(len(wire.a.h2.streams), 128)
+        self.assertLess(len(wire.b.h2.streams), 128)
+

@@ -65,6 +65,35 @@ def _hex_prefix(data, _full=hyperframe.frame._raw_data_repr):
 
 hyperframe.frame._raw_data_repr = _hex_prefix
 
+class _H2Connection(H2Connection):
+    """h2's connection, counting open streams in amortized constant time.
+
+    h2 counts the open streams by scanning every stream it holds, once per
+    new stream (and drops the closed ones from its table as it goes): the
+    n-th concurrent stream costs O(n), so 10,000 streams cost 50 million
+    steps and a peer at the limit stalls the process for a minute.  Every
+    stream of a carrier connection is opened by the same side, so the size
+    of h2's table is an upper bound of the count; the exact scan runs only
+    when that bound could reach the limit, or the table has doubled since
+    the last scan (:meth:`prune` also runs it when most streams ended)."""
+
+    _scan_at = 128
+
+    def _open_streams(self, remainder: int) -> int:
+        limit = (self.remote_settings if self.config.client_side else self.local_settings).max_concurrent_streams
+        size = len(self.streams)
+        if size + 1 < min(self._scan_at, limit):
+            return size  # the bound: all streams have the parity asked about
+        count = super()._open_streams(remainder)  # exact, and drops closed streams from the table
+        self._scan_at = max(128, 2 * len(self.streams))
+        return count
+
+    def prune(self) -> None:
+        """Drop closed streams from h2's table (after most streams ended)."""
+        super()._open_streams(1)
+        self._scan_at = max(128, 2 * len(self.streams))
+
+
 #: Concurrent streams the peer may open on one carrier connection.
 MAX_STREAMS = 10_000
 #: Flow-control window per stream: bytes a sender may have in flight.
@@ -139,7 +168,7 @@ class MuxConnection(Protocol):
         config = H2Configuration(client_side=self.opener, header_encoding=None, validate_outbound_headers=False,
                                  normalize_outbound_headers=False, validate_inbound_headers=False,
                                  normalize_inbound_headers=False)
-        h2 = self.h2 = H2Connection(config)
+        h2 = self.h2 = _H2Connection(config)
         h2.initiate_connection()
         settings = {SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
                     SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
@@ -197,7 +226,9 @@ class MuxConnection(Protocol):
             self.h2.close_connection(error_code=code)
         except H2Error:
             pass
-        self.transport.write(self.h2.data_to_send())  # the GOAWAY, even from inside dataReceived
+        # The GOAWAY, even from inside dataReceived; straight to the socket,
+        # so that an abort right after this (a peer in breach) still sends it.
+        write_now(self.stream, self.h2.data_to_send())
         self.transport.loseConnection()
 
     def _calm(self, why: str) -> None:
@@ -308,6 +339,8 @@ class MuxConnection(Protocol):
     def forget(self, stream: MuxStream) -> None:
         """*stream* is over for its user."""
         self.streams.pop(stream.stream_id, None)
+        if len(self.h2.streams) >= 128 and len(self.streams) * 4 < len(self.h2.streams):
+            self.h2.prune()  # a burst ended: its closed streams' state goes now, not at the next burst
         self._waiting.pop(stream, None)
         if self.retiring and not self.streams:
             self.close()
