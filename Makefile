@@ -67,6 +67,9 @@ fuzz: $(STAMP)
 	for target in rules frames handshake url token key gate; do \
 	  $(PY) fuzz/fuzz_parsers.py $$target -max_total_time=$${FUZZ_SECONDS:-60} -print_final_stats=1 || exit 1; \
 	done
+	for target in acceptor opener headers; do \
+	  $(PY) fuzz/fuzz_mux.py $$target -max_total_time=$${FUZZ_SECONDS:-60} -print_final_stats=1 || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) _trial_temp _trial_temp_load _trial_temp_coverage build *.egg-info twisted/plugins/dropin.cache
