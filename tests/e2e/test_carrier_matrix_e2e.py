@@ -32,7 +32,7 @@ from tests.e2e.tunnel_harness import CARRIERS, Tunnel
 #: Cells that start from a URL or a token (the rest from flags).
 FORMS = {("receive", 1): "url", ("send", 0): "url", ("send", 1): "token"}
 
-STREAMS, STREAM_BYTES = 4, 8 << 20
+STREAMS, STREAM_BYTES = 4, 4 << 20
 
 
 def reset(sock: socket.socket) -> None:

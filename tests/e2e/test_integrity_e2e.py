@@ -268,13 +268,22 @@ class IdleExpiryAndStopTests(unittest.TestCase):
             for bad in ("Traceback", "Unhandled", "AttributeError"):
                 self.assertNotIn(bad, log)
 
+    def type_0_only(self):
+        """Type 3 runs one flow per TLS level (both flows among them): the
+        expiry is the relay's, the same above either carrier; the budget
+        of make test is better spent elsewhere."""
+        if self.carrier:
+            raise unittest.SkipTest("type 3: the other flow at this TLS level")
+
     def test_receive_tls0(self):
         self.check("receive", 0)
 
     def test_send_tls0(self):
+        self.type_0_only()
         self.check("send", 0)
 
     def test_receive_tls1(self):
+        self.type_0_only()
         self.check("receive", 1)
 
     def test_send_tls1(self):
@@ -284,6 +293,7 @@ class IdleExpiryAndStopTests(unittest.TestCase):
         self.check("receive", 2)
 
     def test_send_tls2(self):
+        self.type_0_only()
         self.check("send", 2)
 
 

@@ -114,6 +114,9 @@ def refused(port: int, payload: bytes) -> bool:
 @on_both_carriers
 class LoadBalancingAndBlockTests(unittest.TestCase):
     def test_lowest_latency_and_block_http(self):
+        if self.carrier:
+            raise unittest.SkipTest("the latency probe and --block run before any stream: nothing carrier-specific "
+                                    "(failover through type 3: test_primary_backup_and_block_tls)")
         fast, _ = banner_backend(self, b"fast")
         fast_port = fast.server_address[1]
         slow_port = slow_backend(self)

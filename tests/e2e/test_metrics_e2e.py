@@ -43,12 +43,15 @@ class TunnelMetricsTests(unittest.TestCase):
         tunnel = Tunnel(self, backend=backend,
                         server_args=["--metrics", f"tcp:{server_metrics}:interface=127.0.0.1"],
                         client_args=["--metrics", f"tcp:{client_metrics}:interface=127.0.0.1"], carrier=self.carrier)
+        if self.carrier:
+            tunnel.wait_pool(2)  # both carrier connections up
         self.assertEqual(tcp_round_trip(tunnel.entry, b"hello"), b"hello")
         self.assertEqual(udp_round_trip(tunnel.entry, b"datagram"), b"datagram")
         server = scrape(server_metrics)
         self.assertEqual(server[("tunnelpass_client_connected", ())], 1)
         if self.carrier:
-            self.check_carriers(server, 3)  # a stream each: the harness's readiness probe, the TCP user, the UDP session
+            # A stream each: the harness's readiness probe, the TCP user, the UDP session.
+            self.check_carriers(server, 3)
         else:
             self.assertGreater(server[("tunnelpass_pool_idle", ())], 0)
         tcp, udp = (("protocol", "tcp"), ("role", "server")), (("protocol", "udp"), ("role", "server"))

@@ -180,7 +180,7 @@ class UDPTunnelTests(unittest.TestCase):
 
     def test_no_tcp_and_no_udp(self):
         if self.carrier:
-            raise unittest.SkipTest("listeners and a refusal at the client: no tunnelled stream, nothing carrier-specific")
+            raise unittest.SkipTest("listeners and a refusal at the client: no tunnelled stream")
         tunnel = Tunnel(self, backend=self.backend(), server_args=["--no-tcp", "1"], client_args=["--no-udp", "1"])
         self.assertFalse(can_connect(tunnel.entry), "--no-tcp: nothing listens on TCP")
         # The server carries UDP, the client refuses it: no answer, and the

@@ -27,8 +27,8 @@ def on_both_carriers(cls):
     the class's module, so trial finds it and a failure names the carrier."""
     cls.carrier = 0
     name = cls.__name__ + "Type3"
-    sub = type(name, (cls,), {"carrier": 3, "__module__": cls.__module__, "__qualname__": name,
-                              "__doc__": f"{cls.__doc__ or cls.__name__}\n\nOn the HTTP/2 multiplexed carrier (--type 3)."})
+    doc = f"{cls.__doc__ or cls.__name__}\n\nOn the HTTP/2 multiplexed carrier (--type 3)."
+    sub = type(name, (cls,), {"carrier": 3, "__module__": cls.__module__, "__qualname__": name, "__doc__": doc})
     setattr(sys.modules[cls.__module__], name, sub)
     return cls
 
@@ -124,7 +124,8 @@ class Tunnel:
                 # The UDP entry is bound just after the TCP one: a datagram
                 # sent in between (a loaded machine) would be lost.
                 wait_until(lambda: udp_bound(self.entry), 10, what="the tunnel's UDP entry port")
-            self.wait_pool()
+            if not self.carrier:  # type 3: a user waits for a carrier (--pool-timeout)
+                self.wait_pool()
         return self.client
 
     def wait_pool(self, at_least: int = 1) -> None:
