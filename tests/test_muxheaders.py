@@ -8,6 +8,7 @@ from tunnelpass.carriers.muxheaders import (
     ADDRESSES,
     MAX_VALUE,
     METHOD,
+    OK,
     PROTOCOL,
     StreamRefused,
     decode_open,
@@ -146,3 +147,33 @@ class HostileHeaderTests(unittest.TestCase):
                 self.assertIsInstance(host, str)
                 self.assertNotIn("%", host)
                 self.assertTrue(0 <= port <= 65535)
+
+
+class LiteralEncoderTests(unittest.TestCase):
+    """The carrier's HPACK encoder: literals only, readable by any decoder."""
+
+    def test_any_decoder_reads_it_and_the_table_stays_empty(self):
+        from hpack import Decoder
+
+        from tunnelpass.carriers.muxheaders import LiteralEncoder
+
+        encoder, decoder = LiteralEncoder(), Decoder()
+        for source_port in (40000, 40001, 40002):
+            headers = encode_open("tcp", (("192.0.2.1", source_port), ("198.51.100.7", 443)))
+            self.assertEqual(decoder.decode(encoder.encode(headers), raw=True), headers)
+        self.assertEqual(len(decoder.header_table.dynamic_entries), 0)
+        self.assertEqual(decoder.decode(encoder.encode(OK), raw=True), OK)
+
+    def test_a_resized_table_is_announced_first(self):
+        from hpack import Decoder
+
+        from tunnelpass.carriers.muxheaders import LiteralEncoder
+
+        encoder, decoder = LiteralEncoder(), Decoder()
+        decoder.max_allowed_table_size = 4096
+        encoder.header_table_size = 1024  # the peer's SETTINGS_HEADER_TABLE_SIZE
+        block = encoder.encode(encode_open("udp"))
+        self.assertEqual(block[0] & 0xE0, 0x20)  # a dynamic table size update comes first
+        self.assertEqual(decoder.decode(block, raw=True), encode_open("udp"))
+        self.assertEqual(decoder.header_table.maxsize, 1024)
+

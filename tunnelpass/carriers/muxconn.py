@@ -48,7 +48,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tunnelpass.carriers.muxheaders import OK, STATUS, StreamRefused, decode_open, encode_open
+from tunnelpass.carriers.muxheaders import OK, STATUS, LiteralEncoder, StreamRefused, decode_open, encode_open
 from tunnelpass.carriers.muxstream import NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, MuxStream
 from tunnelpass.carriers.stream import IStream, write_now
 
@@ -169,6 +169,7 @@ class MuxConnection(Protocol):
                                  normalize_outbound_headers=False, validate_inbound_headers=False,
                                  normalize_inbound_headers=False)
         h2 = self.h2 = _H2Connection(config)
+        h2.encoder = LiteralEncoder()
         h2.initiate_connection()
         settings = {SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
                     SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,

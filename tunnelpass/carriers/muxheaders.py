@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import socket
 
+from hpack import Encoder
+from hpack.hpack import encode_integer
+
 from tunnelpass.carriers.stream import KINDS
 
 #: Longest header value accepted (an IPv6 address pair fits with room).
@@ -114,6 +117,35 @@ def _parse_addresses(raw: bytes):
     if src[0] != dst[0]:
         raise StreamRefused("tp-addr mixes IPv4 and IPv6")
     return (src[1], ports[0]), (dst[1], ports[1])
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """One header field as HPACK's "literal without indexing, new name"
+    (RFC 7541, section 6.2.2), both strings without Huffman coding."""
+    return (b"\x00" + bytes(encode_integer(len(name), 7)) + name
+            + bytes(encode_integer(len(value), 7)) + value)
+
+
+_CONSTANT = {(name, value): _literal(name, value)
+             for name, value in [(METHOD, b"CONNECT"), *OK, *((PROTOCOL, kind.encode()) for kind in KINDS)]}
+
+
+class LiteralEncoder(Encoder):
+    """HPACK for a carrier connection: every field a literal, never added
+    to the dynamic table, never Huffman-coded.
+
+    Every stream opens with the same two fields and one that differs each
+    time (the user's addresses), so the dynamic table would only churn:
+    hpack's indexing and Huffman coding were a large part of a stream's
+    cost on both sides, for a few bytes saved.  Any HPACK decoder reads
+    this; after the peer resized the table, the next block goes through
+    hpack's own encoder, which announces the new size as RFC 7541 requires."""
+
+    def encode(self, headers, huffman: bool = True) -> bytes:
+        if self.header_table.resized:
+            return super().encode(headers, huffman)
+        constant = _CONSTANT
+        return b"".join(constant.get(field) or _literal(*field) for field in headers)
 
 
 def _show(raw: bytes) -> str:
