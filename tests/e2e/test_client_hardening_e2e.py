@@ -79,7 +79,7 @@ class ForgedTLSLevelTests(unittest.TestCase):
     def test_forged_answer_to_every_plain_hello(self):
         tunnel, relay = self.connect_through(forge_plain=True, forge_tls=0)
         self.assertGreaterEqual(relay.forged["plain"], 1)
-        self.assertIn("tls 1)", tunnel.client.log())
+        self.assertIn("tls 1, type 0)", tunnel.client.log())  # the connected line: (..., tls N, type N)
         self.assertEqual(b"ping" * 100, tcp_round_trip(tunnel.entry, b"ping" * 100))
 
     def test_forged_answer_inside_tls(self):

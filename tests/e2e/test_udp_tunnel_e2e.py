@@ -163,6 +163,9 @@ class UDPTunnelTests(unittest.TestCase):
 
     def test_slot_counts_udp_sessions_and_tcp(self):
         tunnel = Tunnel(self, backend=self.backend(), server_args=["--slot", "2"], carrier=self.carrier)
+        # Type 3: the harness's readiness probe holds a slot until a carrier
+        # is up and its stream has been opened and ended.
+        tunnel.wait_pool()
         first, second, third = user_socket(), user_socket(), user_socket()
         self.assertEqual(round_trip(first, tunnel.entry, b"1"), b"1")
         self.assertEqual(round_trip(second, tunnel.entry, b"2"), b"2")
