@@ -203,6 +203,9 @@ class ResilienceTests(unittest.TestCase):
         self.assertEqual(tunnel.server.wait_exit(), 0, tunnel.server.log())
 
     def test_client_waits_for_a_server_that_is_not_up_yet(self):
+        if self.carrier:
+            raise unittest.SkipTest("the control channel's wait: carriers after a (new) session are "
+                                    "test_server_restart_client_reconnects")
         tunnel = Tunnel(self, connect=False, carrier=self.carrier)
         tunnel.server.kill()
         client = tunnel.start_client(ready="client running")
