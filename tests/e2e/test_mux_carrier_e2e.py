@@ -65,7 +65,10 @@ class DrainTests(unittest.TestCase):
 
     def check(self, flow: str):
         backend = CommandBackend(self)
-        tunnel = Tunnel(self, flow=flow, backend=backend, carrier=3, server_args=["--shutdown-timeout", "20s"])
+        # Send flow: the client keeps its listener across sessions, and a
+        # user there waits up to --pool-timeout for a carrier of a session.
+        tunnel = Tunnel(self, flow=flow, backend=backend, carrier=3, server_args=["--shutdown-timeout", "20s"],
+                        client_args=["--pool-timeout", "1s"])
         with socket.create_connection(("127.0.0.1", tunnel.entry), timeout=10) as user:
             user.sendall(b"E" + b"before" * 1000)
             received = b""
@@ -74,13 +77,16 @@ class DrainTests(unittest.TestCase):
             started = time.monotonic()
             tunnel.server.signal(signal.SIGTERM)
             tunnel.server.wait_for_log("received SIGTERM")
-            # A new user during the drain: refused (no listener, a reset, or
-            # closed without a byte), never served.
+            # A new user during the drain: refused (receive flow: the listener
+            # is closed; send flow: no carrier takes it, closed at the client's
+            # --pool-timeout without a byte), never served, never left hanging.
+            asked = time.monotonic()
             try:
-                late = tcp_round_trip(tunnel.entry, b"Elate", timeout=5)
-            except OSError:
+                late = tcp_round_trip(tunnel.entry, b"Elate", timeout=10)
+            except (ConnectionRefusedError, ConnectionResetError):
                 late = b""
             self.assertEqual(late, b"", "a new user connection was served during the drain")
+            self.assertLess(time.monotonic() - asked, 5, "the new user was left waiting")
             # The stream open across the SIGTERM carries on both ways.
             user.sendall(b"after" * 1000)
             user.shutdown(socket.SHUT_WR)
