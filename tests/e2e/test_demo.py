@@ -51,7 +51,7 @@ class DemoTests(unittest.TestCase):
 
     def test_tunnel_demo_serves_http_through_the_tunnel(self):
         demo, read_log = self.run_demo(ready="curl http://127.0.0.1:8080/")
-        self.assertIn("tls 1, certificate sha256:", read_log())
+        self.assertIn("tls 1, type 0, certificate sha256:", read_log())
         page = urllib.request.urlopen("http://127.0.0.1:8080/", timeout=5).read()
         self.assertIn(b"Hello from the tunnelpass demo service", page)
         demo.send_signal(signal.SIGINT)

@@ -208,9 +208,9 @@ class TunnelServer(ServerReporting, ServerCertificate, TunnelEnd):
         # The root's SIGTERM handler is in place before this line (tunnelpass.tap).
         s = self.settings
         self.log.info(
-            "server running: tunnel {tunnel}, flow {flow}, target {target}, tls {tls}{pin}",
+            "server running: tunnel {tunnel}, flow {flow}, target {target}, tls {tls}, type {carrier}{pin}",
             tunnel=format_address(s.tunnel_host, self.tunnel_port.getHost().port), flow=self.flow,
-            target=format_address(s.target_host, s.target_port), tls=s.tls,
+            target=format_address(s.target_host, s.target_port), tls=s.tls, carrier=s.carrier_type,
             pin=f", certificate {tlsmod.format_pin(self.fingerprint)}" if s.tls else "",
             event="server_running",
         )
