@@ -47,7 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import TWISTD, free_port  # noqa: E402
-from peers import DIRECT, T0, T1, T3_0, T3_1, TUNNELS, Relays, wait_listening  # noqa: E402
+from peers import DIRECT, T0, T1, T3_0, T3_1, TUNNELS, Relays, metric, wait_listening  # noqa: E402
 from rounds import interleaved, medians, ratio, table  # noqa: E402
 
 QUERY, ANSWER = 48, 120
@@ -122,15 +122,21 @@ class UdpRelays(Relays):
         return port
 
 
-def iperf_udp(port: int, rates: list[str], seconds: int) -> tuple[float, ...]:
-    """One iperf3 UDP run at each offered rate: (received Mbit/s, loss %) for each, flattened.  A run
-    that fails (iperf3's control connection reset, nothing received) counts as 0 Mbit/s, 100% loss:
-    what its user got."""
+def iperf_udp(port: int, rates: list[str], seconds: int, ready=lambda: None) -> tuple[float, ...]:
+    """One iperf3 UDP run at each offered rate, each after *ready()* (the tunnel is up): (received
+    Mbit/s, loss %) for each, flattened.  A run that fails (iperf3's control connection reset, nothing
+    received) counts as 0 Mbit/s, 100% loss: what its user got."""
     figures: list[float] = []
     for rate in rates:
-        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", rate, "-l", "1400",
-                              "-w", "4M", "-t", str(seconds), "-J"], capture_output=True, text=True,
-                             timeout=seconds + 30)
+        ready()
+        try:
+            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", rate, "-l", "1400",
+                                  "-w", "4M", "-t", str(seconds), "-J"], capture_output=True, text=True,
+                                 timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            print(f"bench: iperf3 -u -b {rate} on {port} did not end in {seconds + 30} s", file=sys.stderr)
+            figures += [0.0, 100.0]
+            continue
         try:
             result = json.loads(out.stdout)
             if "error" in result:
@@ -219,8 +225,15 @@ def run(workdir: str, args) -> tuple[dict, list[list[str]]]:
     if "iperf3" in args.only:
         with UdpRelays(workdir) as relays:
             ports = relays.start_udp(list(RELAYS), relays.iperf3(), tcp=True)
-            runs = interleaved(relays, ports, args.rounds, lambda port: iperf_udp(port, args.rates, args.seconds),
-                               "iperf3 -u")
+            pairs = {pair.port: pair for pair in relays.pairs.values()}
+
+            def one(port: int) -> tuple[float, ...]:
+                # Each run starts on a tunnel that is up (pool filled, carriers settled): what an earlier
+                # run did to it shows in the carrier notes below, not as a failure of the next run.
+                return iperf_udp(port, args.rates, args.seconds,
+                                 lambda: relays.wait_pool(pairs[port]) if port in pairs else None)
+
+            runs = interleaved(relays, ports, args.rounds, one, "iperf3 -u")
             found["iperf3"] = medians(runs)
             header = f"{'relay':<18} " + " ".join(f"{rate + ' Mbit/s':>12} {'loss':>6}" for rate in args.rates)
             rows = {name: " ".join(f"{mbps:>12.1f} {loss:>5.2f}%" for mbps, loss in zip(f[::2], f[1::2]))
@@ -228,7 +241,7 @@ def run(workdir: str, args) -> tuple[dict, list[list[str]]]:
             title = (f"UDP throughput: iperf3 -u -l 1400 -w 4M, {args.seconds} s per offered rate, received rate "
                      f"and loss as the iperf3 server saw them (a failed run: 0, 100%); "
                      f"median of {args.rounds} interleaved rounds")
-            tables.append(table(title, header, rows, relays.failed))
+            tables.append(table(title, header, rows, relays.failed) + carrier_notes(relays))
     if "dns" in args.only:
         with UdpRelays(workdir) as relays:
             ports = relays.start_udp(list(RELAYS), relays.udp_echo(), tcp=False)
@@ -241,8 +254,20 @@ def run(workdir: str, args) -> tuple[dict, list[list[str]]]:
             title = (f"DNS-style request/response, {QUERY} B queries / {ANSWER} B answers: {args.queries} in lock "
                      f"step (one client), then {args.clients} clients with one query in flight each for "
                      f"{args.concurrent_seconds:g} s; median of {args.rounds} interleaved rounds")
-            tables.append(table(title, header, rows, relays.failed))
+            tables.append(table(title, header, rows, relays.failed) + carrier_notes(relays))
     return found, tables
+
+
+def carrier_notes(relays: Relays) -> list[str]:
+    """For each type-3 pair whose carrier connections ended during the runs (each one resets every
+    stream on it), how many: read from the server's metrics before the pair stops."""
+    notes = []
+    for name, pair in relays.pairs.items():
+        ended = metric(pair.metrics, "tunnelpass_carriers_ended_total") if pair.carrier and pair.metrics else None
+        if ended:
+            notes.append(f"{name:<18} note: {ended:.0f} carrier connection(s) ended during the runs "
+                         f"(the client's log says why)")
+    return notes
 
 
 def targets(found: dict, rates: list[str]) -> list[str]:
