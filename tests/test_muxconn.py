@@ -379,6 +379,29 @@ class FlowControlTests(unittest.TestCase):
         wire.pump()
         self.assertLessEqual(wire.a.h2.outbound_flow_control_window, 4 * STREAM_WINDOW)
 
+    def test_one_window_update_per_batch_for_what_paused_streams_hold(self):
+        """Small frames (a UDP stream's datagrams) on a paused stream: the
+        connection's window goes back in one WINDOW_UPDATE per batch read,
+        not one per frame (which a busy peer would not read fast enough)."""
+        from hyperframe.frame import Frame, WindowUpdateFrame
+
+        wire = Wire()
+        stream, _, b_stream, _ = wire.open()
+        b_stream.pauseProducing()
+        for _ in range(100):
+            stream.write(b"d" * 100)
+        batch = wire.ta.value()
+        wire.ta.clear()
+        wire.b.dataReceived(batch)
+        sent, updates = memoryview(wire.tb.value()), 0
+        while sent:
+            frame, length = Frame.parse_frame_header(sent[:9])
+            if isinstance(frame, WindowUpdateFrame) and frame.stream_id == 0:
+                updates += 1
+            sent = sent[9 + length:]
+        self.assertEqual(updates, 1)
+        self.assertEqual(wire.b.held, 100 * 100)
+
     def test_a_stream_that_ends_paused_gives_back_what_it_held(self):
         self.patch(muxconn, "CONNECTION_WINDOW", 4 * STREAM_WINDOW)
         wire = Wire()

@@ -155,6 +155,7 @@ class MuxConnection(Protocol):
         self._unread = 0  # bytes written since the carrier paused
         self.ending = False  # dropped by us: handle nothing more the peer sent
         self.held = 0  # bytes paused streams hold whose connection window went back early
+        self._releasing = 0  # of which, in the batch being handled: one WINDOW_UPDATE at its end
         self.stream = None
         self.h2 = None
 
@@ -326,11 +327,13 @@ class MuxConnection(Protocol):
         limit keeps what stalled streams hold bounded per connection too.
         (The stream's later acknowledgement cannot hand it back twice: h2
         caps the window at its size.)  Only ever called while the carrier's
-        bytes are being handled: the WINDOW_UPDATE goes out with that batch."""
+        bytes are being handled: one WINDOW_UPDATE for the whole batch goes
+        out with it (one per DATA frame would be a frame per datagram of a
+        UDP stream)."""
         if not count or self.closed or self.held + count > HELD_LIMIT:  # (END_STREAM alone counts 0)
             return 0
         self.held += count
-        self.h2.increment_flow_control_window(count)
+        self._releasing += count
         return count
 
     def unhold(self, count: int) -> None:
@@ -366,6 +369,9 @@ class MuxConnection(Protocol):
                     return
         finally:
             self._batching = False
+            releasing, self._releasing = self._releasing, 0
+        if releasing and not self.closed:
+            self.h2.increment_flow_control_window(releasing)
         self._flush()
 
     def readConnectionLost(self) -> None:
