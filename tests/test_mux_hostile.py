@@ -67,15 +67,21 @@ class HostilePeerTests(unittest.TestCase):
         self.mux.dataReceived(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, 1, 0))  # and our SETTINGS acked
         self.transport.clear()
 
-    def test_rapid_reset_closes_with_enhance_your_calm(self):
+    def test_rapid_reset_is_refused_not_dialled(self):
         """Streams opened and reset before any DATA, faster than the budget
-        allows (CVE-2023-44487), end the carrier with ENHANCE_YOUR_CALM and
-        the streams after the cap are never handed to the acceptor."""
+        allows (CVE-2023-44487): past the budget new streams are refused
+        (RST_STREAM(REFUSED_STREAM), never handed to the acceptor, so no
+        target is dialled), the carrier and its other streams stay up, and
+        streams are accepted again once the rate falls."""
         burst = b"".join(frame(HEADERS, END_HEADERS, 1 + 2 * i, OPEN) + frame(RST_STREAM, 0, 1 + 2 * i, b"\0\0\0\x08")
                          for i in range(muxconn.RESET_BURST + 50))
         self.mux.dataReceived(burst)
-        self.assertTrue(self.transport.disconnected, "the carrier was not dropped")
-        self.assertEqual(goaway_code(self.transport.value()), muxconn.ENHANCE_YOUR_CALM)
+        self.assertFalse(self.transport.disconnected, "the carrier was dropped")
+        self.assertEqual(self.acceptor.accepted, muxconn.RESET_BURST)
+        self.assertEqual(self.mux.refused, 50)
+        sid = 1 + 2 * (muxconn.RESET_BURST + 50)
+        self.clock.advance(1.0)  # the budget refills
+        self.mux.dataReceived(frame(HEADERS, END_HEADERS, sid, OPEN))
         self.assertEqual(self.acceptor.accepted, muxconn.RESET_BURST + 1)
 
     def test_resets_within_the_rate_and_after_data_are_allowed(self):

@@ -18,16 +18,22 @@ what it has to send.  Bounds, each enforced by ``h2`` from our SETTINGS:
 :data:`MAX_STREAMS` concurrent streams opened by the peer,
 :data:`STREAM_WINDOW` bytes in flight per stream, :data:`CONNECTION_WINDOW`
 per connection, frames of at most :data:`MAX_FRAME` bytes, header lists of
-at most :data:`MAX_HEADER_LIST` bytes.  Anything ``h2`` calls a protocol
-error -- and a stream the peer opens on the wrong side, a GOAWAY -- ends
-this carrier connection only: its streams are reset, the relays behind
-them end abnormally.
+at most :data:`MAX_HEADER_LIST` bytes (:mod:`tunnelpass.carriers.h2conn`
+sets ``h2`` up; :mod:`tunnelpass.carriers.muxguard` bounds what HTTP/2
+leaves open).  Anything ``h2`` calls a protocol error -- and a stream the
+peer opens on the wrong side -- ends this carrier connection only: its
+streams are reset, the relays behind them end abnormally.  A GOAWAY either
+way ends it too (``h2`` sends nothing after one), but a stream complete on
+the wire -- END_STREAM both ways -- is not cut: it delivers what it holds
+to its user, then ends cleanly.  One stream's failure in the relay behind
+it aborts that stream only.
 
 Fairness: a stream's data goes out only within its window, and while the
 carrier's own write buffer is full every stream waits in its queue; when
-the carrier drains, waiting streams are served in turn, the one served
-last going to the back.  A bulk transfer therefore holds at most one
-window of data ahead of another stream's bytes.
+the carrier drains, waiting streams are served in turn (each sends what
+its window allows), the one the carrier stopped going to the back.  A
+bulk transfer therefore holds about one window of data ahead of another
+stream's bytes.
 
 Liveness: each side sends a PING every *heartbeat* seconds; a carrier
 that has heard nothing for three heartbeats is dead and is aborted.
@@ -37,62 +43,18 @@ from __future__ import annotations
 
 import os
 
-import hyperframe.frame
 from h2 import events as h2events
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.exceptions import H2Error, StreamClosedError
-from h2.settings import SettingCodes
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tunnelpass.carriers.muxheaders import OK, STATUS, LiteralEncoder, StreamRefused, decode_open, encode_open
+from tunnelpass.carriers.h2conn import new_h2
+from tunnelpass.carriers.muxguard import ENHANCE_YOUR_CALM, MAX_UNREAD, RESET_BURST, RESET_RATE, CarrierGuard
+from tunnelpass.carriers.muxheaders import OK, STATUS, StreamRefused, decode_open, encode_open
 from tunnelpass.carriers.muxstream import NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, MuxStream
 from tunnelpass.carriers.stream import IStream, write_now
-
-def _hex_prefix(data, _full=hyperframe.frame._raw_data_repr):
-    """hyperframe's repr of a frame's payload, from its first bytes only.
-
-    h2 builds ``repr(frame)`` for every frame it receives (for a trace log
-    line it then drops), and hyperframe hex-encodes the whole payload
-    before keeping 20 digits of it: a fifth of the CPU of a bulk transfer
-    on a carrier.  Eleven bytes give the same 20 digits and the "...", so
-    the text is unchanged."""
-    return _full(data[:11] if data and len(data) > 11 else data)
-
-
-hyperframe.frame._raw_data_repr = _hex_prefix
-
-class _H2Connection(H2Connection):
-    """h2's connection, counting open streams in amortized constant time.
-
-    h2 counts the open streams by scanning every stream it holds, once per
-    new stream (and drops the closed ones from its table as it goes): the
-    n-th concurrent stream costs O(n), so 10,000 streams cost 50 million
-    steps and a peer at the limit stalls the process for a minute.  Every
-    stream of a carrier connection is opened by the same side, so the size
-    of h2's table is an upper bound of the count; the exact scan runs only
-    when that bound could reach the limit, or the table has doubled since
-    the last scan (:meth:`prune` also runs it when most streams ended)."""
-
-    _scan_at = 128
-
-    def _open_streams(self, remainder: int) -> int:
-        limit = (self.remote_settings if self.config.client_side else self.local_settings).max_concurrent_streams
-        size = len(self.streams)
-        if size + 1 < min(self._scan_at, limit):
-            return size  # the bound: all streams have the parity asked about
-        count = super()._open_streams(remainder)  # exact, and drops closed streams from the table
-        self._scan_at = max(128, 2 * len(self.streams))
-        return count
-
-    def prune(self) -> None:
-        """Drop closed streams from h2's table (after most streams ended)."""
-        super()._open_streams(1)
-        self._scan_at = max(128, 2 * len(self.streams))
-
 
 #: Concurrent streams the peer may open on one carrier connection.
 MAX_STREAMS = 10_000
@@ -109,16 +71,10 @@ MAX_HEADER_LIST = 1024
 HELD_LIMIT = 16 * 1024 * 1024
 #: Missed heartbeats before a silent carrier is declared dead.
 DEAD_AFTER = 3
-#: Streams the peer may reset before sending any DATA on them ("rapid
-#: reset", CVE-2023-44487: each costs a target dial, none counts against
-#: MAX_STREAMS): a burst of RESET_BURST, then RESET_RATE a second; beyond,
-#: the carrier is closed with ENHANCE_YOUR_CALM.
-RESET_BURST, RESET_RATE = 1000, 100.0
-#: Bytes written while the carrier's buffer is full (the peer does not
-#: read): only answers the peer asked for (PING and SETTINGS acks, resets,
-#: window updates) -- streams wait.  Beyond this the peer is dropped.
-MAX_UNREAD = 1024 * 1024
-ENHANCE_YOUR_CALM = 11
+#: A connection with fewer stream ids left opens no more (it retires and
+#: the client dials a fresh one).
+IDS_RESERVE = 1024
+__all__ = ["MuxConnection", "ENHANCE_YOUR_CALM", "MAX_UNREAD", "RESET_BURST", "RESET_RATE"]
 
 
 @implementer(IPushProducer)
@@ -151,9 +107,8 @@ class MuxConnection(Protocol):
         self._ping_sent: dict[bytes, float] = {}
         self._beat = None
         self.last_heard = clock.seconds()
-        self._resets, self._resets_at = float(RESET_BURST), self.last_heard  # rapid-reset budget
-        self._unread = 0  # bytes written since the carrier paused
-        self.ending = False  # dropped by us: handle nothing more the peer sent
+        self.guard = CarrierGuard(clock, RESET_BURST, RESET_RATE, MAX_UNREAD)
+        self.goaway = False  # a GOAWAY went either way: h2 sends and takes nothing more
         self.held = 0  # bytes paused streams hold whose connection window went back early
         self._releasing = 0  # of which, in the batch being handled: one WINDOW_UPDATE at its end
         self.stream = None
@@ -166,27 +121,8 @@ class MuxConnection(Protocol):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)  # many streams' small frames: Nagle would hold one behind another's ACK
-        config = H2Configuration(client_side=self.opener, header_encoding=None, validate_outbound_headers=False,
-                                 normalize_outbound_headers=False, validate_inbound_headers=False,
-                                 normalize_inbound_headers=False)
-        h2 = self.h2 = _H2Connection(config)
-        h2.encoder = LiteralEncoder()
-        h2.initiate_connection()
-        settings = {SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                    SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-                    SettingCodes.MAX_CONCURRENT_STREAMS: 0 if self.opener else MAX_STREAMS}
-        if self.opener:
-            settings[SettingCodes.ENABLE_PUSH] = 0
-        else:
-            settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
-        h2.update_settings(settings)
-        # h2 raises its frame-size limit on the peer's ACK of our SETTINGS,
-        # but fixes the limit for a whole received batch before reading it:
-        # a peer's first large DATA frame right behind that ACK, in one read,
-        # was refused as overlong and the carrier closed.  Larger frames than
-        # we announced stay refused.
-        h2.max_inbound_frame_size = MAX_FRAME
-        h2.increment_flow_control_window(CONNECTION_WINDOW - h2.inbound_flow_control_window)
+        self.h2 = new_h2(self.opener, max_streams=MAX_STREAMS, stream_window=STREAM_WINDOW,
+                         connection_window=CONNECTION_WINDOW, max_frame=MAX_FRAME, max_header_list=MAX_HEADER_LIST)
         self.transport.registerProducer(self, True)
         self._flush()
         self.last_heard = self.clock.seconds()
@@ -200,9 +136,10 @@ class MuxConnection(Protocol):
         if self._beat is not None and self._beat.active():
             self._beat.cancel()
         self._beat = None
-        for stream in list(self.streams.values()):
-            stream.reset_received(None)
-        self.streams.clear()
+        streams, self.streams = self.streams, {}
+        for stream in list(streams.values()):
+            if not (stream.read_ended and stream.write_ended):  # complete ones deliver what they hold
+                stream.reset_received(None)
         self._waiting.clear()
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
@@ -211,8 +148,9 @@ class MuxConnection(Protocol):
     @property
     def usable(self) -> bool:
         """Whether a new stream may be opened here now."""
-        return (not self.closed and not self.retiring and self.h2 is not None
-                and len(self.streams) < self.h2.remote_settings.max_concurrent_streams)
+        h2 = self.h2
+        return (not self.closed and not self.retiring and not self.goaway and h2 is not None
+                and len(self.streams) < h2.remote_settings.max_concurrent_streams and h2.ids_left() > IDS_RESERVE)
 
     def retire(self) -> None:
         """No new streams here; close the connection once the last one ends."""
@@ -224,10 +162,13 @@ class MuxConnection(Protocol):
         """GOAWAY, then close after what is buffered."""
         if self.closed or self.transport is None:
             return
-        try:
-            self.h2.close_connection(error_code=code)
-        except H2Error:
-            pass
+        self.retiring = True
+        if not self.goaway:
+            self.goaway = True
+            try:
+                self.h2.close_connection(error_code=code)
+            except H2Error:
+                pass
         # The GOAWAY, even from inside dataReceived; straight to the socket,
         # so that an abort right after this (a peer in breach) still sends it.
         write_now(self.stream, self.h2.data_to_send())
@@ -237,7 +178,6 @@ class MuxConnection(Protocol):
         """Drop a peer that abuses what HTTP/2 allows (bounded work and memory)."""
         self.log.warn("{name}: {why}; closing this carrier connection", name=self.name, why=why,
                       event="carrier_abuse")
-        self.ending = True
         self.close(ENHANCE_YOUR_CALM)
         self.transport.abortConnection()
 
@@ -256,14 +196,18 @@ class MuxConnection(Protocol):
         h2.send_headers(stream_id, encode_open(kind, addresses))
         stream = self.streams[stream_id] = MuxStream(self, stream_id, opener=True)
         self.opened += 1
+        if h2.ids_left() < IDS_RESERVE and not self.retiring:
+            self.log.info("{name}: stream ids nearly used up; retiring it (a fresh one replaces it)",
+                          name=self.name, event="carrier_retired")
+            self.retiring = True  # closes once its last stream ends; the client dials another
         self._flush()
         return stream
 
     def send(self, stream: MuxStream, data: bytes) -> int:
         """DATA for *stream*, as much as its window and the carrier take
         now; the count taken (the rest waits in the stream's queue)."""
-        if self.closed:
-            return 0
+        if self.closed or self.goaway:
+            return 0  # (it waits in the stream's queue until the carrier's end resets the stream)
         if self.carrier_paused:
             self._waiting[stream] = None
             return 0
@@ -283,12 +227,16 @@ class MuxConnection(Protocol):
                     h2.send_data(stream_id, bytes(view[start:min(start + frame, count)]))
         except StreamClosedError:
             return len(data)  # reset meanwhile: its reset event ends it
+        except H2Error:
+            return 0  # the connection is ending: its end ends the stream
         if count < len(data):
             self._waiting[stream] = None
         self._flush()
         return count
 
     def end_stream(self, stream: MuxStream) -> None:
+        if self.closed or self.goaway:
+            return
         try:
             if not stream._headers_sent:
                 stream._headers_sent = True
@@ -300,7 +248,7 @@ class MuxConnection(Protocol):
         self._flush()
 
     def reset_stream(self, stream: MuxStream, code: int) -> None:
-        if self.closed:
+        if self.closed or self.goaway:
             return
         try:
             self.h2.reset_stream(stream.stream_id, code)
@@ -309,7 +257,7 @@ class MuxConnection(Protocol):
         self._flush()
 
     def acknowledge(self, stream: MuxStream, count: int) -> None:
-        if self.closed:
+        if self.closed or self.goaway:
             return
         try:
             self.h2.acknowledge_received_data(count, stream.stream_id)
@@ -330,7 +278,7 @@ class MuxConnection(Protocol):
         bytes are being handled: one WINDOW_UPDATE for the whole batch goes
         out with it (one per DATA frame would be a frame per datagram of a
         UDP stream)."""
-        if not count or self.closed or self.held + count > HELD_LIMIT:  # (END_STREAM alone counts 0)
+        if not count or self.closed or self.goaway or self.held + count > HELD_LIMIT:  # (END_STREAM: 0)
             return 0
         self.held += count
         self._releasing += count
@@ -353,6 +301,8 @@ class MuxConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.last_heard = self.clock.seconds()
+        if self.goaway:
+            return  # our GOAWAY crossed what the peer sent (a PING, a window update): nothing more to do
         try:
             events = self.h2.receive_data(data)
         except H2Error as e:
@@ -364,15 +314,29 @@ class MuxConnection(Protocol):
             for event in events:
                 handler = handlers.get(type(event))
                 if handler is not None:
-                    handler(self, event)
-                if self.closed or self.ending:
-                    return
+                    try:
+                        handler(self, event)
+                    except Exception:
+                        self._stream_failed(event)
+                if self.closed or self.goaway:
+                    break
         finally:
             self._batching = False
             releasing, self._releasing = self._releasing, 0
-        if releasing and not self.closed:
+        if self.closed or (self.goaway and not self.transport.connected):
+            return
+        if releasing and not self.goaway:
             self.h2.increment_flow_control_window(releasing)
-        self._flush()
+        self._flush(answering=True)
+
+    def _stream_failed(self, event) -> None:
+        """The protocol behind one stream raised: that stream ends
+        abnormally, the carrier and its other streams go on."""
+        self.log.failure("{name}: handling {event} failed; resetting that stream", name=self.name,
+                         event=type(event).__name__)
+        stream = self.streams.get(getattr(event, "stream_id", None))
+        if stream is not None:
+            stream.abortConnection()
 
     def readConnectionLost(self) -> None:
         self.transport.loseConnection()
@@ -382,21 +346,26 @@ class MuxConnection(Protocol):
         if self.opener:
             self._violation("a stream opened by the side that opens streams")  # h2 refuses pushes itself
             return
-        if self.retiring:
-            self.refused += 1
-            self.h2.reset_stream(stream_id, REFUSED_STREAM)
+        if self.retiring or self.guard.refusing():
+            self._refuse(stream_id)
             return
         try:
             kind, addresses = decode_open(event.headers)
         except StreamRefused as e:
-            self.refused += 1
             self.log.debug("{name}: stream refused: {why}", name=self.name, why=str(e))
-            self.h2.reset_stream(stream_id, REFUSED_STREAM)
+            self._refuse(stream_id)
             return
         stream = self.streams[stream_id] = MuxStream(self, stream_id, opener=False)
         self.opened += 1
         if not self.acceptor.stream_accepted(kind, addresses, stream, b""):
             self.refused += 1
+
+    def _refuse(self, stream_id: int) -> None:
+        self.refused += 1
+        try:
+            self.h2.reset_stream(stream_id, REFUSED_STREAM)
+        except H2Error:
+            pass
 
     def _response(self, event) -> None:
         stream = self.streams.get(event.stream_id)
@@ -409,7 +378,10 @@ class MuxConnection(Protocol):
     def _data(self, event) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None:
-            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            try:
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            except H2Error:
+                pass
             return
         stream.carried = True
         stream.data_received(event.data, event.flow_controlled_length)
@@ -423,13 +395,11 @@ class MuxConnection(Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             stream.reset_received(event.error_code)
-            if not self.opener and not stream.carried:
-                now = self.clock.seconds()
-                self._resets = min(RESET_BURST, self._resets + (now - self._resets_at) * RESET_RATE) - 1
-                self._resets_at = now
-                if self._resets < 0:
-                    self._calm("the peer resets streams before they carry data faster than "
-                               f"{RESET_RATE:g} a second (rapid reset)")
+            if not self.opener and not stream.carried and self.guard.reset_before_data():
+                self.log.warn("{name}: the peer resets streams before they carry anything faster than "
+                              "{rate:g} a second (rapid reset, or users that connect and reset); refusing "
+                              "new streams until that slows", name=self.name, rate=self.guard.rate,
+                              event="carrier_abuse")
 
     def _trailers(self, event) -> None:
         stream = self.streams.get(event.stream_id)
@@ -450,8 +420,8 @@ class MuxConnection(Protocol):
         if event.error_code:
             self.log.warn("{name}: the peer closed the carrier connection (HTTP/2 code {code})",
                           name=self.name, code=int(event.error_code), event="carrier_goaway")
-        self.retiring = True
-        self.transport.loseConnection()  # h2 sends nothing after a GOAWAY: the streams cannot go on
+        self.retiring = self.goaway = True
+        self.transport.loseConnection()  # h2 sends nothing after a GOAWAY: open streams cannot go on
 
     def _pong(self, event) -> None:
         sent = self._ping_sent.pop(bytes(event.ping_data), None)
@@ -468,23 +438,24 @@ class MuxConnection(Protocol):
         h2events.WindowUpdated: _window,
         h2events.ConnectionTerminated: _goaway,
         h2events.PingAckReceived: _pong,
+        h2events.RemoteSettingsChanged: lambda self, event: self._serve_waiting(),  # new windows
     }
 
     # Bytes to the carrier
 
-    def _flush(self) -> None:
+    def _flush(self, answering: bool = False) -> None:
         """Write what h2 has to send: straight to the socket when nothing is
         buffered before it (no reactor turn, no poller changes), the rest
-        through the transport.  Inside :meth:`dataReceived`, once at its end."""
+        through the transport.  Inside :meth:`dataReceived`, once at its
+        end (*answering*: what the peer's bytes made us send, counted
+        against what it may leave unread while the carrier is full)."""
         if self._batching or self.closed:
             return
         data = self.h2.data_to_send()
         if data:
-            if self.carrier_paused and not self.ending:
-                self._unread += len(data)
-                if self._unread > MAX_UNREAD:
-                    self._calm(f"the peer made it answer {self._unread} bytes it does not read")
-                    return
+            if answering and self.carrier_paused and self.guard.answered(len(data)):
+                self._calm(f"the peer made it answer {self.guard.unread} bytes it does not read")
+                return
             write_now(self.stream, data)
 
     def pauseProducing(self) -> None:
@@ -492,7 +463,7 @@ class MuxConnection(Protocol):
 
     def resumeProducing(self) -> None:
         self.carrier_paused = False
-        self._unread = 0
+        self.guard.drained()
         self._serve_waiting()
 
     def stopProducing(self) -> None:
@@ -503,7 +474,7 @@ class MuxConnection(Protocol):
         carrier stopped in the middle goes to the back."""
         waiting = self._waiting
         for stream in list(waiting):
-            if self.carrier_paused or self.closed:
+            if self.carrier_paused or self.closed or self.goaway:
                 return
             waiting.pop(stream, None)
             if not stream.flush_queue() and stream.connected:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from h2.exceptions import H2Error
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
@@ -105,7 +106,8 @@ class CarrierSet:
     def open(self, kind: str, addresses) -> Deferred:
         connection = self.pick()
         if connection is not None:
-            return succeed(connection.open_stream(kind, addresses))
+            stream = self._open_on(connection, kind, addresses)
+            return succeed(stream) if stream is not None else self.open(kind, addresses)
         if len(self._waiters) >= MAX_WAITING:
             return fail(StreamUnavailable(f"{MAX_WAITING} users already wait for a carrier connection"))
         entry = []
@@ -124,9 +126,23 @@ class CarrierSet:
             connection = self.pick()
             if connection is None:
                 return
-            d, kind, addresses, timer = self._waiters.popleft()
+            _, kind, addresses, _ = self._waiters[0]
+            stream = self._open_on(connection, kind, addresses)
+            if stream is None:
+                continue  # that connection is retired now: the next one, if any
+            d, _, _, timer = self._waiters.popleft()
             timer.cancel()
-            d.callback(connection.open_stream(kind, addresses))
+            d.callback(stream)
+
+    @staticmethod
+    def _open_on(connection, kind: str, addresses):
+        """A stream on *connection*, or None after retiring it (h2 refused:
+        its stream ids ran out, or it is ending)."""
+        try:
+            return connection.open_stream(kind, addresses)
+        except H2Error:
+            connection.retire()
+            return None
 
     def _expire(self, entry) -> None:
         if entry in self._waiters:

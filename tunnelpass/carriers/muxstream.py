@@ -171,10 +171,12 @@ class MuxStream:
             return
         self.paused = False
         held, self._held = self._held, []
-        for data in held:
-            if self.paused or not self.connected:
-                self._held.append(data)
-                continue
+        for index, data in enumerate(held):
+            if not self.connected:
+                return  # ended by its protocol meanwhile: nothing more is delivered
+            if self.paused:
+                self._held = held[index:] + self._held
+                break
             self.protocol.dataReceived(data)
         self._acknowledge()
         if not self.paused and self.read_ended and not self._held and self.connected:

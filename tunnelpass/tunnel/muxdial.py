@@ -63,8 +63,21 @@ class CarrierDial(SwitchingProtocol):
 
     def connectionMade(self) -> None:
         enable_keepalive(self.transport)
+        # One deadline over TLS and MUX_OK: a server that accepted and went
+        # quiet must not hold a dial (and the count of dials) for good.
+        self._deadline = self.client.clock.callLater(self.client.settings.handshake_timeout, self._expired)
         if stream_of(self.transport).secured is None:
             self._authenticate()
+
+    def _expired(self) -> None:
+        self.client.log.info("carrier connection: no MUX_OK within {timeout:g} s; dialling another",
+                             timeout=self.client.settings.handshake_timeout, event="carrier_timeout")
+        self.transport.abortConnection()
+
+    def _stop_deadline(self) -> None:
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None and deadline.active():
+            deadline.cancel()
 
     def handshakeCompleted(self) -> None:
         self._authenticate()
@@ -91,6 +104,7 @@ class CarrierDial(SwitchingProtocol):
             self.transport.abortConnection()
             return
         client = self.client
+        self._stop_deadline()
         if self.session is not client.session:
             self.transport.loseConnection()
             return
@@ -99,10 +113,11 @@ class CarrierDial(SwitchingProtocol):
                                  self.session.config.heartbeat_ms / 1000, on_lost=client.carrier_lost,
                                  name=f"carrier {self.conn_id.hex()[:8]}")
         self.switch_to(self.mux, self._decoder.take_rest())
-        client.carrier_up(self.mux)
+        client.carrier_up(self.mux, self.session)
 
     def header_lost(self, reason) -> None:
-        self.client.carrier_failed(reason)
+        self._stop_deadline()
+        self.client.carrier_failed(reason, self.session)
 
 
 class _CarrierFactory(ClientFactory):
@@ -115,7 +130,7 @@ class _CarrierFactory(ClientFactory):
         return CarrierDial(*self.args)
 
     def clientConnectionFailed(self, connector, reason) -> None:
-        self.args[0].carrier_failed(reason)
+        self.args[0].carrier_failed(reason, self.args[1])
 
     def clientConnectionLost(self, connector, reason) -> None:
         connector.transport = None  # see tunnelpass.tunnel.clientpool._PoolConnectionFactory
@@ -127,11 +142,14 @@ class CarrierKeeping:
     one that ends, retire them all when the session ends (their streams
     finish; no new ones)."""
 
-    carriers_dialing = 0
+    carriers_dialing = 0  # dials for the current session not yet up or failed
+    _dialing_for = None  # the session they are for
 
     def fill_carriers(self) -> None:
         if self.session is None:
             return
+        if self._dialing_for is not self.session:
+            self._dialing_for, self.carriers_dialing = self.session, 0  # an earlier session's do not count
         missing = CARRIER_CONNECTIONS - len(self.carriers) - self.carriers_dialing
         for _ in range(max(0, missing)):
             self._dial_carrier()
@@ -150,14 +168,18 @@ class CarrierKeeping:
             factory = HalfCloseTLSFactory(tlsmod.ALPNCreator(self._creator(level)), True, factory)
         self.reactor.connectTCP(host, port, factory, timeout=self.settings.connect_timeout)
 
-    def carrier_up(self, mux: MuxConnection) -> None:
-        self.carriers_dialing -= 1
+    def _dial_ended(self, session) -> None:
+        if session is self._dialing_for:
+            self.carriers_dialing -= 1
+
+    def carrier_up(self, mux: MuxConnection, session) -> None:
+        self._dial_ended(session)
         self.carriers.add(mux)
         self.log.debug("{name} up", name=mux.name)
 
-    def carrier_failed(self, reason) -> None:
+    def carrier_failed(self, reason, session) -> None:
         """A carrier dial or its authentication failed (the periodic fill retries)."""
-        self.carriers_dialing -= 1
+        self._dial_ended(session)
         self.log.debug("carrier connection failed: {error}", error=reason.getErrorMessage() if reason else "closed")
 
     def carrier_lost(self, mux: MuxConnection, reason) -> None:
