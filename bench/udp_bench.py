@@ -290,12 +290,12 @@ def targets(found: dict, rates: list[str]) -> list[str]:
         row = iperf.get(name)
         if "500M" in rates:
             loss = f"{row[2 * rates.index('500M') + 1]:.2f}%" if row else "n/a"
-            lines.append(f"  {name:<18} loss at 500M offered       = {loss:>6}  (<= 1%)")
+            lines.append(f"  {name:<18} {'loss at 500M offered':<24} = {loss:>7}  (<= 1%)")
         if "1G" in rates:
             at = 2 * rates.index("1G")
             direct = iperf.get(DIRECT)
             value = ratio(row[at] if row else None, direct[at] if direct else None)
-            lines.append(f"  {name:<18} received at 1G / direct   = {value:>6}  (>= 0.5x)")
+            lines.append(f"  {name:<18} {'received at 1G / direct':<24} = {value:>7}  (>= 0.5x)")
     return lines
 
 
