@@ -143,6 +143,23 @@ class UDPRelayTests(unittest.TestCase):
         session.datagramReceived(b"lost too", ("127.0.0.1", 1))
         self.assertEqual(self.forwarder.stats.udp_drops, 2)
 
+    async def test_remote_port_unreachable_ends_the_session_quietly(self):
+        """ICMP port unreachable on a session's connected socket with nothing
+        to read: Twisted closes the socket itself (no connectionRefused).
+        The session ends there (a refusal counted); the client's next
+        datagram opens a new one -- no write on a socket that is gone (an
+        unhandled error per datagram, which trial would fail on)."""
+        dead = self.listen(DatagramProtocol())
+        dead_port = dead.getHost().port
+        await dead.stopListening()
+        self.forwarder.update("127.0.0.1", dead_port, Limits(max_sessions=2, udp_idle=30))
+        client = self.client()
+        self.send(client, b"first")
+        await until(lambda: self.forwarder.stats.udp_sessions_total == 1 and not self.forwarder.sessions)
+        self.assertGreaterEqual(self.forwarder.stats.udp_drops, 1)
+        self.send(client, b"second")  # a new session, to a target that may be back
+        await until(lambda: self.forwarder.stats.udp_sessions_total == 2 and not self.forwarder.sessions)
+
     async def test_unusable_remote_closes_the_session(self):
         events = []
         self.forwarder.log = Logger(observer=events.append)

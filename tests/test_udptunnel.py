@@ -354,6 +354,20 @@ class EgressTests(unittest.TestCase):
         self.assertTrue(first.stopped and transport.disconnecting)
         self.assertEqual(len(egress.sessions), 0)
 
+    def test_socket_closed_by_twisted_ends_the_session(self):
+        """Twisted closes a connected UDP socket on an error-only event (ICMP
+        port unreachable, nothing to read) without connectionRefused: the
+        session ends (its stream closes, a refusal and a drop are counted)
+        and nothing more is written to the gone socket."""
+        egress = self.egress()
+        stream, transport = self.start(egress)
+        (port,) = self.reactor.ports
+        port.protocol.stopProtocol()  # what udp.Port.connectionLost calls
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((len(egress.sessions), self.stats.udp_drops), (0, 1))
+        port.write = lambda *args: self.fail("written after its socket was gone")
+        stream.dataReceived(frame(b"late"))
+
     def test_oversized_from_the_tunnel_dropped(self):
         egress = self.egress(udp_buffer=100)
         stream, _ = self.start(egress)

@@ -238,6 +238,19 @@ class UDPSession(DatagramProtocol, IdleExpiry):
         listener.target_warnings.failed(listener.name, listener.remote_host, listener.remote_port,
                                         "port unreachable (ICMP)", "udp")
 
+    def stopProtocol(self) -> None:
+        """The session's socket is closed.  Besides our own close, Twisted
+        closes a connected UDP socket whose only pending event is an error
+        (ICMP port unreachable with nothing to read), without telling
+        ``connectionRefused``: then the session ends here (counted as a
+        refusal), and the client's next datagram opens a new one, instead
+        of every datagram meeting a socket that is gone."""
+        if self.closed:
+            return
+        self.connectionRefused()
+        self.transport = None  # gone: close() has nothing to stop
+        self.close()
+
     def close(self) -> None:
         if self.closed:
             return

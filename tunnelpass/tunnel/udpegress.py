@@ -52,6 +52,15 @@ class _TargetSocket(DatagramProtocol):
         self.session.stats.udp_drops += 1
         self.session.target_refused()
 
+    def stopProtocol(self) -> None:
+        """The socket is closed: by the session, or by Twisted, which closes
+        a connected UDP socket whose only pending event is an error (ICMP
+        port unreachable with nothing to read) without telling
+        ``connectionRefused``.  Then the session ends (counted as a refusal;
+        its stream ends, so the far side's next datagram opens a new one)
+        instead of every datagram meeting a socket that is gone."""
+        self.session.socket_gone()
+
 
 class EgressSession(_Session):
     """One OPEN_UDP stream and its socket to the target."""
@@ -147,6 +156,14 @@ class EgressSession(_Session):
             self.stats.bytes_out += len(datagram)
         else:
             self.stats.udp_drops += 1
+
+    def socket_gone(self) -> None:
+        if self.closed or self.socket is None:
+            return  # our own close
+        self.socket = None
+        self.stats.udp_drops += 1
+        self.target_refused()
+        self.close()
 
     def target_refused(self) -> None:
         self._refused = True
