@@ -223,7 +223,6 @@ class TCPStream:
         sock = transport.socket
         if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
             return None
-        from tunnelpass.carriers.nativeend import SocketEnd  # the engines' module; imported when first needed
         return SocketEnd(transport)
 
     def set_write_buffer(self, size: int) -> None:
@@ -291,3 +290,15 @@ def _adapt(interface, transport):
 
 
 adapter_hooks.append(_adapt)
+
+
+def SocketEnd(transport):  # noqa: N802 - stands for the class until its module is loaded
+    """:class:`tunnelpass.carriers.nativeend.SocketEnd`, imported on first use
+    (that module implements this one's interfaces), then bound here for good:
+    an import inside ``native_end()`` ran the import machinery on every
+    relayed message."""
+    global SocketEnd
+    from tunnelpass.carriers.nativeend import SocketEnd as end_class
+
+    SocketEnd = end_class
+    return end_class(transport)

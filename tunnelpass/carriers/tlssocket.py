@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from zope.interface import implementer
 
+from tunnelpass.carriers.nativeend import TLSEnd
 from tunnelpass.carriers.stream import IStream, TCPStream, socket_unsent, twisted_buffered
 from tunnelpass.carriers.tls import fingerprint
 
@@ -301,7 +302,6 @@ class TLSSocketMixin:
                 or self._received_close or self._sent_close  # an engine would never hear of it again
                 or twisted_buffered(self) or not self.connected or self.disconnecting):
             return None
-        from tunnelpass.carriers.nativeend import TLSEnd  # the engines' module; imported when first needed
         return TLSEnd(self, self._tls)
 
     def set_write_buffer(self, size: int) -> None:
