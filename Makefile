@@ -55,12 +55,12 @@ bench: bench-forward bench-tunnel bench-udp
 bench-forward: $(STAMP)
 	bash bench/run.sh bench.py
 
-# BENCH_ARGS: options of bench/tunnel_bench.py, e.g. BENCH_ARGS="--quick --only http,rss" (a smoke run).
+# BENCH_ARGS: options of the benchmark script, e.g. BENCH_ARGS="--quick --only http,rss" (a smoke run).
 bench-tunnel: $(STAMP)
 	bash bench/run.sh tunnel_bench.py $(BENCH_ARGS)
 
 bench-udp: $(STAMP)
-	bash bench/run.sh udp_bench.py
+	bash bench/run.sh udp_bench.py $(BENCH_ARGS)
 
 fuzz: $(STAMP)
 	$(PY) -m pip install -q atheris==3.0.0
