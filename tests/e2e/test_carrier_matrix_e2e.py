@@ -5,7 +5,7 @@ For each of carrier type {0 (TCP pool), 3 (HTTP/2 multiplexed)} x --tls
 client ``twistd`` process and checks through them, in one test method (trial
 has no setUpClass; one method shares the processes):
 
-* TCP: a few concurrent checksummed streams, 200 connections at once,
+* TCP: a few concurrent checksummed streams, 100 connections at once,
   half-close both ways (the user's FIN and the target's FIN each leave the
   other direction open), an abnormal end of either leg reaching the other as
   a reset while a clean FIN stays a FIN;
@@ -32,7 +32,7 @@ from tests.e2e.tunnel_harness import CARRIERS, Tunnel
 #: Cells that start from a URL or a token (the rest from flags).
 FORMS = {("receive", 1): "url", ("send", 0): "url", ("send", 1): "token"}
 
-STREAMS, STREAM_BYTES = 4, 4 << 20
+STREAMS, STREAM_BYTES = 4, 2 << 20
 
 
 def reset(sock: socket.socket) -> None:
@@ -202,7 +202,7 @@ class CarrierMatrix:
             thread.join(90)
         for sent, received, count in results:
             self.assertEqual((received, count), (sent, STREAM_BYTES), "a stream arrived altered")
-        self.assertEqual(concurrent_round_trips(self.entry, 200), 200)
+        self.assertEqual(concurrent_round_trips(self.entry, 100), 100)
 
     def check_half_close(self, backend):
         # The user's FIN: the target reads to the end, then answers.
