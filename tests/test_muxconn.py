@@ -753,3 +753,24 @@ class StreamCountTests(unittest.TestCase):
         self.assertLess(len(wire.a.h2.streams), 128)
         self.assertLess(len(wire.b.h2.streams), 128)
 
+
+class FirstFlightTests(unittest.TestCase):
+    """Our SETTINGS hold from the start: a peer may use them as soon as it
+    has read them, in the same flight as its ACK."""
+
+    def test_more_than_h2s_default_100_streams_in_the_first_flight(self):
+        clock, acceptor = Clock(), Acceptor()
+        a = MuxConnection(True, None, clock, 0.0, name="carrier aaaaaaaa")
+        b = MuxConnection(False, acceptor, clock, 0.0, name="carrier bbbbbbbb")
+        ta, tb = RelayTransport(), RelayTransport()
+        a.makeConnection(ta)
+        b.makeConnection(tb)
+        # Users were waiting: the opener opens their streams at once, before
+        # the acceptor's SETTINGS (or anything) came back; its preface,
+        # SETTINGS and 150 HEADERS arrive in one read.
+        for _ in range(150):
+            a.open_stream("tcp", V4).attach(Recorder())
+        b.dataReceived(ta.value())
+        self.assertFalse(b.closed)
+        self.assertEqual(len(acceptor.accepted), 150)
+

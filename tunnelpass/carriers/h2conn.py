@@ -22,7 +22,7 @@ from __future__ import annotations
 import hyperframe.frame
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 
 from tunnelpass.carriers.muxheaders import LiteralEncoder
 
@@ -87,7 +87,6 @@ def new_h2(opener: bool, *, max_streams: int, stream_window: int, connection_win
                              normalize_inbound_headers=False)
     h2 = CarrierH2(config)
     h2.encoder = LiteralEncoder()
-    h2.initiate_connection()
     settings = {SettingCodes.INITIAL_WINDOW_SIZE: stream_window, SettingCodes.MAX_FRAME_SIZE: max_frame,
                 SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list,
                 SettingCodes.MAX_CONCURRENT_STREAMS: 0 if opener else max_streams}
@@ -95,12 +94,16 @@ def new_h2(opener: bool, *, max_streams: int, stream_window: int, connection_win
         settings[SettingCodes.ENABLE_PUSH] = 0
     else:
         settings[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
-    h2.update_settings(settings)
-    # h2 raises its frame-size limit on the peer's ACK of our SETTINGS, but
-    # fixes the limit for a whole received batch before reading it: a peer's
-    # first large DATA frame right behind that ACK, in one read, was refused
-    # as overlong and the carrier closed.  Larger frames than we announced
-    # stay refused.
+    # Our SETTINGS are in force here from the start, not from the peer's
+    # ACK (h2's way): until then h2 held us to its defaults (100 streams,
+    # 16 KiB frames), and a peer that opened its 101st stream, or sent a
+    # large DATA frame, right after reading our SETTINGS -- in the same
+    # flight as its ACK -- was taken for a peer in breach and the carrier
+    # closed.  Accepting more than the peer may yet assume is safe; each
+    # value h2 copies at start is set along with it.
+    h2.local_settings = Settings(client=opener, initial_values=settings)
     h2.max_inbound_frame_size = max_frame
+    h2.decoder.max_header_list_size = max_header_list
+    h2.initiate_connection()  # its SETTINGS frame carries the values above
     h2.increment_flow_control_window(connection_window - h2.inbound_flow_control_window)
     return h2
