@@ -400,3 +400,22 @@ class Streamer:
         self._writer.join(10)
         self._reader.join(10)
         self.sock.close()
+
+
+def accept_in_threads(listener: socket.socket, serve, on_accept=None) -> None:
+    """Accept connections on *listener* until it is closed, each served by
+    ``serve(sock)`` in a thread of its own; ``on_accept(sock)``, if given,
+    runs first in the accepting thread (counting, keeping the socket)."""
+
+    def loop() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return  # closed
+            if on_accept is not None:
+                on_accept(sock)
+            threading.Thread(target=serve, args=(sock,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+

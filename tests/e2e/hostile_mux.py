@@ -19,6 +19,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes
 
+from tests.e2e.harness import accept_in_threads
 from tests.e2e.tunnel_harness import KEY
 from tunnelpass.wire.codec import FrameDecoder, Type
 from tunnelpass.wire.handshake import ClientHandshake, check_mux_ok, pool_auth_frame
@@ -244,20 +245,12 @@ class Backend:
         self.listener.listen(1024)
         self.port = self.listener.getsockname()[1]
         self.sockets: list = []
-        import threading
-        self._threading = threading
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_in_threads(self.listener, self._serve, self._accepted)
         testcase.addCleanup(self.close)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self.sockets.append(sock)
-            self._threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+    def _accepted(self, sock) -> None:
+        self.accepted += 1
+        self.sockets.append(sock)
 
     @staticmethod
     def _serve(sock) -> None:

@@ -26,7 +26,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import UDPEchoServer, free_port, wait_until
+from tests.e2e.harness import UDPEchoServer, accept_in_threads, free_port, wait_until
 from tests.e2e.tunnel_harness import CARRIERS, Tunnel
 
 #: Cells that start from a URL or a token (the rest from flags).
@@ -78,16 +78,8 @@ class CommandBackend:
         self.listener.listen(256)
         self.ends: dict[bytes, list] = {b"G": [], b"S": []}
         self.sunk = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_in_threads(self.listener, self._serve)
         testcase.addCleanup(self.listener.close)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _drain(self, sock: socket.socket, count_into: str | None = None) -> tuple[str, int]:
         count = 0

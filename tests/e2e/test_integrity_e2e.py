@@ -18,7 +18,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import Forwarder, free_port, tcp_round_trip, wait_until
+from tests.e2e.harness import Forwarder, accept_in_threads, free_port, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import ThreadedProxy, Tunnel, on_both_carriers
 
 #: What SIGTERM may take beyond --shutdown-timeout (the watchdog's margin
@@ -87,17 +87,8 @@ class Backend:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_in_threads(self.listener, self._serve, lambda sock: self.accepted.set())
         testcase.addCleanup(self.listener.close)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted.set()
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
         try:

@@ -26,7 +26,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import can_connect, rss_kib, wait_until
+from tests.e2e.harness import accept_in_threads, can_connect, rss_kib, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 
 MiB = 1024 * 1024
@@ -52,20 +52,12 @@ class Backend:
         self.port = self.listener.getsockname()[1]
         self.pushed = 0  # bytes of the slow stream the backend managed to send
         self.closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_in_threads(self.listener, self._serve)
         testcase.addCleanup(self.close)
 
     def close(self):
         self.closed.set()
         self.listener.close()
-
-    def _accept(self):
-        while not self.closed.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock):
         with sock:

@@ -12,7 +12,7 @@ import sys
 import threading
 
 from tests.certs import ca_signed, write_pem
-from tests.e2e.harness import TCPServer, Twistd, can_connect, free_port, udp_bound, wait_until
+from tests.e2e.harness import TCPServer, Twistd, accept_in_threads, can_connect, free_port, udp_bound, wait_until
 
 KEY = "e2e-tunnel-key-0123456789abcdef"
 
@@ -184,17 +184,8 @@ class ThreadedProxy:
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_in_threads(self.listener, self._serve, self.sockets.append)
         testcase.addCleanup(self.close)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            self.sockets.append(downstream)
-            threading.Thread(target=self._serve, args=(downstream,), daemon=True).start()
 
     def _serve(self, downstream: socket.socket) -> None:
         raise NotImplementedError
