@@ -62,7 +62,7 @@ class OutboundProtocol(RelayEnd):
     frame when the "dialled" side is a pool connection).
     """
 
-    in_stream = None  # the accepted leg as a stream, once relaying through Twisted
+    in_stream = None  # the accepted leg as a stream (set when this leg connects)
 
     def __init__(self, inbound: "InboundProtocol", greeting: bytes = b""):
         self.inbound = inbound
@@ -73,11 +73,7 @@ class OutboundProtocol(RelayEnd):
 
     def dataReceived(self, data: bytes) -> None:
         inbound = self.inbound
-        stream = self.in_stream
-        if stream is not None:
-            write_now(stream, data)
-        else:
-            inbound.transport.write(data)
+        write_now(self.in_stream, data)
         inbound.stats.bytes_out += len(data)
         inbound.bytes_out += len(data)
         inbound.resetTimeout()

@@ -54,7 +54,7 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
     closed = False
     _pending = None  # an IConnector or a Deferred while dialling
     _early: list | None = None  # bytes read before the remote answered
-    out_stream = None  # the outbound leg as a stream, once relaying through Twisted
+    out_stream = None  # the outbound leg as a stream, once it is connected
     original = None  # (source, destination) from a trusted PROXY header
     gate: FirstBytesGate | None = None  # --block: judging the user's first bytes
     trace: connlog.Trace | None = None  # --log debug: this connection's trace
@@ -94,6 +94,9 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
             return
         connlog.connected(self)
         self.outbound = outbound
+        # Each leg writes to the other as a stream (straight to its socket
+        # when nothing is buffered; see stream.write_now).
+        self.out_stream, outbound.in_stream = stream_of(outbound.transport), stream_of(self.transport)
         self.setTimeout(self.factory.limits.idle or None)
         if self.gate is not None:  # --block: the user has not spoken yet
             if outbound.greeting:
@@ -126,7 +129,6 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
             self.bytes_in += len(early)
         if self._read_closed:  # the FIN came with the early bytes
             outbound.half_close()
-        self.out_stream, outbound.in_stream = stream_of(outbound.transport), stream_of(self.transport)
         self.transport.registerProducer(LegProducer(outbound.transport), True)
         outbound.transport.registerProducer(LegProducer(self.transport), True)
         self._producing = outbound._producing = True
@@ -173,11 +175,7 @@ class InboundProtocol(RelayEnd, TimeoutMixin):
                 self._early = []
             self._early.append(data)
             return
-        stream = self.out_stream
-        if stream is not None:
-            write_now(stream, data)
-        else:
-            outbound.transport.write(data)
+        write_now(self.out_stream, data)
         self.stats.bytes_in += len(data)
         self.bytes_in += len(data)
         self.resetTimeout()
