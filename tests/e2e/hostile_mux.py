@@ -196,6 +196,30 @@ class Carrier:
             pass
 
 
+def stream_echo(carrier, conn, payload: bytes, timeout: float = 10.0) -> bytes:
+    """One stream opened with *conn*'s HTTP/2 state on *carrier*, carrying
+    *payload*: what comes back within *timeout* (the target echoes)."""
+    stream_id = conn.get_next_available_stream_id()
+    conn.send_headers(stream_id, OPEN_TCP)
+    conn.send_data(stream_id, payload)
+    carrier.send(conn.data_to_send())
+    echoed, deadline = b"", time.monotonic() + timeout
+    while len(echoed) < len(payload) and time.monotonic() < deadline:
+        carrier.sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = carrier.sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        for event in conn.receive_data(data):
+            if type(event).__name__ == "DataReceived" and event.stream_id == stream_id:
+                echoed += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        carrier.send(conn.data_to_send())
+    return echoed
+
+
 def echo_through(insider: Insider, payload: bytes = b"well-behaved", timeout: float = 10.0) -> bytes:
     """Open a fresh carrier, speak HTTP/2 as tunnelpass does, open one TCP
     stream and return what comes back for *payload* (the server's target
@@ -204,27 +228,7 @@ def echo_through(insider: Insider, payload: bytes = b"well-behaved", timeout: fl
     conn = h2_peer(client_side=True)
     try:
         conn.receive_data(bytes(carrier.received))
-        stream_id = conn.get_next_available_stream_id()
-        conn.send_headers(stream_id, OPEN_TCP)
-        conn.send_data(stream_id, payload)
-        carrier.send(conn.data_to_send())
-        echoed = b""
-        deadline = time.monotonic() + timeout
-        while len(echoed) < len(payload) and time.monotonic() < deadline:
-            carrier.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                data = carrier.sock.recv(65536)
-            except socket.timeout:
-                continue
-            if not data:
-                break
-            for event in conn.receive_data(data):
-                chunk = getattr(event, "data", None)
-                if chunk and getattr(event, "stream_id", None) == stream_id:
-                    echoed += chunk
-                    conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
-            carrier.send(conn.data_to_send())
-        return echoed
+        return stream_echo(carrier, conn, payload, timeout)
     finally:
         carrier.close()
 

@@ -25,7 +25,7 @@ from tests.e2e.harness import Twistd, free_port, rss_kib, wait_until
 from tests.e2e.hostile_mux import (
     CONTINUATION, DATA, END_HEADERS, FLOW_CONTROL_ERROR, HEADERS, OPEN_TCP, PING, PUSH_PROMISE,
     REFUSED_STREAM, RST_STREAM, SETTINGS, WINDOW_UPDATE, Backend, Carrier, Insider, echo_through, frame, h2_peer,
-    resets, serve_one,
+    resets, serve_one, stream_echo,
 )
 from tests.e2e.tunnel_harness import KEY
 from tunnelpass.carriers.muxconn import MAX_FRAME, RESET_BURST
@@ -99,29 +99,6 @@ class _SharedServer(unittest.TestCase):
     def health(self, field: str) -> int:
         lines = [line for line in self.server.log().splitlines() if f" {field}=" in line]
         return int(re.search(rf" {field}=(\d+)", lines[-1]).group(1)) if lines else 0
-
-
-def stream_echo(carrier: Carrier, conn, payload: bytes, timeout=10.0) -> bytes:
-    """One stream opened with *conn*'s state on *carrier*: what comes back."""
-    stream_id = conn.get_next_available_stream_id()
-    conn.send_headers(stream_id, OPEN_TCP)
-    conn.send_data(stream_id, payload)
-    carrier.send(conn.data_to_send())
-    echoed, deadline = b"", time.monotonic() + timeout
-    while len(echoed) < len(payload) and time.monotonic() < deadline:
-        carrier.sock.settimeout(0.1)
-        try:
-            data = carrier.sock.recv(65536)
-        except socket.timeout:
-            continue
-        if not data:
-            break
-        for event in conn.receive_data(data):
-            if type(event).__name__ == "DataReceived" and event.stream_id == stream_id:
-                echoed += event.data
-                conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
-        carrier.send(conn.data_to_send())
-    return echoed
 
 
 class SendFlowFramingTests(_SharedServer):
