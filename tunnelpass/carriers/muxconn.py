@@ -75,7 +75,6 @@ DEAD_AFTER = 3
 #: A connection with fewer stream ids left opens no more (it retires and
 #: the client dials a fresh one).
 IDS_RESERVE = 1024
-__all__ = ["MuxConnection", "ENHANCE_YOUR_CALM", "MAX_UNREAD", "RESET_BURST", "RESET_RATE"]
 
 
 @implementer(IPushProducer)

@@ -39,7 +39,7 @@ from tunnelpass.carriers.stream import IStream, attach
 HIGH_WATER = 64 * 1024
 
 # RST_STREAM codes (RFC 9113 section 7)
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, REFUSED_STREAM, CANCEL, CONNECT_ERROR = 0, 1, 2, 7, 8, 10
+NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, CANCEL = 0, 1, 7, 8
 
 
 @implementer(IStream)
