@@ -128,8 +128,7 @@ def makeService(options, reactor=None):
     root = TunnelpassService(make_observer(options["log"], options["log-format"], twistd=twistd), reactor,
                              Launcher(twistd), shutdown_timeout=options["shutdown-timeout"])
     if options["mode"] in ("server", "client"):
-        make = _server_service if options["mode"] == "server" else _client_service
-        service = make(options, reactor)
+        service = tunnel_service(options, reactor)
         service.setServiceParent(root)
         _metrics(options, service, reactor, root)
         _weak_key_warning(options, root)
@@ -170,6 +169,13 @@ def makeService(options, reactor=None):
     forwarder.setServiceParent(root)
     _metrics(options, forwarder, reactor, root)
     return root
+
+
+def tunnel_service(options, reactor):
+    """The tunnel server or client that checked *options* describe (a
+    ``--mode server``/``client`` run, or one of the master's instances)."""
+    make = _server_service if options["mode"] == "server" else _client_service
+    return make(options, reactor)
 
 
 def _metrics(options, service, reactor, root) -> None:

@@ -194,6 +194,9 @@ class Options(usage.Options):
                                      "with -n, --logfile, --syslog."],
     ]
 
+    #: Where ``TUNNELPASS_*``/``NP_*`` values come from (None: ``os.environ``).
+    environ: dict | None = None
+
     def opt_version(self):
         """Print the tunnelpass version and exit."""
         print(f"tunnelpass {__version__}")
@@ -213,7 +216,8 @@ class Options(usage.Options):
             hint = traffic_forwarder_hint(argv)
             if hint:
                 raise usage.UsageError(hint)
-            super().parseOptions(environment_arguments(os.environ, _PARSERS, _FLAGS) + self._url_last(argv))
+            environ = os.environ if self.environ is None else self.environ
+            super().parseOptions(environment_arguments(environ, _PARSERS, _FLAGS) + self._url_last(argv))
         except usage.UsageError as e:
             if getattr(self, "parent", None) is None:
                 raise
@@ -384,3 +388,16 @@ def split_address(text: str) -> tuple[str, int]:
 
 def split_targets(text: str) -> list[tuple[str, int]]:
     return [split_address(part) for part in text.split(",")]
+
+
+def parse_tunnel_url(url: str) -> Options:
+    """A ``server://`` or ``client://`` URL checked and converted exactly as
+    the command line does it, the environment left out (the master's
+    instances are their URL, nothing else).  Raises
+    :class:`usage.UsageError` with the command line's message."""
+    if not isinstance(url, str) or not url.lower().startswith(("server://", "client://")):
+        raise usage.UsageError("the URL must start with server:// or client://")
+    options = Options()
+    options.environ = {}
+    options.parseOptions([url])
+    return options
