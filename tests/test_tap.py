@@ -85,8 +85,10 @@ class OptionTests(unittest.TestCase):
     def test_mode_required(self):
         self.assertUsageError([], "choose a mode with --mode")
 
-    def test_unbuilt_modes_say_so(self):
-        self.assertUsageError(["--mode", "master"], "--mode master is not available yet")
+    def test_master_mode_defaults_to_loopback(self):
+        options = parse(["--mode", "master"])
+        self.assertEqual((options["api"], options["api-prefix"], options["report-interval"]),
+                         ("127.0.0.1:9090", "/api", 5.0))
 
     def test_help_lists_modes_and_options(self):
         text = str(tap.Options())
@@ -386,7 +388,7 @@ class NodePassHabitTests(unittest.TestCase):
     def test_planned_parts_say_so(self):
         self.assertUsageError([f"server://{KEY}@h:1/h:2?type=2"], "type=2 (WebSocket) is not available in this "
                               "version")
-        self.assertUsageError([f"master://{KEY}@h:1/api"], "not available in this version of tunnelpass (planned)")
+        self.assertUsageError([f"master://{KEY}@h:1/api"], "a master:// URL carries no key")
         self.assertEqual(parse([f"server://{KEY}@h:1/h:2?type=0"])["tunnel"], "h:1")  # the TCP pool: ours
 
 

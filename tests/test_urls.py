@@ -130,9 +130,8 @@ class URLTests(unittest.TestCase):
         self.assertBad(f"server://{K}@h:1/h:2?type=3&type=0", "given twice")
         self.assertBad(f"server://{K}@h:1/h:2?type=" + "9" * 5000, "longer than")
         self.assertBad(f"server://{K}@h:1/h:2?type=" + "9" * 100, "'99999")
-        self.assertBad(f"master://{K}@:9090/api?log=info", "master:// (NodePass's API master that runs instances) "
-                                                          "is not available in this version of tunnelpass (planned)")
-        self.assertBad(f"MASTER://{K}@:9090/api", "planned")
+        # A tunnel URL is server:// or client://; master:// has its own parser (config.masterurl).
+        self.assertBad(f"master://{K}@:9090/api?log=info", "URL scheme 'master': use server:// or client://")
 
     def test_non_utf8_argument(self):
         # argv bytes that are not UTF-8 arrive as lone surrogates (surrogateescape).

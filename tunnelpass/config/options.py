@@ -42,10 +42,11 @@ from tunnelpass.config.envoptions import environment_arguments
 from tunnelpass.config.optionerrors import USAGE_ERROR, keyless_client_message, traffic_forwarder_hint, usage_line
 from tunnelpass.carriers.tls import parse_pin
 from tunnelpass.relay.hostaddrs import parse_public_address
+from tunnelpass.config.masterurl import DEFAULT_API, DEFAULT_PREFIX, parse_api_address, parse_master_url, parse_origins, parse_prefix
 from tunnelpass.config.urls import KEY_RULE, check_key, parse_address, parse_targets, parse_token, parse_url
 
 MODES = ("server", "client", "forward", "master")
-AVAILABLE_MODES = ("server", "client", "forward")
+AVAILABLE_MODES = MODES
 
 _count = lambda v: parse_count(v, 1, 1_000_000)  # noqa: E731
 _duration_or_off = parse_duration  # 0 means "off" where documented
@@ -99,11 +100,20 @@ _PARSERS = {
     "lbs": lambda v: int(parse_choice(v, ("0", "1", "2"))),
     "fallback-interval": parse_positive_duration,
     "block": parse_block,
+    # master
+    "api": parse_api_address,
+    "api-prefix": parse_prefix,
+    "workers": lambda v: parse_count(v, 1, 64),
+    "cors": parse_origins,
 }
 
 #: Options only one side of a tunnel reads (refused on the other side).
 _CLIENT_ONLY = ("ca", "pin", "sni", "token")
 _SERVER_ONLY = ("cert", "private-key", "state-dir", "public-address")
+#: Options only --mode master reads.
+_MASTER_ONLY = ("api", "api-prefix", "workers", "cors")
+#: Options --mode master refuses (it runs tunnels only as instances, from their URLs).
+_NOT_MASTER = ("tunnel", "target", "key", "token", "ca", "pin", "sni", "public-address", "type")
 _TUNNEL_ONLY = ("tunnel", "target", "key", "token", "cert", "private-key", "state-dir", "ca", "pin", "sni",
                 "public-address", "type")
 
@@ -128,7 +138,8 @@ class Options(usage.Options):
         "tunnelpass: secure, fast TCP/UDP tunnel and port forwarder.\n\n"
         "Modes: server and client (a tunnel; also as a NodePass-style URL "
         "argument, e.g. 'server://KEY@0.0.0.0:10101/0.0.0.0:8080?tls=1'), forward "
-        "(static port forwarder from a rules file); master is not available yet.  "
+        "(static port forwarder from a rules file) and master (a NodePass-compatible REST API that runs "
+        "tunnel instances, e.g. 'master://127.0.0.1:9090/api').  "
         "Every option can also be set in the environment as TUNNELPASS_<OPTION> "
         "(e.g. TUNNELPASS_MAX_CONNS=200) and some as NodePass's NP_* names; flags win "
         "over the environment, a URL's values win over flags.  Durations: 500ms, 30s, 10m, 1h."
@@ -146,11 +157,14 @@ class Options(usage.Options):
         ["connect-timeout", None, "5s", "forward: time allowed to connect to the remote."],
         ["idle", None, "10m", "forward: close a TCP connection idle this long in both directions (0 = never)."],
         ["udp-idle", None, "60s", "Expire a UDP session (one per client address) idle this long."],
-        ["reload-interval", None, "0", "forward: re-read the rules file when it changes, checked this often (0 = off; SIGHUP always reloads)."],
+        ["reload-interval", None, "0", "forward: re-read the rules file when it changes, checked this often (0 = off; SIGHUP always reloads).  "
+                                       "master: online backup of the state database this often (0 = the default, 1h)."],
         ["zero-copy", None, "on", "relay with native engines: splice(2) for plain TCP, OpenSSL on the socket for TLS "
          "(Linux); off = every byte through Twisted's transports."],
         ["shutdown-timeout", None, "5s", "Time live connections get to finish on SIGTERM/SIGINT before they are aborted."],
-        ["report-interval", None, "60s", "Log a stats/health line (event stats / health) this often (0 = only at shutdown)."],
+        ["report-interval", None, None, "Log a stats/health line (event stats / health) this often (0 = only at shutdown; "
+                                        "default 60s).  master: how often instances report their status and counters "
+                                        "(default 5s; one silent for three intervals is marked error)."],
         ["heartbeat", None, "5s", "server: ping the client this often on the control channel (100ms..10m); a side silent for three heartbeats is dropped."],
         ["tunnel", None, None, "server: address to listen on for clients; client: the server's address (flow local: the local listen address)."],
         ["target", None, None, "server: where users connect (receive flow) or what to dial (send flow); client: what to dial (receive) or where to listen (send)."],
@@ -165,7 +179,16 @@ class Options(usage.Options):
                              "client: follows the server's, or with --type insists on it (refuses another)."],
         ["cert", None, None, "server --tls 2: certificate chain (PEM)."],
         ["private-key", None, None, "server --tls 2: private key (PEM) of --cert."],
-        ["state-dir", None, None, "server --tls 1: keep the self-signed certificate here so its fingerprint survives restarts."],
+        ["state-dir", None, None, "server --tls 1: keep the self-signed certificate here so its fingerprint survives restarts.  "
+                                  "master: its database, backup, API certificate and instances' state "
+                                  "(default: $STATE_DIRECTORY, else ~/.local/state/tunnelpass/master)."],
+        ["api", None, None, f"master: HOST:PORT the REST API listens on (default {DEFAULT_API}, loopback only; "
+                            ":PORT = every IPv4 interface; URL master://HOST:PORT)."],
+        ["api-prefix", None, None, f"master: path prefix of the API, which lives under PREFIX/v1 (default "
+                                   f"{DEFAULT_PREFIX}; URL master://HOST:PORT/PREFIX)."],
+        ["workers", None, None, "master: worker processes that host the instances (default: one per core)."],
+        ["cors", None, None, "master: ORIGIN[,ORIGIN] of web pages allowed to call the API from a browser "
+                             "(e.g. https://dash.example.com); off by default, never *."],
         ["min-pool", None, "64", "client: idle pool connections to keep at least."],
         ["max-pool", None, "1024", "server: idle pool connections a client may keep; client: its own upper bound."],
         ["pool-timeout", None, "5s", "How long a user connection waits for an idle pool connection before it is refused."],
@@ -269,11 +292,37 @@ class Options(usage.Options):
         self._check_options_of_other_modes(mode)
         if mode in ("server", "client"):
             self._check_tunnel_options(mode)
+        if self["report-interval"] is None:
+            self["report-interval"] = 5.0 if mode == "master" else 60.0
+        if mode == "master":
+            self._check_master_options()
+
+    def _check_master_options(self) -> None:
+        """The master's API: TLS like a tunnel server's, defaults filled in."""
+        if self["tls"] == 2 and not (self["cert"] and self["private-key"]):
+            raise usage.UsageError("master --tls 2 needs --cert and --private-key (URL crt= and key=)")
+        if self["tls"] != 2 and (self["cert"] or self["private-key"]):
+            raise usage.UsageError("--cert/--private-key (URL crt=/key=) are for --tls 2")
+        if self["report-interval"] == 0:
+            raise usage.UsageError("master --report-interval must be more than 0: instances report their "
+                                   "status and counters this often")
+        self["api"] = self["api"] or DEFAULT_API
+        self["api-prefix"] = self["api-prefix"] or DEFAULT_PREFIX
 
     def _check_options_of_other_modes(self, mode: str) -> None:
         """An option that only another mode, flow or TLS level reads is
         refused, not ignored: an operator who passes ``--ca`` expects it to
         be read, and a missing file must then stop the process."""
+        if mode != "master":
+            for name in _MASTER_ONLY:
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} is for --mode master, not --mode {mode}")
+        if mode == "master":
+            for name in _NOT_MASTER:
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} is for --mode server/client; the master runs tunnels as "
+                                           "instances created through its API")
+            return
         if mode == "forward":
             for name in _TUNNEL_ONLY:
                 if self[name] is not None:
@@ -369,7 +418,8 @@ class Options(usage.Options):
                                        "a URL looks like server://KEY@HOST:PORT/HOST:PORT)")
             self.url = args[0]
             try:
-                url_options = parse_url(args[0])
+                master = args[0][:9].lower() == "master://"
+                url_options = parse_master_url(args[0]) if master else parse_url(args[0])
             except ValueError as e:
                 text = str(e)
                 raise usage.UsageError(text if text.startswith("URL") else f"URL: {text}") from None

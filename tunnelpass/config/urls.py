@@ -50,7 +50,7 @@ QUERY_OPTIONS = {
 
 #: NodePass URL parts tunnelpass does not have yet (they are planned): a
 #: clear "not available" instead of "unknown key".
-PLANNED_SCHEMES = {"master": "master:// (NodePass's API master that runs instances)"}
+PLANNED_SCHEMES: dict[str, str] = {}
 
 #: An empty host (``server://:10101/...``, NodePass's "all interfaces"):
 #: listened on, it is every IPv4 interface; dialled, Linux connects to
