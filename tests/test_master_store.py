@@ -221,20 +221,28 @@ class ValidationTests(StoreTestBase):
         self.assertEqual(await store.load_instances(), [])
 
     async def test_an_invalid_stored_row_is_left_out_and_logged(self):
-        """A row edited by hand (bad JSON) does not stop the others loading."""
+        """Rows edited by hand (bad JSON, wrong types, a bad id) do not stop
+        the sound ones loading."""
         store = await self.opened()
-        await store.save_instance(row("0000000a"))
-        await store.save_instance(row("0000000b"))
+        damages = ["meta = '{not json'", "meta = '[1, 2]'", "counters = '{\"tcprx\": -1}'", "counters = X'00ff'",
+                   "restart = 5", "desired = 'paused'", "created = 'yesterday'", "id = 'NOT-HEX!'",
+                   "meta = '" + "[" * 100000 + "'"]
+        ids = [f"{i:08x}" for i in range(len(damages))]
+        await store.save_instance(row("ffffffff"))
+        for id in ids:
+            await store.save_instance(row(id))
         db = sqlite3.connect(self.path)
-        db.execute("UPDATE instances SET meta = '{not json' WHERE id = '0000000b'")
+        for id, damage in zip(ids, damages):
+            db.execute(f"UPDATE instances SET {damage} WHERE id = ?", (id,))
         db.commit()
         db.close()
         with capturedLogs() as events:
             rows = await store.load_instances()
-        self.assertEqual([r["id"] for r in rows], ["0000000a"])
-        [event] = [e for e in events if e.get("event") == "state_row_invalid"]
-        self.assertEqual(event["log_level"], LogLevel.error)
-        self.assertIn("0000000b", formatEvent(event))
+        self.assertEqual([r["id"] for r in rows], ["ffffffff"])
+        invalid = [e for e in events if e.get("event") == "state_row_invalid"]
+        self.assertEqual(len(invalid), len(damages))
+        self.assertEqual({e["log_level"] for e in invalid}, {LogLevel.error})
+        self.assertIn("00000000", formatEvent(invalid[0]))
 
 
 class MigrationTests(StoreTestBase):
