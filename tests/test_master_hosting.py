@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.e2e.harness import free_port
 from tunnelpass.master.hosting import LOG_RATE, InstanceHost, _Instance
+from tunnelpass.ops import connlog
 
 
 class Echo(Protocol):
@@ -88,8 +89,8 @@ class Hosting(TestCase):
     def logs(self, id):
         return [data for who, kind, data in self.events if who == id and kind == "log"]
 
-    async def start_pair(self, client_log: str = "info"):
-        self.host.start("srv00001", self.server_url, os.path.join(self.dir, "s"), "info")
+    async def start_pair(self, client_log: str = "info", server_log: str = "info"):
+        self.host.start("srv00001", self.server_url, os.path.join(self.dir, "s"), server_log)
         self.host.start("cli00001", self.client_url, os.path.join(self.dir, "c"), client_log)
         self.assertEqual(self.statuses("srv00001"), [("running", "")])
         self.assertEqual(self.statuses("cli00001"), [("running", "")])
@@ -152,9 +153,14 @@ class Hosting(TestCase):
         self.assertEqual(await round_trip(self.public, payload), payload)
 
     async def test_log_attribution_and_levels(self):
-        await self.start_pair(client_log="warn")
+        self.addCleanup(setattr, connlog.TRACING, "enabled", connlog.TRACING.enabled)
+        await self.start_pair(client_log="warn", server_log="debug")
+        self.assertEqual(await round_trip(self.public, b"traced"), b"traced")
         server_lines = [log["text"] for log in self.logs("srv00001")]
         self.assertTrue(any(line.startswith("server running") for line in server_lines), server_lines)
+        # Logged without a source (Twisted's own line, a module-level Logger): found on the stack.
+        self.assertIn(f"_GateFactory starting on {self.tunnel}", server_lines)
+        self.assertTrue(any(" accepted from 127.0.0.1:" in line for line in server_lines), server_lines)
         self.assertTrue(any("client 127.0.0.1 connected" in line for line in server_lines), server_lines)
         # The client logs at warn: its info lines ("client running", "connected to") stay out.
         self.assertEqual([log for log in self.logs("cli00001") if log["level"] == "info"], [])

@@ -352,3 +352,57 @@ def _wait(predicate, what: str, timeout: float = 8.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+class WorkerSignals(SynchronousTestCase):
+    def test_sigterm_stops_every_instance_then_exits_0(self):
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        worker = subprocess.Popen(
+            ["/bin/sh", "-c", f'exec "$0" -m tunnelpass.master.worker --report-interval 0.2 3>&{write}',
+             sys.executable], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(write,), cwd=ROOT)
+        os.close(write)
+        self.addCleanup(lambda: worker.poll() is None and (worker.kill(), worker.wait()))
+        self.addCleanup(worker.stdin.close)
+        events = _Events(read)
+        self.assertEqual(events.next()["ev"], "hello")
+        tunnels = [free_port() for _ in range(2)]
+        for n, tunnel in enumerate(tunnels):
+            url = f"server://{secrets.token_hex(16)}@127.0.0.1:{tunnel}/127.0.0.1:{free_port()}?mode=1"
+            worker.stdin.write(encode({"op": "start", "id": f"i{n}", "url": url, "dir": self.mktemp(),
+                                       "log": "warn"}))
+        worker.stdin.flush()
+        running = {e["id"] for e in events.until(2, lambda e: e.get("status") == "running")}
+        self.assertEqual(running, {"i0", "i1"})
+        worker.send_signal(signal.SIGTERM)
+        stopped = {e["id"] for e in events.until(2, lambda e: e.get("status") == "stopped")}
+        self.assertEqual(stopped, {"i0", "i1"})
+        self.assertEqual(worker.wait(8), 0)
+        self.assertTrue(all(_can_bind(port) for port in tunnels))
+
+
+class _Events:
+    """Reads a worker's fd 3 (blocking, with a deadline)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.buffer = fd, b""
+
+    def next(self, timeout: float = 8.0) -> dict:
+        import select
+
+        while b"\n" not in self.buffer:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            data = os.read(self.fd, 65536) if ready else b""
+            if not data:
+                raise AssertionError(f"no event within {timeout} s (or the pipe closed)")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def until(self, count: int, predicate) -> list[dict]:
+        found = []
+        while len(found) < count:
+            event = self.next()
+            if predicate(event):
+                found.append(event)
+        return found

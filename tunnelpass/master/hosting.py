@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
@@ -32,6 +33,7 @@ from twisted.logger import Logger, LogLevel, eventAsText
 from twisted.python.usage import UsageError
 
 from tunnelpass.master.workerwire import LOG_TEXT, LineBudget
+from tunnelpass.ops import connlog
 from tunnelpass.ops.starterror import StartupError
 from tunnelpass.ops.startup import describe
 
@@ -43,6 +45,7 @@ LOG_RATE = 100
 _LINKS = ("server", "client", "end", "factory", "service", "owner", "handler", "parent", "protocol",
           "wrappedFactory", "wrappedProtocol")
 _WALK_DEPTH = 6
+_STACK_DEPTH = 48
 
 #: Parts of a tunnel end registered as the instance's own (log sources
 #: that do not link back to the service).
@@ -157,6 +160,8 @@ class InstanceHost:
             if value is not None:
                 self._own(value, instance)
         instance.state = "running"
+        if level == "debug":
+            connlog.TRACING.enabled = True  # per-connection traces: one switch for the process
         self._status(id, "running")
 
     def _build(self, url: str, dir: str, log: str):
@@ -273,8 +278,9 @@ class InstanceHost:
 
     def attribute(self, event) -> _Instance | None:
         """The instance a log event comes from: an ``instance_id`` field,
-        the event's ``log_source``, or, for a failure, the innermost frame
-        of its traceback whose ``self`` belongs to an instance."""
+        the event's ``log_source``, for a failure the innermost frame of
+        its traceback whose ``self`` belongs to an instance, else the
+        nearest such frame of the code logging now."""
         named = event.get("instance_id")
         if named is not None and named in self.instances:
             return self.instances[named]
@@ -291,6 +297,16 @@ class InstanceHost:
             instance = self.owner(frame.f_locals.get("self"))
             if instance is not None:
                 return instance
+        # Logged from inside an instance's code (a module-level Logger,
+        # Twisted's own "starting on" lines): whose ``self`` is on the stack.
+        frame = sys._getframe(1)
+        for _ in range(_STACK_DEPTH):
+            if frame is None:
+                break
+            instance = self.owner(frame.f_locals.get("self"))
+            if instance is not None:
+                return instance
+            frame = frame.f_back
         return None
 
     def __call__(self, event) -> None:

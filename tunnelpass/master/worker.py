@@ -31,6 +31,9 @@ from tunnelpass.master.workerwire import LEVELS, CommandDecoder, WireError, enco
 PR_SET_PDEATHSIG = 1
 EVENTS_FD = 3
 
+#: Seconds a stopping worker waits for the master to read its last events.
+FLUSH_GRACE = 2.0
+
 log = Logger(namespace="tunnelpass.master.worker")
 
 
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent(args.parent)
 
     from twisted.internet import reactor, stdio
+    from twisted.internet.task import deferLater
 
     from tunnelpass.master.hosting import InstanceHost
     from tunnelpass.ops.logs import LEVELS as LOG_LEVELS
@@ -116,7 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     io = stdio.StandardIO(CommandProtocol(host, eof), stdin=0, stdout=EVENTS_FD, reactor=reactor)
     writer.append(io)
     io.write(encode({"ev": "hello", "pid": os.getpid()}))
-    reactor.addSystemEventTrigger("before", "shutdown", host.stop_all)
+    def drain():
+        # SIGTERM/SIGINT: stop every instance, then flush the events (their
+        # "stopped") and exit as the output closes; bounded either way.
+        d = host.stop_all()
+        d.addBoth(lambda _: io.loseConnection())
+        d.addBoth(lambda _: deferLater(reactor, FLUSH_GRACE, lambda: None))
+        return d
+
+    reactor.addSystemEventTrigger("before", "shutdown", drain)
     reactor.callWhenRunning(host.start_reports)
     reactor.run()  # SIGTERM/SIGINT: the reactor stops, "before shutdown" drains the instances
     os._exit(0)
