@@ -220,6 +220,13 @@ class LogRouting(SynchronousTestCase):
         self.emit(1, source=object())
         self.assertEqual(len(self.unowned), 1)
 
+    def test_fatal_lets_only_critical_through(self):
+        self.host.instances["abc"].level = "fatal"
+        self.emit(1, LogLevel.error)
+        self.assertEqual(self.events, [])
+        self.emit(1, LogLevel.critical)
+        self.assertEqual([e[2]["level"] for e in self.events], ["error"])
+
     def test_linked_source_is_attributed(self):
         class Protocol_:
             factory = self.owned

@@ -406,3 +406,18 @@ class _Events:
             if predicate(event):
                 found.append(event)
         return found
+
+
+class WorkerChatter(SynchronousTestCase):
+    def test_socket_chatter_stays_out_unless_debug(self):
+        from twisted.logger import PredicateResult
+
+        from tunnelpass.master.worker import socket_chatter
+
+        lines = [("(TCP Port 20211 Closed)", PredicateResult.no), ("(UDP Port 1 Closed)", PredicateResult.no),
+                 ("_GateFactory starting on 20210", PredicateResult.no),
+                 ("Unhandled Error", PredicateResult.maybe)]
+        for text, verdict in lines:
+            event = {"log_namespace": "log_legacy", "message": (text,)}
+            self.assertEqual(socket_chatter("info")(event), verdict, text)
+            self.assertEqual(socket_chatter("debug")(event), PredicateResult.maybe)

@@ -52,9 +52,10 @@ _STACK_DEPTH = 48
 _PARTS = ("target_factory", "local_factory", "udp_egress", "udp_ingress", "acceptor", "carriers", "reach",
           "guard", "descriptors", "service", "probe")
 
-_NAMES = {LogLevel.debug: "debug", LogLevel.info: "info", LogLevel.warn: "warn", LogLevel.error: "error",
-          LogLevel.critical: "error"}
-_ORDER = {"debug": 0, "info": 1, "warn": 2, "error": 3}
+#: Twisted's level -> (rank, the wire's name); an instance's level -> rank.
+_NAMES = {LogLevel.debug: (0, "debug"), LogLevel.info: (1, "info"), LogLevel.warn: (2, "warn"),
+          LogLevel.error: (3, "error"), LogLevel.critical: (4, "error")}
+_ORDER = {"debug": 0, "info": 1, "warn": 2, "error": 3, "fatal": 4}
 
 
 def instance_stats(service) -> dict:
@@ -319,8 +320,8 @@ class InstanceHost:
             if self.fallback is not None:
                 self.fallback(event)
             return
-        level = _NAMES.get(event.get("log_level"), "info")
-        if _ORDER[level] < _ORDER[instance.level]:
+        rank, level = _NAMES.get(event.get("log_level"), (1, "info"))
+        if rank < _ORDER.get(instance.level, 1):
             return
         if not instance.budget.take():
             return

@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
 import signal
 import sys
 
 from twisted.internet import protocol
-from twisted.logger import FilteringLogObserver, Logger, LogLevelFilterPredicate, globalLogBeginner, \
-    textFileLogObserver
+from twisted.logger import FilteringLogObserver, Logger, LogLevelFilterPredicate, PredicateResult, \
+    globalLogBeginner, textFileLogObserver
 
-from tunnelpass.master.workerwire import LEVELS, CommandDecoder, WireError, encode
+from tunnelpass.master.workerwire import LOG_LEVELS, CommandDecoder, WireError, encode
 
 PR_SET_PDEATHSIG = 1
 EVENTS_FD = 3
@@ -53,9 +54,27 @@ def die_with_parent(parent: int | None) -> None:
 def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m tunnelpass.master.worker")
     parser.add_argument("--report-interval", type=float, default=5.0)
-    parser.add_argument("--log", choices=LEVELS, default="info", help="level of the worker's own lines")
+    parser.add_argument("--log", choices=LOG_LEVELS, default="info", help="level of the worker's own lines")
     parser.add_argument("--parent", type=int, default=None, help="the master's pid")
     return parser.parse_args(argv)
+
+
+_CHATTER = re.compile(r"^\(\w+ Port \d+ Closed\)$|^\S+ starting on \d+$")
+
+
+def socket_chatter(level: str):
+    """Twisted's own "X starting on N" / "(TCP Port N Closed)" lines that
+    no instance could be found for (a port closing a tick after its stop):
+    kept out of the master's log unless the worker logs at debug."""
+
+    def predicate(event) -> PredicateResult:
+        if level != "debug" and event.get("log_namespace") == "log_legacy":
+            message = event.get("message")
+            if message and _CHATTER.match(" ".join(map(str, message))):
+                return PredicateResult.no
+        return PredicateResult.maybe
+
+    return predicate
 
 
 class CommandProtocol(protocol.Protocol):
@@ -95,10 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.task import deferLater
 
     from tunnelpass.master.hosting import InstanceHost
-    from tunnelpass.ops.logs import LEVELS as LOG_LEVELS
+    from tunnelpass.ops.logs import LEVELS as TWISTED_LEVELS
 
     fallback = FilteringLogObserver(textFileLogObserver(sys.stderr),
-                                    [LogLevelFilterPredicate(defaultLogLevel=LOG_LEVELS[args.log])])
+                                    [LogLevelFilterPredicate(defaultLogLevel=TWISTED_LEVELS[args.log]),
+                                     socket_chatter(args.log)])
     writer = []  # the StandardIO transport, once made
 
     def send(id: str, kind: str, data: dict) -> None:

@@ -31,7 +31,9 @@ MAX_LINE = 64 * 1024
 MAX_ID = 64
 LOG_TEXT = 8000
 
-LEVELS = ("debug", "info", "warn", "error")
+LEVELS = ("debug", "info", "warn", "error")  # of a log event
+#: An instance's log level (``--log``; ``fatal`` lets only critical lines through).
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 STATUSES = ("running", "stopped", "error")
 STAT_FIELDS = ("tcps", "udps", "pool", "ping", "tcprx", "tcptx", "udprx", "udptx")
 
@@ -63,7 +65,7 @@ def _one_of(choices):
 
 #: kind -> {field: check}; every field is required except those in _OPTIONAL.
 COMMANDS = {
-    "start": {"id": _ident, "url": _text(4096), "dir": _text(4096), "log": _one_of(LEVELS)},
+    "start": {"id": _ident, "url": _text(4096), "dir": _text(4096), "log": _one_of(LOG_LEVELS)},
     "stop": {"id": _ident, "timeout": _number},
 }
 EVENTS = {
