@@ -109,8 +109,12 @@ class Hosting(TestCase):
         self.assertGreater(stats["cli00001"]["pool"], 0)
         self.assertEqual(set(stats["srv00001"]), {"tcps", "udps", "pool", "ping", "tcprx", "tcptx", "udprx",
                                                    "udptx"})
+        self.assertEqual(await round_trip(self.public, b"last bytes"), b"last bytes")
         await self.host.stop("srv00001", 1.0)
         self.assertEqual(self.statuses("srv00001")[-1], ("stopped", ""))
+        last_two = [(kind, data) for who, kind, data in self.events if who == "srv00001" and kind != "log"][-2:]
+        self.assertEqual([kind for kind, _ in last_two], ["stats", "status"])
+        self.assertEqual(last_two[0][1]["tcprx"], len(payload) + len(b"last bytes"), "the end of the run counts")
         self.assertNotIn("srv00001", self.host.instances)
         self.assertEqual(self.statuses("cli00001"), [("running", "")])
         # The port is free again: the same instance starts once more.

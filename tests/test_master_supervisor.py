@@ -258,6 +258,8 @@ class RealWorkers(TestCase):
         self.supervisor.start_instance("cli00001", f"client://{self.key}@127.0.0.1:{tunnel}/127.0.0.1:"
                                                    f"{echo.getHost().port}", "info")
         await until(lambda: self.status("srv00001") == self.status("cli00001") == "running", "both running")
+        await until(lambda: any(who == "srv00001" and kind == "stats" and data["pool"] > 0
+                                for who, kind, data in self.events), "the client's pool at the server")
         self.assertEqual(await round_trip(public, b"warm up"), b"warm up")
         user = _User()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", public), user)

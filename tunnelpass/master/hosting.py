@@ -9,7 +9,8 @@ builds it (:func:`tunnelpass.config.options.parse_tunnel_url`,
 * a failed start (a bad URL, a busy port, anything raised) is that
   instance's ``error`` status with one line, never the end of the process;
 * ``running`` once started, ``stopped`` once a stop has drained (bounded
-  by the stop's timeout: what is left is then reset);
+  by the stop's timeout: what is left is then reset), right after a last
+  ``stats`` so the bytes of the run's end are counted;
 * ``stats`` every report interval for each running instance (see
   :func:`instance_stats` for what each number means);
 * ``log`` events: every log event of the process is attributed to the
@@ -220,6 +221,7 @@ class InstanceHost:
         return _follow(done)
 
     def _stopped(self, instance: _Instance) -> None:
+        self._report(instance)  # the run's last bytes count too
         self._release(instance)
         self._status(instance.id, "stopped")
         instance.state = "gone"
@@ -241,14 +243,16 @@ class InstanceHost:
 
     def report(self) -> None:
         for instance in list(self.instances.values()):
-            if instance.state != "running":
-                continue
-            try:
-                stats = instance_stats(instance.service)
-            except Exception:
-                self.log.failure("instance {id}: stats failed", id=instance.id, instance_id=instance.id)
-                continue
-            self.on_event(instance.id, "stats", stats)
+            if instance.state == "running":
+                self._report(instance)
+
+    def _report(self, instance: _Instance) -> None:
+        try:
+            stats = instance_stats(instance.service)
+        except Exception:
+            self.log.failure("instance {id}: stats failed", id=instance.id, instance_id=instance.id)
+            return
+        self.on_event(instance.id, "stats", stats)
 
     def _status(self, id: str, status: str, error: str = "") -> None:
         self.on_event(id, "status", {"status": status, "error": " ".join(error.split())[:LOG_TEXT]})
