@@ -360,8 +360,9 @@ class WorkerSignals(SynchronousTestCase):
     def test_sigterm_stops_every_instance_then_exits_0(self):
         read, write = os.pipe()
         self.addCleanup(os.close, read)
+        # bash, not sh: dash redirects one-digit fds only (under trial -j the pipe is fd 10+).
         worker = subprocess.Popen(
-            ["/bin/sh", "-c", f'exec "$0" -m tunnelpass.master.worker --report-interval 0.2 3>&{write}',
+            ["bash", "-c", f'exec "$0" -m tunnelpass.master.worker --report-interval 0.2 3>&{write}',
              sys.executable], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(write,), cwd=ROOT)
         os.close(write)
         self.addCleanup(lambda: worker.poll() is None and (worker.kill(), worker.wait()))
