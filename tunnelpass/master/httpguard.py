@@ -217,6 +217,13 @@ class GuardedSite(server.Site):
         else:
             self.per_source.pop(source, None)
 
+    def startFactory(self):
+        """Nothing to open: there is no access log (see :meth:`log`), so
+        neither its file nor its once-a-second date timer."""
+
+    def stopFactory(self):
+        pass
+
     def log(self, request):
         """No access log line per request: the API's own events are logged
         where they happen (keys rejected, instances changed)."""

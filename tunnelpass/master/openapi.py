@@ -62,7 +62,8 @@ _SCHEMAS = {
         "required": ["id", "type", "status", "url"],
         "properties": {
             "id": {"type": "string"}, "alias": {"type": "string"},
-            "type": {"type": "string", "enum": ["server", "client"]},
+            "type": {"type": "string", "enum": ["server", "client", ""],
+                     "description": "empty for the ******** API key entry"},
             "status": {"type": "string", "enum": ["running", "stopped", "error"]},
             "url": {"type": "string"}, "config": {"type": "string"},
             "restart": {"type": "boolean"},

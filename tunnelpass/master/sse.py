@@ -45,6 +45,7 @@ class _Subscriber:
 
     def __init__(self, hub: "EventHub", request):
         self.hub, self.request = hub, request
+        self.channel = request.channel   # the request lets go of it when finished
         self.paused = False
         self.queue: list[bytes] = []
         self.pending = 0
@@ -126,7 +127,7 @@ class EventHub:
                     request.write(chunk)
                 request.finish()
             finally:
-                request.channel.loseConnection()
+                sub.channel.loseConnection()
         self._stop_keepalive()
 
     def _tick(self) -> None:
@@ -142,7 +143,7 @@ class EventHub:
                       event="sse_subscriber_dropped", peer=str(sub.request.getClientAddress()),
                       pending=sub.pending)
         self._forget(sub)
-        sub.request.channel.transport.abortConnection()
+        sub.channel.transport.abortConnection()
 
     def _forget(self, sub: _Subscriber) -> None:
         if sub.closed:
