@@ -9,7 +9,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -184,6 +186,22 @@ class ConnectionCapTests(SynchronousTestCase):
         for i in range(128):
             self.assertIsNotNone(site.buildProtocol(addr("127.0.0.2")))
         self.assertIsNone(site.buildProtocol(addr("127.0.0.3")))
+
+
+class RealSocketCapTests(TestCase):
+    async def test_connection_over_the_per_source_cap_is_closed_unanswered(self):
+        from tests.test_master_api import RawClient
+        site = httpguard.GuardedSite(Echo(), Clock(), max_per_source=1)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        first, second = RawClient(), RawClient()
+        await connectProtocol(endpoint, first)
+        await connectProtocol(endpoint, second)
+        self.assertEqual(await second.closed, b"")
+        self.assertEqual(site.live, 1)
+        first.transport.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        self.assertIn(b"200 OK", await first.closed)
 
 
 class HostTests(SynchronousTestCase):
