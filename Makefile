@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-forward test coverage bench bench-forward bench-tunnel bench-udp fuzz clean
+.PHONY: demo demo-forward test coverage bench bench-forward bench-tunnel bench-udp bench-master fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ coverage: $(STAMP)
 	  -m twisted.trial --temp-directory=$(COVERAGE_DIR)/trial $(UNIT_TESTS)
 	$(PY) -m coverage report --data-file=$(COVERAGE_DIR)/.coverage --include='$(COVERAGE_INCLUDE)' --show-missing
 
-bench: bench-forward bench-tunnel bench-udp
+bench: bench-forward bench-tunnel bench-udp bench-master
 
 bench-forward: $(STAMP)
 	bash bench/run.sh bench.py
@@ -61,6 +61,10 @@ bench-tunnel: $(STAMP)
 
 bench-udp: $(STAMP)
 	bash bench/run.sh udp_bench.py $(BENCH_ARGS)
+
+# The master: RSS with 100 idle instances, GET /instances latency, POST -> traffic.
+bench-master: $(STAMP)
+	$(PY) bench/master_bench.py $(BENCH_ARGS)
 
 fuzz: $(STAMP)
 	$(PY) -m pip install -q atheris==3.0.0

@@ -340,6 +340,13 @@ class RoutesTests(ApiServer, TestCase):
         status, _, _ = await self.call("POST", "/info", {"alias": "x"},
                                        content_type="Application/JSON; charset=utf-8")
         self.assertEqual(status, 200)
+        # curl -d without -H Content-Type (NodePass's documented examples): read as JSON, checked as JSON.
+        status, _, _ = await self.call("POST", "/info", {"alias": "y"},
+                                       content_type="application/x-www-form-urlencoded")
+        self.assertEqual(status, 200)
+        status, _, error = await self.call("POST", "/info", b"alias=y",
+                                           content_type="application/x-www-form-urlencoded")
+        self.assertEqual(status, 400)
 
     async def test_body_over_64_kib_is_413(self):
         status, headers, raw = await self.http("POST", "/api/v1/instances",

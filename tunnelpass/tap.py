@@ -127,6 +127,8 @@ def makeService(options, reactor=None):
     twistd = twistd_options(options)
     root = TunnelpassService(make_observer(options["log"], options["log-format"], twistd=twistd), reactor,
                              Launcher(twistd), shutdown_timeout=options["shutdown-timeout"])
+    if options["mode"] == "master":
+        return _master_service(options, reactor, root)
     if options["mode"] in ("server", "client"):
         service = tunnel_service(options, reactor)
         service.setServiceParent(root)
@@ -168,6 +170,32 @@ def makeService(options, reactor=None):
     forwarder = ForwarderService(settings, rules, reactor)
     forwarder.setServiceParent(root)
     _metrics(options, forwarder, reactor, root)
+    return root
+
+
+def _master_service(options, reactor, root):
+    """``--mode master``: the API, its store and worker processes."""
+    from tunnelpass.master.service import MasterService
+    from tunnelpass.master.settings import MasterSettings, default_state_dir, default_workers
+
+    host, port = split_address(options["api"])
+    settings = MasterSettings(
+        api_host=host, api_port=port, prefix=options["api-prefix"], tls=options["tls"] or 0,
+        crt=options["cert"], key=options["private-key"], state_dir=options["state-dir"] or default_state_dir(),
+        workers=options["workers"] or default_workers(), cors=options["cors"] or (),
+        report_interval=options["report-interval"], backup_interval=options["reload-interval"] or 3600.0,
+        shutdown_timeout=options["shutdown-timeout"], log=options["log"])
+    try:
+        if settings.tls == 2:
+            from tunnelpass.ops.startup import check_pair
+            check_pair(settings.crt, settings.key)
+    except StartupError as e:
+        raise SystemExit(f"tunnelpass: {e}") from None
+    # Stopping drains every instance (--shutdown-timeout) and then reaps the workers.
+    root.shutdown_timeout = settings.shutdown_timeout + 10.0
+    master = MasterService(settings, reactor)
+    master.setServiceParent(root)
+    _metrics(options, master, reactor, root)
     return root
 
 

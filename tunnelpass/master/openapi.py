@@ -25,7 +25,7 @@ _REASONS = {
     "404": "Instance not found",
     "409": "Conflict",
     "413": "Request body larger than 64 KiB",
-    "415": "Request body is not application/json",
+    "415": "Request body is not JSON (application/json; curl's default form type is read as JSON too)",
     "429": "Too many failed API keys from this source, or too many tcping at once",
 }
 

@@ -14,6 +14,16 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def default_state_dir() -> str:
+    """systemd's ``StateDirectory=`` when set, else the user's state
+    directory (``~/.local/state/tunnelpass/master``)."""
+    given = os.environ.get("STATE_DIRECTORY")
+    if given:
+        return given.split(":")[0]
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "tunnelpass", "master")
+
+
 @dataclass(frozen=True)
 class MasterSettings:
     api_host: str = "127.0.0.1"
@@ -42,6 +52,20 @@ class MasterSettings:
             return ipaddress.ip_address(host).is_loopback
         except ValueError:
             return False
+
+    # The names the tunnel server's certificate code reads (servertls).
+
+    @property
+    def cert(self) -> str | None:
+        return self.crt
+
+    @property
+    def private_key(self) -> str | None:
+        return self.key
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def base(self) -> str:
