@@ -25,10 +25,11 @@ class Master(Twistd):
 
     def __init__(self, testcase, *args: str, state_dir: str | None = None, port: int | None = None,
                  workers: int = 1, key: str | None = None, wait: bool = True, env: dict | None = None,
-                 prefix: str = "/api"):
+                 prefix: str = "/api", ssl_context=None):
         self.port = port or free_port()
         self.state_dir = state_dir or os.path.abspath(testcase.mktemp())
         self.base = f"{prefix}/v1"
+        self.ssl_context = ssl_context  # set: the API is called over HTTPS with it
         super().__init__(testcase, ["--mode", "master", "--api", f"127.0.0.1:{self.port}", "--state-dir",
                                     self.state_dir, "--workers", str(workers), "--shutdown-timeout", "2s", *args],
                          env=env)
@@ -47,7 +48,11 @@ class Master(Twistd):
              raw: bytes | None = None, timeout: float = 15.0):
         """(status, headers, decoded JSON or None) of one request; *key* ""
         means this master's key, None means no key header."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        if self.ssl_context is not None:
+            connection = http.client.HTTPSConnection("localhost", self.port, timeout=timeout,
+                                                     context=self.ssl_context)
+        else:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         sent = dict(headers or {})
         if key is not None:
             sent.setdefault("X-API-Key", self.key if key == "" else key)

@@ -140,6 +140,9 @@ class MasterService(MultiService, ServerCertificate):
     # Running
 
     def _backup(self):
+        """Every --reload-interval: an online backup of the state, and a
+        tls=2 API certificate pair re-read if its files changed."""
+        self.reload()
         d = self.store.backup()
         d.addErrback(lambda f: self.log.error("state backup failed: {reason}", reason=describe(f.value),
                                               event="state_backup_failed"))
