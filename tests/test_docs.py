@@ -20,7 +20,7 @@ class DocsTests(unittest.TestCase):
     def test_rst_renders_without_warnings(self):
         from docutils.core import publish_doctree
 
-        for name in ("README.rst", "docs/operations.rst", "docs/protocol.rst"):
+        for name in ("README.rst", "docs/operations.rst", "docs/protocol.rst", "docs/master.rst"):
             errors = io.StringIO()
             publish_doctree(read(name), source_path=name,
                             settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": errors})
