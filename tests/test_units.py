@@ -30,6 +30,7 @@ SAMPLE_ENV = {
     "tunnelpass-client.service": {"TUNNELPASS_TUNNEL": "server.example.com:10101",
                                   "TUNNELPASS_KEY": "9f1c2a7be04d3385c6e1f0a2b4d6e8f1"},
     "tunnelpass-forward.service": {},
+    "tunnelpass-master.service": {},
 }
 
 
@@ -71,7 +72,7 @@ def exposure(path):
 class UnitTests(unittest.TestCase):
     def test_units_exist(self):
         self.assertEqual(UNITS, ["tunnelpass-client.service", "tunnelpass-forward.service",
-                                 "tunnelpass-server.service"])
+                                 "tunnelpass-master.service", "tunnelpass-server.service"])
 
     def test_exec_start_is_the_documented_command_and_parses(self):
         for name in UNITS:
@@ -88,6 +89,11 @@ class UnitTests(unittest.TestCase):
         server = service_settings(read(os.path.join(ETC, "tunnelpass-server.service")))
         self.assertEqual(server["StateDirectory"], ["tunnelpass"])
         self.assertIn("--state-dir %S/tunnelpass", server["ExecStart"][0])
+        master = service_settings(read(os.path.join(ETC, "tunnelpass-master.service")))
+        self.assertEqual(master["StateDirectory"], ["tunnelpass-master"])
+        self.assertIn("--state-dir %S/tunnelpass-master", master["ExecStart"][0])
+        # SIGTERM to the master alone: it drains the instances in its workers.
+        self.assertEqual(master["KillMode"], ["mixed"])
 
     def test_security_exposure_is_ok(self):
         if ANALYZE is None:
