@@ -298,11 +298,18 @@ class LifecycleTests(unittest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("option --bogus not recognized", result.stdout + result.stderr)
 
-    def test_unbuilt_mode_is_fatal(self):
-        result = subprocess.run([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "master"],
+    def test_a_master_on_a_busy_api_port_is_fatal(self):
+        """A busy --api port ends a master at once: exit 1, one line."""
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        state = os.path.abspath(self.mktemp())
+        result = subprocess.run([TWISTD, "-n", "--pidfile=", "tunnelpass", "--mode", "master", "--api",
+                                 f"127.0.0.1:{busy.getsockname()[1]}", "--state-dir", state],
                                 capture_output=True, text=True, timeout=30, cwd=ROOT)
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn("--mode master is not available yet", result.stdout + result.stderr)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f"--api 127.0.0.1:{busy.getsockname()[1]}: cannot listen", result.stdout + result.stderr)
 
     def test_json_logs_carry_stats(self):
         tcp = TCPServer(self)
