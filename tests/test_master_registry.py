@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from tunnelpass.master.errors import ApiError
-from tunnelpass.master.registry import Registry, restart_delay
+from tunnelpass.master.lifecycle import restart_delay
+from tunnelpass.master.registry import Registry
 from tunnelpass.master.settings import MasterSettings
 
 KEY = "9f3c1a7e5b2d8f4c6a0e1b9d7c3f5a28"

@@ -37,17 +37,10 @@ from tunnelpass.master.errors import ApiError
 from tunnelpass.master.info import HostFigures, os_arch
 from tunnelpass.master.instances import (API_KEY_ID, Instance, api_key_entry, check_patch, check_text,
                                          check_url, config_url)
+from tunnelpass.master.lifecycle import InstanceLifecycle
 from tunnelpass.master.tcping import TCPing
 
-RESTART_FIRST, RESTART_MAX, RESTART_STABLE = 1.0, 60.0, 60.0
 _MASTER_ID = re.compile(r"^[0-9a-f]{16}$")
-
-
-def restart_delay(failures: int, rand: float) -> float:
-    """Seconds before the next automatic restart: 1, 2, 4 ... capped at 60,
-    times 0.8..1.2 (*rand* in [0, 1)) so instances that failed together do
-    not restart together."""
-    return min(RESTART_MAX, RESTART_FIRST * 2 ** min(failures, 16) * (0.8 + 0.4 * rand))
 
 
 def _new_key() -> tuple[str, str]:
@@ -57,7 +50,7 @@ def _new_key() -> tuple[str, str]:
     return key, hash_key(key)
 
 
-class Registry:
+class Registry(InstanceLifecycle):
     log = Logger(namespace="tunnelpass.master")
 
     def __init__(self, reactor, store, supervisor, hub, keys, settings):
@@ -297,108 +290,6 @@ class Registry:
         await self.store.set_setting("master_alias", alias)
         self.alias = alias
         return self.info()
-
-    # supervisor events
-
-    def on_supervisor_event(self, id: str, kind: str, data: dict) -> None:
-        instance = self.instances.get(id)
-        if instance is None or not isinstance(data, dict):
-            return
-        if kind == "status":
-            self._on_status(instance, data.get("status"), data.get("error"))
-        elif kind == "stats":
-            instance.apply_stats(data)
-            self.dirty.add(id)
-            if instance.status == "error" and instance.desired == "running" and not self.stopping:
-                # It reports again (it was only silent): running, as NodePass does.
-                self._cancel_restart(id)
-                instance.status = "running"
-            if instance.status == "stopped":
-                instance.idle()
-            self._publish("update", instance)
-        elif kind == "log" and isinstance(data.get("text"), str):
-            self._publish("log", instance, instance.add_log(data["text"]))
-
-    def _on_status(self, instance: Instance, status, error) -> None:
-        if status == "running":
-            instance.status, instance.error = "running", ""
-            self.running_since[instance.id] = self.reactor.seconds()
-        elif status in ("stopped", "error"):
-            self._ended(instance, status)
-            if status == "error":
-                instance.error = error if isinstance(error, str) else "unknown error"
-                self.log.warn("instance {id} failed: {error}", id=instance.id, error=instance.error[:512],
-                              event="instance_error")
-                self._publish("log", instance, instance.add_log(f"error: {instance.error}"))
-                self._schedule_restart(instance)
-        else:
-            return
-        self._publish("update", instance)
-
-    # helpers
-
-    def _start(self, instance: Instance) -> None:
-        """Ask the supervisor to run *instance*.  Its status reads
-        ``running`` from here on (as NodePass answers a create) until the
-        supervisor reports otherwise."""
-        self._cancel_restart(instance.id)
-        if self.stopping or instance.options is None:
-            return
-        instance.new_run()
-        instance.status, instance.error = "running", ""
-        self.running_since[instance.id] = self.reactor.seconds()
-        self.supervisor.start_instance(instance.id, instance.url, self.settings.log)
-
-    async def _stop(self, instance: Instance) -> None:
-        self._cancel_restart(instance.id)
-        if instance.status != "stopped":
-            await self.supervisor.stop_instance(instance.id, self.settings.shutdown_timeout)
-            self._ended(instance, "stopped")
-
-    def _ended(self, instance: Instance, status: str) -> None:
-        instance.fold()
-        instance.idle()
-        instance.status = status
-        self.dirty.add(instance.id)
-
-    def _schedule_restart(self, instance: Instance, holding: bool = False) -> None:
-        """*holding*: the caller holds the instance's lock (else a held lock
-        means an operation in progress decides what comes next)."""
-        id = instance.id
-        if (self.stopping or not instance.restart or instance.desired != "running" or instance.options is None
-                or id in self.restarts or (self._lock(id).locked and not holding)):
-            return
-        since = self.running_since.pop(id, None)
-        if since is not None and self.reactor.seconds() - since >= RESTART_STABLE:
-            self.failures[id] = 0
-        failures = self.failures.get(id, 0)
-        delay = restart_delay(failures, self.random())
-        self.failures[id] = failures + 1
-        self.restarts[id] = self.reactor.callLater(delay, self._restart_due, id)
-        self.log.info("instance {id} restarts in {delay:.1f} s (attempt {attempt})", id=id, delay=delay,
-                      attempt=failures + 1, event="instance_restart_scheduled")
-
-    def _restart_due(self, id: str) -> None:
-        self.restarts.pop(id, None)
-        Deferred.fromCoroutine(self._auto_restart(id)).addErrback(
-            lambda f: self.log.failure("automatic restart of {id} failed", f, id=id, event="instance_restart_failed"))
-
-    async def _auto_restart(self, id: str) -> None:
-        if id not in self.instances:
-            return
-        async with self._lock(id):
-            instance = self.instances.get(id)
-            if (instance is None or self.stopping or instance.status != "error" or not instance.restart
-                    or instance.desired != "running"):
-                return
-            await self.supervisor.stop_instance(id, self.settings.shutdown_timeout)
-            self._start(instance)
-            self._publish("update", instance)
-
-    def _cancel_restart(self, id: str) -> None:
-        call = self.restarts.pop(id, None)
-        if call is not None and call.active():
-            call.cancel()
 
     def _flush(self) -> Deferred:
         """Counters of instances that changed -> the store (never fails:

@@ -19,27 +19,20 @@ written by a newer tunnelpass is refused rather than misread.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import shutil
 import sqlite3
-import time
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from tunnelpass.master.rows import check_counters, check_id, check_row, check_setting
+from tunnelpass.master.storefiles import damage, fsync_path, move_aside, restore
+
 DB_NAME = "state.db"
 BACKUP_NAME = DB_NAME + ".backup"
-SIDE_FILES = ("-wal", "-shm")
 
-_ID = re.compile(r"[0-9a-f]{8}")
-_SETTING = re.compile(r"[a-z][a-z0-9_]{0,63}")
-COUNTERS = ("tcprx", "tcptx", "udprx", "udptx")
-DESIRED = ("running", "stopped")
-ROW_FIELDS = ("id", "alias", "url", "restart", "desired", "meta", "counters", "created")
 
 
 class StoreError(Exception):
@@ -61,71 +54,6 @@ def _v1(db: sqlite3.Connection) -> None:
 MIGRATIONS = (_v1,)
 
 
-# Validation: what goes in is checked here, so a bug elsewhere cannot
-# persist a row that the next start would choke on.
-
-def check_id(value) -> str:
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise ValueError(f"instance id must be 8 lowercase hex digits, not {value!r:.40}")
-    return value
-
-
-def _check_str(field: str, value) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{field} must be a string, not {type(value).__name__}")
-    return value
-
-
-def check_meta(meta) -> dict:
-    """``{"peer": {str: str}, "tags": {str: str}}`` (either part may be absent)."""
-    if not isinstance(meta, dict) or not set(meta) <= {"peer", "tags"}:
-        raise ValueError("meta must be an object with at most the fields peer and tags")
-    for part, value in meta.items():
-        if not isinstance(value, dict) or not all(isinstance(x, str) for item in value.items() for x in item):
-            raise ValueError(f"meta.{part} must be an object of strings")
-    return meta
-
-
-def check_counters(counters) -> dict:
-    """Exactly the four byte counters, each a non-negative int."""
-    if not isinstance(counters, dict) or set(counters) != set(COUNTERS):
-        raise ValueError(f"counters must be an object with exactly {', '.join(COUNTERS)}")
-    for name in COUNTERS:
-        value = counters[name]
-        if type(value) is not int or value < 0:
-            raise ValueError(f"counters.{name} must be a non-negative integer, not {value!r:.40}")
-    return counters
-
-
-def check_setting(name, value) -> tuple[str, str]:
-    if not isinstance(name, str) or not _SETTING.fullmatch(name):
-        raise ValueError(f"setting name must match {_SETTING.pattern}, not {name!r:.40}")
-    return name, _check_str("setting value", value)
-
-
-def check_row(row) -> dict:
-    """Raise ValueError unless *row* is a complete, well-typed InstanceRow."""
-    if not isinstance(row, dict):
-        raise ValueError(f"an instance row must be a dict, not {type(row).__name__}")
-    missing = [f for f in ROW_FIELDS if f not in row]
-    extra = sorted(map(str, set(row) - set(ROW_FIELDS)))
-    if missing or extra:
-        raise ValueError(f"instance row: missing {missing}, unknown {extra}")
-    check_id(row["id"])
-    _check_str("alias", row["alias"])
-    _check_str("url", row["url"])
-    if not isinstance(row["restart"], bool):
-        raise ValueError("restart must be a boolean")
-    if row["desired"] not in DESIRED:
-        raise ValueError(f"desired must be 'running' or 'stopped', not {row['desired']!r:.40}")
-    check_meta(row["meta"])
-    check_counters(row["counters"])
-    created = row["created"]
-    if type(created) not in (int, float) or not math.isfinite(created):
-        raise ValueError(f"created must be a finite number, not {created!r:.40}")
-    return row
-
-
 def _json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -135,86 +63,6 @@ def _row_from_db(record) -> dict:
     row = {"id": id_, "alias": alias, "url": url, "restart": {0: False, 1: True}.get(restart, restart),
            "desired": desired, "meta": json.loads(meta), "counters": json.loads(counters), "created": created}
     return check_row(row)
-
-
-# Files (all run on the store's thread)
-
-def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _damage(path: str, allow_empty: bool = True) -> str | None:
-    """Why the database at *path* (with its WAL, if any) is unusable, or None.
-    The check runs on a private copy: opening a database can checkpoint or
-    drop its WAL, and a damaged set must be kept exactly as it was found."""
-    tmp = path + ".check.tmp"
-    try:
-        _copy(path, tmp)
-        if os.path.exists(path + "-wal"):
-            _copy(path + "-wal", tmp + "-wal")
-        db = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            rows = db.execute("PRAGMA integrity_check").fetchall()
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as e:
-        return str(e)
-    finally:
-        _remove_set(tmp)
-    if rows != [("ok",)]:
-        return "; ".join(str(r[0]) for r in rows[:3])
-    if version == 0 and not allow_empty:
-        return "an empty database"
-    return None
-
-
-def _copy(source: str, target: str) -> None:
-    _remove_set(target)
-    shutil.copyfile(source, target)
-    os.chmod(target, 0o600)
-
-
-def _remove_set(path: str) -> None:
-    for name in (path, *(path + s for s in SIDE_FILES + ("-journal",))):
-        if os.path.lexists(name):
-            os.unlink(name)
-
-
-def _move_aside(path: str) -> str:
-    """Rename the database and its WAL files to ``NAME.corrupt-<UTC time>``
-    (they stay a consistent set for a post-mortem)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside, n = f"{path}.corrupt-{stamp}", 1
-    while os.path.lexists(aside):
-        n += 1
-        aside = f"{path}.corrupt-{stamp}.{n}"
-    os.replace(path, aside)
-    for suffix in SIDE_FILES:
-        if os.path.lexists(path + suffix):
-            os.replace(path + suffix, aside + suffix)
-    _fsync_path(os.path.dirname(path) or ".")
-    return aside
-
-
-def _restore(backup: str, path: str) -> str | None:
-    """Put a copy of *backup* at *path* if it is sound; return why not, else
-    None.  The backup itself is never opened (opening would give it a WAL)."""
-    try:
-        why = _damage(backup, allow_empty=False)
-        if why is None:
-            tmp = path + ".restore.tmp"
-            _copy(backup, tmp)
-            _fsync_path(tmp)
-            os.replace(tmp, path)
-            _fsync_path(os.path.dirname(path) or ".")
-        return why
-    except OSError as e:
-        return str(e)
 
 
 class Store:
@@ -361,10 +209,10 @@ class Store:
             os.chmod(self.directory, 0o700)
         how, note = ("opened", ()) if os.path.exists(self.path) else ("new", ())
         has_backup = os.path.exists(self.backup_path)
-        why = _damage(self.path, allow_empty=not has_backup) if how == "opened" else None
+        why = damage(self.path, allow_empty=not has_backup) if how == "opened" else None
         if why is not None:
-            fields = dict(path=self.path, why=why, aside=_move_aside(self.path), backup=self.backup_path)
-            fields["backup_why"] = _restore(self.backup_path, self.path) if has_backup else "no backup file"
+            fields = dict(path=self.path, why=why, aside=move_aside(self.path), backup=self.backup_path)
+            fields["backup_why"] = restore(self.backup_path, self.path) if has_backup else "no backup file"
             if fields["backup_why"] is None:
                 how, note = "restored", ("warn", "state: {path} is damaged ({why}); moved aside to {aside} and"
                                          " restored from {backup}", dict(fields, event="state_restored"))
@@ -374,7 +222,7 @@ class Store:
                                      dict(fields, event="state_lost"))
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            _fsync_path(self.directory)
+            fsync_path(self.directory)
         os.chmod(self.path, 0o600)
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
@@ -461,7 +309,7 @@ class Store:
             self._db.backup(dest)
         finally:
             dest.close()
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, self.backup_path)
-        _fsync_path(self.directory)
+        fsync_path(self.directory)
         return self.backup_path
