@@ -412,6 +412,22 @@ class PutDeleteTests(Base):
         self.event(self.reg, self.iid, "stats", tcprx=5)  # late report: ignored
         self.assertEqual(self.reg.list(), [])
 
+    def test_delete_removes_the_instance_state(self):
+        """A deleted instance's own state (a tls=1 certificate) goes with it,
+        and only its own."""
+        import dataclasses
+        import os
+
+        state = os.path.abspath(self.mktemp())
+        self.reg.settings = dataclasses.replace(self.settings, state_dir=state)
+        mine, other = (os.path.join(state, "instances", name) for name in (self.iid, "0badcafe"))
+        for directory in (mine, other):
+            os.makedirs(directory)
+            open(os.path.join(directory, "tunnelpass.crt"), "w").close()
+        self.successResultOf(self.reg.delete(self.iid))
+        self.assertFalse(os.path.exists(mine))
+        self.assertTrue(os.path.exists(os.path.join(other, "tunnelpass.crt")))
+
     def test_delete_stopped_and_errors(self):
         self.successResultOf(self.reg.patch(self.iid, {"action": "stop"}))
         self.successResultOf(self.reg.delete(self.iid))

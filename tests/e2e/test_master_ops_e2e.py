@@ -31,6 +31,15 @@ def served_fingerprint(port: int, context: ssl.SSLContext) -> str:
             return "sha256:" + hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
 
 
+def alpn_answer(port: int) -> str | None:
+    """What the API selects for a client offering h2 and http/1.1 (as curl does)."""
+    context = unverified()
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            return tls.selected_alpn_protocol()
+
+
 class MasterTLSTests(unittest.TestCase):
     def test_tls1_api_serves_the_logged_certificate_and_keeps_it(self):
         master = Master(self, "--tls", "1", ssl_context=unverified())
@@ -38,6 +47,7 @@ class MasterTLSTests(unittest.TestCase):
         self.assertEqual(served_fingerprint(master.port, unverified()), logged)
         self.assertEqual(master.ok("GET", "/info")["tls"], "1")
         self.assertIn("curl -k ", master.log())
+        self.assertEqual(alpn_answer(master.port), "http/1.1")  # curl offers h2 first; the API speaks HTTP/1.1
         master.signal(signal.SIGTERM)
         self.assertEqual(master.wait_exit(), 0)
         again = Master(self, "--tls", "1", state_dir=master.state_dir, port=master.port, key=master.key,

@@ -189,24 +189,23 @@ def tune_context(context: SSL.Context) -> SSL.Context:
     return context
 
 
-def server_options(key, chain) -> CertificateOptions:
+ALPN_H2 = b"h2"
+ALPN_HTTP1 = b"http/1.1"
+
+
+def server_options(key, chain, alpn: bytes = ALPN_H2) -> CertificateOptions:
     """The server side of ``--tls 1`` and ``--tls 2``: TLS 1.2 or newer;
-    ALPN ``h2`` for a client that offers it (a multiplexed carrier
-    connection), none for the others."""
+    ALPN *alpn* for a client that offers it (the tunnel's ``h2``: a
+    multiplexed carrier connection; the master's API: ``http/1.1``, which
+    is all it speaks), none for the others."""
     options = CertificateOptions(
         privateKey=key, certificate=chain[0], extraCertChain=list(chain[1:]) or None,
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
     context = tune_context(options.getContext())  # built once and cached by the options
-    context.set_alpn_select_callback(_select_alpn)
+    context.set_alpn_select_callback(
+        lambda connection, offered: alpn if alpn in offered else SSL.NO_OVERLAPPING_PROTOCOLS)
     return options
-
-
-ALPN_H2 = b"h2"
-
-
-def _select_alpn(connection, offered: list) -> bytes:
-    return ALPN_H2 if ALPN_H2 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 class ALPNCreator:

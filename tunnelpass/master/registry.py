@@ -24,8 +24,10 @@ the instance's key (NodePass would generate another and break its client).
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import shutil
 import socket
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -275,6 +277,9 @@ class Registry(InstanceLifecycle):
             await self._stop(instance)
             await self.store.delete_instance(id)
             del self.instances[id]
+            # Its own state (a tls=1 server's certificate) goes too: a new
+            # instance never inherits it.
+            shutil.rmtree(os.path.join(self.settings.state_dir, "instances", id), ignore_errors=True)
             for table in (self.failures, self.running_since):
                 table.pop(id, None)
             self.dirty.discard(id)

@@ -40,6 +40,7 @@ class MasterService(MultiService, ServerCertificate):
     :class:`~tunnelpass.master.settings.MasterSettings`."""
 
     log = Logger(namespace="tunnelpass.master")
+    alpn = tlsmod.ALPN_HTTP1  # the API speaks HTTP/1.1 only (curl offers h2 first)
 
     def __init__(self, settings, reactor, exit_on_failure=None):
         super().__init__()
@@ -69,6 +70,9 @@ class MasterService(MultiService, ServerCertificate):
         s = self.settings
         try:
             os.makedirs(s.state_dir, mode=0o700, exist_ok=True)
+            # The instances' own state (certificates): the master's alone.
+            os.makedirs(os.path.join(s.state_dir, "instances"), mode=0o700, exist_ok=True)
+            os.chmod(os.path.join(s.state_dir, "instances"), 0o700)
         except OSError as e:
             raise StartupError(f"--state-dir {s.state_dir}: cannot create it: {e.strerror}") from None
         self._load_tls()
@@ -108,7 +112,8 @@ class MasterService(MultiService, ServerCertificate):
             self.keys.replace(key_hash)
             s = self.settings
             insecure = " -k" if s.tls == 1 else ""
-            self.log.warn(
+            # Critical: the only time the key is ever shown, whatever --log says.
+            self.log.critical(
                 "API key created; it is shown this once and stored only as a hash, keep it now: {key}  "
                 "(try: curl{insecure} -H 'X-API-Key: {key}' {url}/instances)",
                 key=key, insecure=insecure, url=self.base_url(), event="api_key_created")

@@ -60,8 +60,11 @@ class ServerCertificate:
             self._cert_stamp = _stamp(s.cert, s.private_key)
         self._install_pair(*pair)
 
+    #: The ALPN protocol selected for a client that offers it.
+    alpn = tlsmod.ALPN_H2
+
     def _install_pair(self, key, chain) -> None:
-        options = tlsmod.server_options(key, chain)
+        options = tlsmod.server_options(key, chain, self.alpn)
         self.fingerprint = tlsmod.fingerprint(chain[0])
         if self.tls_factory is None:
             self._current_options = _CurrentOptions(options)
