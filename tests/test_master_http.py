@@ -161,14 +161,22 @@ class BodyCapTests(GuardTestCase):
 
 
 class ConnectionCapTests(SynchronousTestCase):
+    def assertRefused(self, protocol):
+        """Over a cap: a protocol that closes its connection at once (not
+        None, which a TLS wrapper would wrap and leave open)."""
+        self.assertIsInstance(protocol, httpguard._Refused)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+
     def test_total_and_per_source_caps(self):
         site = httpguard.GuardedSite(Echo(), Clock(), max_connections=4, max_per_source=2)
         a1 = site.buildProtocol(addr("127.0.0.1"))
         a2 = site.buildProtocol(addr("127.0.0.1"))
-        self.assertIsNone(site.buildProtocol(addr("127.0.0.1")))
+        self.assertRefused(site.buildProtocol(addr("127.0.0.1")))
         b1 = site.buildProtocol(addr("127.0.0.2"))
         site.buildProtocol(addr("127.0.0.3"))
-        self.assertIsNone(site.buildProtocol(addr("127.0.0.4")))
+        self.assertRefused(site.buildProtocol(addr("127.0.0.4")))
         for channel in (a1, a2, b1):
             channel.makeConnection(StringTransport())
         a1.connectionLost(Failure(ConnectionDone()))
@@ -182,10 +190,10 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertEqual((site.max_connections, site.max_per_source), (256, 128))
         for i in range(128):
             self.assertIsNotNone(site.buildProtocol(addr("127.0.0.1")))
-        self.assertIsNone(site.buildProtocol(addr("127.0.0.1")))
+        self.assertRefused(site.buildProtocol(addr("127.0.0.1")))
         for i in range(128):
             self.assertIsNotNone(site.buildProtocol(addr("127.0.0.2")))
-        self.assertIsNone(site.buildProtocol(addr("127.0.0.3")))
+        self.assertRefused(site.buildProtocol(addr("127.0.0.3")))
 
 
 class RealSocketCapTests(TestCase):
@@ -202,6 +210,40 @@ class RealSocketCapTests(TestCase):
         self.assertEqual(site.live, 1)
         first.transport.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         self.assertIn(b"200 OK", await first.closed)
+
+
+class TLSCapTests(TestCase):
+    async def test_over_the_cap_behind_tls_is_closed_too(self):
+        """The master wraps the site in TLS: a connection over the cap is
+        closed there as well, with nothing logged as an error."""
+        from twisted.logger import globalLogPublisher
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from tests.test_master_api import RawClient
+        from tunnelpass.carriers import tls as tlsmod
+
+        errors = []
+
+        def observe(event):
+            if event.get("log_failure") is not None or event.get("isError"):
+                errors.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        key, certificate = tlsmod.self_signed()
+        site = httpguard.GuardedSite(Echo(), Clock(), max_per_source=1)
+        factory = TLSMemoryBIOFactory(tlsmod.server_options(key, [certificate]), False, site)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        first, second = RawClient(), RawClient()
+        await connectProtocol(endpoint, first)
+        await connectProtocol(endpoint, second)
+        self.assertEqual(await second.closed, b"")
+        self.assertEqual(site.live, 1)
+        self.assertEqual(errors, [])
+        first.transport.loseConnection()
+        await first.closed
 
 
 class HostTests(SynchronousTestCase):

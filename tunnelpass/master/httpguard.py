@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import json
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import http, server
 
@@ -179,6 +180,13 @@ class GuardedChannel(http.HTTPChannel):
             self.on_lost(self)
 
 
+class _Refused(Protocol):
+    """A connection over a cap: closed as soon as it is made, unanswered."""
+
+    def connectionMade(self):
+        self.transport.abortConnection()
+
+
 class GuardedSite(server.Site):
     """A ``Site`` whose connections are :class:`GuardedChannel` s, at most
     *max_connections* at once and *max_per_source* per source address (a
@@ -202,7 +210,9 @@ class GuardedSite(server.Site):
                 or self.per_source.get(source, 0) >= self.max_per_source):
             self.log_.debug("API connection from {source} refused: connection cap",
                             source=source)
-            return None
+            # Not None: a TLS wrapper around this factory would wrap None too
+            # and leave the socket open.  This one closes it at once.
+            return _Refused()
         channel = super().buildProtocol(addr)
         self.live += 1
         self.per_source[source] = self.per_source.get(source, 0) + 1
