@@ -166,6 +166,15 @@ class Unit(SynchronousTestCase):
         self.assertIsNone(self.supervisor.instance_pid("i0"))
         self.successResultOf(self.supervisor.stop_instance("i0", 2.0))  # not running: at once
 
+    def test_a_stop_nobody_asked_for_is_an_error(self):
+        """A worker that stops an instance on its own (someone sent it
+        SIGTERM): the registry must see an error, so restart=true applies."""
+        self.supervisor.start_instance("i0", "u", "info")
+        self.a.say(ev="status", id="i0", status="running", error="")
+        self.a.say(ev="status", id="i0", status="stopped", error="")
+        self.assertEqual(self.statuses("i0")[-1], ("error", "stopped by its worker, not by the master"))
+        self.assertIsNone(self.supervisor.instance_pid("i0"))
+
     def test_stop_overdue_kills_the_worker(self):
         self.supervisor.start_instance("i0", "u", "info")
         d = self.supervisor.stop_instance("i0", 2.0)

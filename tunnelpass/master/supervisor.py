@@ -349,11 +349,16 @@ class Supervisor(Service):
         if self.placed.get(id) is not worker:
             return  # not (or no longer) this worker's: a late line
         if kind == "status":
-            status = event["status"]
+            status, error = event["status"], event["error"]
+            if status == "stopped" and id not in self.stops:
+                # Nobody asked (the worker was told to stop by someone else,
+                # e.g. a SIGTERM to it): the instance did not end by the
+                # operator's will, so the registry's restart policy applies.
+                status, error = "error", "stopped by its worker, not by the master"
             if status in ("stopped", "error"):
                 worker.instances.discard(id)
                 del self.placed[id]
-            self._set_status(id, status, event["error"] if status == "error" else "")
+            self._set_status(id, status, error if status == "error" else "")
             if status != "running":
                 self._release_stops(id)
         elif kind == "stats":
