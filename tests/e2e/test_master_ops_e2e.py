@@ -90,6 +90,13 @@ class MasterOperationTests(unittest.TestCase):
         samples = scrape(metrics)
         self.assertEqual(samples[("tunnelpass_master_workers", ())], 1)
 
+    def test_one_master_per_state_directory(self):
+        master = Master(self)
+        second = Master(self, state_dir=master.state_dir, wait=False)
+        self.assertEqual(second.wait_exit(), 1)
+        self.assertIn(f"another master uses it (pid {master.process.pid})", second.log())
+        master.ok("GET", "/instances")
+
     def test_a_damaged_database_is_restored_from_the_backup(self):
         master = Master(self, "--reload-interval", "1s")
         url = f"server://{STRONG}@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}"

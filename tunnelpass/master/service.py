@@ -75,6 +75,7 @@ class MasterService(MultiService, ServerCertificate):
             os.chmod(os.path.join(s.state_dir, "instances"), 0o700)
         except OSError as e:
             raise StartupError(f"--state-dir {s.state_dir}: cannot create it: {e.strerror}") from None
+        self._lock_state_dir()
         self._load_tls()
         factory = self.site if not s.tls else TLSMemoryBIOFactory(self._current_options, False, self.site)
         try:
@@ -84,6 +85,26 @@ class MasterService(MultiService, ServerCertificate):
                 from None
         self.port.stopReading()  # connections wait in the backlog until the state is loaded
         super().privilegedStartService()
+
+    def _lock_state_dir(self) -> None:
+        """One master per state directory: two would both run every
+        instance and write the same rows.  An exclusive lock on
+        ``master.lock``, held for the process's life (the kernel drops it
+        when the process dies, however it dies)."""
+        import fcntl
+
+        path = os.path.join(self.settings.state_dir, "master.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StartupError(f"--state-dir {self.settings.state_dir}: another master uses it (pid {holder})") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def startService(self) -> None:
         if self.port is None:
