@@ -487,6 +487,33 @@ class LimiterTests(SynchronousTestCase):
         self.assertEqual([e["count"] for e in self.events], [1, 5])
 
 
+class LimiterSourceTests(SynchronousTestCase):
+    def test_sources_are_addresses_or_ipv6_64s(self):
+        from tunnelpass.master.auth import source_key
+
+        self.assertEqual(source_key("127.0.0.1"), "127.0.0.1")
+        self.assertEqual(source_key("::ffff:10.1.2.3"), "10.1.2.3")
+        self.assertEqual(source_key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
+        limiter = FailureLimiter(Clock(), limit=2)
+        limiter.log = Logger(observer=lambda e: None)
+        limiter.failed("2001:db8:1:2::1", "invalid key")
+        limiter.failed("2001:db8:1:2::ffff", "invalid key")  # same /64: one source
+        self.assertIsNotNone(limiter.retry_after("2001:db8:1:2::77"))
+        self.assertIsNone(limiter.retry_after("2001:db8:1:3::1"))
+
+    def test_log_lines_are_capped_for_all_sources_together(self):
+        events = []
+        clock = Clock()
+        limiter = FailureLimiter(clock, max_lines=3)
+        limiter.log = Logger(observer=events.append)
+        for n in range(50):
+            limiter.failed(f"10.0.0.{n}", "invalid key")
+        self.assertEqual(len(events), 3)
+        clock.advance(10)
+        limiter.failed("10.0.0.40", "invalid key")
+        self.assertEqual(events[-1]["count"], 2)  # its unlogged failure carried over
+
+
 class CorsAndHostTests(ApiServer, TestCase):
     async def test_cors_off_by_default(self):
         self.start_server()

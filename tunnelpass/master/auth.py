@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import secrets
 from collections import OrderedDict
@@ -61,40 +62,43 @@ class _Source:
 
 
 class FailureLimiter:
-    """Failed API keys per source address: after *limit* failures within
-    *window* seconds, the source is refused (429) until the oldest of those
-    failures is *window* seconds old.
+    """Failed API keys per source: after *limit* failures within *window*
+    seconds, further wrong keys from that source are answered 429 until the
+    oldest of those failures is *window* seconds old.
 
-    While a source is limited, even a correct key from it is refused, and
-    the key is not checked at all.  Otherwise the limit would be an oracle:
-    an attacker guessing keys could keep guessing and learn which guess
-    was right by the answer that is not 429.  Refusing everything is also
-    what makes the limit cheap: a limited source costs one lookup.
+    The key is always checked first, and a correct key is always accepted,
+    even from a limited source: on the default loopback bind every local
+    process shares 127.0.0.1 (behind a reverse proxy, every user shares the
+    proxy's address), and refusing the right key there would let anyone on
+    the host lock the operator out.  With 256 random bits a guess cannot
+    succeed anyway; the limit slows guessing and keeps the log readable.
 
-    The table holds at most *max_sources* sources; the least recently
-    failing one is forgotten first (its failures are then as good as
-    expired, which bounds memory rather than grants access: a new source
+    A source is an IPv4 address or an IPv6 /64 (one host's share of a
+    network).  The table holds at most *max_sources* sources; the least
+    recently failing one is forgotten first (that bounds memory; a new
     address costs the attacker one more address).
 
     Rejections are logged (``event="api_key_rejected"``) at most once per
     *log_interval* seconds per source, with the number of failures since
-    the previous line.
+    the previous line, and at most *max_lines* lines per *log_interval* for
+    all sources together (the others' counts carry over to their next line).
     """
 
     log = Logger()
 
     def __init__(self, clock, limit: int = 10, window: float = 60.0,
-                 max_sources: int = 4096, log_interval: float = 10.0):
+                 max_sources: int = 4096, log_interval: float = 10.0, max_lines: int = 10):
         self._clock = clock
         self.limit, self.window = limit, window
-        self.max_sources, self.log_interval = max_sources, log_interval
+        self.max_sources, self.log_interval, self.max_lines = max_sources, log_interval, max_lines
         self._sources: OrderedDict[str, _Source] = OrderedDict()
+        self._lines_since, self._lines = 0.0, 0
 
     def __len__(self) -> int:
         return len(self._sources)
 
     def _recent(self, source: str, now: float) -> _Source | None:
-        entry = self._sources.get(source)
+        entry = self._sources.get(source_key(source))
         if entry is not None:
             entry.failures = [t for t in entry.failures if now - t < self.window]
         return entry
@@ -113,18 +117,35 @@ class FailureLimiter:
         """Record one failed key from *source* and log it (throttled)."""
         now = self._clock.seconds()
         entry = self._recent(source, now)
+        key = source_key(source)
         if entry is None:
-            entry = self._sources[source] = _Source()
+            entry = self._sources[key] = _Source()
             while len(self._sources) > self.max_sources:
                 self._sources.popitem(last=False)
         else:
-            self._sources.move_to_end(source)
+            self._sources.move_to_end(key)
         entry.failures.append(now)
         del entry.failures[:-self.limit]
         entry.unlogged += 1
-        if entry.logged_at is None or now - entry.logged_at >= self.log_interval:
+        if now - self._lines_since >= self.log_interval:
+            self._lines_since, self._lines = now, 0
+        if (entry.logged_at is None or now - entry.logged_at >= self.log_interval) and self._lines < self.max_lines:
+            self._lines += 1
             self.log.warn(
                 "API key rejected from {source}: {reason} ({count} since the last report)",
                 event="api_key_rejected", source=source, reason=reason,
                 count=entry.unlogged)
             entry.logged_at, entry.unlogged = now, 0
+
+
+def source_key(host: str) -> str:
+    """What the limiter counts by: the IPv4 address, or the IPv6 /64."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
