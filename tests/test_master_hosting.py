@@ -170,6 +170,17 @@ class Hosting(TestCase):
         self.assertEqual([log for log in self.logs("cli00001") if log["level"] == "info"], [])
         self.assertFalse(any("client running" in line for line in server_lines))
 
+    async def test_a_refused_clients_handshake_lines_are_its_own(self):
+        """The client's control protocol logs the server's refusal; that line
+        reaches the client instance's log (found through the protocol's
+        ``handler`` link, not only its first link)."""
+        wrong = self.client_url.replace(self.key, "9f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5d")
+        self.host.start("srv00001", self.server_url, os.path.join(self.dir, "s"), "info")
+        self.host.start("cli00002", wrong, os.path.join(self.dir, "c"), "info")
+        await until(lambda: any("peer refused" in log["text"] for log in self.logs("cli00002")),
+                    "the client's refusal line")
+        self.assertFalse(any("peer refused" in log["text"] for log in self.logs("srv00001")))
+
     def test_tls1_server_keeps_its_certificate_in_the_instance_dir(self):
         directory = os.path.join(self.dir, "instances", "tls00001")
         url = f"server://{self.key}@127.0.0.1:{self.tunnel}/127.0.0.1:{self.public}?tls=1&mode=1"

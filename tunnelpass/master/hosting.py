@@ -270,15 +270,20 @@ class InstanceHost:
     def owner(self, value) -> _Instance | None:
         """The instance *value* belongs to: itself registered, or reached
         through its links (a protocol's ``factory``, a factory's ``server``)."""
-        seen = 0
-        while value is not None and seen < _WALK_DEPTH:
-            found = self._owners.get(id(value))
-            if found is not None and found[0] is value:
-                return found[1]
-            seen += 1
-            value = next((getattr(value, link, None) for link in _LINKS
-                          if getattr(value, link, None) is not None), None) if not isinstance(
-                value, (str, bytes, int, float)) else None
+        level, seen = [value], set()
+        for _ in range(_WALK_DEPTH):  # breadth first: every link, not only the first one set
+            following = []
+            for item in level:
+                if item is None or isinstance(item, (str, bytes, int, float)) or id(item) in seen:
+                    continue
+                seen.add(id(item))
+                found = self._owners.get(id(item))
+                if found is not None and found[0] is item:
+                    return found[1]
+                following.extend(getattr(item, link, None) for link in _LINKS)
+            if not following or len(seen) > 64:
+                break
+            level = following
         return None
 
     def attribute(self, event) -> _Instance | None:
