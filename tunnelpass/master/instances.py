@@ -352,9 +352,15 @@ class Instance:
 
     def to_json(self, masked: bool) -> dict:
         """NodePass's instance object; *masked*: the key reads ``********``."""
+        if masked:
+            cached = getattr(self, "_masked", None)
+            if cached is None or cached[0] != (self.url, self.config):  # a list of 100 asks 200 times a call
+                cached = self._masked = ((self.url, self.config), mask_url(self.url), mask_url(self.config))
+            url, config = cached[1], cached[2]
+        else:
+            url, config = self.url, self.config
         view = {"id": self.id, "alias": self.alias, "type": self.type, "status": self.status,
-                "url": mask_url(self.url) if masked else self.url,
-                "config": mask_url(self.config) if masked else self.config,
+                "url": url, "config": config,
                 "restart": self.restart,
                 "meta": {"peer": dict(self.meta["peer"]), "tags": dict(self.meta["tags"])},
                 "mode": self.mode}
