@@ -8,6 +8,8 @@ the source's failed-key limit (429), the key (401), the path id (400), the
 body (415, 413, 400); then the handler, whose :class:`ApiError` becomes
 ``{"error": message}`` with its status.  Handlers may answer with a
 Deferred; the response is written when it fires, unless the client left.
+The dashboard's paths (``{prefix}/``, ``{prefix}/ui/*``, ``/``) are answered
+by :mod:`tunnelpass.master.dashboard` right after the ``Host`` check.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 from tunnelpass import __version__
 from tunnelpass.master import httpguard
 from tunnelpass.master.auth import FailureLimiter
+from tunnelpass.master.dashboard import HEADERS as DASHBOARD_HEADERS, Dashboard
 from tunnelpass.master.errors import ApiError
 from tunnelpass.master.openapi import STRING, build_document, check_body, routes
 
@@ -122,6 +125,7 @@ class ApiResource(Resource):
         self._document_json = dumps(self.document)
         self.routes = routes(self.document)
         self.limiter = FailureLimiter(clock)
+        self.dashboard = Dashboard(settings.prefix)
         self._static = {}
         for name in ("docs.html", *_ASSETS):
             with open(os.path.join(_STATIC, name), "rb") as f:
@@ -136,6 +140,9 @@ class ApiResource(Resource):
     def render(self, request):
         for name, value in httpguard.SECURITY_HEADERS:
             request.setHeader(name, value)
+        if self.dashboard.owns(request.path.decode("utf-8", "replace")):
+            for name, value in DASHBOARD_HEADERS:
+                request.setHeader(name, value)
         try:
             return self._route(request)
         except ApiError as e:
@@ -144,8 +151,10 @@ class ApiResource(Resource):
     def _route(self, request):
         if self.settings.loopback and not httpguard.host_is_loopback(request.getHeader(b"host")):
             raise ApiError(403, "Forbidden: Host must name a loopback address")
-        cors = self._cors(request)
         path = request.path.decode("utf-8", "replace")
+        if self.dashboard.owns(path):
+            return self._dashboard(request, path)
+        cors = self._cors(request)
         if not path.startswith(self.base + "/"):
             raise ApiError(404, "Not found")
         rest = path[len(self.base):]
@@ -170,6 +179,19 @@ class ApiResource(Resource):
             raise ApiError(400, "Invalid instance id")
         body = self._body(request, body_schema) if body_schema is not None else None
         return self._dispatch(request, self.handler(operation_id), params, body)
+
+    def _dashboard(self, request, path: str) -> bytes:
+        """A dashboard file, or the redirect to it (after the Host check)."""
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            raise ApiError(405, "Method not allowed")
+        status, headers, body = self.dashboard.answer(path)
+        if body is None:
+            raise ApiError(404, "Not found")
+        request.setResponseCode(status)
+        for name, value in headers:
+            request.setHeader(name, value)
+        return body
 
     def _cors(self, request) -> bool:
         """CORS headers when the Origin is one of ``settings.cors``."""

@@ -74,6 +74,10 @@ _SCHEMAS = {
             "udps": {"type": "integer"}, "tcprx": {"type": "integer"},
             "tcptx": {"type": "integer"}, "udprx": {"type": "integer"},
             "udptx": {"type": "integer"},
+            "client": {"type": "object", "required": ["command"],
+                       "description": "server instances, GET of one instance only: the client "
+                                      "command and token (no token until a tls=1 server saved its certificate)",
+                       "properties": {"command": {"type": "string"}, "token": {"type": "string"}}},
         },
     },
     "Info": {

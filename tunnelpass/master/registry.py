@@ -25,6 +25,7 @@ the instance's key (NodePass would generate another and break its client).
 from __future__ import annotations
 
 import os
+import os
 import re
 import secrets
 import shutil
@@ -61,6 +62,7 @@ class Registry(InstanceLifecycle):
         self.reactor, self.store, self.supervisor = reactor, store, supervisor
         self.hub, self.keys, self.settings = hub, keys, settings
         self.random = random.random  # restart jitter; tests replace it
+        self.addresses = None  # the host's addresses for client tokens; tests replace it
         self.instances: dict[str, Instance] = {}
         self.master_id, self.alias = "", settings.alias
         self.started = reactor.seconds()
@@ -151,7 +153,20 @@ class Registry(InstanceLifecycle):
     def get(self, id: str) -> dict:
         if id == API_KEY_ID:
             return api_key_entry(self.alias, self.master_id)
-        return self._find(id).to_json(masked=False)
+        instance = self._find(id)
+        view = instance.to_json(masked=False)
+        client = self.client_end(instance)
+        if client is not None:
+            view["client"] = client
+        return view
+
+    def client_end(self, instance: Instance) -> dict | None:
+        """A server instance's client command and token (the full view only)."""
+        from tunnelpass.master.clientcmd import client_end
+        from tunnelpass.relay.hostaddrs import host_addresses
+
+        directory = os.path.join(self.settings.state_dir, "instances", instance.id)
+        return client_end(instance.options, directory, self.addresses() if self.addresses else host_addresses())
 
     def recent_logs(self, id: str) -> list:
         return list(self._find(id).logs)
