@@ -66,8 +66,10 @@ export function actionControls(get, {onDeleted = () => {}, extra = []} = {}) {
   const toggle = h("span", {class: "actions"}, box, h("label", {for: boxId, class: "hint"}, "auto-restart"));
   const el = h("div", {class: "actions"}, ...Object.values(buttons), ...extra, toggle);
   const update = (inst) => {
-    buttons.start.disabled = inst.status === "running";
-    buttons.stop.disabled = inst.status === "stopped";
+    // Never disabled (a start of a running instance is harmless); the
+    // current state is marked for the eye and for screen readers.
+    buttons.start.classList.toggle("current", inst.status === "running");
+    buttons.stop.classList.toggle("current", inst.status === "stopped");
     if (!box.disabled) box.checked = !!inst.restart;
   };
   update(get());

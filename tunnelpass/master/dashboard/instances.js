@@ -45,6 +45,7 @@ function makeRow(id, navigate) {
     cell("udps", "num"), cell("pool", "num"), cell("ping", "num"), cell("rx", "num"), cell("tx", "num"),
     cell("rate", "num"), h("td", {"data-label": "Actions"}, controls.el));
   cells.alias.append(alias);
+  cells.alias.addEventListener("click", (event) => { if (event.target === cells.alias) alias.click(); });
   cells.status.append(status);
   const update = () => {
     const inst = get();
