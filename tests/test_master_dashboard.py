@@ -14,7 +14,7 @@ import re
 from html.parser import HTMLParser
 
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from tunnelpass.carriers import tls as tlsmod
@@ -379,3 +379,144 @@ class RegistryClientTests(SynchronousTestCase):
         self.assertNotIn("client", schema["required"])
         self.assertEqual(schema["properties"]["client"]["required"], ["command"])
 
+
+
+# The dashboard's pure JavaScript (URL building and splitting, the event
+# stream parser, tags, log levels, rates) run in Node when it is installed:
+# these modules touch no DOM at import.
+
+NODE_SCRIPT = r"""
+const dir = process.argv[1];
+const input = JSON.parse(require("fs").readFileSync(0, "utf8"));
+(async () => {
+  const api = await import(`file://${dir}/api.js`);
+  const form = await import(`file://${dir}/form.js`);
+  const format = await import(`file://${dir}/format.js`);
+  const store = await import(`file://${dir}/store.js`);
+  const out = {};
+  // SSE: the master's bytes, whole and cut at every position.
+  const whole = api.parseFrames(input.stream);
+  out.frames = whole.frames;
+  out.rest = whole.rest;
+  out.cuts = true;
+  for (let i = 0; i < input.stream.length; i += 1) {
+    const first = api.parseFrames(input.stream.slice(0, i));
+    const second = api.parseFrames(first.rest + input.stream.slice(i));
+    if (JSON.stringify([...first.frames, ...second.frames]) !== JSON.stringify(whole.frames)) out.cuts = i;
+  }
+  out.hostile = input.hostile.map((text) => api.parseFrames(text));
+  out.fields = input.messages.map((m) => form.fieldOf(m));
+  out.urls = input.urls.map((u) => form.buildUrl(form.fieldsFromUrl(u)));
+  out.split = form.splitUrl(input.urls[0]);
+  out.built = form.buildUrl({type: "client", key: "k@y/&?", tunnel: "[::1]:10101", target: "a:1,b:2",
+    tls: "1", crt: "", keyfile: "", params: {min: "8", sni: "x y"}, extra: [["public", "h:1"]]});
+  out.tags = input.tags.map((t) => { try { return format.parseTags(t); } catch (e) { return "error: " + e.message; } });
+  out.levels = input.lines.map((l) => format.logLevel(l));
+  out.masked = input.urls.map((u) => format.maskUrl(u));
+  out.bytes = [0, 1023, 1536, 5 * 1024 ** 3].map(format.bytes);
+  out.key = format.strongKey();
+  // Rates from successive updates, then a delete; a log flood keeps 500.
+  const inst = (n, status = "running") => ({id: "0123abcd", status, tcprx: n, tcptx: 2 * n, udprx: 0, udptx: 0});
+  store.applyEvent({type: "initial", time: "2026-01-01T00:00:00.000Z", instance: inst(0)});
+  store.applyEvent({type: "update", time: "2026-01-01T00:00:05.000Z", instance: inst(5000)});
+  out.rate = store.store.rates.get("0123abcd");
+  out.points = store.store.history.get("0123abcd").length;
+  store.applyEvent({type: "update", time: "2026-01-01T00:00:10.000Z", instance: inst(0)});
+  out.afterReset = store.store.rates.get("0123abcd");
+  for (let i = 0; i < 600; i += 1) {
+    store.applyEvent({type: "log", time: "2026-01-01T00:00:10.000Z", instance: inst(0), logs: `line ${i}`});
+  }
+  out.logs = [store.store.logs.get("0123abcd").length, store.store.logs.get("0123abcd")[0].text];
+  store.applyEvent({type: "log", time: "x", instance: {id: 5}, logs: null});
+  store.applyEvent({type: "shutdown", time: "x", instance: null});
+  store.applyEvent({type: "delete", time: "2026-01-01T00:00:11.000Z", instance: inst(0)});
+  out.deleted = [store.store.instances.size, store.store.logs.size, store.store.history.size];
+  process.stdout.write(JSON.stringify(out));
+})().catch((e) => { process.stderr.write(String(e.stack)); process.exit(1); });
+"""
+
+
+class ScriptTests(SynchronousTestCase):
+    def setUp(self):
+        import shutil
+
+        self.node = shutil.which("node")
+        if self.node is None:
+            raise SkipTest("node is not installed: the dashboard's pure JavaScript is not run")
+
+    def run_node(self, data: dict) -> dict:
+        import subprocess
+
+        done = subprocess.run([self.node, "-e", NODE_SCRIPT, DIRECTORY], input=json.dumps(data),
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return json.loads(done.stdout)
+
+    def message(self, url: str) -> str:
+        from tunnelpass.master.errors import ApiError
+        from tunnelpass.master.instances import check_url
+
+        try:
+            check_url(url)
+        except ApiError as e:
+            return e.message
+        raise AssertionError(f"{url} passed")
+
+    def test_pure_modules(self):
+        from tunnelpass.master.sse import RETRY, frame
+
+        stream = (RETRY + frame("initial", 0, {"id": "0123abcd", "alias": "a\nb\u2028 <x>"})
+                  + b": keep-alive\n\n" + frame("log", 1, {"id": "0123abcd"}, "line one")).decode()
+        stream = stream.replace("\n", "\r\n", 2)   # CRLF line ends are read too
+        messages = {
+            self.message("server://127.0.0.1:10101"): "target",
+            self.message("server://"): "tunnel",
+            self.message(f"client://short@127.0.0.1:1/127.0.0.1:2"): "key",
+            self.message("client://127.0.0.1:1/127.0.0.1:2"): "key",
+            self.message(f"server://{KEY}@127.0.0.1:1/127.0.0.1:2?min=x"): "param-min",
+            self.message(f"server://{KEY}@127.0.0.1:1/127.0.0.1:2?tls=2"): "crt",
+            self.message(f"server://{KEY}@127.0.0.1:1/127.0.0.1:2?bogus=1"): None,
+            self.message("x://"): None,
+            "alias contains control characters": "alias",
+        }
+        urls = [f"server://{KEY}@[::]:10101/127.0.0.1:8080,127.0.0.1:8081?tls=1&max=512&public=h%3A1",
+                f"client://{KEY}@127.0.0.1:10101/127.0.0.1:8080?tls=0", "server://0.0.0.0:1/x:2"]
+        out = self.run_node({
+            "stream": stream, "messages": list(messages), "urls": urls,
+            "hostile": ["data: x", "\n\n\n", "event:\ndata\n\n", "retry: -5\n\nretry: 99999999999\n\n",
+                        "data: " + "x" * 100000 + "\n\n", ":" * 50 + "\n\n", "\ufffd\u0000\n\n"],
+            "tags": ["env=prod, team = core ", "", " , ,", "=v", "a=1,a=2", "a=b=c", "solo"],
+            "lines": ["2026-11-30T16:47:08+0000 [tunnelpass.x#warn] hi", "error: boom", "server running: x",
+                      "16:47:08 [debug] y", "Connection error later", "[critical] z"],
+        })
+        self.assertTrue(out["cuts"] is True, f"frames differ when the stream is cut at {out['cuts']}")
+        self.assertEqual(out["rest"], "")
+        self.assertEqual([(f["event"], f["retry"]) for f in out["frames"]],
+                         [("message", 1000), ("instance", None), ("instance", None)])
+        self.assertEqual(json.loads(out["frames"][1]["data"])["instance"]["alias"], "a\nb\u2028 <x>")
+        self.assertEqual(json.loads(out["frames"][2]["data"])["logs"], "line one")
+        self.assertEqual(out["hostile"][0], {"frames": [], "rest": "data: x"})   # incomplete: kept
+        self.assertEqual(out["hostile"][1]["frames"], [])
+        self.assertEqual(out["hostile"][2]["frames"], [{"event": "", "data": "", "retry": None}])
+        self.assertEqual([f["retry"] for f in out["hostile"][3]["frames"]], [99999999999])
+        self.assertEqual(len(out["hostile"][4]["frames"][0]["data"]), 100000)
+        self.assertEqual(out["fields"], list(messages.values()))
+        self.assertEqual(out["urls"][0], urls[0].replace("%3A", ":"))
+        self.assertEqual(out["urls"][1:], urls[1:])
+        self.assertEqual(out["split"]["target"], "127.0.0.1:8080,127.0.0.1:8081")
+        self.assertEqual(out["split"]["tunnel"], "[::]:10101")
+        self.assertEqual(out["built"], "client://k%40y%2F%26%3F@[::1]:10101/a:1,b:2?tls=1&min=8&sni=x%20y&public=h:1")
+        opts = parse_tunnel_url(out["urls"][0])
+        self.assertEqual((opts["key"], opts["tls"], opts["max-pool"], opts["public-address"]), (KEY, 1, 512, ("h", 1)))
+        self.assertEqual(out["tags"], [{"env": "prod", "team": "core"}, {}, {}, 'error: tag "=v" has no name (write name=value)',
+                                       'error: tag "a" is given twice', {"a": "b=c"}, {"solo": ""}])
+        self.assertEqual(out["levels"], ["warn", "error", "info", "debug", "info", "error"])
+        self.assertEqual(out["masked"][0], "server://********@[::]:10101/127.0.0.1:8080,127.0.0.1:8081?tls=1&max=512&public=h%3A1")
+        self.assertEqual(out["masked"][2], urls[2])
+        self.assertEqual(out["bytes"], ["0 B", "1023 B", "1.50 KiB", "5.00 GiB"])
+        self.assertRegex(out["key"], r"^[0-9a-f]{64}$")
+        self.assertEqual(out["rate"], {"rx": 1000, "tx": 2000})
+        self.assertEqual(out["points"], 1)
+        self.assertEqual(out["afterReset"], {"rx": 0, "tx": 0})
+        self.assertEqual(out["logs"], [500, "line 100"])
+        self.assertEqual(out["deleted"], [0, 0, 0])

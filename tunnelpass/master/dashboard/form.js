@@ -15,6 +15,7 @@ export const PARAMS = {
 /** Which field an API message is about (else null: the form-wide error). */
 export function fieldOf(message) {
   const m = String(message);
+  if (/unknown URL query key/i.test(m)) return null;
   const param = /--(min-pool|max-pool|dns|read|rate|slot|sni|dial|block|lbs|proxy-protocol|type|log|no-tcp|no-udp)\b/.exec(m);
   if (param) {
     const name = {"min-pool": "min", "max-pool": "max", "proxy-protocol": "proxy", "no-tcp": "notcp",
@@ -51,6 +52,21 @@ export function splitUrl(url) {
   const decode = (v) => { try { return decodeURIComponent(v); } catch (err) { return v; } };
   return {type, key: at < 0 ? "" : decode(authority.slice(0, at)), tunnel: authority.slice(at + 1),
     target: decode(target), query: [...new URLSearchParams(query)]};
+}
+
+/** An instance URL -> the form's fields (unknown query keys kept in extra). */
+export function fieldsFromUrl(url) {
+  const parts = splitUrl(url);
+  const f = {type: parts.type === "client" ? "client" : "server", key: parts.key, tunnel: parts.tunnel,
+    target: parts.target, tls: "", crt: "", keyfile: "", params: {}, extra: []};
+  for (const [k, v] of parts.query) {
+    if (k === "tls") f.tls = v;
+    else if (k === "crt") f.crt = v;
+    else if (k === "key") f.keyfile = v;
+    else if (PARAMS[k] !== undefined) f.params[k] = v;
+    else f.extra.push([k, v]);
+  }
+  return f;
 }
 
 /** The fields -> the instance URL. */
@@ -176,19 +192,18 @@ export function formPage(main, {id, navigate}) {
       submit.disabled = true;
       return;
     }
-    const parts = splitUrl(original.url);
-    type.value = parts.type === "client" ? "client" : "server";
+    const f = fieldsFromUrl(original.url);
+    type.value = f.type;
     controls.alias.value = original.alias || "";
-    key.value = parts.key;
-    controls.tunnel.value = parts.tunnel;
-    controls.target.value = parts.target;
-    for (const [k, v] of parts.query) {
-      if (k === "tls") tls.value = v;
-      else if (k === "crt") controls.crt.value = v;
-      else if (k === "key") controls.keyfile.value = v;
-      else if (PARAMS[k] !== undefined) { controls[`param-${k}`].value = v; advanced.open = true; }
-      else extra.push([k, v]);
-    }
+    key.value = f.key;
+    controls.tunnel.value = f.tunnel;
+    controls.target.value = f.target;
+    tls.value = f.tls;
+    controls.crt.value = f.crt;
+    controls.keyfile.value = f.keyfile;
+    for (const [k, v] of Object.entries(f.params)) controls[`param-${k}`].value = v;
+    if (Object.keys(f.params).length) advanced.open = true;
+    extra.push(...f.extra);
     preview();
   }
   if (id) load(); else preview();
