@@ -419,17 +419,54 @@ class AuthTests(ApiServer, TestCase):
         for _ in range(10):
             status, _, _ = await self.call("GET", "/info", key="wrong")
             self.assertEqual(status, 401)
-        status, headers, error = await self.call("GET", "/info")
+        status, headers, error = await self.call("GET", "/info", key="wrong")
         self.assertEqual((status, error), (429, {"error": "Too many failed API keys; retry later"}))
         self.assertEqual(headers["retry-after"], "60")
-        self.clock.advance(59)
-        status, headers, _ = await self.call("GET", "/info")
-        self.assertEqual((status, headers["retry-after"]), (429, "1"))
-        status, _, _ = await self.call("GET", "/openapi.json", key=None)
-        self.assertEqual(status, 200)
-        self.clock.advance(1)
+        # The right key is never refused: everyone on 127.0.0.1 shares the source.
         status, _, _ = await self.call("GET", "/info")
         self.assertEqual(status, 200)
+        # No key at all is not a guess: 401, not 429.
+        status, _, error = await self.call("GET", "/info", key=None)
+        self.assertEqual((status, error), (401, {"error": "Unauthorized: API key required"}))
+        self.clock.advance(59)
+        status, headers, _ = await self.call("GET", "/info", key="wrong")
+        self.assertEqual((status, headers["retry-after"]), (429, "1"))
+        self.clock.advance(61)  # the window slid past every wrong key
+        status, _, _ = await self.call("GET", "/info", key="wrong")
+        self.assertEqual(status, 401)
+
+    async def test_only_key_holders_keep_their_connection(self):
+        """A keyless or wrong-key answer closes its connection (keyless
+        clients cannot hold the connection slots); the right key keeps it."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        for key, closes in ((None, True), ("wrong", True), (KEY, False)):
+            client = await self.connect()
+            lines = [b"GET /api/v1/info HTTP/1.1", b"Host: 127.0.0.1"]
+            if key is not None:
+                lines.append(b"X-API-Key: " + key.encode())
+            client.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+            for _ in range(100):
+                if client.closed.called or b"\r\n\r\n" in client.data:
+                    break
+                await deferLater(reactor, 0.01)
+            await deferLater(reactor, 0.1)
+            self.assertEqual(client.closed.called, closes, key)
+            if not closes:
+                client.transport.loseConnection()
+                await client.closed
+        _, answer, _ = await self.http("GET", "/api/v1/openapi.json", key=None)
+        self.assertEqual(answer.get("connection"), "close")
+
+    async def test_head_has_no_body(self):
+        """HEAD answers carry no body (Twisted would log a warning, with the
+        caller's URI, for every one that did)."""
+        status, headers, raw = await self.http("HEAD", "/api/v1/openapi.json")
+        self.assertEqual((status, raw), (405, b""))
+        status, headers, raw = await self.http("HEAD", "/api/")
+        self.assertEqual((status, raw), (200, b""))
+        self.assertGreater(int(headers["content-length"]), 100)
 
 
 class KeyTests(SynchronousTestCase):

@@ -144,9 +144,15 @@ class ApiResource(Resource):
             for name, value in DASHBOARD_HEADERS:
                 request.setHeader(name, value)
         try:
-            return self._route(request)
+            body = self._route(request)
         except ApiError as e:
-            return self._error(request, e.status, e.message)
+            body = self._error(request, e.status, e.message)
+        if not getattr(request, "authenticated", False):
+            _close_after(request)
+        if request.method == b"HEAD" and isinstance(body, bytes):
+            request.setHeader(b"Content-Length", str(len(body)).encode())
+            return b""  # HEAD: the headers of GET, no body
+        return body
 
     def _route(self, request):
         if self.settings.loopback and not httpguard.host_is_loopback(request.getHeader(b"host")):
@@ -212,17 +218,23 @@ class ApiResource(Resource):
         return b""
 
     def _authenticate(self, request) -> None:
+        """The right key always passes (see FailureLimiter: refusing it from
+        a limited source would let anyone sharing the address lock the
+        operator out); a missing key is 401; a wrong one is counted, and
+        429 once its source is over the limit."""
+        presented = request.getHeader(b"x-api-key")
+        if presented and self.keys.check(presented.decode("latin-1")):
+            request.authenticated = True
+            return
+        if not presented:
+            raise ApiError(401, "Unauthorized: API key required")
         source = getattr(request.getClientAddress(), "host", "") or ""
         wait = self.limiter.retry_after(source)
+        self.limiter.failed(source, "invalid key")
         if wait is not None:
             request.setHeader(b"Retry-After", str(wait).encode())
             raise ApiError(429, "Too many failed API keys; retry later")
-        presented = request.getHeader(b"x-api-key")
-        if not presented:
-            raise ApiError(401, "Unauthorized: API key required")
-        if not self.keys.check(presented.decode("latin-1")):
-            self.limiter.failed(source, "invalid key")
-            raise ApiError(401, "Unauthorized: Invalid API key")
+        raise ApiError(401, "Unauthorized: Invalid API key")
 
     def _body(self, request, schema: dict):
         kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -287,7 +299,7 @@ class ApiResource(Resource):
 
     def _error(self, request, status: int, message: str) -> bytes:
         """Set *status* and the JSON type; the ``{"error": message}`` body."""
-        request.setResponseCode(status)
+        request.setResponseCode(status, _PHRASES.get(status))
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         return dumps({"error": message})
 
@@ -357,6 +369,21 @@ class ApiResource(Resource):
         if kind is None:
             raise ApiError(404, "Not found")
         return self._file(request, params["asset"], kind)
+
+
+#: Reason phrases Twisted does not know.
+_PHRASES = {429: b"Too Many Requests"}
+
+
+def _close_after(request) -> None:
+    """Close the connection once this answer is sent: only a caller that
+    presented the right key keeps a connection open (past the header
+    deadline, idle for up to a minute), so keyless clients cannot hold
+    the connection slots."""
+    request.setHeader(b"Connection", b"close")
+    channel = getattr(request, "channel", None)
+    if channel is not None:
+        channel.persistent = False
 
 
 def make_site(registry, hub, keys, settings, clock):
