@@ -390,6 +390,15 @@ class PutDeleteTests(Base):
         answer = self.successResultOf(self.reg.put(self.iid, "server://127.0.0.1:10103/127.0.0.1:8080?tls=1"))
         self.assertEqual(answer["url"], f"server://{KEY}@127.0.0.1:10103/127.0.0.1:8080?tls=1")
 
+    def test_a_put_the_store_refuses_leaves_the_old_url_running(self):
+        self.store.broken = True
+        other = SERVER.replace("127.0.0.1:8080", "127.0.0.1:8081")
+        self.assertNotEqual(other, SERVER)
+        self.failureResultOf(self.reg.put(self.iid, other), OSError)
+        self.assertEqual(self.reg.get(self.iid)["url"], SERVER)
+        self.assertEqual(self.supervisor.kinds(self.iid), ["start", "stop", "start"])
+        self.assertEqual(self.reg.get(self.iid)["status"], "running")
+
     def test_put_errors(self):
         self.api_error(self.reg.put("********", SERVER), 403, "Forbidden: API Key")
         self.api_error(self.reg.put("deadbeef", SERVER), 404)

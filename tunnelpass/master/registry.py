@@ -268,11 +268,18 @@ class Registry(InstanceLifecycle):
             url, options = check_url(url, keep_key=instance.key)
             if config_url(url, options, self.settings.log) == instance.config:
                 raise ApiError(409, "Instance URL conflict")
+            was_running = instance.status != "stopped"
             await self._stop(instance)
             saved = instance.snapshot()
             instance.set_url(url, options, self.settings.log)
             instance.desired = "running"
-            await self._save(instance, saved)
+            try:
+                await self._save(instance, saved)
+            except BaseException:
+                if was_running:  # the store refused the new URL: the old one runs on
+                    self._start(instance)
+                    self._publish("update", instance)
+                raise
             self.failures.pop(id, None)
             self._start(instance)
             self.log.info("instance {id} URL replaced: {url}", id=id, url=instance.to_json(masked=True)["url"],
