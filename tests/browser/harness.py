@@ -20,6 +20,7 @@ them (``.ci/run`` installs both).
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import re
 import tempfile
@@ -50,9 +51,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def unavailable() -> str | None:
     """Why the browser tests cannot run here, or None when they can."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         return "playwright is not installed (pip install playwright; it is in the [test] extras)"
     if not os.access(CHROMIUM, os.X_OK):
         return f"no browser at {CHROMIUM} (apt-get install chromium; .ci/run does)"
@@ -206,10 +205,17 @@ class DashboardPage:
         self.by("sign-in").click()
 
     def signed_in(self, key: str | None = None) -> None:
-        """Open the dashboard and sign in; back on the instances table."""
+        """Open the dashboard and sign in; back on the instances table once
+        it holds a row for every instance the master has (rows arrive one
+        event at a time and move as they sort: a click before then can land
+        on a row that is moving)."""
         self.open()
         self.sign_in(key or self.master.key)
         self.by("instances-table").wait_for(state="visible")
+        expected = len(self.master.ok("GET", "/instances"))
+        rows = self.page.get_by_test_id("instance-row")
+        wait_until(lambda: rows.count() == expected, TIMEOUT_MS / 1000, interval=0.05,
+                   what=f"{expected} rows in the instances table")
 
     def goto(self, section: str) -> None:
         """``instances``, ``info`` or ``new`` through the navigation bar."""
@@ -230,6 +236,16 @@ class DashboardPage:
 
     def cell(self, id: str, name: str):
         return self.row(id).get_by_test_id(f"cell-{name}")
+
+    def open_detail(self, id: str) -> None:
+        """Click the alias of *id*'s row (the link or button in the cell, or
+        the cell itself when it is the link); wait for the detail page."""
+        cell = self.cell(id, "alias")
+        link = cell.locator("a, button")
+        (link.first if link.count() else cell).click()
+        detail = self.by("detail")
+        detail.wait_for(state="visible")
+        assert detail.get_attribute("data-id") == id, detail.get_attribute("data-id")
 
     def row_id(self, alias: str, timeout: float = 15.0) -> str:
         """The ``data-id`` of the row whose alias cell reads *alias*."""
