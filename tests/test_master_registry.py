@@ -487,7 +487,12 @@ class EventTests(Base):
     def test_logs(self):
         self.event(self.reg, self.iid, "log", level="info", text="hello", time=1.0)
         self.assertEqual(self.hub.events[-1][0], "log")
-        self.assertEqual(self.hub.events[-1][2], "hello")
+        self.assertEqual(self.hub.events[-1][2], "[info] hello")
+        self.event(self.reg, self.iid, "log", level="warn", text="careful", time=1.0)
+        self.assertEqual(self.hub.events[-1][2], "[warn] careful")
+        self.event(self.reg, self.iid, "log", level="<script>", text="odd", time=1.0)
+        self.assertEqual(self.hub.events[-1][2], "[info] odd")
+        del self.hub.events[-2:]
         for i in range(250):
             self.event(self.reg, self.iid, "log", level="info", text=f"line {i}", time=1.0)
         self.assertEqual(len(self.reg.recent_logs(self.iid)), 200)
@@ -498,7 +503,7 @@ class EventTests(Base):
         self.reg.instances[self.iid].restart = False
         self.event(self.reg, self.iid, "status", status="error", error="worker exited: signal 9")
         self.assertEqual(self.hub.types(), ["log", "update"])
-        self.assertIn("worker exited: signal 9", self.hub.events[0][2])
+        self.assertEqual(self.hub.events[0][2], "[error] worker exited: signal 9")
 
 
 class RestartTests(Base):

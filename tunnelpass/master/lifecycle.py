@@ -17,6 +17,8 @@ from twisted.internet.defer import Deferred
 from tunnelpass.master.instances import Instance
 
 RESTART_FIRST, RESTART_MAX, RESTART_STABLE = 1.0, 60.0, 60.0
+#: The levels a worker's log events carry.
+LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
 def restart_delay(failures: int, rand: float) -> float:
@@ -47,7 +49,10 @@ class InstanceLifecycle:
                 instance.idle()
             self._publish("update", instance)
         elif kind == "log" and isinstance(data.get("text"), str):
-            self._publish("log", instance, instance.add_log(data["text"]))
+            # The level leads the line ("[warn] ..."), as readers of the
+            # text log expect it, so SSE consumers can filter on it.
+            level = data.get("level") if data.get("level") in LOG_LEVELS else "info"
+            self._publish("log", instance, instance.add_log(f"[{level}] {data['text']}"))
 
     def _on_status(self, instance: Instance, status, error) -> None:
         if status == "running":
@@ -59,7 +64,7 @@ class InstanceLifecycle:
                 instance.error = error if isinstance(error, str) else "unknown error"
                 self.log.warn("instance {id} failed: {error}", id=instance.id, error=instance.error[:512],
                               event="instance_error")
-                self._publish("log", instance, instance.add_log(f"error: {instance.error}"))
+                self._publish("log", instance, instance.add_log(f"[error] {instance.error}"))
                 self._schedule_restart(instance)
         else:
             return
