@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-forward test coverage bench bench-forward bench-tunnel bench-udp bench-master fuzz clean
+.PHONY: demo demo-forward test coverage bench bench-forward bench-tunnel bench-udp bench-master fuzz screenshots clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(STAMP)
 	TP_TEST_PHASE=parallel $(PY) -m twisted.trial -j$(JOBS) tests || status=1; \
 	$(PY) -m twisted.trial --temp-directory=_trial_temp_load $(LOAD_TESTS) || status=1; \
 	exit $$status
+
+# The dashboard's screenshots in docs/ (README), taken by its browser test
+# (needs playwright and /usr/bin/chromium).
+screenshots: $(STAMP)
+	TP_SCREENSHOTS=docs $(PY) -m twisted.trial --temp-directory=_trial_temp_screenshots \
+	  tests.browser.test_dashboard_browser.FormAndTrafficTests
 
 # Unit-test coverage (tests/test_*.py, not the e2e layer: subprocesses are
 # not measured) of the tunnel ends.  coverage is installed here, on first
@@ -76,4 +82,4 @@ fuzz: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) _trial_temp _trial_temp_load _trial_temp_coverage build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) _trial_temp _trial_temp_load _trial_temp_coverage _trial_temp_screenshots build *.egg-info twisted/plugins/dropin.cache
