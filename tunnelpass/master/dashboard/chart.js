@@ -5,7 +5,7 @@ import {clear, s} from "./dom.js";
 import {rate} from "./format.js";
 import {WINDOW} from "./store.js";
 
-const W = 600, H = 200, LEFT = 64, BOTTOM = 20, TOP = 8, RIGHT = 8;
+const W = 600, H = 200, LEFT = 78, BOTTOM = 20, TOP = 8, RIGHT = 8;  // LEFT: room for "1023.9 KiB/s"
 
 /** A nice upper bound for the y axis. */
 function niceMax(value) {
