@@ -196,30 +196,35 @@ class ConnectionCapTests(SynchronousTestCase):
         self.assertRefused(site.buildProtocol(addr("127.0.0.3")))
 
 
+async def two_clients_over_a_cap_of_one(testcase, wrap=None):
+    """A site allowing one connection per source (wrapped by *wrap*, e.g.
+    in TLS), listening on loopback, and two clients connected to it:
+    (site, first client, second client)."""
+    from tests.test_master_api import RawClient
+    site = httpguard.GuardedSite(Echo(), Clock(), max_per_source=1)
+    port = reactor.listenTCP(0, wrap(site) if wrap else site, interface="127.0.0.1")
+    testcase.addCleanup(port.stopListening)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    first, second = RawClient(), RawClient()
+    await connectProtocol(endpoint, first)
+    await connectProtocol(endpoint, second)
+    return site, first, second
+
+
 class RealSocketCapTests(TestCase):
     async def test_connection_over_the_per_source_cap_is_closed_unanswered(self):
-        from tests.test_master_api import RawClient
-        site = httpguard.GuardedSite(Echo(), Clock(), max_per_source=1)
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        first, second = RawClient(), RawClient()
-        await connectProtocol(endpoint, first)
-        await connectProtocol(endpoint, second)
+        site, first, second = await two_clients_over_a_cap_of_one(self)
         self.assertEqual(await second.closed, b"")
         self.assertEqual(site.live, 1)
         first.transport.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         self.assertIn(b"200 OK", await first.closed)
 
-
-class TLSCapTests(TestCase):
     async def test_over_the_cap_behind_tls_is_closed_too(self):
         """The master wraps the site in TLS: a connection over the cap is
         closed there as well, with nothing logged as an error."""
         from twisted.logger import globalLogPublisher
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        from tests.test_master_api import RawClient
         from tunnelpass.carriers import tls as tlsmod
 
         errors = []
@@ -231,14 +236,9 @@ class TLSCapTests(TestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         key, certificate = tlsmod.self_signed()
-        site = httpguard.GuardedSite(Echo(), Clock(), max_per_source=1)
-        factory = TLSMemoryBIOFactory(tlsmod.server_options(key, [certificate]), False, site)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        first, second = RawClient(), RawClient()
-        await connectProtocol(endpoint, first)
-        await connectProtocol(endpoint, second)
+        options = tlsmod.server_options(key, [certificate])
+        site, first, second = await two_clients_over_a_cap_of_one(
+            self, lambda site: TLSMemoryBIOFactory(options, False, site))
         self.assertEqual(await second.closed, b"")
         self.assertEqual(site.live, 1)
         self.assertEqual(errors, [])

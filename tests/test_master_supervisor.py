@@ -26,6 +26,7 @@ from tests.e2e.harness import ROOT, free_port
 from tests.test_master_hosting import Echo, round_trip, until
 from tunnelpass.master.supervisor import REAP_GRACE, Supervisor
 from tunnelpass.master.workerwire import CommandDecoder, encode
+from tests.e2e.master_harness import can_bind
 
 
 class FakeProcess:
@@ -250,13 +251,13 @@ class RealWorkers(TestCase):
         self.assertNotIn(victim, self.supervisor.worker_pids())
         # The lost instances' ports are free: start one again (the registry's job).
         tunnel, public = ports[lost[0]]
-        await until(lambda: _can_bind(tunnel), "the dead worker's port released")
+        await until(lambda: can_bind(tunnel), "the dead worker's port released")
         self.supervisor.start_instance(lost[0], f"server://{self.key}@127.0.0.1:{tunnel}/127.0.0.1:{public}"
                                                 "?mode=1", "info")
         await until(lambda: self.status(lost[0]) == "running", "the instance back")
         await self.supervisor.stop_instance(survivors[0], 1.0)
         self.assertEqual(self.status(survivors[0]), "stopped")
-        self.assertTrue(_can_bind(ports[survivors[0]][0]))
+        self.assertTrue(can_bind(ports[survivors[0]][0]))
 
     async def test_stop_drains_live_connections(self):
         echo = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
@@ -310,7 +311,7 @@ class MasterKilled(SynchronousTestCase):
             master.kill()
             master.wait()
         _wait(lambda: not _alive(worker), "the worker to die with its master")
-        _wait(lambda: _can_bind(tunnel) and _can_bind(public), "the ports released")
+        _wait(lambda: can_bind(tunnel) and can_bind(public), "the ports released")
 
 
 class _User(Protocol):
@@ -329,16 +330,6 @@ class _User(Protocol):
         if self.waiting is not None and len(self.buffer) >= self.expected:
             waiting, self.waiting = self.waiting, None
             waiting.callback(self.buffer)
-
-
-def _can_bind(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def _can_connect(port: int) -> bool:
@@ -390,7 +381,7 @@ class WorkerSignals(SynchronousTestCase):
         stopped = {e["id"] for e in events.until(2, lambda e: e.get("status") == "stopped")}
         self.assertEqual(stopped, {"i0", "i1"})
         self.assertEqual(worker.wait(8), 0)
-        self.assertTrue(all(_can_bind(port) for port in tunnels))
+        self.assertTrue(all(can_bind(port) for port in tunnels))
 
 
 class _Events:

@@ -179,17 +179,19 @@ class EventReader:
             pass
 
 
-def wait_port_free(port: int, timeout: float = 10.0) -> None:
-    def free():
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
+def can_bind(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:*port* (a listener could bind it)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
-    wait_until(free, timeout, interval=0.1, what=f"port {port} free")
+
+def wait_port_free(port: int, timeout: float = 10.0) -> None:
+    wait_until(lambda: can_bind(port), timeout, interval=0.1, what=f"port {port} free")
 
 
 def wait_listening(port: int, timeout: float = 15.0) -> None:

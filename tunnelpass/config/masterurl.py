@@ -7,10 +7,10 @@ message fit for a user."""
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from tunnelpass.config.settings import _show, format_address, parse_host, parse_port
-from tunnelpass.config.urls import EMPTY_HOST, MAX_URL, _decoded, parse_address
+from tunnelpass.config.urls import EMPTY_HOST, _decoded, parse_address, split_url
 
 #: Where the API listens when nothing says otherwise: loopback only.
 DEFAULT_API = "127.0.0.1:9090"
@@ -67,14 +67,7 @@ def parse_origins(text: str) -> tuple:
 def parse_master_url(text: str) -> dict[str, str]:
     """Options (long option name -> value) from
     ``master://HOST:PORT[/PREFIX]?log=&tls=&crt=&key=``."""
-    if not isinstance(text, str) or len(text) > MAX_URL:
-        raise ValueError(f"URL longer than {MAX_URL} characters")
-    _decoded(text, "URL")
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"malformed URL: {e}") from None
+    parts, port = split_url(text)
     if parts.scheme.lower() != "master":
         raise ValueError(f"URL scheme {_show(parts.scheme)}: expected master://")
     if parts.username is not None or parts.password is not None:

@@ -70,16 +70,22 @@ _BOOLEAN = {"0": "0", "1": "1", "false": "0", "true": "1"}
 _PROXY = {"0": "off", "1": "v1", "2": "v2", "off": "off", "v1": "v1", "v2": "v2"}
 
 
-def parse_url(text: str) -> dict[str, str]:
-    """Options (long option name -> value) from a NodePass-style URL."""
+def split_url(text: str):
+    """``(urlsplit parts, port)`` of a URL argument, checked for length,
+    spaces and control characters; ValueError with a user's message."""
     if not isinstance(text, str) or len(text) > MAX_URL:
         raise ValueError(f"URL longer than {MAX_URL} characters")
     _decoded(text, "URL")
     try:
         parts = urlsplit(text)
-        port = parts.port
+        return parts, parts.port
     except ValueError as e:
         raise ValueError(f"malformed URL: {e}") from None
+
+
+def parse_url(text: str) -> dict[str, str]:
+    """Options (long option name -> value) from a NodePass-style URL."""
+    parts, port = split_url(text)
     scheme = parts.scheme.lower()
     if scheme in PLANNED_SCHEMES:
         raise ValueError(f"{PLANNED_SCHEMES[scheme]} is not available in this version of tunnelpass (planned); "
