@@ -14,7 +14,7 @@ from tests.e2e.harness import free_port
 from tests.e2e.master_harness import STRONG, Master
 
 MUTATIONS = 1000
-KILLS = 12
+KILLS = 6
 SEED = 1313
 
 
