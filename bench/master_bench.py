@@ -35,10 +35,30 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 KEY = "3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"
 
 
+def free_ports(count: int) -> list[int]:
+    """*count* distinct ports free on 127.0.0.1 for TCP and UDP (a tunnel
+    server binds its target port for both), all held until all are found."""
+    held, ports = [], []
+    while len(ports) < count:
+        tcp = socket.socket()
+        tcp.bind(("127.0.0.1", 0))
+        port = tcp.getsockname()[1]
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind(("127.0.0.1", port))
+        except OSError:
+            tcp.close()
+            udp.close()
+            continue
+        held += [tcp, udp]
+        ports.append(port)
+    for s in held:
+        s.close()
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def rss_kib(pid: int) -> int:
@@ -94,7 +114,7 @@ class MasterProcess:
             raise SystemExit("master did not start")
         self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
 
-    def call(self, method: str, path: str, body=None):
+    def call(self, method: str, path: str, body=None, parse: bool = True):
         headers = {"X-API-Key": self.key}
         data = None
         if body is not None:
@@ -105,7 +125,7 @@ class MasterProcess:
         payload = response.read()
         if response.status >= 300:
             raise SystemExit(f"{method} {path}: {response.status} {payload[:300]!r}")
-        return json.loads(payload) if payload else None
+        return json.loads(payload) if payload and parse else payload
 
     def rss(self) -> tuple[int, int]:
         """(master KiB, workers KiB)."""
@@ -155,23 +175,25 @@ def main() -> int:
         time.sleep(1.0)
         idle_master, idle_workers = master.rss()
         ids = []
+        ports = free_ports(2 * args.instances)
         for n in range(args.instances):
-            url = f"server://{KEY}@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}?tls=0"
+            url = f"server://{KEY}@127.0.0.1:{ports[2 * n]}/127.0.0.1:{ports[2 * n + 1]}?tls=0"
             ids.append(master.call("POST", "/instances", {"alias": f"idle-{n}", "url": url})["id"])
         wait_running(master, ids)
         time.sleep(2.0)
         full_master, full_workers = master.rss()
+        assert len(master.call("GET", "/instances")) == args.instances
         samples = []
-        for _ in range(args.requests):
+        for _ in range(args.requests):  # request sent -> whole body received (not parsed: the client's cost)
             t = time.perf_counter()
-            master.call("GET", "/instances")
+            master.call("GET", "/instances", parse=False)
             samples.append((time.perf_counter() - t) * 1000)
         samples.sort()
         p50 = statistics.median(samples)
         p99 = samples[int(len(samples) * 0.99) - 1]
         flows = []
         for _ in range(args.pairs):
-            tunnel, entry = free_port(), free_port()
+            tunnel, entry = free_ports(2)
             t = time.perf_counter()
             master.call("POST", "/instances", {"url": f"server://{KEY}@127.0.0.1:{tunnel}/127.0.0.1:{entry}"})
             master.call("POST", "/instances", {"url": f"client://{KEY}@127.0.0.1:{tunnel}/127.0.0.1:"
