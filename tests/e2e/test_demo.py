@@ -28,6 +28,13 @@ def port_busy(port):
 
 class DemoTests(unittest.TestCase):
     def run_demo(self, *args, ready: str):
+        # The demos bind fixed ports: one at a time across trial's workers.
+        import fcntl
+        import tempfile
+
+        lock = open(os.path.join(tempfile.gettempdir(), "tunnelpass-demo-ports.lock"), "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        self.addCleanup(lock.close)  # closing releases the lock, after the demo's own cleanup
         busy = [p for p in DEMO_PORTS if port_busy(p)]
         if busy:
             raise unittest.SkipTest(f"demo ports in use: {busy}")
