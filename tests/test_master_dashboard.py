@@ -411,6 +411,8 @@ const input = JSON.parse(require("fs").readFileSync(0, "utf8"));
   out.built = form.buildUrl({type: "client", key: "k@y/&?", tunnel: "[::1]:10101", target: "a:1,b:2",
     tls: "1", crt: "", keyfile: "", params: {min: "8", sni: "x y"}, extra: [["public", "h:1"]]});
   out.tags = input.tags.map((t) => { try { return format.parseTags(t); } catch (e) { return "error: " + e.message; } });
+  out.tagText = format.formatTags(input.tagObject);
+  out.tagRoundTrip = format.parseTags(out.tagText);
   out.levels = input.lines.map((l) => format.logLevel(l));
   out.masked = input.urls.map((u) => format.maskUrl(u));
   out.bytes = [0, 1023, 1536, 5 * 1024 ** 3].map(format.bytes);
@@ -487,7 +489,11 @@ class ScriptTests(SynchronousTestCase):
                         "data: " + "x" * 100000 + "\n\n", ":" * 50 + "\n\n", "\ufffd\u0000\n\n"],
             "tags": ["env=prod, team = core ", "", " , ,", "=v", "a=1,a=2", "a=b=c", "solo"],
             "lines": ["2026-11-30T16:47:08+0000 [tunnelpass.x#warn] hi", "error: boom", "server running: x",
-                      "16:47:08 [debug] y", "Connection error later", "[critical] z"],
+                      "16:47:08 [debug] y", "Connection error later", "[critical] z",
+                      "[warn] handshake from a peer that said sni=evil#debug]"],
+            # Every tag the API can hold survives an edit in the dashboard unchanged.
+            "tagObject": {"owner": "ops,dev", "a=b": "c", "__proto__": "x", " sp ": "v", 'q"': "x", "solo": "",
+                          "eq": "a=b"},
         })
         self.assertTrue(out["cuts"] is True, f"frames differ when the stream is cut at {out['cuts']}")
         self.assertEqual(out["rest"], "")
@@ -510,7 +516,9 @@ class ScriptTests(SynchronousTestCase):
         self.assertEqual((opts["key"], opts["tls"], opts["max-pool"], opts["public-address"]), (KEY, 1, 512, ("h", 1)))
         self.assertEqual(out["tags"], [{"env": "prod", "team": "core"}, {}, {}, 'error: tag "=v" has no name (write name=value)',
                                        'error: tag "a" is given twice', {"a": "b=c"}, {"solo": ""}])
-        self.assertEqual(out["levels"], ["warn", "error", "info", "debug", "info", "error"])
+        self.assertEqual(out["levels"], ["warn", "error", "info", "debug", "info", "error", "warn"])
+        self.assertEqual(out["tagRoundTrip"], {"owner": "ops,dev", "a=b": "c", "__proto__": "x", " sp ": "v",
+                                               'q"': "x", "solo": "", "eq": "a=b"}, out["tagText"])
         self.assertEqual(out["masked"][0], "server://********@[::]:10101/127.0.0.1:8080,127.0.0.1:8081?tls=1&max=512&public=h%3A1")
         self.assertEqual(out["masked"][2], urls[2])
         self.assertEqual(out["bytes"], ["0 B", "1023 B", "1.50 KiB", "5.00 GiB"])

@@ -284,6 +284,30 @@ class InstancesPageTests(unittest.TestCase):
         ui.wait_text(ui.by("error-key"), lambda t: "shorter than 16" in t, what="the key field's error")
         self.assertFalse(any(i["alias"] == "refused" for i in master.ok("GET", "/instances")))
 
+    def test_editing_keeps_what_the_form_does_not_change(self):
+        """An instance a script made (its query in another order) gets a new
+        alias through the edit form, and tags holding , = and quotes survive
+        a save: nothing the operator did not touch changes."""
+        ui, master = self.ui, self.master
+        url = f"server://{STRONG}@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}?log=debug&dns=5m&tls=0"
+        made = master.ok("POST", "/instances", {"alias": "scripted", "url": url}, expect=201)
+        tags = {"owner": "ops,dev", "a=b": "c", 'q"': "x"}
+        master.ok("PATCH", f"/instances/{made['id']}", {"meta": {"tags": tags}})
+        ui.signed_in()
+        ui.row(made["id"]).wait_for(state="attached")
+        ui.open_detail(made["id"])
+        ui.by("action-edit").click()
+        ui.by("form-alias").fill("renamed")
+        ui.by("form-submit").click()
+        ui.by("detail").wait_for(state="visible")
+        wait_until(lambda: master.instance(made["id"])["alias"] == "renamed", 10, what="the new alias")
+        self.assertEqual(master.instance(made["id"])["url"], url)  # no PUT: the same URL, spelled otherwise
+        ui.by("save-tags").click()
+        ui.by("edit-tags").fill(ui.by("edit-tags").input_value() + ", added=1")
+        ui.by("save-tags").click()
+        wait_until(lambda: master.instance(made["id"])["meta"]["tags"] == dict(tags, added="1"), 10,
+                   what="the tags, hostile ones kept")
+
     def test_phone_width_shows_the_table_without_page_overflow(self):
         master = self.master
         made = server_instance(master, "a-rather-long-instance-alias-for-a-phone")

@@ -87,6 +87,8 @@ export function parseFrames(buffer) {
 }
 
 const MAX_BUFFER = 4 * 1024 * 1024;
+/** No byte for this long (three of the master's 15 s keep-alives): reconnect. */
+const SILENCE_LIMIT = 45000;
 
 /** The live stream: calls onOpen() at each (re)connection, onEvent(data) per
  *  `event: instance` frame, onState("live" | "reconnecting"); reconnects after
@@ -116,6 +118,7 @@ export class EventStream {
       try {
         await this.once();
       } catch (err) {
+        if (this.controller) this.controller.abort();  // never leave a broken stream open
         if (err instanceof ApiError && err.status === 401) {
           this.stopped = true;
           unauthorized(err.message);
@@ -143,10 +146,28 @@ export class EventStream {
     this.onState("live");
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
+    // The master sends a keep-alive every 15 s: three missed means a dead
+    // connection or a frozen master, so reconnect (and say so) instead of
+    // showing stale figures as live.
+    let watchdog = null;
+    const arm = () => {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => this.controller.abort(), SILENCE_LIMIT);
+    };
+    arm();
+    try {
+      await this.read(reader, decoder, arm);
+    } finally {
+      clearTimeout(watchdog);
+    }
+  }
+
+  async read(reader, decoder, arm) {
     let buffer = "";
     for (;;) {
       const {value, done} = await reader.read();
       if (done || this.stopped) break;
+      arm();
       buffer += decoder.decode(value, {stream: true});
       if (buffer.length > MAX_BUFFER) throw new Error("event frame too large");
       const {frames, rest} = parseFrames(buffer);

@@ -38,6 +38,7 @@ export function detailPage(main, {id, navigate}) {
   const saveTags = h("button", {type: "button", testid: "save-tags", onclick: () => {
     let tags;
     try { tags = parseTags(tagsInput.value); } catch (e) { toast(e.message, true); tagsInput.focus(); return; }
+    if (tagsInput.value === tagsInput.dataset.shown) { toast("tags unchanged"); return; }
     patch({meta: {tags}}, "tags");
   }}, "Save tags");
 
@@ -124,7 +125,7 @@ export function detailPage(main, {id, navigate}) {
     if (!filled) {
       filled = true;
       aliasInput.value = inst.alias || "";
-      tagsInput.value = formatTags(inst.meta && inst.meta.tags);
+      tagsInput.value = tagsInput.dataset.shown = formatTags(inst.meta && inst.meta.tags);
     }
     drawChart(chart, store.history.get(id) || [], now());
   }

@@ -173,7 +173,16 @@ export function formPage(main, {id, navigate}) {
       if (!id) {
         result = await api("POST", "instances", {alias, url});
       } else {
-        if (url !== original.url) result = await api("PUT", `instances/${id}`, {url});
+        // The stored URL may be spelled differently (query order, escapes):
+        // only a URL that changes what it means is sent, and the master's
+        // 409 (the same instance, spelled another way) is no failure.
+        if (url !== original.url && url !== buildUrl(fieldsFromUrl(original.url))) {
+          try {
+            result = await api("PUT", `instances/${id}`, {url});
+          } catch (e) {
+            if (!(e instanceof ApiError && e.status === 409)) throw e;
+          }
+        }
         if (alias !== original.alias) result = await api("PATCH", `instances/${id}`, {alias});
       }
       navigate(`#/i/${(result && result.id) || id}`);

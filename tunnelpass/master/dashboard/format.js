@@ -57,18 +57,46 @@ export function flow(inst) {
 
 /** {k: "v"} -> "k=v, k2=v2" */
 export function formatTags(tags) {
-  return Object.entries(tags || {}).map(([k, v]) => (v === "" ? k : `${k}=${v}`)).join(", ");
+  const part = (text, special) => (special.test(text) ? JSON.stringify(text) : text);
+  return Object.entries(tags || {}).map(([k, v]) => {
+    const key = part(k, /[,="]|^\s|\s$|^$/);
+    return v === "" ? key : `${key}=${part(v, /[,"]|^\s|\s$/)}`;
+  }).join(", ");
 }
 
-/** "k=v, k2=v2" -> {k: "v", k2: "v2"}; throws Error naming the bad item. */
+/** "k=v, k2=v2" -> {k: "v", k2: "v2"}; a name or value holding , = " or
+ *  edge spaces is written in "JSON quotes" (formatTags does), so every tag
+ *  the API holds survives an edit.  Throws Error naming the bad item. */
 export function parseTags(text) {
-  const tags = {};
-  for (const raw of String(text).split(",")) {
-    const item = raw.trim();
-    if (!item) continue;
-    const eq = item.indexOf("=");
-    const key = (eq < 0 ? item : item.slice(0, eq)).trim();
-    const value = eq < 0 ? "" : item.slice(eq + 1).trim();
+  const tags = Object.create(null);  // "__proto__" is a tag name like any other
+  const src = String(text);
+  let i = 0;
+  const skip = () => { while (i < src.length && /\s/.test(src[i])) i += 1; };
+  const part = (stops) => {
+    skip();
+    if (src[i] === '"') {
+      let j = i + 1;
+      while (j < src.length && src[j] !== '"') j += src[j] === "\\" ? 2 : 1;
+      if (j >= src.length) throw new Error("a quoted tag name or value is not closed");
+      let value;
+      try { value = JSON.parse(src.slice(i, j + 1)); } catch (err) { throw new Error(`bad quoted text ${src.slice(i, j + 1)}`); }
+      i = j + 1;
+      skip();
+      return value;
+    }
+    const start = i;
+    while (i < src.length && !stops.includes(src[i])) i += 1;
+    return src.slice(start, i).trim();
+  };
+  while (i < src.length) {
+    skip();
+    if (i >= src.length) break;
+    if (src[i] === ",") { i += 1; continue; }
+    const start = i;
+    const key = part(",=");
+    const value = src[i] === "=" ? (i += 1, part(",")) : "";
+    const item = src.slice(start, i).trim();
+    if (i < src.length && src[i] !== ",") throw new Error(`tag "${item}": put "quotes" around a name or value holding , = or "`);
     if (!key) throw new Error(`tag "${item}" has no name (write name=value)`);
     if (Object.prototype.hasOwnProperty.call(tags, key)) throw new Error(`tag "${key}" is given twice`);
     tags[key] = value;
@@ -87,7 +115,9 @@ const LEADING = new RegExp(`^\\[?${WORD}(\\]|:|\\s)`, "i");    // "error: text",
  *  else the word after the time, else a leading level word; default info. */
 export function logLevel(line) {
   const text = String(line);
-  const found = TAGGED.exec(text) || AFTER_TIME.exec(text) || LEADING.exec(text);
+  // The master puts the level first ("[warn] ..."): that wins over any
+  // "#debug]" quoted further on in the line.
+  const found = LEADING.exec(text) || AFTER_TIME.exec(text) || TAGGED.exec(text);
   if (!found) return "info";
   const level = found[1].toLowerCase();
   if (level === "warning") return "warn";
