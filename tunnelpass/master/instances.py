@@ -182,6 +182,9 @@ def check_patch(body) -> dict:
     for name in body:
         if name not in PATCH_FIELDS:
             raise ApiError(400, f"Unknown field: {str(name)[:64]}")
+    # A null field is an absent one, as NodePass (Go) reads it: clients
+    # built on Go structs (NodePassDash) send null for unset pointers.
+    body = {name: value for name, value in body.items() if value is not None}
     checked = {}
     if "alias" in body:
         checked["alias"] = check_text(body["alias"], "alias")
@@ -215,7 +218,9 @@ def check_meta(meta) -> dict:
             if name not in ("sid", "type", "alias"):
                 raise ApiError(400, f"Unknown meta.peer field: {str(name)[:64]}")
         if raw:  # an empty peer object keeps the peer (NodePass)
-            peer = {name: check_text(raw.get(name, ""), f"meta.peer.{name}") for name in ("sid", "type", "alias")}
+            # null reads as "", as NodePass's Go decoder leaves it.
+            peer = {name: check_text("" if raw.get(name) is None else raw[name], f"meta.peer.{name}")
+                    for name in ("sid", "type", "alias")}
             if not _SID.match(peer["sid"]):
                 raise ApiError(400, "meta.peer.sid must be a UUID (at most 36 letters, digits and '-')")
             if peer["type"] not in PEER_TYPES:
@@ -231,7 +236,7 @@ def check_meta(meta) -> dict:
             check_text(key, "meta tag key")
             if not key:
                 raise ApiError(400, "meta tag key must not be empty")
-            tags[key] = check_text(value, "meta tag value")
+            tags[key] = check_text("" if value is None else value, "meta tag value")
     return {"peer": peer, "tags": tags}
 
 
