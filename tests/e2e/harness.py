@@ -419,3 +419,40 @@ def accept_in_threads(listener: socket.socket, serve, on_accept=None) -> None:
 
     threading.Thread(target=loop, daemon=True).start()
 
+
+class ThreadedListener:
+    """A TCP listener on 127.0.0.1 (*port* 0: any free one) whose every
+    connection is served by ``serve(sock)`` in a thread of its own
+    (:func:`accept_in_threads`); ``on_accept(sock)`` runs first, in the
+    accepting thread.  ``sockets`` holds what must be closed with it: every
+    accepted connection when *keep* is true, and whatever its owner adds
+    (a proxy's upstream legs).  Closed at the test's cleanup."""
+
+    def __init__(self, testcase, serve, on_accept=None, port: int = 0, backlog: int = 128,
+                 rcvbuf: int | None = None, keep: bool = False):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf is not None:  # inherited by accepted connections
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.listener.bind(("127.0.0.1", port))
+        self.listener.listen(backlog)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+
+        def accepted(sock: socket.socket) -> None:
+            if keep:
+                self.sockets.append(sock)
+            if on_accept is not None:
+                on_accept(sock)
+
+        accept_in_threads(self.listener, serve, accepted)
+        testcase.addCleanup(self.close)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+

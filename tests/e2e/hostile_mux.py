@@ -19,7 +19,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes
 
-from tests.e2e.harness import accept_in_threads
+from tests.e2e.harness import ThreadedListener
 from tests.e2e.tunnel_harness import KEY
 from tunnelpass.wire.codec import FrameDecoder, Type
 from tunnelpass.wire.handshake import ClientHandshake, check_mux_ok, pool_auth_frame
@@ -242,19 +242,13 @@ class Backend:
 
     def __init__(self, testcase):
         self.accepted = 0
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # a stall shows up soon
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1024)
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list = []
-        accept_in_threads(self.listener, self._serve, self._accepted)
-        testcase.addCleanup(self.close)
+        # A small receive buffer: a stall shows up soon.
+        self.listening = ThreadedListener(testcase, self._serve, self._accepted, backlog=1024, rcvbuf=8192,
+                                          keep=True)
+        self.port = self.listening.port
 
     def _accepted(self, sock) -> None:
         self.accepted += 1
-        self.sockets.append(sock)
 
     @staticmethod
     def _serve(sock) -> None:
@@ -278,12 +272,7 @@ class Backend:
             sock.close()
 
     def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        self.listening.close()
 
 
 def serve_one(insider: Insider, entry: int, payload: bytes = b"well-behaved", timeout: float = 10.0) -> bytes:

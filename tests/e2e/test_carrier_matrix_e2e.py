@@ -26,7 +26,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import UDPEchoServer, accept_in_threads, free_port, wait_until
+from tests.e2e.harness import ThreadedListener, UDPEchoServer, free_port, wait_until
 from tests.e2e.tunnel_harness import CARRIERS, Tunnel
 
 #: Cells that start from a URL or a token (the rest from flags).
@@ -72,14 +72,9 @@ class CommandBackend:
     def __init__(self, testcase):
         self.port = free_port()
         self.udp = UDPEchoServer(testcase, self.port)
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", self.port))
-        self.listener.listen(256)
         self.ends: dict[bytes, list] = {b"G": [], b"S": []}
         self.sunk = 0
-        accept_in_threads(self.listener, self._serve)
-        testcase.addCleanup(self.listener.close)
+        ThreadedListener(testcase, self._serve, port=self.port, backlog=256)
 
     def _drain(self, sock: socket.socket, count_into: str | None = None) -> tuple[str, int]:
         count = 0

@@ -18,7 +18,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import Forwarder, accept_in_threads, free_port, tcp_round_trip, wait_until
+from tests.e2e.harness import Forwarder, ThreadedListener, free_port, tcp_round_trip, wait_until
 from tests.e2e.tunnel_harness import ThreadedProxy, Tunnel, on_both_carriers
 
 #: What SIGTERM may take beyond --shutdown-timeout (the watchdog's margin
@@ -82,13 +82,7 @@ class Backend:
         self.outcomes: list[tuple[str, int]] = []  # of connections that carried bytes
         self.received = 0
         self.accepted = threading.Event()
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        accept_in_threads(self.listener, self._serve, lambda sock: self.accepted.set())
-        testcase.addCleanup(self.listener.close)
+        self.port = ThreadedListener(testcase, self._serve, lambda sock: self.accepted.set(), backlog=64).port
 
     def _serve(self, sock: socket.socket) -> None:
         try:

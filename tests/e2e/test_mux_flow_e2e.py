@@ -26,7 +26,7 @@ import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import accept_in_threads, can_connect, rss_kib, wait_until
+from tests.e2e.harness import ThreadedListener, can_connect, rss_kib, wait_until
 from tests.e2e.tunnel_harness import Tunnel
 
 MiB = 1024 * 1024
@@ -46,18 +46,10 @@ class Backend:
     slow stream's 50 MiB (counting what the kernel took), ``E`` an echo."""
 
     def __init__(self, testcase):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
         self.pushed = 0  # bytes of the slow stream the backend managed to send
         self.closed = threading.Event()
-        accept_in_threads(self.listener, self._serve)
-        testcase.addCleanup(self.close)
-
-    def close(self):
-        self.closed.set()
-        self.listener.close()
+        testcase.addCleanup(self.closed.set)  # runs after the listener's close (cleanups run last first)
+        self.port = ThreadedListener(testcase, self._serve, backlog=16).port
 
     def _serve(self, sock):
         with sock:

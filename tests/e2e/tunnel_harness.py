@@ -12,7 +12,7 @@ import sys
 import threading
 
 from tests.certs import ca_signed, write_pem
-from tests.e2e.harness import TCPServer, Twistd, accept_in_threads, can_connect, free_port, udp_bound, wait_until
+from tests.e2e.harness import TCPServer, ThreadedListener, Twistd, can_connect, free_port, udp_bound, wait_until
 
 KEY = "e2e-tunnel-key-0123456789abcdef"
 
@@ -177,26 +177,15 @@ class ThreadedProxy:
 
     def __init__(self, testcase, server_port: int):
         self.server_port = server_port
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(128)
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
-        accept_in_threads(self.listener, self._serve, self.sockets.append)
-        testcase.addCleanup(self.close)
+        self.listening = ThreadedListener(testcase, self._serve, keep=True)
+        self.port, self.sockets = self.listening.port, self.listening.sockets  # upstream legs join them
 
     def _serve(self, downstream: socket.socket) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        self.listening.close()
 
 
 class Proxy(ThreadedProxy):
