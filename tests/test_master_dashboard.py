@@ -473,7 +473,7 @@ class ScriptTests(SynchronousTestCase):
         messages = {
             self.message("server://127.0.0.1:10101"): "target",
             self.message("server://"): "tunnel",
-            self.message(f"client://short@127.0.0.1:1/127.0.0.1:2"): "key",
+            self.message("client://short@127.0.0.1:1/127.0.0.1:2"): "key",
             self.message("client://127.0.0.1:1/127.0.0.1:2"): "key",
             self.message(f"server://{KEY}@127.0.0.1:1/127.0.0.1:2?min=x"): "param-min",
             self.message(f"server://{KEY}@127.0.0.1:1/127.0.0.1:2?tls=2"): "crt",

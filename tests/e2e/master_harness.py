@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import threading
-import time
 
 from tests.e2e.harness import Twistd, free_port, wait_until
 
@@ -192,15 +191,3 @@ def can_bind(port: int) -> bool:
 
 def wait_port_free(port: int, timeout: float = 10.0) -> None:
     wait_until(lambda: can_bind(port), timeout, interval=0.1, what=f"port {port} free")
-
-
-def wait_listening(port: int, timeout: float = 15.0) -> None:
-    def listening():
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    wait_until(listening, timeout, interval=0.1, what=f"port {port} listening")
-    time.sleep(0)

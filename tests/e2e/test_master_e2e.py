@@ -10,8 +10,7 @@ import signal
 from twisted.trial import unittest
 
 from tests.e2e.harness import echo_backends, free_port, tcp_round_trip, udp_round_trip, wait_until
-from tests.e2e.master_harness import (STRONG, EventReader, Master, process_alive, wait_listening,
-                                      wait_port_free)
+from tests.e2e.master_harness import STRONG, EventReader, Master, process_alive, wait_port_free
 
 
 def through(port: int, payload: bytes, timeout: float = 15.0) -> bytes:

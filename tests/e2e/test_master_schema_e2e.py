@@ -5,7 +5,6 @@ the public routes)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -25,7 +25,6 @@ the instance's key (NodePass would generate another and break its client).
 from __future__ import annotations
 
 import os
-import os
 import re
 import secrets
 import shutil
