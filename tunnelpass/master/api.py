@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 from tunnelpass import __version__
 from tunnelpass.master import httpguard
 from tunnelpass.master.auth import FailureLimiter
-from tunnelpass.master.dashboard import HEADERS as DASHBOARD_HEADERS, Dashboard
+from tunnelpass.master.dashboard import HEADERS as DASHBOARD_HEADERS, Dashboard, load_files
 from tunnelpass.master.errors import ApiError
 from tunnelpass.master.openapi import STRING, build_document, check_body, routes
 
@@ -126,10 +126,7 @@ class ApiResource(Resource):
         self.routes = routes(self.document)
         self.limiter = FailureLimiter(clock)
         self.dashboard = Dashboard(settings.prefix)
-        self._static = {}
-        for name in ("docs.html", *_ASSETS):
-            with open(os.path.join(_STATIC, name), "rb") as f:
-                self._static[name] = f.read()
+        self._static = load_files(_STATIC, ("docs.html", *_ASSETS))
 
     def handler(self, operation_id: str):
         """The method answering *operation_id* (``op_<operationId>``)."""

@@ -52,11 +52,13 @@ HEADERS = ((b"Content-Security-Policy", CSP),
            (b"Cache-Control", b"no-cache"))
 
 
-def load_files(directory: str = DIRECTORY) -> dict[str, bytes]:
-    """Every allowed file's bytes, read once (a missing one is a packaging
-    error, raised at start rather than found by the first visitor)."""
+def load_files(directory: str = DIRECTORY, names=FILES) -> dict[str, bytes]:
+    """Every allowed file's bytes (*names* in *directory*: the dashboard's
+    by default, the ``/docs`` page's for the API), read once: a missing one
+    is a packaging error, raised at start rather than found by the first
+    visitor."""
     files = {}
-    for name in FILES:
+    for name in names:
         with open(os.path.join(directory, name), "rb") as f:
             files[name] = f.read()
     return files
