@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -190,10 +191,7 @@ class MasterService(MultiService, ServerCertificate):
     def stopService(self):
         super().stopService()
         port, self.port = self.port, None
-        d = port.stopListening() if port is not None else None
-        from twisted.internet.defer import maybeDeferred
-
-        d = maybeDeferred(lambda: d)
+        d = maybeDeferred(port.stopListening) if port is not None else succeed(None)
         d.addBoth(lambda _: self.registry.stop() if self.ready else None)
         d.addBoth(lambda _: self.supervisor.stopService())
         if self._backups.running:
