@@ -137,11 +137,13 @@ class ApiResource(Resource):
     def render(self, request):
         for name, value in httpguard.SECURITY_HEADERS:
             request.setHeader(name, value)
-        if self.dashboard.owns(request.path.decode("utf-8", "replace")):
+        path = request.path.decode("utf-8", "replace")
+        dashboard = self.dashboard.owns(path)
+        if dashboard:
             for name, value in DASHBOARD_HEADERS:
                 request.setHeader(name, value)
         try:
-            body = self._route(request)
+            body = self._route(request, path, dashboard)
         except ApiError as e:
             body = self._error(request, e.status, e.message)
         if not getattr(request, "authenticated", False):
@@ -151,11 +153,10 @@ class ApiResource(Resource):
             return b""  # HEAD: the headers of GET, no body
         return body
 
-    def _route(self, request):
+    def _route(self, request, path: str, dashboard: bool):
         if self.settings.loopback and not httpguard.host_is_loopback(request.getHeader(b"host")):
             raise ApiError(403, "Forbidden: Host must name a loopback address")
-        path = request.path.decode("utf-8", "replace")
-        if self.dashboard.owns(path):
+        if dashboard:
             return self._dashboard(request, path)
         cors = self._cors(request)
         if not path.startswith(self.base + "/"):
